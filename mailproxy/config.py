@@ -30,7 +30,7 @@ __all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "Listen", 
            "LISTEN_PARAMS_IMPLEMENTED", "split_tokens", "quote_token", "parse_time",
            "parse_size", "format_time", "format_size"]
 
-IMPLEMENTED_PROTOCOLS = {"pop3", "smtp"}
+IMPLEMENTED_PROTOCOLS = {"pop3", "imap", "smtp"}
 
 # `listen` parameters that belong to later issues: flip to True when implemented.
 LISTEN_PARAMS_IMPLEMENTED = {"ssl": False, "proxy_protocol": False}

@@ -1,0 +1,700 @@
+"""Command line and process model (nginx's: a master process and forked workers).
+
+``mailproxy [-c FILE] [-t|-T] [-q] [-v|-V] [-s stop|quit|reload|reopen] [-h]``
+
+Master: reads the config, opens the error logs, binds every listen socket, writes the pid file
+(the readiness signal), sends READY=1, forks the workers and then only handles signals:
+TERM/INT fast exit, QUIT graceful exit, HUP reload, USR1 reopen logs, and restarts workers that
+die. Workers: a Runtime, a Relay, one serve_forever thread per listen socket.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from . import __version__
+
+NAME = "mailproxy"
+DEFAULT_CONF = "/etc/mailproxy.ini"
+
+SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT,
+           "reload": signal.SIGHUP, "reopen": signal.SIGUSR1}
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+           signal.SIGUSR1, signal.SIGCHLD)
+
+FAST_EXIT_WAIT = 5.0        # seconds the master waits for workers after TERM before KILL
+
+USAGE = """\
+Usage: mailproxy [-?hvVtTq] [-s signal] [-c filename]
+
+Options:
+  -?,-h         : this help
+  -v            : show version and exit
+  -V            : show version, Python version and supported features, and exit
+  -t            : test configuration and exit
+  -T            : test configuration, dump it and exit
+  -q            : suppress non-error messages during configuration testing
+  -s signal     : send signal to a master process: stop, quit, reopen, reload
+  -c filename   : set configuration file (default: %s)
+""" % DEFAULT_CONF
+
+
+def _err(msg):
+    sys.stderr.write("%s: %s\n" % (NAME, msg))
+    sys.stderr.flush()
+
+
+class _Usage(Exception):
+    pass
+
+
+def parse_args(argv):
+    """nginx-style option parsing: flags may be combined (-tq), -c/-s take the rest or the next."""
+    opts = {"conf": None, "test": False, "dump": False, "quiet": False, "version": False,
+            "features": False, "signal": None, "help": False}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-") or arg == "-":
+            raise _Usage('invalid option: "%s"' % arg)
+        p = arg[1:]
+        while p:
+            c, p = p[0], p[1:]
+            if c in "?h":
+                opts["help"] = True
+            elif c == "v":
+                opts["version"] = True
+            elif c == "V":
+                opts["version"] = opts["features"] = True
+            elif c == "t":
+                opts["test"] = True
+            elif c == "T":
+                opts["test"] = opts["dump"] = True
+            elif c == "q":
+                opts["quiet"] = True
+            elif c in "cs":
+                if p:
+                    value, p = p, ""
+                elif i < len(argv):
+                    value = argv[i]
+                    i += 1
+                else:
+                    raise _Usage('option "-%s" requires %s'
+                                 % (c, "file name" if c == "c" else "parameter"))
+                if c == "c":
+                    opts["conf"] = value
+                else:
+                    if value not in SIGNALS:
+                        raise _Usage('invalid option: "-s %s"' % value)
+                    opts["signal"] = value
+            else:
+                raise _Usage('invalid option: "%s"' % c)
+    return opts
+
+
+def _features():
+    lines = ["Python %s (%s)" % (sys.version.split()[0], sys.executable or "python3")]
+    try:
+        from . import config
+    except Exception as e:      # a broken build still answers -V
+        lines.append("configuration module unavailable: %s" % e)
+        return lines
+    protos = getattr(config, "IMPLEMENTED_PROTOCOLS", None)
+    if protos is not None:
+        allp = ("pop3", "imap", "smtp")
+        line = "protocols: " + ", ".join(p for p in allp if p in protos)
+        missing = [p for p in allp if p not in protos]
+        if missing:
+            line += " (not yet: %s)" % ", ".join(missing)
+        lines.append(line)
+    directives = getattr(config, "DIRECTIVES", None)
+    if directives:
+        items = directives.items() if hasattr(directives, "items") else \
+            ((getattr(d, "name", str(d)), d) for d in directives)
+        pending = sorted(name for name, d in items
+                         if not _implemented(d))
+        lines.append("directives not supported yet: " + (", ".join(pending) if pending else "none"))
+    lines.append("listeners: IPv4, IPv6%s" % (
+        ", multipath (MPTCP)" if sys.platform.startswith("linux") else ""))
+    lines.append("logging: file, stderr, syslog (UDP); systemd notify (Type=notify)")
+    return lines
+
+
+def _implemented(d):
+    for attr in ("implemented", "supported"):
+        v = getattr(d, attr, None)
+        if v is None and isinstance(d, dict):
+            v = d.get(attr)
+        if v is not None:
+            return bool(v)
+    return True
+
+
+def main(argv=None):
+    """Entry point of every launcher; returns the exit code."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        opts = parse_args(list(argv))
+    except _Usage as e:
+        _err(str(e))
+        return 1
+    if opts["help"]:
+        sys.stderr.write("%s version: %s/%s\n%s" % (NAME, NAME, __version__, USAGE))
+        return 0
+    if opts["version"]:
+        sys.stderr.write("%s version: %s/%s\n" % (NAME, NAME, __version__))
+        if opts["features"]:
+            sys.stderr.write("".join(line + "\n" for line in _features()))
+        sys.stderr.flush()
+        if not opts["test"] and not opts["signal"]:
+            return 0
+    path = os.path.abspath(opts["conf"] or DEFAULT_CONF)
+
+    from . import config as configmod
+    try:
+        cfg = configmod.load(path)
+    except configmod.ConfigError as e:
+        _err("[emerg] %s" % e)
+        if opts["test"]:
+            _err("configuration file %s test failed" % path)
+        return 1
+    except OSError as e:
+        _err('[emerg] open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror or e))
+        if opts["test"]:
+            _err("configuration file %s test failed" % path)
+        return 1
+
+    if opts["test"]:
+        if not opts["quiet"]:
+            _err("the configuration file %s syntax is ok" % path)
+            _err("configuration file %s test is successful" % path)
+        if opts["dump"]:
+            sys.stdout.write(cfg.dump())
+            sys.stdout.flush()
+        return 0
+    if opts["signal"]:
+        return send_signal(cfg, path, opts["signal"])
+    return Master(path, cfg).run()
+
+
+def read_pid(pidfile):
+    with open(pidfile) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError('invalid PID number "%s" in "%s"' % (text, pidfile))
+    return int(text)
+
+
+def send_signal(cfg, path, name):
+    pidfile = getattr(cfg.main, "pid", None)
+    if not pidfile:
+        _err("[error] no pid file is configured in %s ([main] pid), cannot send \"%s\""
+             % (path, name))
+        return 1
+    try:
+        pid = read_pid(pidfile)
+    except OSError as e:
+        _err('[error] open() "%s" failed (%d: %s)' % (pidfile, e.errno or 0, e.strerror))
+        return 1
+    except ValueError as e:
+        _err("[error] %s" % e)
+        return 1
+    try:
+        os.kill(pid, SIGNALS[name])
+    except OSError as e:
+        _err("[alert] kill(%d, %d) failed (%d: %s)" % (pid, SIGNALS[name], e.errno or 0,
+                                                       e.strerror))
+        return 1
+    return 0
+
+
+def _signame(signo):
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return str(signo)
+
+
+def _build_logs(cfg):
+    """(main ErrorLog, {id(ServerConf): ErrorLog}); raises OSError naming the file."""
+    from .log import ErrorLog
+    opened = []
+    try:
+        main_log = _open_log(ErrorLog, cfg.main.error_log)
+        opened.append(main_log)
+        server_logs = {}
+        for conf in cfg.servers:
+            targets = getattr(conf, "error_log", None)
+            if targets:
+                lg = _open_log(ErrorLog, targets)
+                opened.append(lg)
+                server_logs[id(conf)] = lg
+    except BaseException:
+        for lg in opened:
+            lg.close()
+        raise
+    return main_log, server_logs
+
+
+def _open_log(ErrorLog, targets):
+    try:
+        return ErrorLog(targets or [])
+    except OSError as e:
+        path = e.filename or "?"
+        raise OSError(e.errno, 'open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror))
+
+
+def _resolve_user(cfg, log):
+    """(uid, gid, name) to switch workers to, or None."""
+    user = getattr(cfg.main, "user", None)
+    if not user:
+        return None
+    if os.geteuid() != 0:
+        log.log("warn", 'the "user" directive makes sense only if the master process runs '
+                        'with super-user privileges, ignored')
+        return None
+    import pwd
+    import grp
+    name, group = user[0], (user[1] if len(user) > 1 else None)
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError('getpwnam("%s") failed' % name)
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError('getgrnam("%s") failed' % group)
+    return (pw.pw_uid, gid, name)
+
+
+class Master:
+    def __init__(self, path, cfg):
+        self.path = path
+        self.cfg = cfg
+        self.log = None
+        self.server_logs = {}
+        self.listeners = {}
+        self.workers = {}           # pid -> start time (current generation)
+        self.old_workers = set()    # pids told to QUIT after a reload
+        self.stopping = False
+        self.pidfile = None
+        self.user = None
+        self.respawn = []           # monotonic times at which to start a worker
+        self.recent_deaths = []
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _fatal(self, msg):
+        if self.log is not None:
+            self.log.log("emerg", msg)
+            if any(getattr(t, "path", None) == "stderr" for t in self.log.targets):
+                return 1
+        _err("[emerg] %s" % msg)
+        return 1
+
+    def run(self):
+        from . import listeners as lmod
+        from . import notify as nmod
+        self.lmod, self.notify = lmod, nmod.notify
+        cfg = self.cfg
+        if getattr(cfg.main, "daemon", False):
+            return self._fatal('"daemon on" is not supported: mailproxy always runs in the '
+                               'foreground (use systemd or another supervisor)')
+        try:
+            self.log, self.server_logs = _build_logs(cfg)
+        except OSError as e:
+            return self._fatal(e.strerror)
+        try:
+            self._preload(cfg)
+        except Exception as e:
+            return self._fatal("cannot load protocol module: %s" % e)
+        try:
+            self.user = _resolve_user(cfg, self.log)
+        except ValueError as e:
+            return self._fatal(str(e))
+        # from here on signals wait for the loop (they are never lost, nor handled early)
+        signal.signal(signal.SIGCHLD, _noop)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            self.listeners, _ = lmod.bind_all(cfg.servers)
+        except lmod.ListenError as e:
+            return self._fatal(str(e))
+        try:
+            self._write_pid(getattr(cfg.main, "pid", None))
+        except OSError as e:
+            self._close_listeners()
+            return self._fatal('open() "%s" failed (%d: %s)' % (cfg.main.pid, e.errno or 0,
+                                                               e.strerror))
+        try:
+            self.log.log("notice", "%s/%s" % (NAME, __version__))
+            self.notify("READY=1\nMAINPID=%d" % os.getpid())
+            self.log.log("notice", "start worker processes")
+            for _ in range(self._nworkers()):
+                self._spawn()
+            return self._loop()
+        finally:
+            self._remove_pid()
+
+    def _nworkers(self):
+        try:
+            return max(1, int(getattr(self.cfg.main, "worker_processes", 1) or 1))
+        except (TypeError, ValueError):
+            return os.cpu_count() or 1
+
+    @staticmethod
+    def _preload(cfg):
+        """Import the session classes now: shared by forked workers, errors found early."""
+        from . import protocols
+        for proto in sorted({conf.protocol for conf in cfg.servers}):
+            protocols.session_class(proto)
+        from . import relay, runtime  # noqa: F401
+
+    def _write_pid(self, path):
+        if not path:
+            return
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"%d\n" % os.getpid())
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self.pidfile = path
+
+    def _remove_pid(self):
+        path, self.pidfile = self.pidfile, None
+        if not path:
+            return
+        try:
+            if read_pid(path) == os.getpid():
+                os.unlink(path)
+        except (OSError, ValueError):
+            pass
+
+    def _close_listeners(self):
+        for lst in self.listeners.values():
+            lst.server_close()
+        self.listeners = {}
+
+    # -- workers ----------------------------------------------------------------------------
+    def _spawn(self):
+        pid = os.fork()
+        if pid == 0:
+            code = 2
+            try:
+                code = Worker(self).run()
+            except BaseException as e:  # never return into the master's code
+                try:
+                    self.log.log("alert", "worker process failed: %r" % (e,))
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        self.workers[pid] = time.monotonic()
+        self.log.log("notice", "start worker process %d" % pid)
+        return pid
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._exited(pid, status)
+
+    def _exited(self, pid, status):
+        current = pid in self.workers
+        started = self.workers.pop(pid, None)
+        self.old_workers.discard(pid)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            self.log.log("alert" if current and not self.stopping else "notice",
+                         "worker process %d exited on signal %d" % (pid, sig))
+            code = None
+        else:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0
+            self.log.log("alert" if (current and not self.stopping) or code else "notice",
+                         "worker process %d exited with code %d" % (pid, code))
+        if not current or self.stopping:
+            return
+        if code == 2:
+            self.log.log("alert", "worker process %d could not start: not respawned" % pid)
+            return
+        now = time.monotonic()
+        self.recent_deaths = [t for t in self.recent_deaths if now - t < 10] + [now]
+        # a worker dying again and again is restarted at most once a second
+        delay = 1.0 if len(self.recent_deaths) > 3 else 0.0
+        self.respawn.append(now + delay)
+
+    def _signal_all(self, sig, pids):
+        for pid in list(pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # -- main loop ---------------------------------------------------------------------------
+    def _loop(self):
+        while True:
+            timeout = 1.0
+            if self.respawn:
+                timeout = max(0.0, min(self.respawn) - time.monotonic())
+            info = signal.sigtimedwait(HANDLED, timeout) if timeout > 0 else \
+                signal.sigtimedwait(HANDLED, 0)
+            self._reap()
+            if self.respawn:
+                now = time.monotonic()
+                due = [t for t in self.respawn if t <= now]
+                self.respawn = [t for t in self.respawn if t > now]
+                for _ in due:
+                    if len(self.workers) < self._nworkers():
+                        self._spawn()
+            if not self.workers and not self.respawn and not self.stopping:
+                self.log.log("alert", "no worker processes left, exiting")
+                self._stop(signal.SIGTERM)
+                return 1
+            if info is None:
+                continue
+            sig = info.si_signo
+            sender = " from %d" % info.si_pid if info.si_pid else ""
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.log.log("notice", "signal %d (%s) received%s, exiting"
+                             % (sig, _signame(sig), sender))
+                self._stop(signal.SIGTERM)
+                return 0
+            if sig == signal.SIGQUIT:
+                self.log.log("notice", "signal %d (SIGQUIT) received%s, shutting down"
+                             % (sig, sender))
+                self._stop(signal.SIGQUIT)
+                return 0
+            if sig == signal.SIGHUP:
+                self.log.log("notice", "signal %d (SIGHUP) received%s, reconfiguring"
+                             % (sig, sender))
+                self._reload()
+            elif sig == signal.SIGUSR1:
+                self.log.log("notice", "signal %d (SIGUSR1) received%s, reopening logs"
+                             % (sig, sender))
+                self._reopen()
+                self._signal_all(signal.SIGUSR1, list(self.workers) + list(self.old_workers))
+
+    def _stop(self, sig):
+        self.stopping = True
+        self.respawn = []
+        self.notify("STOPPING=1")
+        everyone = set(self.workers) | self.old_workers
+        self._signal_all(sig, everyone)
+        self._close_listeners()
+        deadline = time.monotonic() + FAST_EXIT_WAIT if sig == signal.SIGTERM else None
+        while self.workers or self.old_workers:
+            info = signal.sigtimedwait(HANDLED, 0.05)
+            self._reap()
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT) and deadline is None:
+                    # TERM during a graceful stop: hurry up
+                    self._signal_all(signal.SIGTERM, set(self.workers) | self.old_workers)
+                    deadline = time.monotonic() + FAST_EXIT_WAIT
+                elif info.si_signo == signal.SIGUSR1:
+                    self._reopen()
+                    self._signal_all(signal.SIGUSR1, set(self.workers) | self.old_workers)
+            if deadline is not None and time.monotonic() > deadline:
+                self._signal_all(signal.SIGKILL, set(self.workers) | self.old_workers)
+                deadline = time.monotonic() + FAST_EXIT_WAIT
+        self.log.log("notice", "exit")
+
+    def _reopen(self):
+        self.log.reopen()
+        for lg in self.server_logs.values():
+            lg.reopen()
+
+    def _reload(self):
+        self.notify("RELOADING=1")
+        try:
+            self._apply_reload()
+        finally:
+            self.notify("READY=1")
+
+    def _apply_reload(self):
+        from . import config as configmod
+        try:
+            cfg = configmod.load(self.path)
+        except configmod.ConfigError as e:
+            self.log.log("emerg", str(e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            return
+        except Exception as e:
+            self.log.log("emerg", "cannot read %s: %s" % (self.path, e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            return
+        if getattr(cfg.main, "daemon", False):
+            self.log.log("emerg", '"daemon on" is not supported')
+            return
+        try:
+            log, server_logs = _build_logs(cfg)
+        except OSError as e:
+            self.log.log("emerg", e.strerror)
+            return
+        try:
+            self._preload(cfg)
+            user = _resolve_user(cfg, log)
+            bound, removed = self.lmod.bind_all(cfg.servers, self.listeners)
+        except Exception as e:
+            self.log.log("emerg", str(e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            log.close()
+            for lg in server_logs.values():
+                lg.close()
+            return
+        for lst in removed:
+            lst.server_close()
+        old_log, old_server_logs = self.log, self.server_logs
+        self.cfg, self.log, self.server_logs, self.user = cfg, log, server_logs, user
+        self.listeners = bound
+        new_pid = getattr(cfg.main, "pid", None)
+        if new_pid != self.pidfile:
+            old_path = self.pidfile
+            try:
+                self._write_pid(new_pid)
+                if old_path and old_path != new_pid:
+                    self.pidfile = new_pid
+                    try:
+                        os.unlink(old_path)
+                    except OSError:
+                        pass
+            except OSError as e:
+                self.log.log("alert", 'open() "%s" failed (%d: %s)'
+                             % (new_pid, e.errno or 0, e.strerror))
+        old = list(self.workers)
+        self.old_workers.update(old)
+        self.workers = {}
+        self.respawn = []
+        self.log.log("notice", "start worker processes")
+        for _ in range(self._nworkers()):
+            self._spawn()
+        self._signal_all(signal.SIGQUIT, old)
+        for lg in [old_log] + list(old_server_logs.values()):
+            lg.close()
+
+
+def _noop(signo, frame):
+    pass
+
+
+class Worker:
+    """A worker process: serves every listener until told to stop."""
+
+    def __init__(self, master):
+        self.master = master
+        self.master_pid = os.getppid()
+        self.cfg = master.cfg
+        self.log = master.log
+        self.server_logs = master.server_logs
+        self.listeners = list(master.listeners.values())
+
+    def _drop_privileges(self):
+        user = self.master.user
+        if not user or os.geteuid() != 0:
+            return
+        uid, gid, name = user
+        os.setgid(gid)
+        os.initgroups(name, gid)
+        os.setuid(uid)
+
+    def run(self):
+        # signals stay blocked in every thread: the main thread takes them with sigtimedwait
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            self._drop_privileges()
+        except OSError as e:
+            self.log.log("emerg", "cannot switch to user %s: %s" % (self.master.user[2], e))
+            return 2
+        from .relay import Relay
+        from .runtime import Runtime
+        relay = Relay(log=self.log)
+        relay.start()
+        self.relay = relay
+        self.runtime = Runtime(self.cfg, self.log, relay, self.server_logs)
+        for lst in self.listeners:
+            lst.start(self.runtime)
+        while True:
+            info = signal.sigtimedwait(HANDLED, 1.0)
+            if info is None:
+                if os.getppid() != self.master_pid:
+                    self.log.log("alert", "master process %d is gone, shutting down"
+                                 % self.master_pid)
+                    return self._graceful()
+                continue
+            sig = info.si_signo
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                return self._fast()
+            if sig == signal.SIGQUIT:
+                return self._graceful()
+            if sig == signal.SIGUSR1:
+                self._reopen()
+            # SIGHUP: the master reloads; a worker ignores it
+
+    def _reopen(self):
+        self.log.reopen()
+        for lg in self.server_logs.values():
+            lg.reopen()
+
+    def _fast(self):
+        self.runtime.shutting_down.set()
+        self.log.log("notice", "exiting")
+        return 0
+
+    def _graceful(self):
+        self.runtime.shutting_down.set()
+        self.log.log("notice", "gracefully shutting down")
+        import threading
+        stoppers = [threading.Thread(target=lst.stop_accepting, daemon=True)
+                    for lst in self.listeners]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(2.0)
+        limit = getattr(self.cfg.main, "worker_shutdown_timeout", None)
+        deadline = time.monotonic() + limit if limit else None
+        while True:
+            busy = sum(lst.active() for lst in self.listeners) + self._relay_count()
+            if not busy:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                self.log.log("info", "shutdown timeout")
+                try:
+                    self.relay.close_all("shutdown timeout")
+                except Exception:
+                    pass
+                break
+            info = signal.sigtimedwait(HANDLED, 0.05)
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                    return self._fast()
+                if info.si_signo == signal.SIGUSR1:
+                    self._reopen()
+        try:
+            self.relay.stop()
+        except Exception:
+            pass
+        self.log.log("notice", "exiting")
+        return 0
+
+    def _relay_count(self):
+        try:
+            return self.relay.count()
+        except Exception:
+            return 0

@@ -1,0 +1,301 @@
+"""Binding `listen` addresses: one ThreadingTCPServer per bound address.
+
+The master process binds (`bind_all`, `rebind`); each worker calls `Listener.start(runtime)`
+to run `serve_forever()` in a thread of its own. A wildcard `*:port` and specific addresses of
+the same family on that port are served by the wildcard socket alone; the server of each
+connection is then chosen by the connection's local address (getsockname()), as nginx does.
+"""
+
+import errno as _errno
+import ipaddress
+import socket
+import socketserver
+import threading
+
+from . import protocols
+
+
+class ListenError(Exception):
+    """A listen socket could not be created or bound; str() is nginx-shaped."""
+
+
+def _norm_ip(host):
+    """Canonical text of an IP address ('' stays the v4 wildcard); v4-mapped v6 becomes v4."""
+    if host in ("", "*", "0.0.0.0"):
+        return ""
+    h = host.strip("[]").split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _family(listen):
+    fam = getattr(listen, "family", None)
+    if fam:
+        return fam
+    host = getattr(listen, "host", "")
+    return socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
+
+
+def _is_wildcard(listen):
+    return _norm_ip(listen.host) in ("", "::")
+
+
+def _addr_text(family, host, port):
+    if family == socket.AF_INET6:
+        return "[%s]:%d" % (host or "::", port)
+    return "%s:%d" % (host or "0.0.0.0", port)
+
+
+def bind_key(listen):
+    """What identifies one bound socket: (family, normalized host, port)."""
+    fam = _family(listen)
+    host = _norm_ip(listen.host)
+    if fam == socket.AF_INET6 and host == "":
+        host = "::"
+    return (int(fam), host, int(listen.port))
+
+
+class Listener(socketserver.ThreadingTCPServer):
+    """One bound, listening address; serves connections with the protocol's Session class."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, listen, routes):
+        """Create, configure, bind and listen. `routes` is ((conf, listen), {ip: (conf, listen)})."""
+        self.listen_conf = listen
+        self.key = bind_key(listen)
+        self.address_family = self.key[0]
+        self.request_queue_size = int(getattr(listen, "backlog", None) or 1024)
+        self.routes = routes
+        self.runtime = None
+        self.thread = None
+        self._active = 0
+        self._active_cond = threading.Condition()
+        host = self.key[1]
+        if self.address_family == socket.AF_INET and host == "":
+            host = "0.0.0.0"
+        address = (host, self.key[2])
+        self.text = _addr_text(self.address_family, self.key[1], self.key[2])
+        socketserver.BaseServer.__init__(self, address, None)
+        proto = 0
+        if getattr(listen, "multipath", False):
+            proto = getattr(socket, "IPPROTO_MPTCP", 262)
+        try:
+            self.socket = socket.socket(self.address_family, socket.SOCK_STREAM, proto)
+        except OSError as e:
+            raise ListenError("socket() %s%s failed (%d: %s)"
+                              % (self.text, " multipath" if proto else "", e.errno or 0,
+                                 e.strerror)) from None
+        try:
+            self.server_bind()
+            self.server_activate()
+        except ListenError:
+            self.socket.close()
+            raise
+        except OSError as e:
+            self.socket.close()
+            raise ListenError("bind() to %s failed (%d: %s)"
+                              % (self.text, e.errno or 0, e.strerror)) from None
+        self.socket.setblocking(False)   # shared with other workers: never block in accept()
+
+    # -- socket set-up --------------------------------------------------------------------------
+    def _setopt(self, level, opt, value, name):
+        try:
+            self.socket.setsockopt(level, opt, value)
+        except OSError as e:
+            raise ListenError("setsockopt(%s) %s failed (%d: %s)"
+                              % (name, self.text, e.errno or 0, e.strerror)) from None
+
+    def server_bind(self):
+        listen = self.listen_conf
+        s = socket
+        self._setopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1, "SO_REUSEADDR")
+        if self.address_family == s.AF_INET6:
+            v6only = getattr(listen, "ipv6only", True)
+            self._setopt(s.IPPROTO_IPV6, s.IPV6_V6ONLY, 0 if v6only is False else 1, "IPV6_V6ONLY")
+        if getattr(listen, "rcvbuf", None):
+            self._setopt(s.SOL_SOCKET, s.SO_RCVBUF, int(listen.rcvbuf), "SO_RCVBUF")
+        if getattr(listen, "sndbuf", None):
+            self._setopt(s.SOL_SOCKET, s.SO_SNDBUF, int(listen.sndbuf), "SO_SNDBUF")
+        ka = getattr(listen, "so_keepalive", None)
+        if ka is not None:
+            if ka is False:
+                self._setopt(s.SOL_SOCKET, s.SO_KEEPALIVE, 0, "SO_KEEPALIVE")
+            else:
+                self._setopt(s.SOL_SOCKET, s.SO_KEEPALIVE, 1, "SO_KEEPALIVE")
+                if isinstance(ka, (tuple, list)):
+                    idle, intvl, cnt = (list(ka) + [None, None, None])[:3]
+                    for opt, val, name in (("TCP_KEEPIDLE", idle, "TCP_KEEPIDLE"),
+                                           ("TCP_KEEPINTVL", intvl, "TCP_KEEPINTVL"),
+                                           ("TCP_KEEPCNT", cnt, "TCP_KEEPCNT")):
+                        if val and hasattr(s, opt):
+                            self._setopt(s.IPPROTO_TCP, getattr(s, opt), int(val), name)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self):
+        try:
+            self.socket.listen(self.request_queue_size)
+        except OSError as e:
+            raise ListenError("listen() to %s, backlog %d failed (%d: %s)"
+                              % (self.text, self.request_queue_size, e.errno or 0,
+                                 e.strerror)) from None
+
+    def set_backlog(self, backlog):
+        """Apply a changed backlog (reload) to the already listening socket."""
+        backlog = int(backlog or 1024)
+        if backlog != self.request_queue_size:
+            self.request_queue_size = backlog
+            try:
+                self.socket.listen(backlog)
+            except OSError:
+                pass
+
+    # -- serving ------------------------------------------------------------------------------
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        sock.setblocking(True)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return sock, addr
+
+    def route(self, sock):
+        """(ServerConf, Listen) serving a new connection accepted on this socket."""
+        default, specific = self.routes
+        if specific:
+            try:
+                local = _norm_ip(sock.getsockname()[0])
+            except OSError:
+                return default
+            return specific.get(local, default)
+        return default
+
+    def process_request_thread(self, request, client_address):
+        with self._active_cond:
+            self._active += 1
+        try:
+            try:
+                conf, listen = self.route(request)
+                cls = protocols.session_class(conf.protocol)
+                session = cls(request, client_address, conf, listen, self.runtime)
+            except Exception as e:
+                log = getattr(self.runtime, "log", None)
+                if log is not None:
+                    log.log("alert", "cannot start session on %s: %r" % (self.text, e))
+                request.close()
+                return
+            session.run()     # the session owns the socket from here: it closes or hands it on
+        except Exception:
+            pass
+        finally:
+            with self._active_cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._active_cond.notify_all()
+
+    def handle_error(self, request, client_address):
+        log = getattr(self.runtime, "log", None)
+        if log is not None:
+            log.log("alert", "error handling connection from %s on %s" % (client_address, self.text))
+
+    def shutdown_request(self, request):
+        pass                    # the session owns the socket
+
+    def close_request(self, request):
+        pass
+
+    def active(self):
+        """Handler threads still running (sessions before their relay hand-over)."""
+        return self._active
+
+    def wait_idle(self, timeout):
+        """Wait until no handler thread runs; True when idle."""
+        with self._active_cond:
+            return self._active_cond.wait_for(lambda: self._active == 0, timeout)
+
+    def start(self, runtime, poll_interval=0.25):
+        """Serve in a daemon thread of this process (a worker)."""
+        self.runtime = runtime
+        self.thread = threading.Thread(target=self.serve_forever, args=(poll_interval,),
+                                       name="listen %s" % self.text, daemon=True)
+        self.thread.start()
+
+    def stop_accepting(self):
+        """Stop serve_forever (if running) and close this process's copy of the socket."""
+        if self.thread is not None:
+            self.shutdown()
+            self.thread = None
+        self.server_close()
+
+
+def plan(servers):
+    """{bind_key: (listen to bind with, default route, {ip: route})} for all servers' listens.
+
+    A specific address is folded into a wildcard of the same family and port.
+    """
+    wild = {}
+    specific = []
+    for conf in servers:
+        for listen in conf.listen:
+            key = bind_key(listen)
+            if key[1] in ("", "::") and not getattr(listen, "bind", False):
+                wild.setdefault(key, (listen, (conf, listen), {}))
+            else:
+                specific.append((key, conf, listen))
+    result = dict(wild)
+    for key, conf, listen in specific:
+        wkey = (key[0], "::" if key[0] == socket.AF_INET6 else "", key[2])
+        if wkey in wild and not getattr(listen, "bind", False):
+            result[wkey][2].setdefault(key[1], (conf, listen))
+        else:
+            result.setdefault(key, (listen, (conf, listen), {}))
+    return result
+
+
+def bind_all(servers, existing=None):
+    """Bind every listen of `servers`, reusing sockets in `existing` ({key: Listener}).
+
+    Returns ({key: Listener} now in use, [Listener no longer needed]). On failure closes
+    what it bound itself (never what it reused) and raises ListenError.
+    """
+    existing = dict(existing or {})
+    wanted = plan(servers)
+    result = {}
+    created = []
+    reuse = []
+    try:
+        for key in sorted(wanted, key=lambda k: (k[2], k[0], k[1])):
+            listen, default, specific = wanted[key]
+            old = existing.pop(key, None)
+            if old is not None:
+                reuse.append((old, listen, (default, specific)))
+                result[key] = old
+            else:
+                lst = Listener(listen, (default, specific))
+                created.append(lst)
+                result[key] = lst
+    except BaseException:
+        for lst in created:
+            lst.server_close()
+        raise
+    for old, listen, routes in reuse:       # only once everything is bound
+        old.routes = routes
+        old.listen_conf = listen
+        old.set_backlog(getattr(listen, "backlog", None))
+    return result, list(existing.values())
+
+
+def describe_bind_error(listen, exc):
+    """nginx's wording for a failed bind of `listen`."""
+    key = bind_key(listen)
+    return "bind() to %s failed (%d: %s)" % (_addr_text(*key), exc.errno or 0,
+                                             exc.strerror or _errno.errorcode.get(exc.errno, exc))

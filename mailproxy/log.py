@@ -1,0 +1,316 @@
+"""nginx-shaped error log: file, stderr and syslog (UDP) targets; `sanitize()` for client text.
+
+Line shape: ``YYYY/MM/DD HH:MM:SS [level] PID#TID: *CONN message``.
+"""
+
+import os
+import re
+import socket
+import threading
+import time
+
+LEVELS = ("emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
+# nginx's severity numbers (also the syslog severities): emerg 0 ... debug 7
+SEVERITY = {name: i for i, name in enumerate(LEVELS)}
+SEVERITY["warning"] = SEVERITY["warn"]
+SEVERITY["err"] = SEVERITY["error"]
+
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "intern": 5, "syslog": 5,
+    "lpr": 6, "news": 7, "uucp": 8, "clock": 9, "cron": 9, "authpriv": 10, "ftp": 11,
+    "ntp": 12, "audit": 13, "alert": 14, "cron2": 15,
+    "local0": 16, "local1": 17, "local2": 18, "local3": 19,
+    "local4": 20, "local5": 21, "local6": 22, "local7": 23,
+}
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def severity(level):
+    """Numeric severity of a level name (unknown names count as 'error')."""
+    if isinstance(level, int):
+        return level
+    return SEVERITY.get(str(level).lower(), SEVERITY["error"])
+
+
+class _Clock:
+    """Formats the current second once, not once per line."""
+
+    def __init__(self):
+        self._sec = None
+        self._local = "1970/01/01 00:00:00"
+        self._syslog = "Jan  1 00:00:00"
+
+    def stamps(self):
+        now = int(time.time())
+        if now != self._sec:
+            tm = time.localtime(now)
+            local = "%04d/%02d/%02d %02d:%02d:%02d" % tm[:6]
+            syslog = "%s %2d %02d:%02d:%02d" % (_MONTHS[tm.tm_mon - 1], tm.tm_mday,
+                                                 tm.tm_hour, tm.tm_min, tm.tm_sec)
+            self._local, self._syslog, self._sec = local, syslog, now
+        return self._local, self._syslog
+
+
+_clock = _Clock()
+
+
+class FileTarget:
+    """Appends whole lines with one write(2) each (O_APPEND: safe across threads and processes)."""
+
+    def __init__(self, path, level):
+        self.path = path
+        self.severity = severity(level)
+        self._lock = threading.Lock()
+        self.fd = self._open()
+
+    def _open(self):
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return fd
+
+    def write(self, line, syslog_body, level):
+        try:
+            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
+
+    def reopen(self):
+        fd = self._open()            # may raise: the caller reports, the old fd stays
+        with self._lock:
+            old = self.fd
+            if old < 0 or old == fd:
+                self.fd = fd
+                return
+            try:
+                # same descriptor number, new file: writers in other threads never see a
+                # closed descriptor
+                os.dup2(fd, old, inheritable=False)
+            except OSError:
+                self.fd = fd
+                return
+        os.close(fd)
+
+    def close(self):
+        with self._lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class StderrTarget:
+    def __init__(self, level):
+        self.path = "stderr"
+        self.severity = severity(level)
+
+    def write(self, line, syslog_body, level):
+        try:
+            os.write(2, line.encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
+
+    def reopen(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class SyslogTarget:
+    """One UDP datagram per line, RFC 3164 shape as nginx sends it."""
+
+    def __init__(self, server, level, facility="local7", tag="mailproxy", nohostname=False):
+        self.path = "syslog"
+        self.severity = severity(level)
+        host, port = server if server else ("127.0.0.1", 514)
+        port = int(port or 514)
+        if isinstance(facility, int):
+            self.facility = facility
+        else:
+            self.facility = FACILITIES.get(str(facility or "local7").lower(), 23)
+        self.tag = tag or "mailproxy"
+        self.hostname = None if nohostname else socket.gethostname()
+        # resolved once, at start (and at reload, which builds a new ErrorLog)
+        host = host.strip("[]") if host else "127.0.0.1"
+        info = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+        self.addr = info[4]
+        self.sock = socket.socket(info[0], socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def write(self, line, syslog_body, level):
+        pri = self.facility * 8 + severity(level)
+        _, stamp = _clock.stamps()
+        if self.hostname:
+            head = "<%d>%s %s %s: " % (pri, stamp, self.hostname, self.tag)
+        else:
+            head = "<%d>%s %s: " % (pri, stamp, self.tag)
+        try:
+            self.sock.sendto((head + syslog_body).encode("utf-8", "backslashreplace"), self.addr)
+        except OSError:
+            pass
+
+    def reopen(self):
+        pass
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def make_target(t):
+    """A target object from a config LogTarget (or anything with the same attributes)."""
+    kind = getattr(t, "kind", "file")
+    level = getattr(t, "level", None) or "error"
+    if kind == "stderr":
+        return StderrTarget(level)
+    if kind == "syslog":
+        return SyslogTarget(getattr(t, "server", None), level,
+                            getattr(t, "facility", None) or "local7",
+                            getattr(t, "tag", None) or "mailproxy",
+                            bool(getattr(t, "nohostname", False)))
+    return FileTarget(t.path, level)
+
+
+class ErrorLog:
+    """The error log of a process (or of one server with its own error_log).
+
+    Construction opens every target and raises OSError when one cannot be opened;
+    after that nothing raises into the caller.
+    """
+
+    def __init__(self, targets, pid=None):
+        self.pid = pid
+        self.targets = []
+        try:
+            for t in targets or ():
+                self.targets.append(t if hasattr(t, "write") else make_target(t))
+        except BaseException:
+            self.close()
+            raise
+        self._min = max((t.severity for t in self.targets), default=-1)
+
+    def enabled(self, level):
+        """True when at least one target writes lines of this level."""
+        return severity(level) <= self._min
+
+    def log(self, level, message, conn=None):
+        sev = severity(level)
+        if sev > self._min:
+            return
+        try:
+            name = LEVELS[sev] if 0 <= sev < len(LEVELS) else str(level)
+            pid = self.pid if self.pid is not None else os.getpid()
+            if conn is None:
+                body = "[%s] %d#%d: %s" % (name, pid, threading.get_native_id(), message)
+            else:
+                body = "[%s] %d#%d: *%s %s" % (name, pid, threading.get_native_id(), conn, message)
+            local, _ = _clock.stamps()
+            line = local + " " + body + "\n"
+            for t in self.targets:
+                if sev <= t.severity:
+                    t.write(line, body, sev)
+        except Exception:
+            pass
+
+    # nginx-ish shorthands
+    def emerg(self, msg, conn=None):
+        self.log("emerg", msg, conn)
+
+    def alert(self, msg, conn=None):
+        self.log("alert", msg, conn)
+
+    def error(self, msg, conn=None):
+        self.log("error", msg, conn)
+
+    def warn(self, msg, conn=None):
+        self.log("warn", msg, conn)
+
+    def notice(self, msg, conn=None):
+        self.log("notice", msg, conn)
+
+    def info(self, msg, conn=None):
+        self.log("info", msg, conn)
+
+    def debug(self, msg, conn=None):
+        self.log("debug", msg, conn)
+
+    def reopen(self):
+        """Reopen file targets (USR1). A file that cannot be reopened keeps its old descriptor."""
+        for t in self.targets:
+            try:
+                t.reopen()
+            except OSError as e:
+                self.log("alert", 'open() "%s" failed (%d: %s)'
+                         % (t.path, e.errno or 0, e.strerror or e))
+
+    def close(self):
+        for t in self.targets:
+            try:
+                t.close()
+            except Exception:
+                pass
+        self.targets = []
+        self._min = -1
+
+
+def stderr_log(level="notice"):
+    """An ErrorLog writing to stderr only (before the configured logs exist)."""
+    return ErrorLog([StderrTarget(level)])
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x00": "\\x00"}
+
+
+def _escape(m):
+    ch = m.group(0)
+    named = _NAMED.get(ch)
+    if named:
+        return named
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:       # a non-UTF-8 byte (surrogateescape)
+        return "\\x%02x" % (code - 0xDC00)
+    if code <= 0xFF:
+        return "\\x%02x" % code
+    return "\\u%04x" % code
+
+
+def sanitize(data, limit=256):
+    """Client-supplied bytes or text as one safe log fragment.
+
+    Controls (CR, LF, NUL, ...), C1 controls, line/paragraph separators and bytes that
+    are not UTF-8 are escaped (``\\r``, ``\\n``, ``\\x00``, ``\\xff``); output longer than
+    `limit` characters is cut and ``...`` appended. The result never contains a line break.
+    """
+    if data is None:
+        return ""
+    truncated = False
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        if limit is not None and len(raw) > limit * 4:
+            raw, truncated = raw[:limit * 4], True   # escaping only grows: enough for `limit`
+        text = raw.decode("utf-8", "surrogateescape")
+    else:
+        text = str(data)
+        if limit is not None and len(text) > limit:
+            text, truncated = text[:limit + 1], True
+    if _UNSAFE.search(text):
+        text = _UNSAFE.sub(_escape, text)
+    if limit is not None and (truncated or len(text) > limit):
+        out = text[:limit]
+        bs = out.rfind("\\", max(0, len(out) - 6))
+        if bs != -1 and not _complete_escape(out[bs:]):
+            out = out[:bs]                       # never half an escape sequence
+        return out + "..."
+    return text
+
+
+def _complete_escape(tail):
+    if len(tail) < 2:
+        return False
+    return len(tail) >= {"x": 4, "u": 6}.get(tail[1], 2)

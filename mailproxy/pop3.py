@@ -1,0 +1,256 @@
+"""POP3: the client side before login and the backend login (reference sections 5 and 11.4)."""
+
+from . import sasl
+from .session import BackendRejected, Session
+
+OK = b"+OK\r\n"
+INVALID = b"-ERR invalid command\r\n"
+BUFFER_SIZE = 128           # nginx's fixed POP3 command buffer
+
+# Words the parser knows (section 5.2); any other word is a parser error.
+COMMANDS = frozenset(("USER", "PASS", "APOP", "QUIT", "CAPA", "AUTH", "NOOP", "STLS"))
+
+
+class Invalid(Exception):
+    """A command refused after parsing: `-ERR invalid command`, not counted in max_errors."""
+
+
+class Answered(Exception):
+    """The command ended with a reply already sent (e.g. a bad SASL response line)."""
+
+
+def strip_eol(line):
+    """The line without its CRLF/LF, or None when a CR stands anywhere else (a parser error)."""
+    if line.endswith(b"\r\n"):
+        line = line[:-2]
+    elif line.endswith(b"\n"):
+        line = line[:-1]
+    if b"\r" in line:
+        return None
+    return line
+
+
+def parse_command(line):
+    """(VERB, [args]) for a command line, or None for a parser error (section 5.2)."""
+    content = strip_eol(line)
+    if content is None:
+        return None
+    word, sep, rest = content.partition(b" ")
+    if len(word) != 4 or not word.isalpha() or not word.isascii():
+        return None
+    verb = word.upper().decode("ascii")
+    if verb not in COMMANDS:
+        return None
+    if verb in ("USER", "PASS"):
+        # Spaces belong to a user name or password: one argument, inner/trailing spaces kept.
+        rest = rest.lstrip(b" ")
+        return verb, [rest] if rest else []
+    args = [a for a in rest.split(b" ") if a]
+    if len(args) > 3:
+        return None
+    return verb, args
+
+
+def sasl_mechanisms(methods):
+    """Enabled SASL mechanism names in nginx's fixed order ('plain' enables PLAIN and LOGIN)."""
+    mechs = []
+    if "plain" in methods:
+        mechs += ["PLAIN", "LOGIN"]
+    if "cram-md5" in methods:
+        mechs.append("CRAM-MD5")
+    if "external" in methods:
+        mechs.append("EXTERNAL")
+    return mechs
+
+
+class Pop3Session(Session):
+    protocol = "pop3"
+    INTERNAL_ERROR = b"-ERR internal server error\r\n"
+
+    def client_buffer_size(self):
+        return getattr(self.conf, "pop3_client_buffer", None) or BUFFER_SIZE
+
+    # ---- greeting and line loop -----------------------------------------------------------
+
+    def greet(self):
+        self.state = "start"
+        methods = self.conf.pop3_auth
+        if "apop" in methods or "cram-md5" in methods:
+            self.salt = sasl.make_salt(self.conf.server_name)
+            self.send(b"+OK POP3 ready " + self.salt + b"\r\n")
+        else:
+            self.send(b"+OK POP3 ready\r\n")
+
+    def too_long(self, data):
+        return INVALID
+
+    def handle_line(self, line):
+        parsed = parse_command(line)
+        if parsed is None:
+            self.state = "start"
+            self.parse_error(INVALID)
+            return
+        verb, args = parsed
+        if self.state == "user" and verb not in ("PASS", "CAPA", "QUIT", "NOOP"):
+            handler = None
+        elif self.state == "start" and verb == "PASS":
+            handler = None
+        else:
+            handler = getattr(self, "cmd_" + verb)
+        try:
+            if handler is None:
+                raise Invalid()
+            handler(args)
+        except Invalid:
+            self.state = "start"
+            self.send(INVALID)
+        except sasl.SaslError as e:
+            self.info(str(e))
+            self.state = "start"
+            self.send(INVALID)
+        except Answered:
+            pass
+
+    def sasl_response(self):
+        """The next line as one SASL response token (after a `+ ` continuation)."""
+        content = strip_eol(self.next_line())
+        if content is None:
+            self.state = "start"
+            self.parse_error(INVALID)
+            raise Answered()
+        return content.split(b" ", 1)[0]
+
+    # ---- state helpers ----------------------------------------------------------------------
+
+    def starttls_blocks_auth(self):
+        return getattr(self.conf, "starttls", "off") == "only" and not self.tls
+
+    def capability_lines(self, stls):
+        conf = self.conf
+        starttls = getattr(conf, "starttls", "off")
+        lines = [b"+OK Capability list follows"]
+        if stls and starttls == "only" and not self.tls:
+            lines += [c.encode() for c in conf.pop3_capabilities if c.upper() != "USER"]
+            lines.append(b"STLS")
+        else:
+            lines += [c.encode() for c in conf.pop3_capabilities]
+            lines.append(" ".join(["SASL"] + sasl_mechanisms(conf.pop3_auth)).encode())
+            if stls and starttls == "on" and not self.tls:
+                lines.append(b"STLS")
+        lines.append(b".")
+        return b"\r\n".join(lines) + b"\r\n"
+
+    def start_auth(self, method, login, passwd):
+        if not sasl.check_credential(login) or not sasl.check_credential(passwd):
+            raise Invalid()
+        self.method = method
+        self.login = login
+        self.passwd = passwd
+        self.state = "start"
+        self.authenticate()
+
+    def after_auth_wait(self):
+        self.state = "start"
+
+    def auth_failed_reply(self, result):
+        return b"-ERR " + result.message + b"\r\n"
+
+    # ---- commands (section 5.3) ----------------------------------------------------------------
+
+    def cmd_USER(self, args):
+        if self.starttls_blocks_auth() or len(args) != 1:
+            raise Invalid()
+        if not sasl.check_credential(args[0]):
+            raise Invalid()
+        self.login = args[0]
+        self.state = "user"
+        self.send(OK)
+
+    def cmd_PASS(self, args):
+        if len(args) != 1:
+            raise Invalid()
+        self.start_auth("plain", self.login, args[0])
+
+    def cmd_APOP(self, args):
+        if self.starttls_blocks_auth() or "apop" not in self.conf.pop3_auth or len(args) != 2:
+            raise Invalid()
+        self.start_auth("apop", args[0], args[1])
+
+    def cmd_CAPA(self, args):
+        self.send(self.capability_lines(stls=self.state == "start"))
+
+    def cmd_NOOP(self, args):
+        self.send(OK)
+
+    def cmd_QUIT(self, args):
+        self.send_close(OK)
+
+    def cmd_STLS(self, args):
+        # STARTTLS arrives with the TLS issue; until then STLS is refused like nginx without ssl.
+        raise Invalid()
+
+    def cmd_AUTH(self, args):
+        if self.starttls_blocks_auth():
+            raise Invalid()
+        methods = self.conf.pop3_auth
+        if not args:
+            mechs = sasl_mechanisms(methods)
+            self.send(b"+OK methods supported:\r\n"
+                      + b"".join(m.encode() + b"\r\n" for m in mechs) + b".\r\n")
+            return
+        if len(args) > 2:
+            raise Invalid()
+        mech = args[0].upper()
+        initial = args[1] if len(args) == 2 else None
+        if mech == b"PLAIN":
+            if initial is None:
+                self.send(b"+ \r\n")
+                initial = self.sasl_response()
+            login, passwd = sasl.decode_plain(initial)
+            self.start_auth("plain", login, passwd)
+        elif mech == b"LOGIN":
+            if initial is None:
+                self.send(b"+ " + sasl.USERNAME_PROMPT + b"\r\n")
+                initial = self.sasl_response()
+            login = sasl.decode_login_username(initial)
+            self.send(b"+ " + sasl.PASSWORD_PROMPT + b"\r\n")
+            passwd = sasl.decode_login_password(self.sasl_response())
+            self.start_auth("plain", login, passwd)
+        elif mech == b"CRAM-MD5":
+            if "cram-md5" not in methods or initial is not None:
+                raise Invalid()
+            if self.salt is None:
+                self.salt = sasl.make_salt(self.conf.server_name)
+            self.send(b"+ " + sasl.cram_md5_challenge(self.salt) + b"\r\n")
+            login, digest = sasl.decode_cram_md5(self.sasl_response())
+            self.start_auth("cram-md5", login, digest)
+        elif mech == b"EXTERNAL":
+            if "external" not in methods:
+                raise Invalid()
+            if initial is None:
+                self.send(b"+ " + sasl.USERNAME_PROMPT + b"\r\n")
+                initial = self.sasl_response()
+            self.start_auth("external", sasl.decode_external(initial), b"")
+        else:
+            raise Invalid()
+
+    # ---- backend login (section 11.4) -----------------------------------------------------------
+
+    def login_backend(self, conn, user, passwd):
+        reply = conn.read_reply()
+        if not reply.startswith(b"+OK"):
+            raise BackendRejected(reply)
+        self.action = "sending user name to upstream"
+        conn.send(b"USER " + user + b"\r\n")
+        self.action = "reading response from upstream"
+        reply = conn.read_reply()
+        if not reply.startswith(b"+OK"):
+            raise BackendRejected(reply)
+        self.action = "sending password to upstream"
+        conn.send(b"PASS " + passwd + b"\r\n")
+        self.action = "reading response from upstream"
+        reply = conn.read_reply()
+        if not reply.startswith(b"+OK"):
+            raise BackendRejected(reply)
+        return reply
+

@@ -1,0 +1,422 @@
+"""One client connection before it is handed to the relay.
+
+A `Session` subclass per protocol (pop3.py, imap.py, smtp.py) speaks the client side: it greets,
+reads commands with `LineReader` and dispatches them to `cmd_<VERB>` methods, collects
+credentials, and then calls `authenticate()`, which is shared: ask the auth service (or take the
+static `proxy_pass` route), connect to the backend, let the protocol replay the login
+(`login_backend`), and hand the socket pair to the process's relay.
+
+Control flow is plain blocking code in the listener's handler thread; `Close` unwinds it.
+"""
+
+import errno as errno_mod
+import os
+import socket
+import time
+
+from . import auth_http, backend
+from .log import sanitize
+
+
+def safe_credential(value):
+    """True when a login or password can be written into a protocol line as it is."""
+    return value is None or not (b"\r" in value or b"\n" in value or b"\0" in value)
+
+
+class Close(Exception):
+    """End the session now (whatever had to be said to the client was said)."""
+
+
+class HandedOver(Exception):
+    """The sockets now belong to the relay."""
+
+
+class ClientClosed(Exception):
+    pass
+
+
+class ClientTimeout(Exception):
+    pass
+
+
+class LineTooLong(Exception):
+    def __init__(self, data):
+        super().__init__("too long command")
+        self.data = data
+
+
+class BackendRejected(Exception):
+    """The backend answered a login step with something other than success."""
+
+    def __init__(self, reply, text=None):
+        super().__init__("upstream sent invalid response")
+        self.reply = reply              # raw bytes, relayed verbatim when allowed
+        self.text = reply if text is None else text   # what is logged
+
+
+class LineReader:
+    """Client input before login, with nginx's rules.
+
+    One buffer of at most `limit` bytes; a command that does not fit is "too long". Lines end at
+    LF (the CR before it is the parser's business). Bytes beyond the current command stay
+    buffered and are handed to the relay after login (pipelining).
+    """
+
+    def __init__(self, sock, limit, timeout):
+        self.sock = sock
+        self.limit = limit
+        self.timeout = timeout
+        self.buf = bytearray()
+
+    def _fill(self):
+        room = self.limit - len(self.buf)
+        self.sock.settimeout(self.timeout)
+        try:
+            data = self.sock.recv(max(room, 1))
+        except socket.timeout:
+            raise ClientTimeout() from None
+        except (ConnectionError, OSError) as e:
+            raise ClientClosed(str(e)) from None
+        if not data:
+            raise ClientClosed("client closed connection")
+        self.buf += data
+
+    def readline(self, limit=None):
+        """The next line including its LF; LineTooLong when the buffer fills without one.
+
+        `limit` (IMAP: what is left of a command's budget after a literal) caps the line
+        below the buffer size; None means the whole buffer.
+        """
+        limit = self.limit if limit is None else min(limit, self.limit)   # IMAP hook
+        start = 0
+        while True:
+            i = self.buf.find(b"\n", start)
+            if i >= limit:                                                  # IMAP hook
+                raise LineTooLong(bytes(self.buf[:limit]))
+            if i >= 0:
+                line = bytes(self.buf[:i + 1])
+                del self.buf[:i + 1]
+                return line
+            if len(self.buf) >= limit:
+                raise LineTooLong(bytes(self.buf))
+            start = len(self.buf)
+            self._fill()
+
+    def read_exact(self, n):
+        """Exactly n bytes (an IMAP literal); LineTooLong when n cannot fit in the buffer."""
+        while len(self.buf) < n:
+            if len(self.buf) >= self.limit:
+                raise LineTooLong(bytes(self.buf))
+            self._fill()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def pending(self):
+        return len(self.buf)
+
+    def take(self):
+        """Everything still buffered (pipelined input), which leaves the buffer empty."""
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+    def discard(self):
+        self.buf.clear()
+
+
+class Session:
+    """State and shared flow of one client connection (one handler thread)."""
+
+    protocol = None            # 'pop3' | 'imap' | 'smtp'
+    INTERNAL_ERROR = b""       # the protocol's internal-error reply, with CRLF
+
+    def __init__(self, sock, client_address, conf, listen, runtime):
+        self.sock = sock
+        self.conf = conf
+        self.listen = listen
+        self.rt = runtime
+        self.log = runtime.log_for(conf)
+        self.conn = runtime.next_conn_id()
+        self.client_ip = client_address[0] if client_address else None
+        self.client_port = client_address[1] if client_address else None
+        self.server_text = self._server_text(listen)
+        # Facts filled in by the TLS and PROXY-protocol steps of later issues.
+        self.tls = False
+        self.starttls_used = False
+        self.proxy_header = None        # (src_ip, src_port, dst_ip, dst_port) received
+        self.ssl_headers = []           # Auth-SSL-* (name, value) pairs
+        # Credentials and auth state.
+        self.login = None               # bytes
+        self.passwd = None              # bytes
+        self.salt = None                # bytes, without CRLF
+        self.method = None              # Auth-Method
+        self.attempt = 0
+        self.errors = 0
+        self.action = None              # the "while ..." part of log lines
+        self.upstream = None
+        self.quit = False
+        self.reader = LineReader(sock, self.client_buffer_size(), conf.timeout)
+
+    # ---- overridables -------------------------------------------------------------------
+
+    def client_buffer_size(self):
+        raise NotImplementedError
+
+    def greet(self):
+        raise NotImplementedError
+
+    def handle_line(self, line):
+        """Parse and execute one command line (including its LF)."""
+        raise NotImplementedError
+
+    def too_long(self, data):
+        """The reply to a command that did not fit in the buffer (then the session closes)."""
+        raise NotImplementedError
+
+    def auth_failed_reply(self, result):
+        """The reply to an Auth-Status failure (bytes with CRLF)."""
+        raise NotImplementedError
+
+    def after_auth_wait(self):
+        """Return to the pre-auth state after a failure with Auth-Wait."""
+
+    def login_backend(self, conn, user, passwd):
+        """Replay the login on BackendConn `conn`; return the reply owed to the client.
+
+        Raises BackendRejected for a refusal, backend.BackendError for transport trouble.
+        """
+        raise NotImplementedError
+
+    def auth_request_extra(self, req):
+        """Protocol-specific fields of the auth request (SMTP: Client-Host, Auth-SMTP-*)."""
+
+    # ---- logging --------------------------------------------------------------------------
+
+    @staticmethod
+    def _server_text(listen):
+        if listen is None:
+            return "-"
+        host = listen.host or "0.0.0.0"
+        if ":" in host:
+            return "[%s]:%d" % (host, listen.port)
+        return "%s:%d" % (host, listen.port)
+
+    def context(self):
+        parts = [", client: ", str(self.client_ip)]
+        if self.starttls_used:
+            parts.append(" using starttls")
+        parts += [", server: ", self.server_text]
+        if self.login is not None:
+            parts += [', login: "', sanitize(self.login, 128), '"']
+        if self.upstream:
+            parts += [", upstream: ", self.upstream]
+        return "".join(parts)
+
+    def logmsg(self, level, message, err=None, action=True, tail=""):
+        if not self.log.enabled(level):
+            return
+        if err is not None:
+            message += " (%d: %s)" % (err, os.strerror(err))
+        if action and self.action:
+            message += " while " + self.action
+        self.log.log(level, message + self.context() + tail, self.conn)
+
+    def info(self, message, **kw):
+        self.logmsg("info", message, **kw)
+
+    def error(self, message, **kw):
+        self.logmsg("error", message, **kw)
+
+    # ---- I/O ------------------------------------------------------------------------------
+
+    def send(self, data):
+        """Write one reply in one call, bounded by `timeout`."""
+        if not data:
+            return
+        self.sock.settimeout(self.conf.timeout)
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            self.info("client timed out", err=errno_mod.ETIMEDOUT)
+            raise Close() from None
+        except OSError as e:
+            self.info("send() failed", err=e.errno or errno_mod.EPIPE)
+            raise Close() from None
+
+    def send_close(self, data):
+        self.send(data)
+        raise Close()
+
+    def internal_error(self):
+        self.send_close(self.INTERNAL_ERROR)
+
+    def parse_error(self, reply):
+        """A command rejected by the parser: counts towards max_errors (section 3.4)."""
+        self.errors += 1
+        if self.errors >= self.conf.max_errors:
+            self.info("client sent too many invalid commands")
+            self.send_close(reply)
+        self.send(reply)
+
+    # ---- main loop --------------------------------------------------------------------------
+
+    def run(self):
+        handed = False
+        try:
+            self.log.log("info", "client %s connected to %s"
+                         % (self._peer_text(), self.server_text), self.conn)
+            self.action = "sending client greeting line"
+            self.greet()
+            while not self.quit:
+                self.action = "in auth state"
+                self.handle_line(self.next_line())
+        except HandedOver:
+            handed = True
+        except Close:
+            pass
+        except ClientTimeout:
+            self.info("client timed out", err=errno_mod.ETIMEDOUT)
+        except ClientClosed:
+            self.info("client closed connection")
+        except Exception as e:   # a bug must never reach the client as a traceback
+            self.logmsg("alert", "internal error: %s: %s" % (type(e).__name__, sanitize(str(e))))
+            try:
+                self.sock.settimeout(1.0)
+                self.sock.sendall(self.INTERNAL_ERROR)
+            except OSError:
+                pass
+        finally:
+            if not handed:
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+
+    def next_line(self):
+        """The next client line; a command too long for the buffer is answered and closes."""
+        try:
+            return self.reader.readline()
+        except LineTooLong as e:
+            self.info('client sent too long command "%s"' % sanitize(e.data, 1024))
+            self.send_close(self.too_long(e.data))
+
+    def _peer_text(self):
+        if self.client_ip and ":" in self.client_ip:
+            return "[%s]:%s" % (self.client_ip, self.client_port)
+        return "%s:%s" % (self.client_ip, self.client_port)
+
+    # ---- authentication, backend login, hand-over -----------------------------------------------
+
+    def authenticate(self):
+        """Credentials are complete: route the user, log in to the backend, start relaying.
+
+        Returns only when the client may try again (auth failure with Auth-Wait); otherwise
+        raises Close or HandedOver.
+        """
+        conf = self.conf
+        self.attempt += 1
+        user, passwd = self.login, self.passwd
+        if conf.auth_http is not None:
+            self.action = "in http auth state"
+            req = auth_http.AuthRequest(
+                method=self.method, user=self.login or b"", passwd=self.passwd or b"",
+                salt=self.salt, protocol=self.protocol, attempt=self.attempt,
+                client_ip=self.client_ip or "", client_host=None, proxy=self.proxy_header,
+                ssl=self.ssl_headers, headers=conf.auth_http_header)
+            self.auth_request_extra(req)
+            try:
+                res = auth_http.query(conf.auth_http, req, conf.auth_http_timeout,
+                                      sleep=self.rt.shutting_down.wait)
+            except auth_http.AuthHttpError as e:
+                self.error(str(e))
+                self.internal_error()
+            if res.status != "OK":
+                self.info('client login failed: "%s"' % sanitize(res.message))
+                if res.wait:
+                    time.sleep(res.wait)
+                    self.send(self.auth_failed_reply(res))
+                    self.login = self.passwd = None
+                    self.after_auth_wait()
+                    return
+                self.send_close(self.auth_failed_reply(res))
+            if res.user is not None:
+                user = self.login = res.user
+            if res.passwd is not None:
+                passwd = res.passwd
+            host, port = res.server, res.port
+        else:
+            host, port = conf.proxy_pass
+        self.upstream = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+        if not safe_credential(user) or not safe_credential(passwd):
+            # Only the auth service can get here (Auth-User/Auth-Pass); clients are checked.
+            self.error("auth http server sent a login or password with CR, LF or NUL")
+            self.internal_error()
+        self.connect_and_login(host, port, user, passwd)
+
+    def connect_and_login(self, host, port, user, passwd):
+        conf = self.conf
+        self.action = "connecting to upstream"
+        conn = None
+        try:
+            sock = backend.connect(host, port, conf.timeout)
+            conn = backend.BackendConn(sock, conf.proxy_buffer, conf.timeout)
+            if conf.proxy_protocol != "off":
+                self.action = "sending PROXY protocol header to upstream"
+                conn.send(self.proxy_header_out(sock))
+            self.action = "reading response from upstream"
+            reply = self.login_backend(conn, user, passwd)
+        except backend.BackendError as e:
+            if conn is not None:
+                conn.close()
+            self.error(str(e))
+            self.internal_error()
+        except BackendRejected as e:
+            conn.close()
+            text = sanitize(e.text.rstrip(b"\r\n"), 512)
+            if conf.proxy_pass is not None:
+                # Our static route: the backend decides, its refusal is an ordinary failure.
+                self.info('client login failed: "%s"' % text)
+                self.send_close(e.reply)
+            if conf.proxy_pass_error_message:
+                self.info('upstream sent invalid response: "%s"' % text)
+                self.send_close(e.reply)
+            self.error('upstream sent invalid response: "%s"' % text)
+            self.internal_error()
+        self.action = None
+        self.info("client logged in")
+        self.hand_over(conn, reply)
+
+    def proxy_header_out(self, backend_sock):
+        """The PROXY header for the backend: the (real) client and our listening side."""
+        local = self.sock.getsockname()
+        if self.conf.proxy_protocol == "v2":
+            return backend.proxy_v2_header(self.client_ip, self.client_port, local[0], local[1])
+        return backend.proxy_v1_header(self.client_ip, self.client_port, local[0], local[1])
+
+    def relay_client_buffer(self):
+        return self.client_buffer_size()
+
+    def hand_over(self, conn, reply):
+        conf = self.conf
+        pending = self.reader.take()
+
+        def done(stats, self=self):
+            # nginx's own line for a timeout or shutdown, then always the end-of-session line
+            # with what nginx does not log: bytes each way and duration.
+            if stats.reason == "client timed out":
+                self.action = "proxying"
+                self.info("client timed out", err=errno_mod.ETIMEDOUT)
+            elif stats.reason.startswith("shutdown"):
+                self.action = None
+                self.info("shutdown timeout")
+            self.action = None
+            self.info("proxied session done",
+                      tail=", bytes from client: %d, bytes to client: %d, duration: %.3fs (%s)"
+                      % (stats.bytes_in, stats.bytes_out, stats.duration, stats.reason))
+
+        self.rt.relay.add(self.sock, conn.sock, to_backend=pending, to_client=reply,
+                          client_buffer=self.relay_client_buffer(),
+                          proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,
+                          on_done=done, name="*%d" % self.conn)
+        raise HandedOver()
