@@ -173,7 +173,8 @@ def main(argv=None):
             _err("the configuration file %s syntax is ok" % path)
             _err("configuration file %s test is successful" % path)
         if opts["dump"]:
-            sys.stdout.write(cfg.dump())
+            text = cfg.dump()
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
             sys.stdout.flush()
         return 0
     if opts["signal"]:

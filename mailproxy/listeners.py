@@ -11,8 +11,11 @@ import ipaddress
 import socket
 import socketserver
 import threading
+import time
 
 from . import protocols
+
+_RESOURCE_ERRORS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM}
 
 
 class ListenError(Exception):
@@ -77,6 +80,7 @@ class Listener(socketserver.ThreadingTCPServer):
         self.runtime = None
         self.thread = None
         self._active = 0
+        self._last_accept_error = 0.0
         self._active_cond = threading.Condition()
         host = self.key[1]
         if self.address_family == socket.AF_INET and host == "":
@@ -160,7 +164,20 @@ class Listener(socketserver.ThreadingTCPServer):
 
     # -- serving ------------------------------------------------------------------------------
     def get_request(self):
-        sock, addr = self.socket.accept()
+        try:
+            sock, addr = self.socket.accept()
+        except OSError as e:
+            if e.errno in _RESOURCE_ERRORS:
+                # out of descriptors or memory: report, and let others finish before retrying
+                # (the socket stays readable, so without a pause this would spin)
+                now = time.monotonic()
+                log = getattr(self.runtime, "log", None)
+                if log is not None and now - self._last_accept_error > 1.0:
+                    self._last_accept_error = now
+                    log.log("alert", "accept() on %s failed (%d: %s)"
+                            % (self.text, e.errno, e.strerror))
+                time.sleep(0.05)
+            raise
         sock.setblocking(True)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

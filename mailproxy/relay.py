@@ -18,17 +18,19 @@ nginx semantics (reference section 12):
     to the client, or on any write error.
 
 The per-side I/O lives in an endpoint object (`PlainEndpoint`) with the small interface the
-loop needs: `recv(n)`, `send(data)`, `pending()`, `read_event()`, `write_event()`.  A TLS
-endpoint can replace it later (non-blocking `ssl.SSLSocket`: `SSLWantReadError` /
+loop needs: `recv(n)`, `send(data)`, `pending()`, `read_event()`, `write_event()`.  An
+`ssl.SSLSocket` gets a `TLSEndpoint` automatically (non-blocking: `SSLWantReadError` /
 `SSLWantWriteError` change which selector event the next recv/send waits for, `pending()`
-reports bytes already decrypted which the selector cannot see).  The loop never assumes
-that reading waits for EVENT_READ or writing for EVENT_WRITE; it asks the endpoint.
+reports bytes already decrypted which the selector cannot see; endpoints holding such bytes
+are serviced on the next loop pass without waiting).  The loop never assumes that reading
+waits for EVENT_READ or writing for EVENT_WRITE; it asks the endpoint.
 """
 
 import errno
 import heapq
 import selectors
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -119,6 +121,99 @@ class PlainEndpoint:
             pass
 
 
+# --- TLS endpoint (issue 5: relay over TLS) -------------------------------------------------
+
+class TLSEndpoint(PlainEndpoint):
+    """One side of a session over a non-blocking `ssl.SSLSocket` (handshake already done).
+
+    OpenSSL may need the socket writable to go on reading (a TLS 1.3 key update, a
+    renegotiation) and readable to go on writing; `SSLWantWriteError` / `SSLWantReadError`
+    therefore change which selector event the next recv / send waits for.  Bytes OpenSSL has
+    already decrypted are invisible to the selector: `pending()` reports them and the relay
+    drains them without waiting.  A refused write is retried later with the same bytes (the
+    relay keeps the unsent head of its queue), as OpenSSL requires; Python allows a moving
+    buffer.  close() sends close_notify when the socket takes it at once, never waits for the
+    peer's.
+    """
+
+    __slots__ = ('_rev', '_wev', 'failed')
+
+    def __init__(self, sock, sess):
+        PlainEndpoint.__init__(self, sock, sess)
+        self._rev = EVENT_READ      # what the next recv waits for
+        self._wev = EVENT_WRITE     # what the next send waits for
+        self.failed = False         # a TLS error: no close_notify then
+
+    def recv(self, n):
+        try:
+            data = self.sock.recv(n)
+        except ssl.SSLWantReadError:
+            self._rev = EVENT_READ
+            return None
+        except ssl.SSLWantWriteError:
+            self._rev = EVENT_WRITE
+            return None
+        except (BlockingIOError, InterruptedError):
+            self._rev = EVENT_READ
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self._rev = EVENT_READ
+            return b''              # close_notify, or a TCP close without it: EOF either way
+        except ssl.SSLError:
+            self.failed = True
+            raise
+        self._rev = EVENT_READ
+        return data
+
+    def send(self, data):
+        try:
+            n = self.sock.send(data)
+        except ssl.SSLWantWriteError:
+            self._wev = EVENT_WRITE
+            return 0
+        except ssl.SSLWantReadError:
+            self._wev = EVENT_READ
+            return 0
+        except (BlockingIOError, InterruptedError):
+            self._wev = EVENT_WRITE
+            return 0
+        except ssl.SSLError:
+            self.failed = True
+            raise
+        self._wev = EVENT_WRITE
+        return n
+
+    def pending(self):
+        try:
+            return self.sock.pending()
+        except (OSError, ValueError):
+            return 0
+
+    def read_event(self):
+        return self._rev
+
+    def write_event(self):
+        return self._wev
+
+    def close(self):
+        if not self.failed:
+            try:
+                self.sock.unwrap()      # sends close_notify; on a non-blocking socket it
+            except Exception:           # raises instead of waiting for the peer's one
+                pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def endpoint_for(sock, sess):
+    """The endpoint class a socket needs: TLS for an `ssl.SSLSocket`, else plain."""
+    if isinstance(sock, ssl.SSLSocket):
+        return TLSEndpoint(sock, sess)
+    return PlainEndpoint(sock, sess)
+
+
 class _Session:
     __slots__ = ('c', 'b',                 # endpoints: client, backend
                  'c2b', 'c2b_len', 'b2c', 'b2c_len',   # unsent data: None or list of buffers
@@ -153,13 +248,14 @@ class Relay:
         self._live = 0                  # sessions started and not yet closed
         self._heap = []                 # (deadline, seq, session), lazily re-checked
         self._dead = 0                  # closed sessions still in the heap
+        self._ready = set()             # TLS endpoints holding decrypted bytes (no fd event)
         self._running = False
         self._stopped = False
         self._now = time.monotonic()
 
     @staticmethod
     def _default_endpoint(sock, sess):
-        return PlainEndpoint(sock, sess)
+        return endpoint_for(sock, sess)     # TLS chosen automatically for an SSLSocket
 
     # ---------------------------------------------------------------- public, any thread
 
@@ -249,6 +345,8 @@ class Relay:
                     wait = 0 if wait < 0 else (_MAX_SLEEP if wait > _MAX_SLEEP else wait)
                 else:
                     wait = _MAX_SLEEP
+                if self._ready:
+                    wait = 0                # decrypted bytes wait in a TLS endpoint
                 events = select(wait)
                 self._now = now = monotonic()
                 for key, ev in events:
@@ -266,6 +364,8 @@ class Relay:
                         self._note('alert', 'relay: session %s: %s' % (
                             sess.name, ''.join(traceback.format_exception_only(type(exc), exc)).strip()))
                         self._close(sess, 'internal error: %s' % (exc,))
+                if self._ready:
+                    self._service_ready(now)
                 if heap and heap[0][0] <= now:
                     self._expire(now)
             except Exception as exc:  # the loop itself must survive
@@ -282,6 +382,19 @@ class Relay:
                 sel.close()
             except Exception:
                 pass
+
+    def _service_ready(self, now):
+        """Read what TLS endpoints decrypted already: the selector reports nothing for it."""
+        ready, self._ready = self._ready, set()
+        for end in ready:
+            sess = end.sess
+            if sess is None or sess.closed or end.eof is not None or not end.pending():
+                continue
+            try:
+                self._service(sess, end, end.read_event(), now)
+            except Exception as exc:  # contained to this session
+                self._note('alert', 'relay: session %s: %s' % (sess.name, exc))
+                self._close(sess, 'internal error: %s' % (exc,))
 
     def _drain_wake(self):
         with self._lock:
@@ -500,6 +613,8 @@ class Relay:
             mask |= c.write_event()
         if mask != c.mask:
             self._register(c, mask)
+        if c.eof is None and sess.c2b_len < sess.cbuf and c.pending():
+            self._ready.add(c)
         # backend
         mask = 0
         if b.eof is None and sess.b2c_len < sess.pbuf:
@@ -508,6 +623,8 @@ class Relay:
             mask |= b.write_event()
         if mask != b.mask:
             self._register(b, mask)
+        if b.eof is None and sess.b2c_len < sess.pbuf and b.pending():
+            self._ready.add(b)
 
     def _register(self, end, mask):
         sel = self._sel
