@@ -73,6 +73,7 @@ class AuthResult:
     wait: int | None = None          # Auth-Wait seconds (FAIL: sleep, then let the client retry)
     error_code: str | None = None    # Auth-Error-Code (SMTP), None when absent or empty
     peer: str = ''
+    ssl_backend: str | None = None   # issue 5: Auth-SSL-Backend on|off|starttls, None if absent
 
 
 # --- request -----------------------------------------------------------------
@@ -252,6 +253,7 @@ def _parse(data, req, peer):
     wait_status = False
     server = port = user = passwd = error_code = None
     sleep = None
+    ssl_backend = None                              # issue 5: Auth-SSL-Backend
     bad_header = 'auth http server %s sent invalid header in response' % peer
 
     while True:
@@ -300,6 +302,12 @@ def _parse(data, req, peer):
                 sleep = w
         elif name == b'auth-error-code':
             error_code = value.decode('latin-1') or None
+        elif name == b'auth-ssl-backend':           # issue 5: TLS to this user's backend
+            ssl_backend = value.lower()
+            if ssl_backend not in (b'on', b'off', b'starttls'):
+                raise AuthHttpError('auth http server %s sent invalid "Auth-SSL-Backend" '
+                                    'header: "%s"' % (peer, value.decode('latin-1')))
+            ssl_backend = ssl_backend.decode('ascii')
 
     if failure is not None:
         return AuthResult('FAIL', message=failure, user=user, passwd=passwd,
@@ -320,7 +328,8 @@ def _parse(data, req, peer):
         raise AuthHttpError('auth http server %s sent invalid server port:"%s"'
                             % (peer, port.decode('latin-1')))
     return AuthResult('OK', server=address, port=p, user=user, passwd=passwd,
-                      wait=sleep, error_code=error_code, peer=peer)
+                      wait=sleep, error_code=error_code, peer=peer,
+                      ssl_backend=ssl_backend)
 
 
 def parse_response(data, req, peer):

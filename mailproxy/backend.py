@@ -7,11 +7,14 @@ Reference sections 11.1-11.3.  Error texts follow nginx so the session can log
 import errno
 import ipaddress
 import socket
+import ssl
 import struct
+import threading
 import time
 
 __all__ = ['BackendError', 'connect', 'proxy_v1_header', 'proxy_v2_header',
-           'BackendConn', 'smtp_reply_complete', 'format_addr']
+           'BackendConn', 'smtp_reply_complete', 'format_addr',
+           'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
 
 _TIMEOUT_TEXT = 'upstream timed out (110: Connection timed out)'
 
@@ -193,6 +196,8 @@ class BackendConn:
         self.buffer_size = max(4, int(buffer_size))
         self.timeout = timeout
         self._buf = bytearray()
+        self._pushed = None     # a reply to return again (the greeting after STARTTLS)
+        self.tls = False
         sock.settimeout(timeout)
 
     def send(self, data):
@@ -210,6 +215,9 @@ class BackendConn:
 
         Returns everything buffered and empties the buffer (extra data is dropped, as nginx).
         """
+        if self._pushed is not None:                    # issue 5: replayed greeting
+            reply, self._pushed = self._pushed, None
+            return reply
         buf = self._buf
         size = self.buffer_size
         deadline = time.monotonic() + self.timeout
@@ -241,8 +249,164 @@ class BackendConn:
         """Drop whatever is buffered (nginx empties the buffer before each command)."""
         del self._buf[:]
 
+    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+
+    def push_reply(self, reply):
+        """Make the next read_reply() return `reply` (the greeting read before STARTTLS, so
+        the protocol's login_backend() runs unchanged over the encrypted connection)."""
+        self._pushed = reply
+
+    def start_tls(self, context, server_hostname):
+        """TLS handshake as the client (implicit TLS, or after STARTTLS/STLS), within
+        `timeout`.  From here on `self.sock` is the `ssl.SSLSocket` (the relay gets it).
+
+        Plain bytes the backend sent after its go-ahead are dropped: they were not protected
+        and must not be taken as part of the encrypted conversation.
+        Raises BackendError naming the TLS problem.
+        """
+        del self._buf[:]
+        name = server_hostname or None
+        if name is not None and name.startswith('[') and name.endswith(']'):
+            name = name[1:-1]
+        try:
+            tls = context.wrap_socket(self.sock, server_hostname=name,
+                                      do_handshake_on_connect=False)
+        except (ValueError, ssl.SSLError, OSError) as exc:
+            raise BackendError('SSL_new() failed (%s)' % _ssl_text(exc)) from None
+        self.sock = tls         # owns the descriptor now (close() closes it)
+        try:
+            tls.settimeout(self.timeout)
+            tls.do_handshake()
+        except socket.timeout:
+            raise BackendError(_TIMEOUT_TEXT) from None
+        except ssl.SSLCertVerificationError as exc:
+            if getattr(exc, 'verify_code', None) == 62:     # X509_V_ERR_HOSTNAME_MISMATCH
+                raise BackendError('upstream SSL certificate does not match "%s"'
+                                   % (name,)) from None
+            raise BackendError('upstream SSL certificate verify error: (%s:%s)'
+                               % (getattr(exc, 'verify_code', '?'),
+                                  getattr(exc, 'verify_message', None) or exc)) from None
+        except ssl.SSLError as exc:
+            raise BackendError('SSL_do_handshake() failed (%s)' % _ssl_text(exc)) from None
+        except OSError as exc:
+            raise BackendError('SSL_do_handshake() failed (%s)' % _errtext(exc)) from None
+        self.tls = True
+
     def close(self):
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def starttls_refused(reply):
+    """The BackendError for a backend that did not agree to STARTTLS/STLS (issue 5)."""
+    text = _show(bytes(reply).rstrip(b'\r\n'))
+    return BackendError('upstream refused STARTTLS: "%s"' % text[:512])
+
+
+# ------------------------------------------------------------------ TLS contexts (issue 5)
+
+class BackendTLSConfigError(Exception):
+    """A proxy_ssl_* setting that cannot be used; str() names the directive and the file."""
+
+
+def _ssl_text(exc):
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, 'reason', None)
+        lib = getattr(exc, 'library', None)
+        text = getattr(exc, 'strerror', None) or str(exc)
+        if reason:
+            return 'SSL: %s' % (reason.lower().replace('_', ' '),)
+        return 'SSL: %s' % (text,)
+    return _errtext(exc)
+
+
+_ctx_lock = threading.Lock()
+
+
+def _settings(conf):
+    return (bool(getattr(conf, 'proxy_ssl_verify', True)),
+            getattr(conf, 'proxy_ssl_trusted_certificate', None),
+            getattr(conf, 'proxy_ssl_certificate', None),
+            getattr(conf, 'proxy_ssl_certificate_key', None))
+
+
+def _build_context(settings):
+    verify, trusted, cert, key = settings
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if verify:
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if trusted:
+            try:
+                ctx.load_verify_locations(cafile=trusted)
+            except (OSError, ssl.SSLError) as exc:
+                raise BackendTLSConfigError(
+                    'cannot load "proxy_ssl_trusted_certificate" "%s" (%s)'
+                    % (trusted, _ssl_text(exc))) from None
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert or key:
+        if not cert:
+            raise BackendTLSConfigError('no "proxy_ssl_certificate" is defined for '
+                                        '"proxy_ssl_certificate_key" "%s"' % key)
+        if not key:
+            raise BackendTLSConfigError('no "proxy_ssl_certificate_key" is defined for '
+                                        '"proxy_ssl_certificate" "%s"' % cert)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise BackendTLSConfigError(
+                'cannot load "proxy_ssl_certificate" "%s" with key "%s" (%s)'
+                % (cert, key, _ssl_text(exc))) from None
+    return ctx
+
+
+def client_context(conf, _shared=None):
+    """The client SSLContext for backends of server `conf` (built once, then kept on conf)."""
+    ctx = getattr(conf, '_proxy_ssl_context', None)
+    if ctx is not None:
+        return ctx
+    with _ctx_lock:
+        ctx = getattr(conf, '_proxy_ssl_context', None)
+        if ctx is None:
+            settings = _settings(conf)
+            ctx = _shared.get(settings) if _shared is not None else None
+            if ctx is None:
+                ctx = _build_context(settings)
+                if _shared is not None:
+                    _shared[settings] = ctx
+            conf._proxy_ssl_context = ctx
+    return ctx
+
+
+def prepare_client_contexts(cfg):
+    """Build the backend TLS contexts of every server that may need one, at start-up
+    (proxy_ssl on/starttls, or an auth service that may ask per user with Auth-SSL-Backend).
+
+    Servers with the same settings share one context; a reload builds new ones (the files
+    are read again).  Raises BackendTLSConfigError with `... in FILE:LINE` for the first
+    unusable setting.
+    """
+    shared = {}
+    for conf in getattr(cfg, 'servers', ()):
+        if getattr(conf, 'proxy_ssl', 'off') == 'off' and getattr(conf, 'auth_http', None) is None:
+            continue
+        try:
+            client_context(conf, shared)
+        except BackendTLSConfigError as exc:
+            where = (None, None)
+            for key in ('proxy_ssl_certificate_key', 'proxy_ssl_certificate',
+                        'proxy_ssl_trusted_certificate'):
+                w = conf.where(key) if hasattr(conf, 'where') else (None, None)
+                if key in str(exc) and w[0]:
+                    where = w
+                    break
+            if where[0]:
+                raise BackendTLSConfigError('%s in %s:%s' % (exc, where[0], where[1])) from None
+            raise

@@ -167,6 +167,15 @@ def main(argv=None):
         if opts["test"]:
             _err("configuration file %s test failed" % path)
         return 1
+    # issue 5: backend TLS (proxy_ssl) client contexts, built once here (also for -t)
+    from . import backend as backendmod
+    try:
+        backendmod.prepare_client_contexts(cfg)
+    except backendmod.BackendTLSConfigError as e:
+        _err("[emerg] %s" % e)
+        if opts["test"]:
+            _err("configuration file %s test failed" % path)
+        return 1
 
     if opts["test"]:
         if not opts["quiet"]:
@@ -538,6 +547,13 @@ class Master:
             return
         except Exception as e:
             self.log.log("emerg", "cannot read %s: %s" % (self.path, e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            return
+        try:                                    # issue 5: backend TLS client contexts
+            from . import backend as backendmod
+            backendmod.prepare_client_contexts(cfg)
+        except Exception as e:
+            self.log.log("emerg", str(e))
             self.log.log("alert", "reload failed: the old configuration stays in use")
             return
         if getattr(cfg.main, "daemon", False):

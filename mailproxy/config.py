@@ -33,7 +33,7 @@ __all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "Listen", 
 IMPLEMENTED_PROTOCOLS = {"pop3", "imap", "smtp"}
 
 # `listen` parameters that belong to later issues: flip to True when implemented.
-LISTEN_PARAMS_IMPLEMENTED = {"ssl": False, "proxy_protocol": False}
+LISTEN_PARAMS_IMPLEMENTED = {"ssl": True, "proxy_protocol": True}   # TLS, PROXY in (issue 5)
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 
@@ -1002,34 +1002,40 @@ _TABLE = [
     _d("auth_http", _MS, None, p_auth_http, True, fmt=f_auth_http),
     _d("auth_http_header", _MS, "", p_auth_http_header, True, multi=True, nargs=(2, 2),
        fmt=f_each_tuple),
-    _d("auth_http_pass_client_cert", _MS, "off", p_flag, fmt=f_flag),
+    _d("auth_http_pass_client_cert", _MS, "off", p_flag, implemented=True, fmt=f_flag),
     _d("auth_http_timeout", _MS, "60s", p_time, True, fmt=f_time),
     # ngx_mail_ssl_module
     _d("ssl", _MS, None, p_ssl_removed, fmt=f_opt_token),
-    _d("starttls", _MS, "off", p_enum("off", "on", "only"), fmt=f_token),
-    _d("ssl_certificate", _MS, "", p_path_list(("data:",)), multi=True, fmt=f_each_token),
-    _d("ssl_certificate_key", _MS, "", p_path_list(("data:", "engine:", "store:")), multi=True,
-       fmt=f_each_token),
-    _d("ssl_password_file", _MS, None, p_path, fmt=f_opt_token),
-    _d("ssl_certificate_compression", _MS, "off", p_flag, fmt=f_flag),
-    _d("ssl_ciphers", _MS, "HIGH:!aNULL:!MD5", p_str, fmt=f_token),
-    _d("ssl_prefer_server_ciphers", _MS, "off", p_flag, fmt=f_flag),
-    _d("ssl_protocols", _MS, "TLSv1.2 TLSv1.3", p_ssl_protocols, nargs=_ANY, fmt=f_words),
-    _d("ssl_dhparam", _MS, None, p_path, fmt=f_opt_token),
-    _d("ssl_ecdh_curve", _MS, "auto", p_str, fmt=f_token),
-    _d("ssl_session_cache", _MS, "none", p_session_cache, nargs=_ANY, fmt=f_words),
-    _d("ssl_session_timeout", _MS, "5m", p_time, fmt=f_time),
-    _d("ssl_session_tickets", _MS, "on", p_flag, fmt=f_flag),
-    _d("ssl_session_ticket_key", _MS, "", p_path_list(()), multi=True, fmt=f_each_token),
+    _d("starttls", _MS, "off", p_enum("off", "on", "only"), implemented=True, fmt=f_token),
+    _d("ssl_certificate", _MS, "", p_path_list(("data:",)), implemented=True,
+       multi=True, fmt=f_each_token),
+    _d("ssl_certificate_key", _MS, "", p_path_list(("data:", "engine:", "store:")),
+       implemented=True, multi=True, fmt=f_each_token),
+    _d("ssl_password_file", _MS, None, p_path, implemented=True, fmt=f_opt_token),
+    _d("ssl_certificate_compression", _MS, "off", p_flag, implemented=True, fmt=f_flag),
+    _d("ssl_ciphers", _MS, "HIGH:!aNULL:!MD5", p_str, implemented=True, fmt=f_token),
+    _d("ssl_prefer_server_ciphers", _MS, "off", p_flag, implemented=True, fmt=f_flag),
+    _d("ssl_protocols", _MS, "TLSv1.2 TLSv1.3", p_ssl_protocols, implemented=True,
+       nargs=_ANY, fmt=f_words),
+    _d("ssl_dhparam", _MS, None, p_path, implemented=True, fmt=f_opt_token),
+    _d("ssl_ecdh_curve", _MS, "auto", p_str, implemented=True, fmt=f_token),
+    _d("ssl_session_cache", _MS, "none", p_session_cache, implemented=True,
+       nargs=_ANY, fmt=f_words),
+    _d("ssl_session_timeout", _MS, "5m", p_time, implemented=True, fmt=f_time),
+    _d("ssl_session_tickets", _MS, "on", p_flag, implemented=True, fmt=f_flag),
+    _d("ssl_session_ticket_key", _MS, "", p_path_list(()), implemented=True,
+       multi=True, fmt=f_each_token),
     _d("ssl_verify_client", _MS, "off", p_enum("off", "on", "optional", "optional_no_ca"),
-       fmt=f_token),
-    _d("ssl_verify_depth", _MS, "1", p_num(0), fmt=f_num),
-    _d("ssl_client_certificate", _MS, None, p_path, fmt=f_opt_token),
-    _d("ssl_trusted_certificate", _MS, None, p_path, fmt=f_opt_token),
-    _d("ssl_crl", _MS, None, p_path, fmt=f_opt_token),
-    _d("ssl_conf_command", _MS, "", p_pairs, multi=True, nargs=(2, 2), fmt=f_each_tuple),
+       implemented=True, fmt=f_token),
+    _d("ssl_verify_depth", _MS, "1", p_num(0), implemented=True, fmt=f_num),
+    _d("ssl_client_certificate", _MS, None, p_path, implemented=True, fmt=f_opt_token),
+    _d("ssl_trusted_certificate", _MS, None, p_path, implemented=True, fmt=f_opt_token),
+    _d("ssl_crl", _MS, None, p_path, implemented=True, fmt=f_opt_token),
+    _d("ssl_conf_command", _MS, "", p_pairs, implemented=True,
+       multi=True, nargs=(2, 2), fmt=f_each_tuple),
     # ngx_mail_realip_module
-    _d("set_real_ip_from", _MS, "", p_realip, multi=True, fmt=f_each_token),
+    _d("set_real_ip_from", _MS, "", p_realip, implemented=True, multi=True,   # issue 5
+       fmt=f_each_token),
     # ngx_mail_imap_module
     _d("imap_auth", _MS, "plain", p_methods("plain", "login", "cram-md5", "external"), True,
        nargs=_ANY, fmt=f_words),
@@ -1051,13 +1057,15 @@ _TABLE = [
     _d("proxy_pass", _S, None, p_proxy_pass, True, fmt=f_proxy_pass),
     _d("imap_client_id", _MS, "off", p_flag, True, fmt=f_flag),
     _d("xclient_extended", _MS, "off", p_flag, True, fmt=f_flag),
-    _d("ssl_certificate_sni", _MS, "", p_sni, multi=True, nargs=(3, 3), fmt=f_each_tuple),
-    _d("proxy_ssl", _MS, "off", p_enum("off", "on", "starttls"), fmt=f_token),
-    _d("proxy_ssl_verify", _MS, "on", p_flag, fmt=f_flag),
-    _d("proxy_ssl_trusted_certificate", _MS, None, p_path, fmt=f_opt_token),
-    _d("proxy_ssl_name", _MS, None, p_str, fmt=f_opt_token),
-    _d("proxy_ssl_certificate", _MS, None, p_path, fmt=f_opt_token),
-    _d("proxy_ssl_certificate_key", _MS, None, p_path, fmt=f_opt_token),
+    _d("ssl_certificate_sni", _MS, "", p_sni, implemented=True,
+       multi=True, nargs=(3, 3), fmt=f_each_tuple),
+    # TLS to backends (issue 5; contexts built at start-up by backend.prepare_client_contexts)
+    _d("proxy_ssl", _MS, "off", p_enum("off", "on", "starttls"), True, fmt=f_token),
+    _d("proxy_ssl_verify", _MS, "on", p_flag, True, fmt=f_flag),
+    _d("proxy_ssl_trusted_certificate", _MS, None, p_path, True, fmt=f_opt_token),
+    _d("proxy_ssl_name", _MS, None, p_str, True, fmt=f_opt_token),
+    _d("proxy_ssl_certificate", _MS, None, p_path, True, fmt=f_opt_token),
+    _d("proxy_ssl_certificate_key", _MS, None, p_path, True, fmt=f_opt_token),
 ]
 
 DIRECTIVES = {d.name: d for d in _TABLE}
@@ -1368,8 +1376,15 @@ def load(path):
                 value = _copy(defaults[dname])
             setattr(s, dname, value)
         _check_server(s, own, seen_listen)
+        _check_tls(s)                       # TLS (issue 5)
         cfg.servers.append(s)
     return cfg
+
+
+def _check_tls(s):
+    """TLS (issue 5): nginx's ssl load-time checks and the server's TLS context (built once)."""
+    from . import tls
+    tls.check_server(s)
 
 
 def _copy(value):

@@ -491,8 +491,12 @@ class ImapSession(Session):
         self.send(ID_REPLY + self.tag + OK)
 
     def cmd_STARTTLS(self, args):
-        # STARTTLS arrives with the TLS issue; until then it is refused as nginx without ssl.
-        raise Invalid()
+        # TLS (issue 5): only when starttls is on/only and TLS is not active yet (9.2).
+        if self.tls or self.starttls_mode() not in ("on", "only"):
+            raise Invalid()
+        self.reader.discard()           # pipelined plaintext is never executed (CVE-2011-0411)
+        self.send(self.tag + OK)
+        self.starttls_handshake()
 
     def cmd_LOGIN(self, args):
         if self.starttls_blocks_auth() or len(args) != 2 or not args[0]:
@@ -607,3 +611,23 @@ class ImapSession(Session):
         reply = conn.read_reply(backend_login_complete)
         check_login_reply(reply, tag)
         return reply
+
+    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+
+    BACKEND_STARTTLS_TAG = b"mpTLS "
+
+    def backend_starttls(self, conn):
+        """proxy_ssl starttls: greeting, `mpTLS STARTTLS`, tagged OK; returns the greeting."""
+        from . import backend
+        tag = self.BACKEND_STARTTLS_TAG
+        greeting = conn.read_reply()
+        if not greeting.startswith(b"* OK"):
+            raise BackendRejected(greeting)
+        self.action = "sending STARTTLS to upstream"
+        conn.send(tag + b"STARTTLS" + CRLF)
+        self.action = "reading response from upstream"
+        reply = conn.read_reply(lambda buf: buf.startswith(tag) or (b"\n" + tag) in buf)
+        i = 0 if reply.startswith(tag) else reply.find(b"\n" + tag) + 1
+        if not reply.startswith(tag + b"OK", i):
+            raise backend.starttls_refused(reply[i:])
+        return greeting

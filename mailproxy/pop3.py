@@ -186,8 +186,12 @@ class Pop3Session(Session):
         self.send_close(OK)
 
     def cmd_STLS(self, args):
-        # STARTTLS arrives with the TLS issue; until then STLS is refused like nginx without ssl.
-        raise Invalid()
+        # TLS (issue 5): only when starttls is on/only and TLS is not active yet (9.2).
+        if self.tls or getattr(self.conf, "starttls", "off") not in ("on", "only"):
+            raise Invalid()
+        self.reader.discard()           # pipelined plaintext is never executed (CVE-2011-0411)
+        self.send(OK)
+        self.starttls_handshake()
 
     def cmd_AUTH(self, args):
         if self.starttls_blocks_auth():
@@ -254,3 +258,18 @@ class Pop3Session(Session):
             raise BackendRejected(reply)
         return reply
 
+    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+
+    def backend_starttls(self, conn):
+        """proxy_ssl starttls: greeting, STLS, +OK; returns the greeting (replayed later)."""
+        from . import backend
+        greeting = conn.read_reply()
+        if not greeting.startswith(b"+OK"):
+            raise BackendRejected(greeting)
+        self.action = "sending STLS to upstream"
+        conn.send(b"STLS\r\n")
+        self.action = "reading response from upstream"
+        reply = conn.read_reply()
+        if not reply.startswith(b"+OK"):
+            raise backend.starttls_refused(reply)
+        return greeting

@@ -20,7 +20,8 @@ Two back ends:
   for `valid=` or the records' TTL. Thread-safe; one client (and cache) per distinct resolver
   configuration.
 
-Each lookup (PTR, then forward) is bounded by `timeout`, as nginx's `resolver_timeout` is.
+With DNS servers each lookup (PTR, then forward) is bounded by `timeout`, as nginx's
+`resolver_timeout` is; `resolver system` bounds both lookups together by `timeout`.
 """
 
 import ipaddress
@@ -102,6 +103,7 @@ def client_name(ip, conf_resolver, timeout):
         client = client_for(conf_resolver)
         reverse, forward = client.reverse, client.forward
     text = str(ip)
+    started = time.monotonic()
     try:
         name = reverse(addr, timeout)
     except LookupFailed as e:
@@ -113,6 +115,10 @@ def client_name(ip, conf_resolver, timeout):
         return TEMPUNAVAIL, LogMessage('%s resolved to invalid host name "%s"'
                                        % (text, _printable(shown)),
                                        "in resolving client address")
+    if conf_resolver == "system":
+        # Ours: the machine's resolver gets one budget for both steps, so a slow one never
+        # holds the session past resolver_timeout in all.
+        timeout = max(timeout - (time.monotonic() - started), 0.0)
     try:
         addrs = forward(name, timeout)
     except LookupFailed as e:

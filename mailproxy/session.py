@@ -15,6 +15,8 @@ import socket
 import time
 
 from . import auth_http, backend
+from . import tls                   # TLS (issue 5)
+from . import realip                # PROXY protocol in (issue 5)
 from .log import sanitize
 
 
@@ -146,6 +148,7 @@ class Session:
         self.starttls_used = False
         self.proxy_header = None        # (src_ip, src_port, dst_ip, dst_port) received
         self.ssl_headers = []           # Auth-SSL-* (name, value) pairs
+        self.tls_handshaked = False     # TLS (issue 5): handshake done (close_notify on close)
         # Credentials and auth state.
         self.login = None               # bytes
         self.passwd = None              # bytes
@@ -266,6 +269,15 @@ class Session:
         try:
             self.log.log("info", "client %s connected to %s"
                          % (self._peer_text(), self.server_text), self.conn)
+            # -- PROXY protocol from a load balancer (issue 5): its header before anything
+            # else, before any TLS; may replace client_ip/client_port (set_real_ip_from)
+            if self.listen is not None and getattr(self.listen, "proxy_protocol", False):
+                realip.read_header(self)
+            # -- end PROXY protocol
+            # -- TLS (issue 5): implicit TLS handshake right after accept
+            if self.listen is not None and getattr(self.listen, "ssl", False):
+                tls.handshake(self)
+            # -- end TLS
             self.action = "sending client greeting line"
             self.greet()
             while not self.quit:
@@ -288,6 +300,8 @@ class Session:
                 pass
         finally:
             if not handed:
+                if self.tls_handshaked:         # TLS (issue 5): close_notify first
+                    tls.shutdown(self.sock)
                 try:
                     self.sock.close()
                 except OSError:
@@ -305,6 +319,13 @@ class Session:
         if self.client_ip and ":" in self.client_ip:
             return "[%s]:%s" % (self.client_ip, self.client_port)
         return "%s:%s" % (self.client_ip, self.client_port)
+
+    # ---- TLS (issue 5) -----------------------------------------------------------------------
+
+    def starttls_handshake(self):
+        """After the positive STARTTLS/STLS reply (pipelined input already discarded)."""
+        self.starttls_used = True       # nginx sets s->starttls before the handshake
+        tls.handshake(self, starttls=True)
 
     # ---- authentication, backend login, hand-over -----------------------------------------------
 
@@ -345,6 +366,7 @@ class Session:
             if res.passwd is not None:
                 passwd = res.passwd
             host, port = res.server, res.port
+            self.backend_ssl = res.ssl_backend      # issue 5: Auth-SSL-Backend (None: config)
         else:
             host, port = conf.proxy_pass
         self.upstream = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
@@ -364,6 +386,7 @@ class Session:
             if conf.proxy_protocol != "off":
                 self.action = "sending PROXY protocol header to upstream"
                 conn.send(self.proxy_header_out(sock))
+            self.backend_tls(conn, host)        # issue 5: proxy_ssl on|starttls
             self.action = "reading response from upstream"
             reply = self.login_backend(conn, user, passwd)
         except backend.BackendError as e:
@@ -386,6 +409,35 @@ class Session:
         self.action = None
         self.info("client logged in")
         self.hand_over(conn, reply)
+
+    # ---- TLS to the backend (issue 5) ---------------------------------------------------------
+
+    def backend_tls(self, conn, host):
+        """proxy_ssl (or the auth service's Auth-SSL-Backend): implicit TLS, or the protocol's
+        STARTTLS exchange (`backend_starttls`) then TLS, before the backend login.  The greeting
+        read before STARTTLS is replayed to login_backend().  Raises backend.BackendError."""
+        mode = getattr(self, "backend_ssl", None) or getattr(self.conf, "proxy_ssl", "off")
+        if mode not in ("on", "starttls"):
+            return
+        try:
+            ctx = backend.client_context(self.conf)
+        except backend.BackendTLSConfigError as e:
+            raise backend.BackendError(str(e)) from None
+        name = getattr(self.conf, "proxy_ssl_name", None) or host
+        greeting = None
+        if mode == "starttls":
+            self.action = "reading response from upstream"
+            greeting = self.backend_starttls(conn)
+        self.action = "SSL handshaking to upstream"
+        conn.start_tls(ctx, name)
+        if greeting is not None:
+            conn.push_reply(greeting)
+
+    def backend_starttls(self, conn):
+        """Read the greeting, ask for TLS (STARTTLS/STLS) and read the go-ahead; return the
+        greeting.  Protocol modules implement it."""
+        raise backend.BackendError("STARTTLS to upstream is not available for %s"
+                                   % self.protocol)
 
     def proxy_header_out(self, backend_sock):
         """The PROXY header for the backend: the (real) client and our listening side."""

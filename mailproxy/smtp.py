@@ -427,7 +427,7 @@ class SmtpSession(Session):
             raise Invalid()
         # RFC 3207: forget what the client said before; drop pipelined input (CVE-2014-3556)
         self.helo = self.smtp_from = self.smtp_to = None
-        self.esmtp = False
+        # TLS (issue 5): nginx keeps the "client used EHLO" flag (reference 9.2)
         self.reader.discard()
         self.send(START_TLS)
         handshake()
@@ -503,3 +503,18 @@ class SmtpSession(Session):
                        + CRLF, "sending AUTH to upstream")
             self._expect(conn, lambda r: r.startswith(b"235"))
         return AUTH_OK
+
+
+    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+
+    def backend_starttls(self, conn):
+        """proxy_ssl starttls: greeting, EHLO, STARTTLS, 220; returns the greeting (replayed,
+        so login_backend() says EHLO again over TLS, as RFC 3207 requires)."""
+        greeting = self._expect(conn, lambda r: r.startswith(b"220"))
+        self._step(conn, b"EHLO " + self._name() + CRLF, "sending HELO/EHLO to upstream")
+        self._expect(conn, lambda r: r.startswith(b"250"))
+        self._step(conn, b"STARTTLS" + CRLF, "sending STARTTLS to upstream")
+        reply = conn.read_reply(backend.smtp_reply_complete)
+        if not reply.startswith(b"220"):
+            raise backend.starttls_refused(reply)
+        return greeting

@@ -13,13 +13,7 @@ import socket
 import pytest
 
 import realservers
-from realservers import CLIENT_IP, Dovecot, Postfix, TempDir, need
-
-USERS = {
-    "alice": "secret",
-    # a password that needs IMAP quoting/literals: spaces, a quote, a backslash, non-ASCII
-    "bob": 'pa ss"w\\ord-\u00e9',
-}
+from realservers import CLIENT_IP, USERS, Dovecot, Postfix, TempDir, need
 
 
 def pytest_configure(config):

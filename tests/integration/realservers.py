@@ -29,6 +29,12 @@ CI = os.environ.get("CI") == "true"
 LOOPBACK = "127.0.0.1"
 CLIENT_IP = "127.0.0.2"          # a client address distinguishable from the proxy's own
 
+USERS = {
+    "alice": "secret",
+    # a password that needs IMAP quoting/literals: spaces, a quote, a backslash, non-ASCII
+    "bob": 'pa ss"w\\ord-\u00e9',
+}
+
 PROGRAMS = {
     "dovecot": "/usr/sbin/dovecot",
     "postfix": "/usr/sbin/postfix",

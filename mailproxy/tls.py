@@ -1,0 +1,745 @@
+"""TLS towards clients: contexts, implicit TLS, STARTTLS/STLS, client certificates (reference 2.4, 9).
+
+One `ServerTLS` per server block is built while the configuration loads (`check_server`, called
+from config.load, so `-t` finds a bad certificate, key or CA file) and cached on the ServerConf:
+sessions never build contexts. `handshake(session)` upgrades a session's socket in place (the
+session's socket becomes a blocking `ssl.SSLSocket` with timeouts), checks the client certificate
+like nginx's ngx_mail_verify_cert, and fills `session.ssl_headers` for auth_http.
+
+Python's `ssl` has no verify callback, no ALPN-refusal, no verify-depth or session-cache knobs.
+nginx behaviour depends on them (a bad client certificate must complete the handshake so the
+client gets the protocol's `... SSL certificate error` line), so `_Native` reaches the very same
+OpenSSL library the `_ssl` module uses through ctypes, for a handful of documented OpenSSL calls
+on the SSL_CTX/SSL objects of Python's own SSLContext/SSLSocket. Every pointer is cross-checked
+against what Python reports before use; when that is not possible the features that need it
+become clear configuration errors (never silently weaker checks).
+"""
+
+import errno as errno_mod
+import hashlib
+import os
+import select
+import ssl
+import tempfile
+import threading
+import time
+import warnings
+
+from .config import ConfigError
+
+# Replies after the handshake when the client certificate is not acceptable (reference 9.3).
+CERT_ERROR = {
+    "pop3": b"-ERR SSL certificate error\r\n",
+    "imap": b"* BYE SSL certificate error\r\n",
+    "smtp": b"421 4.7.1 SSL certificate error\r\n",
+}
+NO_CERT = {
+    "pop3": b"-ERR No required SSL certificate\r\n",
+    "imap": b"* BYE No required SSL certificate\r\n",
+    "smtp": b"421 4.7.1 No required SSL certificate\r\n",
+}
+ALPN = {"pop3": b"pop3", "imap": b"imap", "smtp": b"smtp"}
+
+# X509_V_ERR_* that `optional_no_ca` tolerates (ngx_ssl_verify_error_optional).
+_OPTIONAL_NO_CA_ERRORS = frozenset((18, 19, 20, 21, 27))
+
+_PROTOCOLS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+_PROTOCOL_ORDER = ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+_NO_PROTOCOL_OPTION = {
+    "TLSv1": "OP_NO_TLSv1", "TLSv1.1": "OP_NO_TLSv1_1",
+    "TLSv1.2": "OP_NO_TLSv1_2", "TLSv1.3": "OP_NO_TLSv1_3",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the OpenSSL calls Python's ssl module does not offer
+
+class _Native:
+    """Documented OpenSSL functions of the libssl/libcrypto `_ssl` is linked against."""
+
+    SSL_VERIFY_PEER = 1
+    SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+    SSL_CTRL_SET_SESS_CACHE_MODE = 44
+    SSL_CTRL_SET_GROUPS_LIST = 92
+    SSL_SESS_CACHE_OFF = 0
+    SSL_SESS_CACHE_SERVER = 2
+    SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
+    BIO_CTRL_INFO = 3
+    # XN_FLAG_RFC2253: ASN1_STRFLGS_RFC2253 | XN_FLAG_SEP_COMMA_PLUS | XN_FLAG_DN_REV
+    #                  | XN_FLAG_FN_SN | XN_FLAG_DUMP_UNKNOWN_FIELDS
+    XN_FLAG_RFC2253 = (0x1 | 0x2 | 0x4 | 0x10 | 0x100 | 0x200) | (1 << 16) | (1 << 20) | (1 << 24)
+
+    def __init__(self):
+        import ctypes
+        import _ssl
+        self.ct = ct = ctypes
+        lib = ct.CDLL(getattr(_ssl, "__file__", None))   # dlsym searches its libssl/libcrypto
+        vp, i, L = ct.c_void_p, ct.c_int, ct.c_long
+
+        def fn(name, res, *args):
+            f = getattr(lib, name)
+            f.restype = res
+            f.argtypes = list(args)
+            return f
+        self.SSL_CTX_set_verify = fn("SSL_CTX_set_verify", None, vp, i, vp)
+        self.SSL_CTX_get_verify_mode = fn("SSL_CTX_get_verify_mode", i, vp)
+        self.SSL_CTX_get_options = fn("SSL_CTX_get_options", ct.c_uint64, vp)
+        self.SSL_CTX_set_verify_depth = fn("SSL_CTX_set_verify_depth", None, vp, i)
+        self.SSL_CTX_ctrl = fn("SSL_CTX_ctrl", L, vp, i, L, vp)
+        self.SSL_CTX_set_timeout = fn("SSL_CTX_set_timeout", L, vp, L)
+        self.SSL_CTX_set_session_id_context = fn("SSL_CTX_set_session_id_context", i, vp,
+                                                 ct.c_char_p, ct.c_uint)
+        self.SSL_CTX_set_alpn_select_cb = fn("SSL_CTX_set_alpn_select_cb", None, vp, vp, vp)
+        self.SSL_load_client_CA_file = fn("SSL_load_client_CA_file", vp, ct.c_char_p)
+        self.SSL_CTX_set_client_CA_list = fn("SSL_CTX_set_client_CA_list", None, vp, vp)
+        self.SSL_get_SSL_CTX = fn("SSL_get_SSL_CTX", vp, vp)
+        self.SSL_get_verify_result = fn("SSL_get_verify_result", L, vp)
+        self.X509_verify_cert_error_string = fn("X509_verify_cert_error_string", ct.c_char_p, L)
+        try:
+            self.SSL_get_peer_certificate = fn("SSL_get1_peer_certificate", vp, vp)
+        except AttributeError:   # OpenSSL 1.1
+            self.SSL_get_peer_certificate = fn("SSL_get_peer_certificate", vp, vp)
+        self.X509_free = fn("X509_free", None, vp)
+        self.X509_get_subject_name = fn("X509_get_subject_name", vp, vp)
+        self.X509_get_issuer_name = fn("X509_get_issuer_name", vp, vp)
+        self.BIO_s_mem = fn("BIO_s_mem", vp)
+        self.BIO_new = fn("BIO_new", vp, vp)
+        self.BIO_free = fn("BIO_free", i, vp)
+        self.BIO_ctrl = fn("BIO_ctrl", L, vp, i, L, vp)
+        self.X509_NAME_print_ex = fn("X509_NAME_print_ex", i, vp, vp, i, ct.c_ulong)
+        self.SSL_CONF_CTX_new = fn("SSL_CONF_CTX_new", vp)
+        self.SSL_CONF_CTX_set_flags = fn("SSL_CONF_CTX_set_flags", ct.c_uint, vp, ct.c_uint)
+        self.SSL_CONF_CTX_set_ssl_ctx = fn("SSL_CONF_CTX_set_ssl_ctx", None, vp, vp)
+        self.SSL_CONF_cmd = fn("SSL_CONF_cmd", i, vp, ct.c_char_p, ct.c_char_p)
+        self.SSL_CONF_CTX_finish = fn("SSL_CONF_CTX_finish", i, vp)
+        self.SSL_CONF_CTX_free = fn("SSL_CONF_CTX_free", None, vp)
+        self.VERIFY_CB = ct.CFUNCTYPE(i, i, vp)
+        self.ALPN_CB = ct.CFUNCTYPE(i, vp, ct.POINTER(vp), ct.POINTER(ct.c_ubyte), vp,
+                                    ct.c_uint, vp)
+        # nginx's ngx_ssl_verify_callback: record the result, never fail the handshake.
+        self.accept_all = self.VERIFY_CB(lambda ok, store: 1)
+        self.head = object.__basicsize__            # PyObject_HEAD
+        self.ptr = ct.sizeof(vp)
+        self._selftest()
+
+    # -- pointers behind Python objects, cross-checked ----------------------------------------
+    def ctx_ptr(self, context):
+        """SSL_CTX* of an ssl.SSLContext (PySSLContext: PyObject_HEAD; SSL_CTX *ctx; ...)."""
+        p = self.ct.c_void_p.from_address(id(context) + self.head).value
+        if not p or self.SSL_CTX_get_options(p) != int(context.options) \
+                or (self.SSL_CTX_get_verify_mode(p) & 3) != _mode_bits(context.verify_mode):
+            raise RuntimeError("SSL_CTX pointer check failed")
+        return p
+
+    def ssl_ptr(self, sslsock):
+        """SSL* of a connected ssl.SSLSocket (PySSLSocket: PyObject_HEAD; PyObject *Socket; SSL *ssl)."""
+        obj = sslsock._sslobj
+        p = self.ct.c_void_p.from_address(id(obj) + self.head + self.ptr).value
+        if not p or self.SSL_get_SSL_CTX(p) != self.ctx_ptr(sslsock.context):
+            raise RuntimeError("SSL pointer check failed")
+        return p
+
+    def _selftest(self):
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        for opt in (0, ssl.OP_NO_TICKET):
+            c.options |= opt
+            self.ctx_ptr(c)
+        c.verify_mode = ssl.CERT_OPTIONAL
+        self.ctx_ptr(c)
+
+    # -- operations ----------------------------------------------------------------------------
+    def verify_accept_all(self, context, depth):
+        p = self.ctx_ptr(context)
+        self.SSL_CTX_set_verify(p, self.SSL_VERIFY_PEER, self.accept_all)
+        self.SSL_CTX_set_verify_depth(p, depth)
+
+    def set_client_ca_list(self, context, path):
+        names = self.SSL_load_client_CA_file(os.fsencode(path))
+        if not names:
+            return False
+        self.SSL_CTX_set_client_CA_list(self.ctx_ptr(context), names)
+        return True
+
+    def set_groups(self, context, groups):
+        return self.SSL_CTX_ctrl(self.ctx_ptr(context), self.SSL_CTRL_SET_GROUPS_LIST, 0,
+                                 self.ct.c_char_p(groups.encode())) == 1
+
+    def session_cache(self, context, mode, size, timeout):
+        p = self.ctx_ptr(context)
+        self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_MODE, mode, None)
+        if size is not None:
+            self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+        self.SSL_CTX_set_timeout(p, int(timeout))
+        self.SSL_CTX_set_session_id_context(p, b"MAIL", 4)
+
+    def alpn_strict(self, context, proto):
+        """Select `proto` if offered; a client offering ALPN without it gets a fatal alert."""
+        ct = self.ct
+        buf = ct.create_string_buffer(proto, len(proto))
+
+        def select_cb(_ssl, out, outlen, inp, inlen, _arg):
+            data = ct.string_at(inp, inlen)
+            k = 0
+            while k < len(data):
+                n = data[k]
+                if data[k + 1:k + 1 + n] == proto:
+                    out[0] = ct.addressof(buf)
+                    outlen[0] = len(proto)
+                    return 0            # SSL_TLSEXT_ERR_OK
+                k += 1 + n
+            return 2                    # SSL_TLSEXT_ERR_ALERT_FATAL: no_application_protocol
+        cb = self.ALPN_CB(select_cb)
+        self.SSL_CTX_set_alpn_select_cb(self.ctx_ptr(context), cb, None)
+        return (cb, buf)                # the caller keeps them alive with the context
+
+    def conf_commands(self, context, commands):
+        """ssl_conf_command: SSL_CONF_cmd() on the context; the first failing name or None."""
+        cctx = self.SSL_CONF_CTX_new()
+        try:
+            # SSL_CONF_FLAG_FILE | SERVER | CERTIFICATE | SHOW_ERRORS, as nginx
+            self.SSL_CONF_CTX_set_flags(cctx, 0x2 | 0x8 | 0x20 | 0x10)
+            self.SSL_CONF_CTX_set_ssl_ctx(cctx, self.ctx_ptr(context))
+            for name, value in commands:
+                if self.SSL_CONF_cmd(cctx, name.encode(), value.encode()) <= 0:
+                    return name
+            if self.SSL_CONF_CTX_finish(cctx) != 1:
+                return commands[-1][0] if commands else "?"
+            return None
+        finally:
+            self.SSL_CONF_CTX_free(cctx)
+
+    def verify_result(self, sslsock):
+        rc = self.SSL_get_verify_result(self.ssl_ptr(sslsock))
+        text = self.X509_verify_cert_error_string(rc) or b"?"
+        return rc, text.decode("ascii", "replace")
+
+    def peer_dns(self, sslsock):
+        """(subject, issuer) of the client certificate in X509_NAME_print_ex RFC 2253 form."""
+        cert = self.SSL_get_peer_certificate(self.ssl_ptr(sslsock))
+        if not cert:
+            return None, None
+        try:
+            return (self._name(self.X509_get_subject_name(cert)),
+                    self._name(self.X509_get_issuer_name(cert)))
+        finally:
+            self.X509_free(cert)
+
+    def _name(self, name):
+        if not name:
+            return ""
+        bio = self.BIO_new(self.BIO_s_mem())
+        try:
+            if self.X509_NAME_print_ex(bio, name, 0, self.XN_FLAG_RFC2253) < 0:
+                return ""
+            data = self.ct.c_void_p()
+            n = self.BIO_ctrl(bio, self.BIO_CTRL_INFO, 0, self.ct.byref(data))
+            return self.ct.string_at(data.value, n).decode("utf-8", "replace") if n > 0 else ""
+        finally:
+            self.BIO_free(bio)
+
+
+def _mode_bits(mode):
+    return {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}[mode]
+
+
+_native = None
+_native_error = None
+_native_lock = threading.Lock()
+
+
+def native():
+    """The _Native helper, or None (then `native_error()` says why)."""
+    global _native, _native_error
+    with _native_lock:
+        if _native is None and _native_error is None:
+            try:
+                _native = _Native()
+            except Exception as e:   # not CPython, other layout, symbols missing
+                _native_error = "%s: %s" % (type(e).__name__, e)
+        return _native
+
+
+def native_error():
+    native()
+    return _native_error
+
+
+# ---------------------------------------------------------------------------------------------
+# contexts
+
+class ServerTLS:
+    """Everything TLS of one server block, built once at configuration load."""
+
+    def __init__(self, conf):
+        self.conf = conf
+        self.protocol = conf.protocol
+        self.verify = conf.ssl_verify_client
+        self.native = None
+        self.keep = []              # ctypes callbacks and buffers that must outlive the contexts
+        self.context = None
+        self.sni = []               # [(pattern, context)]: exact names first, then wildcards
+
+
+def _err(conf, key, message):
+    f, line = conf.where(key)
+    return ConfigError(message, f or conf.file, line or conf.line, key)
+
+
+def _tls_mode(conf):
+    """('listen ... ssl', Listen) / ('starttls', None) / (None, None)."""
+    for li in conf.listen:
+        if getattr(li, "ssl", False):
+            return "listen ... ssl", li
+    if conf.starttls != "off":
+        return "starttls", None
+    return None, None
+
+
+def check_server(conf):
+    """Config-load hook: nginx's ssl merge checks and the context, cached on `conf`.
+
+    Raises ConfigError (file:line) for anything nginx would refuse or Python cannot do."""
+    conf._tls = None
+    mode, listen = _tls_mode(conf)
+    if mode is None:
+        return None
+    if listen is not None:
+        where, wkey = (listen.file, listen.line), "listen"
+    else:
+        where, wkey = conf.where("starttls"), "starttls"
+    if not conf.ssl_certificate:
+        raise ConfigError('no "ssl_certificate" is defined for the "%s" directive' % mode,
+                          where[0] or conf.file, where[1] or conf.line, wkey)
+    if not conf.ssl_certificate_key:
+        raise ConfigError('no "ssl_certificate_key" is defined for the "%s" directive' % mode,
+                          where[0] or conf.file, where[1] or conf.line, wkey)
+    if len(conf.ssl_certificate_key) < len(conf.ssl_certificate):
+        raise ConfigError('no "ssl_certificate_key" is defined for certificate "%s" and the "%s" '
+                          "directive" % (conf.ssl_certificate[-1], mode),
+                          where[0] or conf.file, where[1] or conf.line, wkey)
+    st = ServerTLS(conf)
+    st.native = native()
+    pairs = list(zip(conf.ssl_certificate, conf.ssl_certificate_key))
+    st.context = _build_context(conf, st, pairs, "ssl_certificate")
+    exact, wild = [], []
+    for name, cert, key in conf.ssl_certificate_sni or ():
+        ctx = _build_context(conf, st, [(cert, key)], "ssl_certificate_sni")
+        (wild if name.startswith("*.") else exact).append((name, ctx))
+    wild.sort(key=lambda item: -len(item[0]))
+    st.sni = exact + wild
+    if st.sni:
+        st.context.sni_callback = _make_sni_callback(st)
+    conf._tls = st
+    return st
+
+
+def server_tls(conf):
+    """The ServerTLS built at load (built now if the conf did not come from config.load)."""
+    st = getattr(conf, "_tls", None)
+    if st is None:
+        st = check_server(conf)
+        if st is None:
+            raise RuntimeError("TLS is not configured for server %r" % conf.name)
+    return st
+
+
+def server_context(conf):
+    return server_tls(conf).context
+
+
+def _needs_native_cache(conf):
+    return conf.ssl_session_cache != ["none"] or conf.ssl_session_timeout != 300
+
+
+def _require_native(conf, st, key, what):
+    if st.native is None:
+        raise _err(conf, key, '"%s" cannot be honoured: %s needs OpenSSL functions that '
+                   "Python's ssl module does not offer and mailproxy could not reach them (%s)"
+                   % (key, what, native_error()))
+
+
+def _build_context(conf, st, pairs, cert_key):
+    n = st.native
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # -- protocols
+    protos = conf.ssl_protocols
+    bad = [p for p in protos if p in ("SSLv2", "SSLv3")]
+    if bad:
+        raise _err(conf, "ssl_protocols", '"ssl_protocols %s" is not supported: SSLv2 and SSLv3 '
+                   "are insecure and the OpenSSL behind Python's ssl module cannot enable them; "
+                   "use TLSv1.2 TLSv1.3" % " ".join(protos))
+    order = sorted(protos, key=_PROTOCOL_ORDER.index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            ctx.minimum_version = _PROTOCOLS[order[0]]
+            ctx.maximum_version = _PROTOCOLS[order[-1]]
+        except (ValueError, ssl.SSLError) as e:
+            raise _err(conf, "ssl_protocols", '"ssl_protocols %s" cannot be set: %s'
+                       % (" ".join(protos), e)) from None
+        lo, hi = _PROTOCOL_ORDER.index(order[0]), _PROTOCOL_ORDER.index(order[-1])
+        for name in _PROTOCOL_ORDER[lo:hi + 1]:
+            if name not in protos:          # a gap such as "TLSv1 TLSv1.2"
+                ctx.options |= getattr(ssl, _NO_PROTOCOL_OPTION[name])
+    # -- ciphers
+    try:
+        ctx.set_ciphers(conf.ssl_ciphers)
+    except ssl.SSLError:
+        raise _err(conf, "ssl_ciphers", 'invalid "ssl_ciphers" value "%s": OpenSSL accepts none '
+                   "of these ciphers" % conf.ssl_ciphers) from None
+    if conf.ssl_prefer_server_ciphers:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    if conf.ssl_certificate_compression:
+        raise _err(conf, "ssl_certificate_compression", '"ssl_certificate_compression on" is not '
+                   "supported: Python's ssl module cannot enable TLS certificate compression")
+    # -- certificates
+    passwords = _passwords(conf)
+    for cert, key in pairs:
+        _load_pair(conf, ctx, cert, key, passwords, cert_key)
+    # -- client certificates
+    verify = conf.ssl_verify_client
+    if verify != "off":
+        if verify != "optional_no_ca" and not conf.ssl_client_certificate \
+                and not conf.ssl_trusted_certificate:
+            raise _err(conf, "ssl_verify_client",
+                       "no ssl_client_certificate or ssl_trusted_certificate for ssl_verify_client")
+        for key in ("ssl_client_certificate", "ssl_trusted_certificate"):
+            path = getattr(conf, key)
+            if path:
+                try:
+                    ctx.load_verify_locations(cafile=path)
+                except (OSError, ssl.SSLError) as e:
+                    raise _err(conf, key, 'cannot load "%s" file "%s": %s'
+                               % (key, path, _reason(e))) from None
+        if conf.ssl_crl:
+            try:
+                ctx.load_verify_locations(cafile=conf.ssl_crl)
+            except (OSError, ssl.SSLError) as e:
+                raise _err(conf, "ssl_crl", 'cannot load CRL file "%s": %s'
+                           % (conf.ssl_crl, _reason(e))) from None
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+        if n is None:
+            if verify == "optional_no_ca":
+                _require_native(conf, st, "ssl_verify_client", "optional_no_ca")
+            if conf.ssl_verify_depth != 1:
+                _require_native(conf, st, "ssl_verify_depth", "a verify depth")
+            # Without the verify callback a bad certificate fails the handshake itself.
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+        elif conf.ssl_client_certificate and not n.set_client_ca_list(ctx, conf.ssl_client_certificate):
+            raise _err(conf, "ssl_client_certificate", 'no CA names in "%s"'
+                       % conf.ssl_client_certificate)
+    # -- key exchange
+    if conf.ssl_dhparam:
+        try:
+            ctx.load_dh_params(conf.ssl_dhparam)
+        except (OSError, ssl.SSLError) as e:
+            raise _err(conf, "ssl_dhparam", 'cannot load "ssl_dhparam" file "%s": %s'
+                       % (conf.ssl_dhparam, _reason(e))) from None
+    curve = conf.ssl_ecdh_curve
+    if curve != "auto":
+        if ":" in curve:
+            _require_native(conf, st, "ssl_ecdh_curve", "a list of curves")
+            if not n.set_groups(ctx, curve):
+                raise _err(conf, "ssl_ecdh_curve", 'invalid "ssl_ecdh_curve" value "%s"' % curve)
+        else:
+            try:
+                ctx.set_ecdh_curve(curve)
+            except (ValueError, ssl.SSLError):
+                raise _err(conf, "ssl_ecdh_curve", 'unknown curve "%s" in "ssl_ecdh_curve"'
+                           % curve) from None
+    # -- sessions
+    if not conf.ssl_session_tickets:
+        ctx.options |= ssl.OP_NO_TICKET
+    if conf.ssl_session_ticket_key:
+        raise _err(conf, "ssl_session_ticket_key", '"ssl_session_ticket_key" is not supported: '
+                   "Python's ssl module cannot set ticket keys (each process uses a random key); "
+                   'remove it, or use "ssl_session_tickets off"')
+    cache = conf.ssl_session_cache
+    size = None
+    if any(a.startswith("shared:") for a in cache):
+        raise _err(conf, "ssl_session_cache", '"ssl_session_cache shared:..." is not supported: '
+                   "mailproxy cannot share TLS sessions between worker processes; use "
+                   '"builtin[:size]" (per process) or "none"')
+    if cache == ["off"]:
+        mode = _Native.SSL_SESS_CACHE_OFF
+    elif cache == ["none"]:
+        # nginx: tell clients sessions may be reused, store none (Outlook Express needs this)
+        mode = _Native.SSL_SESS_CACHE_SERVER | _Native.SSL_SESS_CACHE_NO_INTERNAL_STORE
+        size = 1
+    else:
+        mode = _Native.SSL_SESS_CACHE_SERVER
+        for a in cache:
+            if a.startswith("builtin:"):
+                size = int(a[8:])
+    if n is not None:
+        n.session_cache(ctx, mode, size, conf.ssl_session_timeout)
+    elif _needs_native_cache(conf):
+        _require_native(conf, st, "ssl_session_cache" if cache != ["none"]
+                        else "ssl_session_timeout", "session cache settings")
+    if conf.ssl_conf_command:
+        _require_native(conf, st, "ssl_conf_command", "SSL_CONF_cmd()")
+        bad = n.conf_commands(ctx, conf.ssl_conf_command)
+        if bad is not None:
+            raise _err(conf, "ssl_conf_command", 'SSL_CONF_cmd("%s") failed: OpenSSL does not '
+                       "accept this command or its value" % bad)
+    # -- ALPN (1.21.4+) and, last (Python's verify_mode setter would reset it), the callback
+    if n is not None:
+        st.keep.append(n.alpn_strict(ctx, ALPN[conf.protocol]))
+        if verify != "off":
+            n.verify_accept_all(ctx, conf.ssl_verify_depth)
+    else:
+        ctx.set_alpn_protocols([ALPN[conf.protocol].decode()])
+    return ctx
+
+
+def _reason(e):
+    if isinstance(e, ssl.SSLError):
+        return "(SSL: %s)" % (e.reason or e.strerror or e)
+    return "(%d: %s)" % (e.errno or 0, e.strerror or e)
+
+
+def _passwords(conf):
+    path = conf.ssl_password_file
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            lines = [ln.rstrip(b"\r\n") for ln in f.read().split(b"\n")]
+    except OSError as e:
+        raise _err(conf, "ssl_password_file", 'cannot open "ssl_password_file" "%s" %s'
+                   % (path, _reason(e))) from None
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise _err(conf, "ssl_password_file", 'empty "ssl_password_file" "%s"' % path)
+    return lines
+
+
+def _materialize(value, stack):
+    """A file path for a `data:` value (a temporary file, removed after loading)."""
+    if not value.startswith("data:"):
+        return value
+    fd, path = tempfile.mkstemp(prefix="mailproxy-", suffix=".pem")
+    with os.fdopen(fd, "wb") as f:
+        f.write(value[5:].encode())
+    stack.append(path)
+    return path
+
+
+def _load_pair(conf, ctx, cert, key, passwords, cert_key):
+    if key.startswith(("engine:", "store:")):
+        raise _err(conf, "ssl_certificate_key", '"ssl_certificate_key %s" is not supported: '
+                   "Python's ssl module loads keys from files only" % key)
+    temps = []
+    try:
+        cpath, kpath = _materialize(cert, temps), _materialize(key, temps)
+        for what, path in (("certificate", cpath), ("certificate key", kpath)):
+            if not os.path.exists(path):
+                raise _err(conf, cert_key if what == "certificate" else "ssl_certificate_key",
+                           'cannot load %s "%s": BIO_new_file() failed (2: No such file or '
+                           "directory)" % (what, cert if what == "certificate" else key))
+        last = None
+        for pw in (passwords or [b""]):
+            try:
+                ctx.load_cert_chain(cpath, kpath, password=pw)
+                return
+            except ssl.SSLError as e:
+                last = e
+            except OSError as e:
+                last = e
+                break
+        raise _err(conf, cert_key, 'cannot load certificate "%s" with key "%s": %s'
+                   % (cert, key, _reason(last)))
+    finally:
+        for path in temps:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _make_sni_callback(st):
+    names = st.sni
+
+    def callback(sslsock, server_name, _ctx):
+        if not server_name:
+            return None
+        name = server_name.lower().rstrip(".")
+        try:
+            sslsock._mailproxy_sni = name
+        except AttributeError:
+            pass
+        for pattern, ctx in names:
+            if pattern == name or (pattern.startswith("*.") and name.endswith(pattern[1:])
+                                   and len(name) > len(pattern) - 1):
+                sslsock.context = ctx
+                break
+        return None
+    return callback
+
+
+# ---------------------------------------------------------------------------------------------
+# sessions
+
+def handshake(session, starttls=False):
+    """Run the server handshake on session.sock (implicit TLS or after STARTTLS/STLS).
+
+    On success the session's socket is the SSLSocket, `session.tls` is True and
+    `session.ssl_headers` holds the Auth-SSL-* pairs. A failed or stalled handshake is logged at
+    info and closes silently; a refused client certificate gets the protocol's line, then closes.
+    """
+    from .session import Close
+    conf = session.conf
+    st = server_tls(conf)
+    raw = session.sock
+    session.action = "SSL handshaking"
+    deadline = time.monotonic() + conf.timeout
+    try:
+        sock = st.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+    except OSError as e:
+        session.info("SSL setup failed: %s" % e)
+        raise Close() from None
+    session.sock = sock
+    session.reader.sock = sock
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            want = ([sock], [])
+        except ssl.SSLWantWriteError:
+            want = ([], [sock])
+        except ssl.SSLError as e:
+            session.info("SSL_do_handshake() failed (SSL: %s)" % _ssl_text(e))
+            raise Close() from None
+        except OSError as e:
+            if e.errno in (None, 0):
+                session.info("peer closed connection in SSL handshake")
+            else:
+                session.info("SSL_do_handshake() failed", err=e.errno)
+            raise Close() from None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            session.info("client timed out", err=errno_mod.ETIMEDOUT)
+            raise Close() from None
+        try:
+            select.select(want[0], want[1], [], remaining)
+        except (OSError, ValueError):
+            raise Close() from None
+    sock.setblocking(True)
+    sock.settimeout(conf.timeout)
+    session.tls_handshaked = True
+    _check_client_cert(session, st, sock)
+    session.tls = True
+    session.ssl_headers = _ssl_headers(session, st, sock)
+    session.action = None
+
+
+def _ssl_text(e):
+    text = getattr(e, "verify_message", None) or e.reason or str(e)
+    lib = getattr(e, "library", None)
+    return "%s%s" % ("" if not lib else "%s: " % lib, text)
+
+
+def _check_client_cert(session, st, sock):
+    """ngx_mail_verify_cert: the protocol's error line and close, or return."""
+    from .session import Close
+    if st.verify == "off":
+        return
+    if st.native is not None:
+        rc, text = st.native.verify_result(sock)
+        if rc != 0 and not (st.verify == "optional_no_ca" and rc in _OPTIONAL_NO_CA_ERRORS):
+            session.info("client SSL certificate verify error: (%d:%s)" % (rc, text))
+            session.send(CERT_ERROR[session.protocol])
+            raise Close()
+    if st.verify == "on" and sock.getpeercert(binary_form=True) is None:
+        session.info("client sent no required SSL certificate")
+        session.send(NO_CERT[session.protocol])
+        raise Close()
+
+
+def _ssl_headers(session, st, sock):
+    conf = session.conf
+    headers = [("Auth-SSL", "on")]
+    version = sock.version()
+    if version:
+        headers.append(("Auth-SSL-Protocol", version))
+    cipher = sock.cipher()
+    if cipher:
+        headers.append(("Auth-SSL-Cipher", cipher[0]))
+    if st.verify != "off":
+        der = sock.getpeercert(binary_form=True)
+        if der is None:
+            headers.append(("Auth-SSL-Verify", "NONE"))
+        else:
+            if st.native is not None:
+                rc, text = st.native.verify_result(sock)
+                subject, issuer = st.native.peer_dns(sock)
+            else:
+                rc, text = 0, "ok"      # a failed verification ended the handshake
+                info = sock.getpeercert() or {}
+                subject, issuer = rfc2253(info.get("subject")), rfc2253(info.get("issuer"))
+            headers.append(("Auth-SSL-Verify", "SUCCESS" if rc == 0 else "FAILED:" + text))
+            if subject:
+                headers.append(("Auth-SSL-Subject", subject))
+            if issuer:
+                headers.append(("Auth-SSL-Issuer", issuer))
+            serial = (sock.getpeercert() or {}).get("serialNumber")
+            if serial:
+                headers.append(("Auth-SSL-Serial", serial))
+            headers.append(("Auth-SSL-Fingerprint", hashlib.sha1(der).hexdigest()))
+            if getattr(conf, "auth_http_pass_client_cert", False):
+                headers.append(("Auth-SSL-Cert", ssl.DER_cert_to_PEM_cert(der)))
+    name = getattr(sock, "_mailproxy_sni", None)
+    if name:
+        headers.append(("Auth-SSL-Server-Name", name))
+    return headers
+
+
+_SHORT = {
+    "commonName": "CN", "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
+    "organizationName": "O", "organizationalUnitName": "OU", "streetAddress": "street",
+    "domainComponent": "DC", "userId": "UID", "givenName": "GN", "surname": "SN",
+}
+
+
+def rfc2253(name):
+    """Fallback formatter for getpeercert()'s name tuples (used only without _Native)."""
+    if not name:
+        return ""
+    out = []
+    for rdn in reversed(name):
+        out.append("+".join("%s=%s" % (_SHORT.get(k, k), _escape_dn(v)) for k, v in rdn))
+    return ",".join(out)
+
+
+def _escape_dn(value):
+    res = []
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;' or (i == 0 and ch in "# ") or (i == len(value) - 1 and ch == " "):
+            res.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            res.append("\\%02X" % ord(ch))
+        elif ord(ch) > 0x7F:
+            res.append("".join("\\%02X" % b for b in ch.encode("utf-8")))
+        else:
+            res.append(ch)
+    return "".join(res)
+
+
+def shutdown(sock):
+    """close_notify before closing a TLS connection we end (best effort, never blocks)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    try:
+        sock.setblocking(False)
+        sock.unwrap()
+    except (OSError, ValueError):
+        pass

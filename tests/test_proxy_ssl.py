@@ -1,0 +1,376 @@
+"""TLS to backends (issue 5): `proxy_ssl on|starttls`, verification, names, client
+certificates, and the auth service's per-user `Auth-SSL-Backend` header, for POP3, IMAP and SMTP.
+
+The proxy runs as a subprocess; the backends are scripted servers that speak TLS (implicit, or
+after STLS/STARTTLS) and record what they saw before and after the handshake.
+"""
+
+import base64
+import ssl
+import subprocess
+
+import pytest
+
+from harness import REPO, ScriptedBackend, auth_ok, proxy_command
+from test_relay_tls import make_certs
+
+INTERNAL = {
+    "pop3": b"-ERR internal server error\r\n",
+    "imap": b"* BAD internal server error\r\n",
+    "smtp": b"451 4.3.2 Internal server error\r\n",
+}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("proxy-ssl-certs"))
+
+
+def server_context(certs, require_client_cert=False):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certs["server"], certs["server_key"])
+    if require_client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(certs["ca"])
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------
+# a TLS-speaking backend for the three protocols
+
+class TlsBackend(ScriptedBackend):
+    """mode: 'on' (TLS from the first byte), 'starttls' (STLS / STARTTLS offered), 'off'.
+
+    conn.data: 'plain' = lines received before TLS, 'tls' = TLS version after the handshake,
+    'peer_cert' = the client certificate's subject (if any), 'login' = the login lines.
+    After the login every line is answered with `<echo> tls=<version>`.
+    """
+
+    def __init__(self, protocol, mode, ctx, refuse_starttls=False):
+        self.protocol, self.mode, self.ctx = protocol, mode, ctx
+        self.refuse_starttls = refuse_starttls
+        super().__init__(None)
+
+    def _tls(self, conn):
+        assert not conn._buf, "plaintext after the STARTTLS command"
+        conn.sock = self.ctx.wrap_socket(conn.sock, server_side=True)
+        conn.sock.settimeout(self.io_timeout)
+        conn.data["tls"] = conn.sock.version()
+        cert = conn.sock.getpeercert()
+        if cert:
+            conn.data["peer_cert"] = dict(x[0] for x in cert["subject"])["commonName"]
+
+    def handle(self, conn):
+        conn.data["plain"] = []
+        if self.mode == "on":
+            self._tls(conn)
+        getattr(self, "_" + self.protocol)(conn)
+
+    def _line(self, conn):
+        line = conn.readline()
+        if line is None:
+            raise EOFError
+        if "tls" not in conn.data:
+            conn.data["plain"].append(line)
+        return line
+
+    def _echo(self, conn, fmt):
+        while True:
+            try:
+                line = self._line(conn)
+            except EOFError:
+                return
+            conn.sendline(fmt % (line.rstrip(b"\r\n"), conn.data.get("tls", "none").encode()))
+
+    def _pop3(self, conn):
+        conn.sendline(b"+OK backend ready")
+        line = self._line(conn)
+        if line == b"STLS\r\n":
+            if self.refuse_starttls:
+                conn.sendline(b"-ERR no TLS here")
+                return
+            conn.sendline(b"+OK begin TLS")
+            self._tls(conn)
+            line = self._line(conn)
+        conn.data["login"] = [line]
+        conn.sendline(b"+OK")
+        conn.data["login"].append(self._line(conn))
+        conn.sendline(b"+OK logged in")
+        self._echo(conn, b"+OK echo %s tls=%s")
+
+    def _imap(self, conn):
+        conn.sendline(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] backend ready")
+        line = self._line(conn)
+        if line.endswith(b"STARTTLS\r\n"):
+            tag = line.split(b" ")[0]
+            if self.refuse_starttls:
+                conn.sendline(tag + b" BAD no TLS here")
+                return
+            conn.sendline(tag + b" OK Begin TLS negotiation now")
+            self._tls(conn)
+            line = self._line(conn)
+        tag = line.split(b" ")[0]
+        conn.data["login"] = [line]
+        conn.sendline(b"+ OK")
+        conn.data["login"].append(self._line(conn))            # alice {6}
+        conn.sendline(b"+ OK")
+        conn.data["login"].append(self._line(conn))
+        conn.sendline(tag + b" OK Logged in")
+        self._echo(conn, b"* echo %s tls=%s")
+
+    def _smtp(self, conn):
+        conn.sendline(b"220 backend.test ESMTP")
+        conn.data["login"] = []
+        while True:
+            try:
+                line = self._line(conn)
+            except EOFError:
+                return
+            verb = line.split(b" ")[0].rstrip(b"\r\n").upper()
+            if verb == b"EHLO":
+                conn.send(b"250-backend.test\r\n250-STARTTLS\r\n250 XCLIENT ADDR LOGIN NAME\r\n")
+            elif verb == b"HELO":
+                conn.sendline(b"250 backend.test")
+            elif verb == b"STARTTLS":
+                if self.refuse_starttls:
+                    conn.sendline(b"454 4.7.0 TLS not available")
+                    return
+                conn.sendline(b"220 2.0.0 Ready to start TLS")
+                self._tls(conn)
+            elif verb == b"XCLIENT":
+                conn.data["login"].append(line)
+                conn.sendline(b"220 backend.test ESMTP")
+            else:
+                conn.sendline(b"250 echo %s tls=%s" % (line.rstrip(b"\r\n"),
+                                                       conn.data.get("tls", "none").encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# clients
+
+def login(setup, protocol):
+    """Log in as alice/secret with a plain client; (client, reply to the login)."""
+    c = setup.connect()
+    if protocol == "pop3":
+        assert c.greeting.startswith(b"+OK")
+        assert c.cmd("USER alice") == b"+OK\r\n"
+        return c, c.cmd("PASS secret")
+    if protocol == "imap":
+        assert c.greeting.startswith(b"* OK")
+        return c, c.cmd("a1 LOGIN alice secret")
+    assert c.greeting.startswith(b"220")
+    c.sendline("EHLO client.test")
+    while True:
+        line = c.readline()
+        if not line.startswith(b"250-"):
+            break
+    plain = base64.b64encode(b"\0alice\0secret").decode()
+    return c, c.cmd("AUTH PLAIN " + plain)
+
+
+LOGGED_IN = {"pop3": b"+OK logged in\r\n", "imap": b"a1 OK Logged in\r\n",
+             "smtp": b"235 2.0.0 OK\r\n"}
+AFTER = {"pop3": ("STAT", b"+OK echo STAT tls=TLSv1.3\r\n"),
+         "imap": ("a2 NOOP", b"* echo a2 NOOP tls=TLSv1.3\r\n"),
+         "smtp": ("NOOP", b"250 echo NOOP tls=TLSv1.3\r\n")}
+
+
+def start(mail_setup, backend_factory, certs, protocol, mode, backend_ctx=None,
+          refuse_starttls=False, backend_mode=None, **directives):
+    be = backend_factory(TlsBackend, protocol, backend_mode or mode,
+                         backend_ctx or server_context(certs), refuse_starttls=refuse_starttls)
+    directives.setdefault("proxy_ssl_trusted_certificate", certs["ca"])
+    if mode is not None:
+        directives.setdefault("proxy_ssl", mode)
+    return be, mail_setup(protocol, be, **directives)
+
+
+PROTOCOLS = ["pop3", "imap", "smtp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# success
+
+@pytest.mark.parametrize("mode", ["on", "starttls"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_backend_tls_login_and_relay(mail_setup, backend_factory, certs, protocol, mode):
+    be, setup = start(mail_setup, backend_factory, certs, protocol, mode)
+    c, reply = login(setup, protocol)
+    assert reply == LOGGED_IN[protocol]
+    cmd, answer = AFTER[protocol]
+    assert c.cmd(cmd) == answer                  # relayed over the TLS backend connection
+    conn = be.wait_session()
+    assert conn.data["tls"] == "TLSv1.3"
+    plain = conn.data["plain"]
+    if mode == "on":
+        assert plain == []                       # not one byte in the clear
+    elif protocol == "pop3":
+        assert plain == [b"STLS\r\n"]
+    elif protocol == "imap":
+        assert plain == [b"mpTLS STARTTLS\r\n"]
+    else:
+        assert [p.split(b" ")[0].rstrip(b"\r\n") for p in plain] == [b"EHLO", b"STARTTLS"]
+    # the login itself went over TLS
+    if protocol == "pop3":
+        assert conn.data["login"] == [b"USER alice\r\n", b"PASS secret\r\n"]
+    elif protocol == "imap":
+        assert conn.data["login"][0].endswith(b"LOGIN {5}\r\n")
+        assert conn.data["login"][2] == b"secret\r\n"
+    else:
+        assert conn.data["login"][0].startswith(b"XCLIENT ADDR=127.0.0.1")
+    c.close()
+    setup.proxy.wait_log("proxied session done", timeout=5)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_verify_off_accepts_unknown_ca(mail_setup, backend_factory, certs, protocol):
+    be, setup = start(mail_setup, backend_factory, certs, protocol, "on",
+                      proxy_ssl_verify="off", proxy_ssl_trusted_certificate=certs["otherca"])
+    c, reply = login(setup, protocol)
+    assert reply == LOGGED_IN[protocol]
+    c.close()
+
+
+def test_proxy_ssl_name_checked(mail_setup, backend_factory, certs):
+    be, setup = start(mail_setup, backend_factory, certs, "pop3", "on",
+                      proxy_ssl_name="backend.test")
+    c, reply = login(setup, "pop3")
+    assert reply == LOGGED_IN["pop3"]
+    c.close()
+
+
+def test_client_certificate_to_backend(mail_setup, backend_factory, certs):
+    be, setup = start(mail_setup, backend_factory, certs, "imap", "on",
+                      backend_ctx=server_context(certs, require_client_cert=True),
+                      proxy_ssl_certificate=certs["client"],
+                      proxy_ssl_certificate_key=certs["client_key"])
+    c, reply = login(setup, "imap")
+    assert reply == LOGGED_IN["imap"]
+    assert be.wait_session().data["peer_cert"] == "client.test"
+    c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# failures: internal error to the client, an error line naming the TLS problem
+
+@pytest.mark.parametrize("mode", ["on", "starttls"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_wrong_ca_is_internal_error(mail_setup, backend_factory, certs, protocol, mode):
+    be, setup = start(mail_setup, backend_factory, certs, protocol, mode,
+                      proxy_ssl_trusted_certificate=certs["otherca"])
+    c, reply = login(setup, protocol)
+    assert reply == INTERNAL[protocol]
+    assert c.closed()
+    line = setup.proxy.wait_log("upstream SSL certificate verify error")
+    assert "[error]" in line
+    assert "while SSL handshaking to upstream" in line
+    assert 'login: "alice"' in line and "upstream: 127.0.0.1:%d" % be.port in line
+    assert "client logged in" not in setup.proxy.log_text()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_wrong_name_is_internal_error(mail_setup, backend_factory, certs, protocol):
+    be, setup = start(mail_setup, backend_factory, certs, protocol, "starttls",
+                      proxy_ssl_name="wrong.test")
+    c, reply = login(setup, protocol)
+    assert reply == INTERNAL[protocol]
+    line = setup.proxy.wait_log('upstream SSL certificate does not match "wrong.test"')
+    assert "[error]" in line and "while SSL handshaking to upstream" in line
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_backend_refuses_starttls(mail_setup, backend_factory, certs, protocol):
+    be, setup = start(mail_setup, backend_factory, certs, protocol, "starttls",
+                      refuse_starttls=True)
+    c, reply = login(setup, protocol)
+    assert reply == INTERNAL[protocol]
+    line = setup.proxy.wait_log("upstream refused STARTTLS")
+    assert "[error]" in line
+
+
+def test_plain_backend_with_proxy_ssl_on(mail_setup, backend_factory, certs):
+    """The backend does not speak TLS: the handshake fails, the client gets an internal error."""
+    be, setup = start(mail_setup, backend_factory, certs, "pop3", "on", backend_mode="off")
+    c, reply = login(setup, "pop3")
+    assert reply == INTERNAL["pop3"]
+    line = setup.proxy.wait_log("while SSL handshaking to upstream", timeout=5)
+    assert "[error]" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# the auth service decides per user: Auth-SSL-Backend
+
+@pytest.mark.parametrize("header,backend_mode,config_mode", [
+    ("on", "on", None),
+    ("starttls", "starttls", None),
+    ("off", "off", "on"),
+])
+def test_auth_ssl_backend_header(mail_setup, backend_factory, auth_server, certs, header,
+                                 backend_mode, config_mode):
+    be = backend_factory(TlsBackend, "pop3", backend_mode, server_context(certs))
+    directives = {"proxy_ssl_trusted_certificate": certs["ca"]}
+    if config_mode:
+        directives["proxy_ssl"] = config_mode
+    setup = mail_setup("pop3", be, **directives)
+    auth_server.set_respond(lambda req: auth_ok(be.port, extra=["Auth-SSL-Backend: " + header]))
+    c, reply = login(setup, "pop3")
+    assert reply == LOGGED_IN["pop3"]
+    conn = be.wait_session()
+    assert conn.data.get("tls", "none") == ("none" if header == "off" else "TLSv1.3")
+    c.close()
+
+
+def test_auth_ssl_backend_invalid_value(mail_setup, backend_factory, auth_server, certs):
+    be = backend_factory(TlsBackend, "pop3", "off", server_context(certs))
+    setup = mail_setup("pop3", be)
+    auth_server.set_respond(lambda req: auth_ok(be.port, extra=["Auth-SSL-Backend: maybe"]))
+    c, reply = login(setup, "pop3")
+    assert reply == INTERNAL["pop3"]
+    line = setup.proxy.wait_log('invalid "Auth-SSL-Backend" header: "maybe"')
+    assert "[error]" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+def _test_config(tmp_path, extra):
+    conf = tmp_path / "t.ini"
+    conf.write_text("[server p]\nlisten = 127.0.0.1:1\nprotocol = pop3\n"
+                    "proxy_pass = 127.0.0.1:2\nproxy_ssl = on\n" + extra)
+    return subprocess.run(proxy_command() + ["-t", "-c", str(conf)], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_config_certificate_without_key(tmp_path, certs):
+    r = _test_config(tmp_path, "proxy_ssl_certificate = %s\n" % certs["client"])
+    assert r.returncode == 1
+    assert 'no "proxy_ssl_certificate_key" is defined' in r.stderr
+    assert "t.ini:6" in r.stderr
+
+
+def test_config_missing_trusted_certificate(tmp_path):
+    r = _test_config(tmp_path, "proxy_ssl_trusted_certificate = %s\n"
+                     % (tmp_path / "nope.pem"))
+    assert r.returncode == 1
+    assert 'cannot load "proxy_ssl_trusted_certificate"' in r.stderr and "t.ini:6" in r.stderr
+
+
+def test_config_good(tmp_path, certs):
+    r = _test_config(tmp_path, "proxy_ssl_trusted_certificate = %s\nproxy_ssl_certificate = %s\n"
+                     "proxy_ssl_certificate_key = %s\n"
+                     % (certs["ca"], certs["client"], certs["client_key"]))
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("value,expect", [("on", "on"), ("OFF", "off"), ("starttls", "starttls"),
+                                          (None, None)])
+def test_auth_ssl_backend_parsed(value, expect):
+    from types import SimpleNamespace
+
+    from mailproxy import auth_http
+    req = SimpleNamespace(protocol="pop3", method="plain")
+    head = b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 110\r\n"
+    if value is not None:
+        head += b"Auth-SSL-Backend: %s\r\n" % value.encode()
+    res = auth_http.parse_response(head + b"\r\n", req, "127.0.0.1:9000")
+    assert res.status == "OK" and res.ssl_backend == expect

@@ -1,0 +1,386 @@
+"""PROXY protocol from a load balancer (`listen ... proxy_protocol`) and `set_real_ip_from`
+(reference section 10): the parser on its own, then end to end for POP3, IMAP and SMTP."""
+
+import base64
+import re
+import socket
+import ssl
+import struct
+import time
+
+import pytest
+
+from harness import LineClient, Pop3Backend, free_port, server_block
+from test_imap import ImapBackend
+from test_smtp import SmtpBackend
+
+from mailproxy import realip
+from mailproxy.backend import proxy_v2_header
+
+SIG = realip.V2_SIGNATURE
+
+
+def v2(command=0x21, fam=0x11, body=b"", length=None):
+    return SIG + bytes([command, fam]) + struct.pack("!H", len(body) if length is None
+                                                     else length) + body
+
+
+def tlv(t, value):
+    return struct.pack("!BH", t, len(value)) + value
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser
+
+@pytest.mark.parametrize("data,size,addrs", [
+    (b"PROXY TCP4 203.0.113.7 198.51.100.2 40000 25\r\nEHLO x\r\n", 46,
+     ("203.0.113.7", 40000, "198.51.100.2", 25)),
+    (b"PROXY TCP6 2001:DB8::1 2001:db8::2 1 65535\r\n", 44, ("2001:DB8::1", 1, "2001:db8::2", 65535)),
+    (b"PROXY UNKNOWN\r\n", 15, None),
+    (b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\nA", 59, None),
+    (proxy_v2_header("203.0.113.7", 40000, "198.51.100.2", 143) + b"a1 NOOP\r\n", 28,
+     ("203.0.113.7", 40000, "198.51.100.2", 143)),
+    (proxy_v2_header("2001:db8::1", 5, "::ffff:10.0.0.1", 6), 52,
+     ("2001:db8::1", 5, "::ffff:10.0.0.1", 6)),
+    # TLVs (ALPN, authority, SSL) are skipped: they are inside the header length
+    (v2(body=bytes([203, 0, 113, 7, 10, 0, 0, 1]) + struct.pack("!HH", 7, 8)
+        + tlv(1, b"imap") + tlv(2, b"mail.example") + tlv(0x20, b"\x01\x00\x00\x00\x00"))
+     + b"rest", 16 + 12 + 7 + 15 + 8, ("203.0.113.7", 7, "10.0.0.1", 8)),
+    (v2(command=0x20, fam=0x00), 16, None),                       # LOCAL (health check)
+    (v2(command=0x20, fam=0x11, body=b"\0" * 12), 28, None),      # LOCAL with addresses
+    (v2(fam=0x00, body=b"xx"), 18, None),                         # UNSPEC
+    (v2(fam=0x31, body=b"\0" * 216), 232, None),                  # AF_UNIX
+    (v2(fam=0x12, body=b"\0" * 12), 28, None),                    # DGRAM
+])
+def test_parse_good(data, size, addrs):
+    assert realip.parse(data) == (size, addrs)
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"GET / HTTP/1.0\r\n", 'broken header: "GET / HTTP/1.0"'),
+    (b"PROXY TCP4 1.2.3.4\r\n", 'broken header: "PROXY TCP4 1.2.3.4"'),
+    (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", 'broken header: "PROXY TCP5 1.2.3.4 5.6.7.8 1 2"'),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 70000 2\r\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 70000 2"'),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 2"'),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 2"'),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 x\r\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 x"'),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \r\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 "'),
+    (b"PROXY TCP4 host.example 5.6.7.8 1 2\r\n", 'broken header: "PROXY TCP4 host.example'),
+    (b"PROXY UNKNOWN", 'broken header: "PROXY UNKNOWN"'),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 2"'),
+    (b"PROX", 'broken header: "PROX"'),
+    (b"PROXY TCP4 \x01\x02 5.6.7.8 1 2\r\n", 'broken header: "PROXY TCP4 \\x01\\x02 5.6.7.8 1 2"'),
+    (v2(command=0x31), "unknown PROXY protocol version: 3"),
+    (v2(body=b"\0" * 12, length=100), "header is too large"),
+    (v2(fam=0x11, body=b"\0" * 8), 'broken header: "'),          # addresses cut short
+    (v2(fam=0x21, body=b"\0" * 30), 'broken header: "'),
+    (SIG[:10], 'broken header: "'),                               # too short for v2 or v1
+])
+def test_parse_broken(data, message):
+    with pytest.raises(realip.BrokenHeader) as e:
+        realip.parse(data)
+    assert str(e.value).startswith(message)
+
+
+class _Conf:
+    def __init__(self, entries):
+        self.set_real_ip_from = entries
+
+
+@pytest.mark.parametrize("entries,peer,family,expect", [
+    (["127.0.0.1"], "127.0.0.1", socket.AF_INET, True),
+    (["127.0.0.1"], "127.0.0.2", socket.AF_INET, False),
+    (["10.0.0.0/8"], "10.200.1.1", socket.AF_INET, True),
+    (["10.0.0.0/8"], "::ffff:10.1.1.1", socket.AF_INET6, True),     # v4-mapped peer
+    (["2001:db8::/32"], "2001:db8::5", socket.AF_INET6, True),
+    (["2001:db8::/32"], "10.0.0.1", socket.AF_INET, False),
+    (["unix:"], None, socket.AF_UNIX, True),
+    (["127.0.0.1"], None, socket.AF_UNIX, False),
+    (["unix:"], "127.0.0.1", socket.AF_INET, False),
+])
+def test_trusted(entries, peer, family, expect):
+    assert realip.trusted(_Conf(entries), peer, family) is expect
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+HDR_V1 = b"PROXY TCP4 203.0.113.7 198.51.100.2 40000 25\r\n"
+HDR_V2 = proxy_v2_header("203.0.113.7", 40000, "198.51.100.2", 25,
+                         tlvs=[(1, b"smtp"), (2, b"mx.example")])
+
+
+@pytest.fixture
+def pp_setup(proxy_factory, auth_server, backend_factory):
+    """start(protocol, trusted=True, listen_extra='proxy_protocol', **directives) ->
+    (proxy, port, backend)."""
+    def start(protocol, trusted=True, listen_extra="proxy_protocol", backend=None, **directives):
+        if backend is None:
+            backend = backend_factory({"pop3": Pop3Backend, "imap": ImapBackend,
+                                       "smtp": SmtpBackend}[protocol])
+        port = free_port()
+        auth_server.route_to(backend.port)
+        directives.setdefault("auth_http", auth_server.url)
+        directives.setdefault("timeout", "2s")
+        directives.setdefault("set_real_ip_from", ["192.0.2.0/24", "127.0.0.1"] if trusted
+                              else ["10.0.0.0/8", "::1"])
+        block = server_block(protocol, port, **directives)
+        block["listen"] = "127.0.0.1:%d %s" % (port, listen_extra)
+        proxy = proxy_factory({"servers": {protocol: block}})
+        return proxy, port, backend
+    return start
+
+
+def connect(port, first=b""):
+    c = LineClient("127.0.0.1", port)
+    if first:
+        c.send(first)
+    return c
+
+
+def login(c, protocol):
+    """Log in (the greeting is read here); returns the reply to the login."""
+    greeting = c.readline()
+    if protocol == "pop3":
+        assert greeting.startswith(b"+OK")
+        assert c.cmd("USER alice") == b"+OK\r\n"
+        return c.cmd("PASS secret")
+    if protocol == "imap":
+        assert greeting.startswith(b"* OK")
+        return c.cmd("a1 LOGIN alice secret")
+    assert greeting.startswith(b"220")
+    c.sendline("EHLO client.test")
+    while c.readline().startswith(b"250-"):
+        pass
+    return c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0secret").decode())
+
+
+LOGGED_IN = {"pop3": b"+OK logged in\r\n", "imap": b"a1 OK",
+             "smtp": b"235 2.0.0 OK\r\n"}
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+@pytest.mark.parametrize("header", [HDR_V1, HDR_V2], ids=["v1", "v2"])
+@pytest.mark.parametrize("protocol", ["pop3", "imap", "smtp"])
+def test_proxy_header_and_realip(pp_setup, auth_server, protocol, header, trusted):
+    proxy, port, backend = pp_setup(protocol, trusted=trusted)
+    c = connect(port, header)
+    local_port = c.sock.getsockname()[1]
+    reply = login(c, protocol)
+    assert reply.startswith(LOGGED_IN[protocol]), reply
+    (req,) = auth_server.wait_requests(1)
+    client_ip = "203.0.113.7" if trusted else "127.0.0.1"
+    assert req.header("Client-IP") == client_ip
+    # the header's addresses go to the auth service whether trusted or not
+    assert req.header("Proxy-Protocol-Addr") == "203.0.113.7"
+    assert req.header("Proxy-Protocol-Port") == "40000"
+    assert req.header("Proxy-Protocol-Server-Addr") == "198.51.100.2"
+    assert req.header("Proxy-Protocol-Server-Port") == "25"
+    names = req.header_names()
+    assert names.index("Client-IP") < names.index("Proxy-Protocol-Addr")
+    if protocol == "smtp":
+        conn = backend.wait_session()
+        xclient = [ln for ln in conn.wait_lines(3) if ln.startswith(b"XCLIENT")]
+        assert xclient and xclient[0].startswith(b"XCLIENT ADDR=%s " % client_ip.encode())
+    # the connected line shows the real TCP peer; later lines the (maybe substituted) client
+    connected = proxy.wait_log("connected to")
+    assert "client 127.0.0.1:%d connected to 127.0.0.1:%d" % (local_port, port) in connected
+    logged_in = proxy.wait_log("client logged in")
+    assert "client: %s, server: 127.0.0.1:%d" % (client_ip, port) in logged_in
+    c.close()
+    done = proxy.wait_log("proxied session done", timeout=5)
+    assert "client: %s," % client_ip in done
+    assert "[error]" not in proxy.log_text()
+
+
+def test_realip_ipv6_source_and_outgoing_proxy_header(pp_setup, auth_server, backend_factory):
+    backend = backend_factory(Pop3Backend, proxy_protocol=True)
+    proxy, port, _ = pp_setup("pop3", backend=backend, proxy_protocol="on")
+    c = connect(port, b"PROXY TCP6 2001:DB8::1 2001:db8::2 5555 110\r\n")
+    assert login(c, "pop3") == LOGGED_IN["pop3"]
+    (req,) = auth_server.wait_requests(1)
+    assert req.header("Client-IP") == "2001:db8::1"
+    assert req.header("Proxy-Protocol-Addr") == "2001:DB8::1"     # as received
+    conn = backend.wait_session()
+    # the PROXY header to the backend carries the real client (and our listening side)
+    assert conn.proxy_header == b"PROXY TCP6 2001:db8::1 ::ffff:127.0.0.1 5555 %d\r\n" % port
+    c.close()
+
+
+def test_untrusted_peer_keeps_its_address_in_outgoing_header(pp_setup, backend_factory):
+    backend = backend_factory(Pop3Backend, proxy_protocol=True)
+    proxy, port, _ = pp_setup("pop3", trusted=False, backend=backend, proxy_protocol="on")
+    c = connect(port, HDR_V1)
+    local_port = c.sock.getsockname()[1]
+    assert login(c, "pop3") == LOGGED_IN["pop3"]
+    conn = backend.wait_session()
+    assert conn.proxy_header == b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (local_port, port)
+    c.close()
+
+
+def test_no_set_real_ip_from_never_substitutes(pp_setup, auth_server):
+    proxy, port, _ = pp_setup("pop3", set_real_ip_from=None)
+    c = connect(port, HDR_V1)
+    assert login(c, "pop3") == LOGGED_IN["pop3"]
+    (req,) = auth_server.wait_requests(1)
+    assert req.header("Client-IP") == "127.0.0.1"
+    assert req.header("Proxy-Protocol-Addr") == "203.0.113.7"
+    c.close()
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY UNKNOWN\r\n",
+    b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+    v2(command=0x20, fam=0x00),
+    v2(fam=0x00, body=b"abc"),
+    v2(fam=0x31, body=b"/tmp/a".ljust(108, b"\0") + b"/tmp/b".ljust(108, b"\0")),
+], ids=["v1-unknown", "v1-unknown-long", "v2-local", "v2-unspec", "v2-unix"])
+def test_headers_without_addresses(pp_setup, auth_server, header):
+    proxy, port, _ = pp_setup("imap")
+    c = connect(port, header)
+    assert login(c, "imap").startswith(LOGGED_IN["imap"])
+    (req,) = auth_server.wait_requests(1)
+    assert req.header("Client-IP") == "127.0.0.1"
+    assert "Proxy-Protocol-Addr" not in req.header_names()
+    c.close()
+
+
+@pytest.mark.parametrize("protocol,first,reply", [
+    ("pop3", b"USER alice\r\n", b"+OK\r\n"),
+    ("imap", b"a0 CAPABILITY\r\n", b"* CAPABILITY"),
+    ("smtp", b"HELO client.test\r\n", b"250 "),
+])
+@pytest.mark.parametrize("header", [HDR_V1, HDR_V2], ids=["v1", "v2"])
+def test_header_and_first_command_in_one_packet(pp_setup, protocol, first, reply, header):
+    proxy, port, _ = pp_setup(protocol)
+    c = connect(port, header + first)            # one send: one segment on loopback
+    greeting = c.readline()
+    assert greeting.startswith({"pop3": b"+OK", "imap": b"* OK", "smtp": b"220"}[protocol])
+    assert c.readline().startswith(reply)        # the command after the header was executed
+    c.close()
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "imap", "smtp"])
+@pytest.mark.parametrize("data,logged", [
+    (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", 'broken header: "GET / HTTP/1.0"'),
+    (b"PROXY TCP4 203.0.113.7 198.51.100.2 40000\r\n",
+     'broken header: "PROXY TCP4 203.0.113.7 198.51.100.2 40000"'),
+    (b"PROXY TCP4 203.0.113.7 198.51.100.2 40000 99999\r\nUSER a\r\n",
+     'broken header: "PROXY TCP4 203.0.113.7 198.51.100.2 40000 99999"'),
+    (v2(command=0x11, body=b"\0" * 12), "unknown PROXY protocol version: 1"),
+    (v2(body=b"\0" * 12, length=300), "header is too large"),
+], ids=["http", "v1-short", "v1-port", "v2-version", "v2-length"])
+def test_malformed_header_closes_silently(pp_setup, auth_server, protocol, data, logged):
+    proxy, port, _ = pp_setup(protocol)
+    c = connect(port, data)
+    assert c.read_until_closed(timeout=3) == b""     # not a byte, not even the greeting
+    line = proxy.wait_log(logged)
+    assert "[error]" in line
+    assert re.search(r"while reading PROXY protocol, client: 127\.0\.0\.1, server: "
+                     r"127\.0\.0\.1:%d$" % port, line), line
+    assert auth_server.requests == []
+    c.close()
+
+
+def test_timeout_waiting_for_header(pp_setup):
+    proxy, port, _ = pp_setup("smtp", timeout="1s")
+    c = connect(port)
+    t0 = time.monotonic()
+    assert c.read_until_closed(timeout=4) == b""     # no greeting before the header
+    assert 0.8 <= time.monotonic() - t0 < 2.5
+    line = proxy.wait_log("client timed out")
+    assert "client timed out (110: Connection timed out) while reading PROXY protocol, " \
+           "client: 127.0.0.1" in line
+    c.close()
+
+
+def test_close_before_header(pp_setup):
+    proxy, port, _ = pp_setup("pop3")
+    c = connect(port)
+    c.close()
+    line = proxy.wait_log("client closed connection while reading PROXY protocol")
+    assert "[info]" in line
+
+
+def test_listener_without_proxy_protocol_treats_header_as_command(pp_setup):
+    proxy, port, _ = pp_setup("pop3", listen_extra="")
+    c = connect(port)
+    assert c.readline().startswith(b"+OK")
+    c.send(HDR_V1)
+    assert c.readline().startswith(b"-ERR")
+
+
+# ---------------------------------------------------------------------------------------------
+# before the TLS handshake of an ssl listener, ClientHello in the same packet
+
+def _tls_client_hello_with_header(sock, header, ctx):
+    """Handshake over `sock` with an SSLObject, sending `header` + ClientHello in one send.
+    Returns (sslobj, read(), write()) helpers."""
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    sock.sendall(header + out.read())             # PROXY header and ClientHello together
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pending = out.read()
+            if pending:
+                sock.sendall(pending)
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed during handshake")
+            inc.write(data)
+    pending = out.read()
+    if pending:
+        sock.sendall(pending)
+
+    def read():
+        while True:
+            try:
+                return obj.read(65536)
+            except ssl.SSLWantReadError:
+                pending = out.read()
+                if pending:
+                    sock.sendall(pending)
+                data = sock.recv(65536)
+                if not data:
+                    return b""
+                inc.write(data)
+
+    def write(data):
+        obj.write(data)
+        sock.sendall(out.read())
+
+    return obj, read, write
+
+
+@pytest.mark.parametrize("header", [HDR_V1, HDR_V2], ids=["v1", "v2"])
+def test_proxy_header_before_implicit_tls(pp_setup, auth_server, tmp_path_factory, header):
+    from test_relay_tls import make_certs
+    certs = make_certs(tmp_path_factory.mktemp("realip-certs"))
+    proxy, port, _ = pp_setup("pop3", listen_extra="ssl proxy_protocol",
+                              ssl_certificate=certs["server"],
+                              ssl_certificate_key=certs["server_key"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(certs["ca"])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        obj, read, write = _tls_client_hello_with_header(sock, header, ctx)
+        buf = b""
+        while b"\r\n" not in buf:
+            buf += read()
+        assert buf.startswith(b"+OK")
+        write(b"USER alice\r\n")
+        assert read() == b"+OK\r\n"
+        write(b"PASS secret\r\n")
+        assert read() == b"+OK logged in\r\n"
+    finally:
+        sock.close()
+    (req,) = auth_server.wait_requests(1)
+    assert req.header("Client-IP") == "203.0.113.7"
+    assert req.header("Proxy-Protocol-Port") == "40000"
