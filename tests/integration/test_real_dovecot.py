@@ -39,6 +39,8 @@ def dovecot_responder(ports):
         user = _unescape(req.header("Auth-User", ""))
         given = _unescape(req.header("Auth-Pass", ""))
         salt = req.header("Auth-Salt", "")
+        if method == "none":            # SMTP without authentication (smtp_auth none)
+            return auth_ok(ports[proto])
         real = USERS.get(user)
         if real is None:
             return auth_fail("Invalid login or password", wait=0)
