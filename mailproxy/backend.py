@@ -314,7 +314,6 @@ class BackendTLSConfigError(Exception):
 def _ssl_text(exc):
     if isinstance(exc, ssl.SSLError):
         reason = getattr(exc, 'reason', None)
-        lib = getattr(exc, 'library', None)
         text = getattr(exc, 'strerror', None) or str(exc)
         if reason:
             return 'SSL: %s' % (reason.lower().replace('_', ' '),)

@@ -428,7 +428,7 @@ class Master:
 
     def _exited(self, pid, status):
         current = pid in self.workers
-        started = self.workers.pop(pid, None)
+        self.workers.pop(pid, None)
         self.old_workers.discard(pid)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)

@@ -1,7 +1,7 @@
 """POP3: the client side before login and the backend login (reference sections 5 and 11.4)."""
 
 from . import sasl
-from .session import BackendRejected, Session
+from .session import BackendRejected, Session, strip_eol
 
 OK = b"+OK\r\n"
 INVALID = b"-ERR invalid command\r\n"
@@ -17,17 +17,6 @@ class Invalid(Exception):
 
 class Answered(Exception):
     """The command ended with a reply already sent (e.g. a bad SASL response line)."""
-
-
-def strip_eol(line):
-    """The line without its CRLF/LF, or None when a CR stands anywhere else (a parser error)."""
-    if line.endswith(b"\r\n"):
-        line = line[:-2]
-    elif line.endswith(b"\n"):
-        line = line[:-1]
-    if b"\r" in line:
-        return None
-    return line
 
 
 def parse_command(line):

@@ -368,7 +368,7 @@ class Relay:
                     self._service_ready(now)
                 if heap and heap[0][0] <= now:
                     self._expire(now)
-            except Exception as exc:  # the loop itself must survive
+            except Exception:  # the loop itself must survive
                 self._note('alert', 'relay loop: %s' % (traceback.format_exc(),))
                 time.sleep(0.01)
         # stopping: whatever is still queued or open ends with 'shutdown'

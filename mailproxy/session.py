@@ -12,12 +12,23 @@ Control flow is plain blocking code in the listener's handler thread; `Close` un
 import errno as errno_mod
 import os
 import socket
-import time
 
 from . import auth_http, backend
 from . import tls                   # TLS (issue 5)
 from . import realip                # PROXY protocol in (issue 5)
 from .log import sanitize
+
+
+def strip_eol(line):
+    """A command line without its LF or CRLF, or None when a CR stands anywhere else.
+
+    nginx's parsers take a bare LF as the end of a line and a CR only right before it.
+    """
+    if line.endswith(b"\n"):
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    if b"\r" in line:
+        return None
+    return line
 
 
 def safe_credential(value):
@@ -355,7 +366,7 @@ class Session:
             if res.status != "OK":
                 self.info('client login failed: "%s"' % sanitize(res.message))
                 if res.wait:
-                    time.sleep(res.wait)
+                    self.rt.shutting_down.wait(res.wait)
                     self.send(self.auth_failed_reply(res))
                     self.login = self.passwd = None
                     self.after_auth_wait()

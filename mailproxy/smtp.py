@@ -16,7 +16,7 @@ import base64
 
 from . import backend, resolver, sasl
 from .log import sanitize
-from .session import BackendRejected, Close, Session
+from .session import BackendRejected, Close, Session, strip_eol
 
 CRLF = b"\r\n"
 
@@ -63,17 +63,6 @@ class Command:
         return "Command(%r, %r, %r)" % (self.verb, self.args, self.text)
 
 
-def _content(line):
-    """The line without its LF / CRLF, or None when a CR stands anywhere but before the LF."""
-    if line.endswith(b"\n"):
-        line = line[:-1]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-    if b"\r" in line:
-        return None
-    return line
-
-
 def _split_args(rest):
     """Space-separated arguments (only the space separates; tabs belong to an argument)."""
     return [a for a in rest.split(b" ") if a]
@@ -85,7 +74,7 @@ def parse_command(line):
     The command word is four letters (HELO EHLO AUTH QUIT NOOP MAIL RSET RCPT VRFY EXPN HELP)
     or STARTTLS, case-insensitive, ended by a space or the line end; at most eleven arguments.
     """
-    content = _content(line)
+    content = strip_eol(line)
     if content is None:
         return None
     word, _sep, rest = content.partition(b" ")
@@ -107,7 +96,7 @@ def parse_sasl_response(line):
     nginx reads this line as bare arguments: the first one is the response (possibly empty),
     later ones are ignored (but there may be no more than eleven).
     """
-    content = _content(line)
+    content = strip_eol(line)
     if content is None:
         return None
     first, _sep, rest = content.partition(b" ")
