@@ -1440,3 +1440,10 @@ def _check_server(s, own, seen_listen):
                               '"auth_http" or remove %s' % (key, " ".join(bad), " and ".join(bad),
                                                             " and ".join(bad)),
                               path, s.where(key)[1] or s.where("proxy_pass")[1], key)
+        if s.protocol == "smtp" and not s.proxy_smtp_auth:
+            # AUTH PLAIN/LOGIN are always accepted; without an auth service only the backend
+            # can check the password, so it must get it (else XCLIENT LOGIN= would vouch for
+            # an unchecked user).
+            raise ConfigError('"proxy_pass" in an SMTP server needs "proxy_smtp_auth on": '
+                              "without an auth service the backend must check the password",
+                              path, s.where("proxy_pass")[1], "proxy_pass")

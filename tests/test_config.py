@@ -414,7 +414,8 @@ def test_protocol_guessed_from_later_listen(tmp_path):
 @pytest.mark.parametrize("port,proto", [(143, "imap"), (993, "imap"), (25, "smtp"),
                                         (465, "smtp"), (587, "smtp")])
 def test_protocol_guessed(tmp_path, port, proto):
-    text = server(protocol=None, listen="127.0.0.1:%d" % port)
+    text = server(protocol=None, listen="127.0.0.1:%d" % port,
+                  proxy_smtp_auth="on" if proto == "smtp" else None)
     if proto in config.IMPLEMENTED_PROTOCOLS:
         cfg = load(tmp_path, text)
         assert cfg.servers[0].protocol == proto
@@ -428,7 +429,8 @@ def test_protocol_guessed(tmp_path, port, proto):
 @pytest.mark.parametrize("proto", ["imap", "smtp"])
 def test_protocol_explicit(tmp_path, proto):
     if proto in config.IMPLEMENTED_PROTOCOLS:
-        assert load(tmp_path, server(protocol=proto)).servers[0].protocol == proto
+        text = server(protocol=proto, proxy_smtp_auth="on" if proto == "smtp" else None)
+        assert load(tmp_path, text).servers[0].protocol == proto
         return
     err = error(tmp_path, server(protocol=proto))
     assert err.message == 'protocol "%s" is not supported yet' % proto and err.line == 3
@@ -812,10 +814,14 @@ def test_sample_config_loads():
     cfg = config.load(path)
     assert cfg.main.pid == "/tmp/mailproxy.pid"
     assert [(t.kind, t.level) for t in cfg.main.error_log] == [("stderr", "info")]
-    (s,) = cfg.servers
-    assert s.name == "pop3" and s.protocol == "pop3"
-    assert [(li.host, li.port) for li in s.listen] == [("127.0.0.1", 1110)]
-    assert s.proxy_pass == ("127.0.0.1", 110) and s.auth_http is None
+    routes = [(s.name, s.protocol, [(li.host, li.port) for li in s.listen], s.proxy_pass,
+               s.auth_http) for s in cfg.servers]
+    assert routes == [
+        ("pop3", "pop3", [("127.0.0.1", 1110)], ("127.0.0.1", 110), None),
+        ("imap", "imap", [("127.0.0.1", 1143)], ("127.0.0.1", 143), None),
+        ("submission", "smtp", [("127.0.0.1", 1587)], ("127.0.0.1", 25), None)]
+    # with proxy_pass an SMTP backend must get the password to decide
+    assert cfg.servers[2].proxy_smtp_auth is True
 
 
 def test_sample_config_documents_every_directive():
@@ -828,3 +834,13 @@ def test_sample_config_documents_every_directive():
     for name, d in config.DIRECTIVES.items():
         if not d.implemented:
             assert not re.search(r"^%s =" % name, text, re.M), name
+
+
+def test_smtp_proxy_pass_needs_proxy_smtp_auth(tmp_path):
+    """Without an auth service, only the backend can check an SMTP password: it must get it."""
+    text = ("[server sub]\nlisten = 127.0.0.1:1587\nprotocol = smtp\n"
+            "proxy_pass = 127.0.0.1:25\n")
+    err = error(tmp_path, text)
+    assert "proxy_smtp_auth on" in err.message and err.line == 4 and err.key == "proxy_pass"
+    cfg = load(tmp_path, text + "proxy_smtp_auth = on\n")
+    assert cfg.servers[0].proxy_smtp_auth is True

@@ -828,7 +828,21 @@ def test_backend_unreachable(setup):
 
 
 def test_static_proxy_pass(setup, smtp_backend):
-    s = setup(auth=False, proxy_pass="127.0.0.1:%d" % smtp_backend.port)
+    """proxy_pass (with the proxy_smtp_auth it requires): the backend checks the password."""
+    s = setup(auth=False, proxy_pass="127.0.0.1:%d" % smtp_backend.port, proxy_smtp_auth=True)
     c = raw(s)
     assert c.cmd("AUTH PLAIN " + b64("\0alice\0pw")) == b"235 2.0.0 OK\r\n"
-    assert backend_lines(s, 2)[1] == "XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]"
+    lines = backend_lines(s, 3)
+    assert lines[1] == "XCLIENT ADDR=127.0.0.1 NAME=[UNAVAILABLE]"    # no LOGIN= vouched for
+    assert lines[2] == "AUTH PLAIN " + b64("\0alice\0pw")
+
+
+def test_static_proxy_pass_backend_refuses(setup, backend_factory):
+    """A refused AUTH reaches the client as an ordinary authentication failure."""
+    be = backend_factory(SmtpBackend, replies={b"AUTH": "535 5.7.8 Error: authentication failed"})
+    s = setup(backend=be, auth=False, proxy_pass="127.0.0.1:%d" % be.port, proxy_smtp_auth=True)
+    c = raw(s)
+    assert c.cmd("AUTH PLAIN " + b64("\0alice\0bad")) == \
+        b"535 5.7.8 Error: authentication failed\r\n"
+    assert c.closed()
+    s.proxy.wait_log('client login failed: "535 5.7.8 Error: authentication failed"')
