@@ -13,6 +13,7 @@ import socket
 import pytest
 
 import realservers
+from certs import pki  # noqa: F401  (session-scoped test PKI, for Dovecot's certificate)
 from realservers import CLIENT_IP, USERS, Dovecot, Postfix, TempDir, need
 
 
@@ -31,10 +32,11 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session")
-def dovecot():
-    need("dovecot")
+def dovecot(request):
+    need("dovecot", "openssl")
+    pki = request.getfixturevalue("pki")       # tests/certs.py: Dovecot offers TLS too
     tmp = TempDir("mailproxy-dovecot-")
-    d = Dovecot(tmp.path, USERS)
+    d = Dovecot(tmp.path, USERS, cert=pki.server_rsa)
     yield d
     d.stop()
     tmp.cleanup()

@@ -12,6 +12,7 @@ ports, as a child of the test process, and stopped by pid.
   versions()                 {program: version string} of what is installed
 """
 
+import contextlib
 import os
 import pwd
 import re
@@ -42,6 +43,7 @@ PROGRAMS = {
     "nginx": "/usr/sbin/nginx",
     "swaks": "/usr/bin/swaks",
     "curl": "/usr/bin/curl",
+    "openssl": "/usr/bin/openssl",
 }
 NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
@@ -159,6 +161,15 @@ class Child:
                                      stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
+    @contextlib.contextmanager
+    def _stopped_on_error(self):
+        """Stop what was spawned if the start-up check fails (nothing is left running)."""
+        try:
+            yield
+        except BaseException:
+            self.stop()
+            raise
+
     def stop_pid(self):
         return self.proc.pid
 
@@ -191,10 +202,28 @@ class Dovecot(Child):
     Postfix SASL at dir/auth-client. Trusts 127.0.0.0/8 for ID (login_trusted_networks) and
     PROXY headers (haproxy_trusted_networks)."""
 
-    def __init__(self, tmp, users):
+    def __init__(self, tmp, users, cert=None):
+        """cert: (certificate, key) files to offer TLS (STARTTLS on the plain listeners, plus
+        implicit-TLS imaps / pop3s listeners); None: ssl = no."""
         self.dir = Path(tmp)
         self.users = dict(users)
-        self.ports = {k: free_port() for k in ("imap", "imap_haproxy", "pop3", "pop3_haproxy")}
+        names = ["imap", "imap_haproxy", "pop3", "pop3_haproxy"]
+        if cert:
+            names += ["imaps", "pop3s"]
+        self.ports = {k: free_port() for k in names}
+        ports = set()
+        for k in names:                     # distinct (free_port may hand one out twice)
+            while self.ports[k] in ports:
+                self.ports[k] = free_port()
+            ports.add(self.ports[k])
+        if cert:
+            ssl = f"ssl = yes\nssl_cert = <{cert[0]}\nssl_key = <{cert[1]}\n"
+            imaps = (f"  inet_listener imaps {{\n    port = {self.ports['imaps']}\n"
+                     f"    ssl = yes\n  }}\n")
+            pop3s = (f"  inet_listener pop3s {{\n    port = {self.ports['pop3s']}\n"
+                     f"    ssl = yes\n  }}\n")
+        else:
+            ssl, imaps, pop3s = "ssl = no\n", "", ""
         self.log_path = self.dir / "dovecot.log"
         self.auth_socket = self.dir / "auth-client"
         nobody = pwd.getpwnam("nobody")
@@ -210,8 +239,7 @@ state_dir = {self.dir}/state
 log_path = {self.log_path}
 protocols = imap pop3
 listen = {LOOPBACK}
-ssl = no
-disable_plaintext_auth = no
+{ssl}disable_plaintext_auth = no
 auth_mechanisms = plain login cram-md5
 auth_verbose = yes
 login_trusted_networks = 127.0.0.0/8
@@ -234,7 +262,7 @@ service imap-login {{
     port = {self.ports['imap_haproxy']}
     haproxy = yes
   }}
-}}
+{imaps}}}
 service pop3-login {{
   inet_listener pop3 {{
     port = {self.ports['pop3']}
@@ -243,7 +271,7 @@ service pop3-login {{
     port = {self.ports['pop3_haproxy']}
     haproxy = yes
   }}
-}}
+{pop3s}}}
 service auth {{
   unix_listener {self.auth_socket} {{
     mode = 0666
@@ -254,9 +282,10 @@ service auth {{
         self.conf_path.write_text(conf)
         self.log = LogWatch(self.log_path)
         self._spawn([program("dovecot"), "-F", "-c", str(self.conf_path)], self.dir, "dovecot.out")
-        for name in ("imap", "pop3"):
-            wait_port(LOOPBACK, self.ports[name], proc=self.proc, what="dovecot " + name,
-                      log=self.out_path)
+        with self._stopped_on_error():
+            for name in ("imap", "pop3"):
+                wait_port(LOOPBACK, self.ports[name], proc=self.proc, what="dovecot " + name,
+                          log=self.out_path)
 
     def version(self):
         return subprocess.run([program("dovecot"), "--version"], capture_output=True,
@@ -352,7 +381,9 @@ biff = no
         subprocess.run([program("postfix"), "-c", str(etc), "check"], check=True,
                        capture_output=True, stdin=subprocess.DEVNULL)
         self._spawn([program("postfix"), "-c", str(etc), "start-fg"], self.dir, "postfix.out")
-        wait_port(LOOPBACK, self.port, proc=self.proc, what="postfix smtpd", log=self.maillog)
+        with self._stopped_on_error():
+            wait_port(LOOPBACK, self.port, proc=self.proc, what="postfix smtpd",
+                      log=self.maillog)
 
     def stop_pid(self):
         # start-fg keeps postfix-script (a shell) in front of the master: stop the master
@@ -370,6 +401,26 @@ biff = no
             time.sleep(0.05)
         raise AssertionError(f"nothing delivered to {mailbox} within {timeout}s\n"
                              + tail_of(self.maillog))
+
+    def wait_message(self, mailbox, token, timeout=10.0):
+        """The delivered message of `mailbox` that holds `token` (bytes, as stored: LF line
+        ends), waiting for it."""
+        token = token.encode() if isinstance(token, str) else token
+        deadline = time.monotonic() + timeout
+        while True:
+            new = self.vmail / mailbox / "new"
+            if new.is_dir():
+                for f in new.iterdir():
+                    try:
+                        data = f.read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    if token in data:
+                        return data
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no message with {token!r} delivered to {mailbox} within "
+                                     f"{timeout}s\n" + tail_of(self.maillog))
+            time.sleep(0.05)
 
     def clear(self, mailbox):
         for sub in ("new", "cur"):
@@ -464,8 +515,9 @@ class Nginx(Child):
         self.log = LogWatch(self.log_path)
         self._spawn([program("nginx"), "-e", str(self.log_path), "-p", str(self.dir),
                      "-c", str(self.conf_path)], self.dir, "nginx.out")
-        for port in ports:
-            wait_port(LOOPBACK, port, proc=self.proc, what="nginx", log=self.log_path)
+        with self._stopped_on_error():
+            for port in ports:
+                wait_port(LOOPBACK, port, proc=self.proc, what="nginx", log=self.log_path)
 
     @staticmethod
     def version():

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from harness import AuthServer, auth_fail, auth_ok, free_port, server_block
+from harness import AuthServer, free_port, server_block
 from mailproxy import config as mp_config
 from realservers import CLIENT_IP, USERS, HAProxy, need, program, wait_port
 from test_real_dovecot import dovecot_responder, unique_message
@@ -74,11 +74,7 @@ def test_swaks_through_mailproxy_to_postfix(start, postfix, postfix_log, mech, e
     assert "250 2.0.0 Ok: queued as" in out
     line = postfix_log.wait(r": client=.*sasl_username=alice")
     assert f"[{CLIENT_IP}]" in line, line
-    for _ in range(100):
-        msgs = [m for m in postfix.delivered("bob") if token.encode() in m]
-        if msgs:
-            break
-    assert msgs and f"body of {token}".encode() in msgs[0]
+    assert f"body of {token}".encode() in postfix.wait_message("bob", token)
 
 
 def test_swaks_wrong_password(start):
@@ -172,11 +168,8 @@ def test_curl_smtp_send(start, postfix, postfix_log, tmp_path):
     assert res.returncode == 0, res.stderr
     line = postfix_log.wait(r": client=.*sasl_username=alice")
     assert f"[{CLIENT_IP}]" in line, line
-    for _ in range(100):
-        got = [m for m in postfix.delivered("bob") if token.encode() in m]
-        if got:
-            break
-    assert got[0].replace(b"\n", b"\r\n").endswith(smtp_message(token))
+    got = postfix.wait_message("bob", token)
+    assert got.replace(b"\n", b"\r\n").endswith(smtp_message(token))
 
 
 def test_curl_smtp_mx_flow_without_auth(start, postfix):
@@ -189,11 +182,8 @@ def test_curl_smtp_mx_flow_without_auth(start, postfix):
                           "--mail-rcpt", "carol@example.org", "-T", "-"],
                          input=smtp_message(token), capture_output=True, timeout=30)
     assert res.returncode == 0, res.stderr
-    for _ in range(100):
-        got = [m for m in postfix.delivered("carol") if token.encode() in m]
-        if got:
-            break
-    assert got
+    got = postfix.wait_message("carol", token)
+    assert got.replace(b"\n", b"\r\n").endswith(smtp_message(token))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ Dovecot `login_trusted_networks`)."""
 import base64
 import hashlib
 import hmac
-import time
 import urllib.parse
 import uuid
 

@@ -75,14 +75,7 @@ def message(rcpt="bob@example.org"):
 
 def delivered_message(postfix, mailbox, token):
     """The delivered file holding `token`, with CRLF line ends (Maildir files use LF)."""
-    import time
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for m in postfix.delivered(mailbox):
-            if token.encode() in m:
-                return m.replace(b"\n", b"\r\n")
-        time.sleep(0.1)
-    raise AssertionError(f"message {token} not delivered to {mailbox}")
+    return postfix.wait_message(mailbox, token).replace(b"\n", b"\r\n")
 
 
 def send_through(port, body, rcpt="bob@example.org", login=("alice", "secret"), helo=None):
