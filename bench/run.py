@@ -194,7 +194,7 @@ def measure_idle(target, proto, count, direct, nproc):
     procs = []
     for i, c in enumerate(shares):
         a, b = mp.Pipe()
-        p = mp.Process(target=load.idle_worker, args=(proto, port, direct, c, 64, b, i),
+        p = mp.Process(target=load.idle_worker, args=(proto, port, direct, c, 16, b, i),
                        daemon=True)
         p.start()
         pipes.append(a)
@@ -231,7 +231,7 @@ def measure_idle(target, proto, count, direct, nproc):
             a.send(('noop', time.time() + 0.3))
         noop = collect('noop', 90)
         answered = sum(r['answered'] for r in noop)
-        noop_err = sum(r['errors'] for r in noop)
+
         for r in noop:
             for k, v in r['error_kinds'].items():
                 kinds[k] = kinds.get(k, 0) + v
@@ -287,6 +287,8 @@ def cell(values, key, ref):
     vals = [v for v in values if v is not None]
     if not vals:
         return '-'
+    if key == 'errors':
+        return '%d' % sum(vals)
     fmt = FIGURES[key][1]
     med = statistics.median(vals)
     text = fmt % med
@@ -362,7 +364,7 @@ def main(argv=None):
 
     nofile = servers.raise_nofile()       # inherited by the proxies and the generator
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    max_idle = max(100, (min(hard, 1 << 20) - 20) // 2)
+    max_idle = max(100, (min(hard, 1 << 20) - 40) // 2)
     ncpu = os.cpu_count() or 1
     if args.quick:
         p = dict(size=10 ** 7, tp_sessions=[1, 8], tp_reps=2, rate_conc=[16, 64],
@@ -438,12 +440,22 @@ def main(argv=None):
                     t = tgts[name]
                     direct = name == 'direct'
                     t0 = time.monotonic()
-                    if kind == 'throughput':
-                        r = measure_throughput(t, proto, n, p['size'], direct)
-                    elif kind == 'rate':
-                        r = measure_rate(t, proto, n, p['rate_duration'], direct, gen_procs)
-                    else:
-                        r = measure_idle(t, proto, n, direct, max(2, (n + 2999) // 3000))
+                    try:
+                        if kind == 'throughput':
+                            r = measure_throughput(t, proto, n, p['size'], direct)
+                        elif kind == 'rate':
+                            r = measure_rate(t, proto, n, p['rate_duration'], direct, gen_procs)
+                        else:
+                            r = measure_idle(t, proto, n, direct, max(2, (n + 2499) // 2500))
+                    except Exception as e:      # one failed measurement does not end the run
+                        log('%s rep %d %s FAILED: %s' % (case, rep + 1, name, e))
+                        r = dict(errors=n, error_text=[str(e)[:300]])
+                        if kind != 'idle':
+                            try:
+                                t.stop()
+                                t.start()
+                            except Exception as e2:
+                                log('restart of %s failed: %s' % (name, e2))
                     r['wall'] = time.monotonic() - t0
                     entry['runs'].setdefault(name, []).append(r)
                     short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
@@ -479,6 +491,11 @@ def main(argv=None):
     return 0
 
 
+def _terminate(signo, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == '__main__':
     mp.set_start_method('fork')
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

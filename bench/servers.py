@@ -15,7 +15,6 @@ request's `Auth-Protocol`, HTTP/1.0 style (one request per connection, server cl
 """
 
 import errno
-import os
 import resource
 import select
 import signal

@@ -12,7 +12,6 @@ import signal
 import socket
 import string
 import subprocess
-import sys
 import time
 
 CLK_TCK = os.sysconf('SC_CLK_TCK')
@@ -224,7 +223,7 @@ class ProxyTarget:
         self.ports = {p: free_port() for p in PROTOS}
         self.proc = None
         self.pid = None
-        self.known = []
+        self.known = {}
         self.ini_text = render_ini(template, tmp=tmp, name=name, workers=workers,
                                    auth_port=auth_port, imap_port=self.ports['imap'],
                                    pop3_port=self.ports['pop3'], smtp_port=self.ports['smtp'])
@@ -263,7 +262,12 @@ class ProxyTarget:
         while not (self.pidfile and os.path.exists(self.pidfile)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError('%s did not start; see %s' % (self.name, self._out.name))
+                try:
+                    with open(self._out.name, 'rb') as f:
+                        tail = f.read()[-1500:].decode(errors='replace')
+                except OSError:
+                    tail = ''
+                raise RuntimeError('%s did not start:\n%s' % (self.name, tail))
             time.sleep(0.02)
         # ready when every port greets (the workers have started)
         for proto, port in self.ports.items():
@@ -282,7 +286,7 @@ class ProxyTarget:
         want = 1 + (os.cpu_count() if self.workers == 'auto' else int(self.workers))
         while len(self.pids()) < want and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.known = self.pids()
+        self.known = _starttimes(self.pids())
 
     def pids(self):
         if self.pid is None:
@@ -310,7 +314,8 @@ class ProxyTarget:
     def stop(self, timeout=15.0):
         if self.proc is None:
             return
-        family = set(self.pids()) | set(self.known)
+        family = dict(self.known)
+        family.update(_starttimes(self.pids()))
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
@@ -321,35 +326,48 @@ class ProxyTarget:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        # workers of a master that died: ours to end, by pid
-        deadline = time.monotonic() + 5
-        for pid in family - {self.pid}:
-            while time.monotonic() < deadline and _alive_child_of_ours(pid, family):
+        # workers still closing their sessions (or orphaned): wait, then end them, by pid and
+        # only while /proc shows the very process we started (same start time)
+        deadline = time.monotonic() + timeout
+        for pid, st in family.items():
+            while time.monotonic() < deadline and _same_process(pid, st):
                 time.sleep(0.05)
-            if _alive_child_of_ours(pid, family):
+            if _same_process(pid, st):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
+                t = time.monotonic() + 5
+                while time.monotonic() < t and _same_process(pid, st):
+                    time.sleep(0.05)
         self.proc = None
         self.pid = None
-        self.known = []
+        self.known = {}
         try:
             self._out.close()
         except Exception:
             pass
 
 
-def _alive_child_of_ours(pid, family):
-    """True when pid still runs and is still the process we started (its parent is one of
-    ours or init after the master died)."""
+def _stat_fields(pid):
     try:
         with open('/proc/%d/stat' % pid, 'rb') as f:
             st = f.read()
     except OSError:
-        return False
-    fields = st[st.rindex(b')') + 2:].split()
-    if fields[0] == b'Z':
-        return False
-    ppid = int(fields[1])
-    return ppid in family or ppid == 1
+        return None
+    return st[st.rindex(b')') + 2:].split()
+
+
+def _starttimes(pids):
+    out = {}
+    for pid in pids:
+        f = _stat_fields(pid)
+        if f is not None:
+            out[pid] = f[19]
+    return out
+
+
+def _same_process(pid, starttime):
+    """pid still runs (not a zombie) and is the process that had this start time."""
+    f = _stat_fields(pid)
+    return f is not None and f[0] != b'Z' and f[19] == starttime
