@@ -1,0 +1,53 @@
+"""`[main] user`: workers drop privileges after the master has bound the listen sockets."""
+
+import os
+import pwd
+
+import pytest
+
+from harness import free_port, server_block, wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+
+
+def worker_pids(master):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == master:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return pids
+
+
+def ids(pid):
+    """(real, effective) uid and gid of a process, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    uids = [int(x) for x in fields["Uid"].split()]
+    gids = [int(x) for x in fields["Gid"].split()]
+    return uids[:2], gids[:2]
+
+
+def test_workers_run_as_configured_user(proxy_factory, auth_server, pop3_backend):
+    nobody = pwd.getpwnam("nobody")
+    port = free_port()
+    auth_server.route_to(pop3_backend.port, server=pop3_backend.host)
+    proxy = proxy_factory({
+        "main": {"user": "nobody nogroup"},
+        "servers": {"pop3": server_block("pop3", port, auth_http=auth_server.url)}})
+    workers = wait_for(lambda: worker_pids(proxy.pid), what="a worker")
+    (uids, gids) = ids(workers[0])
+    assert uids == [nobody.pw_uid, nobody.pw_uid]
+    assert gids[0] == gids[1] != 0
+    assert ids(proxy.pid)[0][1] == 0            # the master keeps root (for reload, new ports)
+    # and the unprivileged worker still serves a whole session
+    import poplib
+    c = poplib.POP3("127.0.0.1", port, timeout=5)
+    c.user("alice")
+    assert c.pass_("secret").startswith(b"+OK")
+    assert c.stat()[0] >= 0
+    c.quit()
