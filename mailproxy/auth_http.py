@@ -17,6 +17,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from . import ktimeout
+
 __all__ = [
     'AuthRequest', 'AuthResult', 'AuthHttpError', 'build_request',
     'parse_response', 'query', 'peer_name', 'escape', 'MAX_HEADER',
@@ -395,10 +397,12 @@ def _exchange(url, request, req, peer, timeout):
             socket.AF_INET6 if len(address) == 4 or ':' in address[0] else socket.AF_INET)
         sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.settimeout(max(timeout, 0.001))
+        # The kernel bounds each call (ktimeout: SO_SNDTIMEO also bounds a blocking connect);
+        # the socket stays blocking, so no ioctl and no poll per call (issue 7).
+        ktimeout.set(sock, max(timeout, 0.001), recv=False)
         try:
             sock.connect(address)
-        except TimeoutError:
+        except ktimeout.TIMEOUT_ERRORS:
             raise _timed_out(peer) from None
         except OSError as e:
             code, text = _oserr(e)
@@ -408,9 +412,10 @@ def _exchange(url, request, req, peer, timeout):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timed_out(peer)
-            sock.settimeout(remaining)
-            sock.sendall(request)             # the timeout bounds the whole sendall
-        except TimeoutError:
+            if remaining < timeout - 0.05:    # connect took a while: what is left of it
+                ktimeout.set(sock, remaining, recv=False)
+            sock.sendall(request)
+        except ktimeout.TIMEOUT_ERRORS:
             raise _timed_out(peer) from None
         except OSError as e:
             code, text = _oserr(e)
@@ -422,10 +427,10 @@ def _exchange(url, request, req, peer, timeout):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timed_out(peer)
-            sock.settimeout(remaining)
             try:
+                ktimeout.set(sock, remaining, send=False)
                 chunk = sock.recv(MAX_HEADER - len(buf))
-            except TimeoutError:
+            except ktimeout.TIMEOUT_ERRORS:
                 raise _timed_out(peer) from None
             except OSError as e:
                 code, text = _oserr(e)

@@ -12,6 +12,8 @@ import struct
 import threading
 import time
 
+from . import ktimeout
+
 __all__ = ['BackendError', 'connect', 'proxy_v1_header', 'proxy_v2_header',
            'BackendConn', 'smtp_reply_complete', 'format_addr',
            'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
@@ -70,11 +72,13 @@ def _addresses(host, port):
 def connect(host, port, timeout):
     """Connect to the backend within `timeout` seconds (all addresses of a name share it).
 
-    Returns a blocking socket with TCP_NODELAY set and `timeout` as its timeout.
+    Returns a blocking socket with TCP_NODELAY set and `timeout` as the kernel's limit of
+    each recv and send (SO_RCVTIMEO/SO_SNDTIMEO, see ktimeout; no Python timeout).
     Raises BackendError with nginx's text.
     """
     deadline = time.monotonic() + timeout
     last = None
+    first = True
     for family, sockaddr in _addresses(host, port):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -82,9 +86,12 @@ def connect(host, port, timeout):
             break
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.settimeout(remaining)
+            # a blocking connect() is bounded by SO_SNDTIMEO (EINPROGRESS when it runs out);
+            # the first address gets the whole `timeout`, later ones what is left of it
+            ktimeout.set(sock, timeout if first else remaining, recv=first)
+            first = False
             sock.connect(sockaddr)
-        except socket.timeout:
+        except ktimeout.TIMEOUT_ERRORS:
             sock.close()
             last = BackendError(_TIMEOUT_TEXT)
             continue
@@ -97,7 +104,8 @@ def connect(host, port, timeout):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        sock.settimeout(timeout)
+        if remaining != timeout:
+            ktimeout.set(sock, timeout)
         return sock
     raise last if last is not None else BackendError(_TIMEOUT_TEXT)
 
@@ -191,21 +199,28 @@ def _show(data):
 class BackendConn:
     """A blocking backend connection during the login exchange (handler thread)."""
 
-    def __init__(self, sock, buffer_size, timeout):
+    def __init__(self, sock, buffer_size, timeout, timeout_set=False):
+        """`timeout_set`: `sock` comes from connect() with this same `timeout` (no need to
+        set it again)."""
         self.sock = sock
         self.buffer_size = max(4, int(buffer_size))
         self.timeout = timeout
         self._buf = bytearray()
         self._pushed = None     # a reply to return again (the greeting after STARTTLS)
         self.tls = False
-        sock.settimeout(timeout)
+        self._reduced = False   # SO_RCVTIMEO was set below `timeout` (a reply read in pieces)
+        if not timeout_set:
+            if sock.gettimeout() is not None:
+                sock.settimeout(None)
+            ktimeout.set(sock, timeout)
 
     def send(self, data):
         """Send `data` in one write call (sendall)."""
         try:
-            self.sock.settimeout(self.timeout)
+            if self.tls:
+                self.sock.settimeout(self.timeout)
             self.sock.sendall(data)
-        except socket.timeout:
+        except ktimeout.TIMEOUT_ERRORS:
             raise BackendError(_TIMEOUT_TEXT) from None
         except OSError as exc:
             raise BackendError('send() failed (%s)' % _errtext(exc)) from None
@@ -221,6 +236,7 @@ class BackendConn:
         buf = self._buf
         size = self.buffer_size
         deadline = time.monotonic() + self.timeout
+        again = False               # the first recv has the socket's own timeout
         while True:
             if (len(buf) >= 4 and buf.endswith(b'\r\n')
                     and (complete is None or complete(buf))):
@@ -235,9 +251,14 @@ class BackendConn:
             if remaining <= 0:
                 raise BackendError(_TIMEOUT_TEXT)
             try:
-                self.sock.settimeout(remaining)
+                if self.tls:                # TLS: Python's timeout, as set by start_tls()
+                    self.sock.settimeout(remaining)
+                elif again or self._reduced:    # one deadline for the whole reply
+                    ktimeout.set(self.sock, remaining, send=False)
+                    self._reduced = True
+                again = True
                 data = self.sock.recv(size - len(buf))
-            except socket.timeout:
+            except ktimeout.TIMEOUT_ERRORS:
                 raise BackendError(_TIMEOUT_TEXT) from None
             except OSError as exc:
                 raise BackendError('recv() failed (%s)' % _errtext(exc)) from None

@@ -992,7 +992,9 @@ _TABLE = [
     _d("max_errors", _MS, "5", p_num(0), True, fmt=f_num),
     # ngx_mail_proxy_module
     _d("proxy", _MS, "off", p_flag, True, fmt=f_flag),
-    _d("proxy_buffer", _MS, _page_size, p_size(1), True, fmt=f_size),
+    # 64k, not nginx's one page: see README "Differences from nginx" (buffers exist only while
+    # data flows, so idle sessions hold none either way)
+    _d("proxy_buffer", _MS, "64k", p_size(1), True, fmt=f_size),
     _d("proxy_pass_error_message", _MS, "off", p_flag, True, fmt=f_flag),
     _d("proxy_protocol", _MS, "off", p_enum("off", "on", "v2"), True, fmt=f_token),
     _d("proxy_smtp_auth", _MS, "off", p_flag, True, fmt=f_flag),

@@ -13,7 +13,7 @@ import socketserver
 import threading
 import time
 
-from . import protocols
+from . import ktimeout, protocols
 
 _RESOURCE_ERRORS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM}
 
@@ -63,10 +63,99 @@ def bind_key(listen):
     return (int(fam), host, int(listen.port))
 
 
+class HandlerPool:
+    """Cached handler threads, shared by every listener of a process (issue 7).
+
+    A connection goes to an idle thread when there is one, else to a new thread: the pool
+    grows on demand and is never bounded (a slow client cannot starve the others); a thread
+    idle for `idle_timeout` seconds ends.  Reusing threads saves creating one per connection
+    (clone3, mmap, the Thread.start hand-shake: ~10 system calls and ~10% of a short
+    session's CPU).  The hand-off is one lock release to the chosen thread.
+    """
+
+    def __init__(self, idle_timeout=30.0):
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._idle = []             # [_PoolThread] waiting for work (last in, first out)
+        self._threads = 0
+
+    def submit(self, func, *args):
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                self._threads += 1
+        if worker is not None:
+            worker.job = (func, args)
+            worker.wake.release()
+            return
+        worker = _PoolThread(self, (func, args))
+        try:
+            worker.start()
+        except BaseException:
+            with self._lock:
+                self._threads -= 1
+            raise
+
+    def threads(self):
+        return self._threads
+
+    def _park(self, worker):
+        """Wait for the next job; False when the thread should end (idle too long)."""
+        with self._lock:
+            self._idle.append(worker)
+        while True:
+            if worker.wake.acquire(timeout=self.idle_timeout):
+                return True
+            with self._lock:
+                if worker in self._idle:        # nobody chose it meanwhile: end
+                    self._idle.remove(worker)
+                    self._threads -= 1
+                    return False
+            # chosen just now: the job and the release are on their way
+
+
+class _PoolThread(threading.Thread):
+    def __init__(self, pool, job):
+        threading.Thread.__init__(self, name="mailproxy-handler", daemon=True)
+        self.pool = pool
+        self.job = job
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+    def run(self):
+        pool = self.pool
+        while True:
+            func, args = self.job
+            self.job = None
+            try:
+                func(*args)
+            except BaseException:
+                pass
+            func = args = None
+            if not pool._park(self):
+                return
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def handler_pool():
+    """This process's HandlerPool (created on first use, i.e. in a worker after the fork)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = HandlerPool()
+        return _pool
+
+
 class Listener(socketserver.ThreadingTCPServer):
     """One bound, listening address; serves connections with the protocol's Session class."""
 
     daemon_threads = True
+    pool = None                 # HandlerPool, set by start()
+    _nodelay_inherited = False  # set by start()
+    _timeout_inherited = None
     allow_reuse_address = True
     block_on_close = False
 
@@ -141,8 +230,27 @@ class Listener(socketserver.ThreadingTCPServer):
                                            ("TCP_KEEPCNT", cnt, "TCP_KEEPCNT")):
                         if val and hasattr(s, opt):
                             self._setopt(s.IPPROTO_TCP, getattr(s, opt), int(val), name)
+        self._set_inherited()
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
+
+    def _set_inherited(self):
+        """Options an accepted socket inherits from the listening one (Linux copies them):
+        TCP_NODELAY, and SO_RCVTIMEO/SO_SNDTIMEO when every server on this address has the
+        same `timeout`: then no session sets them again (3 system calls each, issue 7).
+        Set once when the socket is created, never changed on reload (old workers may still
+        accept on it); a worker reads what is set (`start`) and sets the rest per session."""
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        default, specific = self.routes
+        timeouts = {getattr(conf, "timeout", None) for conf, _ in [default] + list(specific.values())}
+        if len(timeouts) == 1 and None not in timeouts:
+            try:
+                ktimeout.set(self.socket, timeouts.pop())
+            except (OSError, TypeError, ValueError):
+                pass
 
     def server_activate(self):
         try:
@@ -178,11 +286,14 @@ class Listener(socketserver.ThreadingTCPServer):
                             % (self.text, e.errno, e.strerror))
                 time.sleep(0.05)
             raise
-        sock.setblocking(True)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        # accept4() gives a blocking descriptor and the socket object has no Python timeout
+        # (the listener's timeout is 0, socket.accept() then leaves the new one alone): no
+        # setblocking() needed; the session sets its kernel timeouts (ktimeout).
+        if not self._nodelay_inherited:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         return sock, addr
 
     def route(self, sock):
@@ -203,7 +314,12 @@ class Listener(socketserver.ThreadingTCPServer):
             try:
                 conf, listen = self.route(request)
                 cls = protocols.session_class(conf.protocol)
-                session = cls(request, client_address, conf, listen, self.runtime)
+                t = self._timeout_inherited
+                if t is not None and t == getattr(conf, "timeout", None):
+                    session = cls(request, client_address, conf, listen, self.runtime,
+                                  timeout_set=True)
+                else:
+                    session = cls(request, client_address, conf, listen, self.runtime)
             except Exception as e:
                 log = getattr(self.runtime, "log", None)
                 if log is not None:
@@ -218,6 +334,13 @@ class Listener(socketserver.ThreadingTCPServer):
                 self._active -= 1
                 if self._active == 0:
                     self._active_cond.notify_all()
+
+    def process_request(self, request, client_address):
+        """A handler thread from the process's pool (not a new thread per connection)."""
+        pool = self.pool
+        if pool is None:
+            pool = self.pool = handler_pool()
+        pool.submit(self.process_request_thread, request, client_address)
 
     def handle_error(self, request, client_address):
         log = getattr(self.runtime, "log", None)
@@ -242,6 +365,15 @@ class Listener(socketserver.ThreadingTCPServer):
     def start(self, runtime, poll_interval=0.25):
         """Serve in a daemon thread of this process (a worker)."""
         self.runtime = runtime
+        self.pool = handler_pool()
+        # what accepted sockets inherit (see _set_inherited), read once in this worker
+        try:
+            self._nodelay_inherited = bool(
+                self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            rcv, snd = ktimeout.get(self.socket), ktimeout.get(self.socket, send=True)
+            self._timeout_inherited = rcv if rcv == snd else None
+        except OSError:
+            self._nodelay_inherited, self._timeout_inherited = False, None
         self.thread = threading.Thread(target=self.serve_forever, args=(poll_interval,),
                                        name="listen %s" % self.text, daemon=True)
         self.thread.start()

@@ -218,13 +218,14 @@ def read_header(sess):
     line), ClientTimeout or ClientClosed otherwise.
     """
     from .session import ClientClosed, ClientTimeout, Close   # (session imports us)
+    from .ktimeout import TIMEOUT_ERRORS
 
     sock = sess.sock
     sess.action = "reading PROXY protocol"
-    sock.settimeout(sess.conf.timeout)
+    # the session's `timeout` is already on the socket (Session.__init__, ktimeout)
     try:
         data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
-    except socket.timeout:
+    except TIMEOUT_ERRORS:
         raise ClientTimeout() from None
     except OSError as e:
         raise ClientClosed(str(e)) from None
@@ -243,7 +244,7 @@ def read_header(sess):
             if not chunk:
                 raise ClientClosed("client closed connection")
             got += len(chunk)
-    except socket.timeout:
+    except TIMEOUT_ERRORS:
         raise ClientTimeout() from None
     except OSError as e:
         raise ClientClosed(str(e)) from None

@@ -8,8 +8,9 @@ partial write), and only while it is unsent.
 
 nginx semantics (reference section 12):
   * two directions, each bounded by its own buffer: client -> backend by `client_buffer`,
-    backend -> client by `proxy_buffer`; a side is not read while its peer's unsent data is
-    at the limit (back-pressure), and reads never ask for more than the free space;
+    backend -> client by `proxy_buffer` (sessions pass proxy_buffer for both, issue 7); a
+    side is not read while its peer's unsent data is at the limit (back-pressure), and reads
+    never ask for more than the free space;
   * `proxy_timeout` is ONE timer on the client side, re-armed only by client events (client
     readable, or client writable after a blocked write); backend -> client data written
     without blocking does not extend it;
@@ -28,6 +29,7 @@ waits for EVENT_READ or writing for EVENT_WRITE; it asks the endpoint.
 
 import errno
 import heapq
+import select
 import selectors
 import socket
 import ssl
@@ -37,6 +39,12 @@ import traceback
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
+# The loop uses epoll itself (not `selectors`: no key objects and map look-ups per event, and
+# no EPOLL_CTL_DEL before a close, which removes the descriptor from the set anyway).
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+# epoll mask for a selector mask (EVENT_READ 1, EVENT_WRITE 2)
+_EPOLL_MASK = (0, _EPOLLIN, _EPOLLOUT, _EPOLLIN | _EPOLLOUT)
 
 # Upper bound of reads done for one side in one event before the loop services others.
 _MAX_READS_PER_EVENT = 16
@@ -80,9 +88,9 @@ class PlainEndpoint:
 
     __slots__ = ('sock', 'fd', 'sess', 'mask', 'eof')
 
-    def __init__(self, sock, sess):
+    def __init__(self, sock, sess, nodelay=True):
         sock.setblocking(False)
-        if sock.family != socket.AF_UNIX:
+        if nodelay and sock.family != socket.AF_UNIX:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
@@ -138,8 +146,8 @@ class TLSEndpoint(PlainEndpoint):
 
     __slots__ = ('_rev', '_wev', 'failed')
 
-    def __init__(self, sock, sess):
-        PlainEndpoint.__init__(self, sock, sess)
+    def __init__(self, sock, sess, nodelay=True):
+        PlainEndpoint.__init__(self, sock, sess, nodelay)
         self._rev = EVENT_READ      # what the next recv waits for
         self._wev = EVENT_WRITE     # what the next send waits for
         self.failed = False         # a TLS error: no close_notify then
@@ -207,11 +215,13 @@ class TLSEndpoint(PlainEndpoint):
             pass
 
 
-def endpoint_for(sock, sess):
-    """The endpoint class a socket needs: TLS for an `ssl.SSLSocket`, else plain."""
+def endpoint_for(sock, sess, nodelay=True):
+    """The endpoint class a socket needs: TLS for an `ssl.SSLSocket`, else plain.
+
+    nodelay=False: the caller has set TCP_NODELAY already (no setsockopt here)."""
     if isinstance(sock, ssl.SSLSocket):
-        return TLSEndpoint(sock, sess)
-    return PlainEndpoint(sock, sess)
+        return TLSEndpoint(sock, sess, nodelay)
+    return PlainEndpoint(sock, sess, nodelay)
 
 
 class _Session:
@@ -220,7 +230,7 @@ class _Session:
                  'cbuf', 'pbuf',           # per-direction limits
                  'timeout', 'deadline',    # proxy_timeout and the client timer's expiry
                  'bytes_in', 'bytes_out',
-                 't0', 'on_done', 'name', 'closed')
+                 't0', 'on_done', 'name', 'closed', 'nodelay')
 
     def __lt__(self, other):
         # heap entries are (deadline, session); equal deadlines compare sessions
@@ -237,7 +247,8 @@ class Relay:
         self._log = log
         # endpoint_factory(sock, session) -> endpoint; lets the TLS code pick the class per socket.
         self._factory = endpoint_factory or self._default_endpoint
-        self._sel = None
+        self._ep = None                 # select.epoll
+        self._ends = {}                 # fd -> endpoint registered with the epoll
         self._thread = None
         self._lock = threading.Lock()
         self._cmds = []                 # (kind, payload) queued by other threads
@@ -255,7 +266,8 @@ class Relay:
 
     @staticmethod
     def _default_endpoint(sock, sess):
-        return endpoint_for(sock, sess)     # TLS chosen automatically for an SSLSocket
+        # TLS chosen automatically for an SSLSocket
+        return endpoint_for(sock, sess, getattr(sess, 'nodelay', True))
 
     # ---------------------------------------------------------------- public, any thread
 
@@ -263,19 +275,22 @@ class Relay:
         with self._lock:
             if self._thread is not None:
                 return
-            self._sel = selectors.DefaultSelector()
-            self._sel.register(self._wake_r, EVENT_READ, None)
+            self._ep = select.epoll()
+            self._wake_fd = self._wake_r.fileno()
+            self._ep.register(self._wake_fd, _EPOLLIN)
             self._running = True
             self._thread = threading.Thread(target=self._run, name='mailproxy-relay', daemon=True)
             self._thread.start()
 
     def add(self, client_sock, backend_sock, *, to_backend=b'', to_client=b'',
             client_buffer=4096, proxy_buffer=4096, proxy_timeout=86400.0,
-            on_done=None, name=''):
-        """Hand a logged-in session to the relay (thread-safe).  The relay owns both sockets."""
+            on_done=None, name='', nodelay=True):
+        """Hand a logged-in session to the relay (thread-safe).  The relay owns both sockets.
+
+        nodelay=False: both sockets have TCP_NODELAY already (the relay does not set it)."""
         args = (client_sock, backend_sock, bytes(to_backend), bytes(to_client),
                 max(1, int(client_buffer)), max(1, int(proxy_buffer)), float(proxy_timeout),
-                on_done, name, time.time())
+                on_done, name, bool(nodelay), time.time())
         with self._lock:
             if not self._stopped:
                 self._cmds.append(('add', args))
@@ -334,8 +349,10 @@ class Relay:
                 pass
 
     def _run(self):
-        sel = self._sel
-        select = sel.select
+        ep = self._ep
+        poll = ep.poll
+        ends = self._ends
+        wake_fd = self._wake_fd
         heap = self._heap
         monotonic = time.monotonic
         while self._running:
@@ -347,14 +364,22 @@ class Relay:
                     wait = _MAX_SLEEP
                 if self._ready:
                     wait = 0                # decrypted bytes wait in a TLS endpoint
-                events = select(wait)
+                events = poll(wait)
                 self._now = now = monotonic()
-                for key, ev in events:
-                    end = key.data
-                    if end is None:
+                for fd, em in events:
+                    if fd == wake_fd:
                         self._drain_wake()
                         self._process_commands()
                         continue
+                    end = ends.get(fd)
+                    if end is None:
+                        continue
+                    # as selectors does: an error or hang-up wakes both directions
+                    ev = 0
+                    if em & ~_EPOLLOUT:
+                        ev = EVENT_READ
+                    if em & ~_EPOLLIN:
+                        ev |= EVENT_WRITE
                     sess = end.sess
                     if sess is None or sess.closed:    # closed earlier in this batch
                         continue
@@ -379,9 +404,10 @@ class Relay:
                 self._close(sess, 'shutdown')
         finally:
             try:
-                sel.close()
+                ep.close()
             except Exception:
                 pass
+            ends.clear()
 
     def _service_ready(self, now):
         """Read what TLS endpoints decrypted already: the selector reports nothing for it."""
@@ -421,8 +447,10 @@ class Relay:
                 self._note('alert', 'relay: %s' % (traceback.format_exc(),))
 
     def _start_session(self, args, refuse=None):
-        (csock, bsock, to_backend, to_client, cbuf, pbuf, timeout, on_done, name, started) = args
+        (csock, bsock, to_backend, to_client, cbuf, pbuf, timeout, on_done, name, nodelay,
+         started) = args
         sess = _Session()
+        sess.nodelay = nodelay
         sess.on_done = on_done
         sess.name = name
         sess.t0 = time.monotonic() - (time.time() - started)   # queued time counts
@@ -456,12 +484,16 @@ class Relay:
         now = self._now = time.monotonic()
         sess.deadline = now + timeout
         heapq.heappush(self._heap, (sess.deadline, sess))
-        # First pass: forward what is owed, and read whatever is already there on both sides
-        # (pipelined client bytes, or bytes a TLS socket has already decrypted).
+        # First pass: forward what is owed (the login reply, pipelined client bytes), then
+        # register each side once with its final events.  Nothing is read here: bytes already
+        # waiting in a socket make epoll report it at once, and bytes a TLS socket has already
+        # decrypted put its endpoint on the ready list (_update).
         try:
-            self._service(sess, sess.b, EVENT_READ | EVENT_WRITE, now, rearm=False)
-            if not sess.closed:
-                self._service(sess, sess.c, EVENT_READ | EVENT_WRITE, now, rearm=False)
+            if sess.b2c is not None and not self._flush(sess, sess.c, False, refill=False):
+                return
+            if sess.c2b is not None and not self._flush(sess, sess.b, True, refill=False):
+                return
+            self._update(sess)
         except Exception as exc:
             self._note('alert', 'relay: session %s: %s' % (name, exc))
             self._close(sess, 'internal error: %s' % (exc,))
@@ -553,8 +585,10 @@ class Relay:
                 return True
         return True
 
-    def _flush(self, sess, dst, up):
-        """Write queued data to dst.  Returns False when the session was closed."""
+    def _flush(self, sess, dst, up, refill=True):
+        """Write queued data to dst.  Returns False when the session was closed.
+
+        refill: when the queue shrank, read its source again at once."""
         q = sess.c2b if up else sess.b2c
         sent_total = 0
         try:
@@ -583,7 +617,7 @@ class Relay:
             sess.b2c_len -= sent_total
             if not q:
                 sess.b2c = None
-        if sent_total:
+        if sent_total and refill:
             # The queue shrank: the side feeding it may read again now.  Try at once (its data
             # is usually already there, and a TLS endpoint may hold decrypted bytes).
             src = sess.c if up else sess.b
@@ -627,13 +661,15 @@ class Relay:
             self._ready.add(b)
 
     def _register(self, end, mask):
-        sel = self._sel
+        ep = self._ep
         if end.mask == 0:
-            sel.register(end.fd, mask, end)
+            ep.register(end.fd, _EPOLL_MASK[mask])
+            self._ends[end.fd] = end
         elif mask == 0:
-            sel.unregister(end.fd)
+            ep.unregister(end.fd)
+            del self._ends[end.fd]
         else:
-            sel.modify(end.fd, mask, end)
+            ep.modify(end.fd, _EPOLL_MASK[mask])
         end.mask = mask
 
     # ---------------------------------------------------------------- timers and close
@@ -663,10 +699,14 @@ class Relay:
             if end is None:
                 continue
             if end.mask:
-                try:
-                    self._sel.unregister(end.fd)
-                except Exception:
-                    pass
+                # close() takes a plain socket out of the epoll set (the relay holds its only
+                # descriptor); a TLS endpoint may still write close_notify: unregister first
+                if isinstance(end, TLSEndpoint) or type(end) is not PlainEndpoint:
+                    try:
+                        self._ep.unregister(end.fd)
+                    except Exception:
+                        pass
+                self._ends.pop(end.fd, None)
                 end.mask = 0
             end.close()
             end.sess = None

@@ -11,9 +11,8 @@ Control flow is plain blocking code in the listener's handler thread; `Close` un
 
 import errno as errno_mod
 import os
-import socket
 
-from . import auth_http, backend
+from . import auth_http, backend, ktimeout
 from . import tls                   # TLS (issue 5)
 from . import realip                # PROXY protocol in (issue 5)
 from .log import sanitize
@@ -82,11 +81,12 @@ class LineReader:
         self.buf = bytearray()
 
     def _fill(self):
+        # The socket's timeout was set once (ktimeout: the kernel's SO_RCVTIMEO, or Python's
+        # on a TLS socket); either kind of expiry is a client timeout.
         room = self.limit - len(self.buf)
-        self.sock.settimeout(self.timeout)
         try:
             data = self.sock.recv(max(room, 1))
-        except socket.timeout:
+        except ktimeout.TIMEOUT_ERRORS:
             raise ClientTimeout() from None
         except (ConnectionError, OSError) as e:
             raise ClientClosed(str(e)) from None
@@ -144,7 +144,9 @@ class Session:
     protocol = None            # 'pop3' | 'imap' | 'smtp'
     INTERNAL_ERROR = b""       # the protocol's internal-error reply, with CRLF
 
-    def __init__(self, sock, client_address, conf, listen, runtime):
+    def __init__(self, sock, client_address, conf, listen, runtime, timeout_set=False):
+        """timeout_set: `sock` has conf.timeout as its kernel timeouts already (inherited
+        from the listening socket, see listeners.Listener._set_inherited)."""
         self.sock = sock
         self.conf = conf
         self.listen = listen
@@ -171,6 +173,20 @@ class Session:
         self.upstream = None
         self.quit = False
         self.reader = LineReader(sock, self.client_buffer_size(), conf.timeout)
+        # `timeout` bounds every client read and write: set once, kept by the kernel
+        # (no settimeout per call; see ktimeout).  The accepted socket is blocking.
+        if not timeout_set:
+            try:
+                ktimeout.set(sock, conf.timeout)
+            except OSError:
+                sock.settimeout(conf.timeout)
+
+    def restore_timeout(self):
+        """After a temporary settimeout(): back to the session's own `timeout`."""
+        if self.tls_handshaked:
+            self.sock.settimeout(self.conf.timeout)   # TLS sockets keep Python's timeout
+        else:
+            self.sock.settimeout(None)                # blocking again: the kernel's limit
 
     # ---- overridables -------------------------------------------------------------------
 
@@ -248,10 +264,9 @@ class Session:
         """Write one reply in one call, bounded by `timeout`."""
         if not data:
             return
-        self.sock.settimeout(self.conf.timeout)
         try:
             self.sock.sendall(data)
-        except socket.timeout:
+        except ktimeout.TIMEOUT_ERRORS:
             self.info("client timed out", err=errno_mod.ETIMEDOUT)
             raise Close() from None
         except OSError as e:
@@ -278,8 +293,9 @@ class Session:
     def run(self):
         handed = False
         try:
-            self.log.log("info", "client %s connected to %s"
-                         % (self._peer_text(), self.server_text), self.conn)
+            if self.log.enabled("info"):
+                self.log.log("info", "client %s connected to %s"
+                             % (self._peer_text(), self.server_text), self.conn)
             # -- PROXY protocol from a load balancer (issue 5): its header before anything
             # else, before any TLS; may replace client_ip/client_port (set_real_ip_from)
             if self.listen is not None and getattr(self.listen, "proxy_protocol", False):
@@ -393,7 +409,7 @@ class Session:
         conn = None
         try:
             sock = backend.connect(host, port, conf.timeout)
-            conn = backend.BackendConn(sock, conf.proxy_buffer, conf.timeout)
+            conn = backend.BackendConn(sock, conf.proxy_buffer, conf.timeout, timeout_set=True)
             if conf.proxy_protocol != "off":
                 self.action = "sending PROXY protocol header to upstream"
                 conn.send(self.proxy_header_out(sock))
@@ -458,7 +474,9 @@ class Session:
         return backend.proxy_v1_header(self.client_ip, self.client_port, local[0], local[1])
 
     def relay_client_buffer(self):
-        return self.client_buffer_size()
+        """Limit of unsent client -> backend data in the relay: proxy_buffer, as for the other
+        direction (the *_client_buffer limits are the longest command before login)."""
+        return self.conf.proxy_buffer
 
     def hand_over(self, conn, reply):
         conf = self.conf
@@ -481,5 +499,6 @@ class Session:
         self.rt.relay.add(self.sock, conn.sock, to_backend=pending, to_client=reply,
                           client_buffer=self.relay_client_buffer(),
                           proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,
-                          on_done=done, name="*%d" % self.conn)
+                          on_done=done, name="*%d" % self.conn,
+                          nodelay=False)    # both have TCP_NODELAY (listener, backend.connect)
         raise HandedOver()

@@ -214,6 +214,8 @@ class SmtpSession(Session):
             return
         except OSError:
             raise Close() from None
+        finally:
+            self.restore_timeout()
         if not data:
             raise Close()
         self.info('client was rejected before greeting: "%s"' % rejected_text(data))

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from mailproxy import ktimeout
 from mailproxy.backend import (BackendConn, BackendError, connect, proxy_v1_header,
                                proxy_v2_header, smtp_reply_complete)
 
@@ -124,7 +125,9 @@ def test_connect_by_name_sets_nodelay_and_timeout(server):
         connect('127.0.0.1', srv.port, 2.0)
     try:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-        assert sock.gettimeout() == 2.0
+        # the timeout is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket (issue 7)
+        assert sock.gettimeout() is None
+        assert ktimeout.get(sock) == 2.0 and ktimeout.get(sock, send=True) == 2.0
         assert BackendConn(sock, 4096, 2.0).read_reply() == b'+OK\r\n'
     finally:
         sock.close()

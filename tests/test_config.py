@@ -143,7 +143,7 @@ def test_defaults(tmp_path):
     assert s.timeout == 60.0 and s.proxy_timeout == 86400.0 and s.auth_http_timeout == 60.0
     assert s.max_errors == 5
     assert s.proxy is False and s.proxy_pass_error_message is False
-    assert s.proxy_buffer == os.sysconf("SC_PAGESIZE")
+    assert s.proxy_buffer == 65536
     assert s.proxy_protocol == "off"
     assert s.auth_http is None and s.auth_http_header == []
     assert s.pop3_auth == ["plain"] and s.pop3_capabilities == ["TOP", "USER", "UIDL"]
