@@ -258,6 +258,21 @@ def _open_log(ErrorLog, targets):
         raise OSError(e.errno, 'open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror))
 
 
+def _chown_logs(logs, user):
+    """Give log files to the workers' user, as nginx does, so they can reopen them (USR1)."""
+    if not user or os.geteuid() != 0:
+        return
+    for lg in logs:
+        for t in getattr(lg, "targets", ()):
+            fd = getattr(t, "fd", -1)
+            if getattr(t, "path", None) and fd is not None and fd >= 0:
+                try:
+                    os.fchown(fd, user[0], -1)
+                except OSError as e:
+                    lg.log("alert", 'chown() "%s" failed (%d: %s)'
+                           % (t.path, e.errno or 0, e.strerror or e))
+
+
 def _resolve_user(cfg, log):
     """(uid, gid, name) to switch workers to, or None."""
     user = getattr(cfg.main, "user", None)
@@ -327,6 +342,7 @@ class Master:
             self.user = _resolve_user(cfg, self.log)
         except ValueError as e:
             return self._fatal(str(e))
+        _chown_logs([self.log] + list(self.server_logs.values()), self.user)
         # from here on signals wait for the loop (they are never lost, nor handled early)
         signal.signal(signal.SIGCHLD, _noop)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -529,6 +545,8 @@ class Master:
         self.log.reopen()
         for lg in self.server_logs.values():
             lg.reopen()
+        # new files are the master's (root's): hand them over before the workers reopen them
+        _chown_logs([self.log] + list(self.server_logs.values()), self.user)
 
     def _reload(self):
         self.notify("RELOADING=1")
@@ -579,6 +597,7 @@ class Master:
             lst.server_close()
         old_log, old_server_logs = self.log, self.server_logs
         self.cfg, self.log, self.server_logs, self.user = cfg, log, server_logs, user
+        _chown_logs([log] + list(server_logs.values()), user)
         self.listeners = bound
         new_pid = getattr(cfg.main, "pid", None)
         if new_pid != self.pidfile:

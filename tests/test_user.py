@@ -51,3 +51,39 @@ def test_workers_run_as_configured_user(proxy_factory, auth_server, pop3_backend
     assert c.pass_("secret").startswith(b"+OK")
     assert c.stat()[0] >= 0
     c.quit()
+
+
+def test_log_files_handed_to_the_user_and_reopened(proxy_factory, auth_server, pop3_backend):
+    """As nginx: log files belong to the workers' user, so a worker can reopen them (USR1)."""
+    import shutil
+    import signal
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    folder = tempfile.mkdtemp(prefix="mailproxy-user-")
+    try:
+        os.chmod(folder, 0o755)
+        log = os.path.join(folder, "error.log")
+        port = free_port()
+        auth_server.route_to(pop3_backend.port, server=pop3_backend.host)
+        proxy = proxy_factory({
+            "main": {"user": "nobody nogroup", "error_log": log + " info"},
+            "servers": {"pop3": server_block("pop3", port, auth_http=auth_server.url)}})
+        assert os.stat(log).st_uid == nobody.pw_uid
+        wait_for(lambda: worker_pids(proxy.pid), what="a worker")
+        os.rename(log, log + ".1")
+        os.kill(proxy.pid, signal.SIGUSR1)
+        wait_for(lambda: os.path.exists(log), what="the reopened log")
+        assert os.stat(log).st_uid == nobody.pw_uid
+
+        def served():
+            import poplib
+            c = poplib.POP3("127.0.0.1", port, timeout=5)
+            c.quit()
+            with open(log) as f:
+                return "connected to" in f.read()
+        # the worker writes its session lines into the new file (it reopened it as nobody)
+        wait_for(served, timeout=5, interval=0.2, what="worker lines in the reopened log")
+        with open(log) as f:
+            assert "failed" not in f.read()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
