@@ -29,7 +29,6 @@ waits for EVENT_READ or writing for EVENT_WRITE; it asks the endpoint.
 
 import errno
 import heapq
-import select
 import selectors
 import socket
 import ssl
@@ -39,12 +38,8 @@ import traceback
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
-# The loop uses epoll itself (not `selectors`: no key objects and map look-ups per event, and
-# no EPOLL_CTL_DEL before a close, which removes the descriptor from the set anyway).
-_EPOLLIN = select.EPOLLIN
-_EPOLLOUT = select.EPOLLOUT
-# epoll mask for a selector mask (EVENT_READ 1, EVENT_WRITE 2)
-_EPOLL_MASK = (0, _EPOLLIN, _EPOLLOUT, _EPOLLIN | _EPOLLOUT)
+# One `selectors.DefaultSelector` (epoll on Linux) for the whole process; each endpoint is
+# registered with `data` = the endpoint itself, and unregistered before its socket is closed.
 
 # Upper bound of reads done for one side in one event before the loop services others.
 _MAX_READS_PER_EVENT = 16
@@ -247,8 +242,7 @@ class Relay:
         self._log = log
         # endpoint_factory(sock, session) -> endpoint; lets the TLS code pick the class per socket.
         self._factory = endpoint_factory or self._default_endpoint
-        self._ep = None                 # select.epoll
-        self._ends = {}                 # fd -> endpoint registered with the epoll
+        self._sel = None                # selectors.DefaultSelector, shared by every session
         self._thread = None
         self._lock = threading.Lock()
         self._cmds = []                 # (kind, payload) queued by other threads
@@ -275,9 +269,8 @@ class Relay:
         with self._lock:
             if self._thread is not None:
                 return
-            self._ep = select.epoll()
-            self._wake_fd = self._wake_r.fileno()
-            self._ep.register(self._wake_fd, _EPOLLIN)
+            self._sel = selectors.DefaultSelector()
+            self._sel.register(self._wake_r, EVENT_READ, None)     # data None: the wake-up
             self._running = True
             self._thread = threading.Thread(target=self._run, name='mailproxy-relay', daemon=True)
             self._thread.start()
@@ -349,10 +342,8 @@ class Relay:
                 pass
 
     def _run(self):
-        ep = self._ep
-        poll = ep.poll
-        ends = self._ends
-        wake_fd = self._wake_fd
+        sel = self._sel
+        select = sel.select
         heap = self._heap
         monotonic = time.monotonic
         while self._running:
@@ -364,22 +355,16 @@ class Relay:
                     wait = _MAX_SLEEP
                 if self._ready:
                     wait = 0                # decrypted bytes wait in a TLS endpoint
-                events = poll(wait)
+                events = select(wait)
                 self._now = now = monotonic()
-                for fd, em in events:
-                    if fd == wake_fd:
+                # An error or hang-up comes as EVENT_READ|EVENT_WRITE (masked by the events the
+                # endpoint is registered for): _service then runs both directions it waits on.
+                for key, ev in events:
+                    end = key.data
+                    if end is None:
                         self._drain_wake()
                         self._process_commands()
                         continue
-                    end = ends.get(fd)
-                    if end is None:
-                        continue
-                    # as selectors does: an error or hang-up wakes both directions
-                    ev = 0
-                    if em & ~_EPOLLOUT:
-                        ev = EVENT_READ
-                    if em & ~_EPOLLIN:
-                        ev |= EVENT_WRITE
                     sess = end.sess
                     if sess is None or sess.closed:    # closed earlier in this batch
                         continue
@@ -404,10 +389,9 @@ class Relay:
                 self._close(sess, 'shutdown')
         finally:
             try:
-                ep.close()
+                sel.close()
             except Exception:
                 pass
-            ends.clear()
 
     def _service_ready(self, now):
         """Read what TLS endpoints decrypted already: the selector reports nothing for it."""
@@ -486,8 +470,8 @@ class Relay:
         heapq.heappush(self._heap, (sess.deadline, sess))
         # First pass: forward what is owed (the login reply, pipelined client bytes), then
         # register each side once with its final events.  Nothing is read here: bytes already
-        # waiting in a socket make epoll report it at once, and bytes a TLS socket has already
-        # decrypted put its endpoint on the ready list (_update).
+        # waiting in a socket make the selector report it at once, and bytes a TLS socket has
+        # already decrypted put its endpoint on the ready list (_update).
         try:
             if sess.b2c is not None and not self._flush(sess, sess.c, False, refill=False):
                 return
@@ -661,15 +645,13 @@ class Relay:
             self._ready.add(b)
 
     def _register(self, end, mask):
-        ep = self._ep
+        sel = self._sel
         if end.mask == 0:
-            ep.register(end.fd, _EPOLL_MASK[mask])
-            self._ends[end.fd] = end
+            sel.register(end.fd, mask, end)
         elif mask == 0:
-            ep.unregister(end.fd)
-            del self._ends[end.fd]
+            sel.unregister(end.fd)
         else:
-            ep.modify(end.fd, _EPOLL_MASK[mask])
+            sel.modify(end.fd, mask, end)
         end.mask = mask
 
     # ---------------------------------------------------------------- timers and close
@@ -699,14 +681,12 @@ class Relay:
             if end is None:
                 continue
             if end.mask:
-                # close() takes a plain socket out of the epoll set (the relay holds its only
-                # descriptor); a TLS endpoint may still write close_notify: unregister first
-                if isinstance(end, TLSEndpoint) or type(end) is not PlainEndpoint:
-                    try:
-                        self._ep.unregister(end.fd)
-                    except Exception:
-                        pass
-                self._ends.pop(end.fd, None)
+                # unregister before the close, for every endpoint: the selector's map would
+                # otherwise keep a stale key and a reused descriptor number could not register
+                try:
+                    self._sel.unregister(end.fd)
+                except (KeyError, ValueError, OSError):
+                    pass
                 end.mask = 0
             end.close()
             end.sess = None
