@@ -22,7 +22,7 @@ import secrets
 
 from . import sasl
 from .log import sanitize
-from .session import BackendRejected, LineTooLong, Session
+from .session import Answered, BackendRejected, LineTooLong, Refused, Session
 
 CRLF = b"\r\n"
 GREETING = b"* OK IMAP4 ready\r\n"
@@ -357,12 +357,7 @@ def backend_id_complete(buf):
     return buf.startswith(BACKEND_ID_TAG) or (b"\n" + BACKEND_ID_TAG) in buf
 
 
-class Invalid(Exception):
-    """Refused after parsing: `<tag>BAD invalid command`, not counted in max_errors."""
-
-
-class Answered(Exception):
-    """The command ended with its reply already sent."""
+Invalid = Refused     # `<tag>BAD invalid command`, not counted in max_errors
 
 
 class _ClientIO:
@@ -454,15 +449,6 @@ class ImapSession(Session):
 
     def methods(self):
         return getattr(self.conf, "imap_auth", None) or ["plain"]
-
-    def start_auth(self, method, login, passwd):
-        if not sasl.check_credential(login) or not sasl.check_credential(passwd):
-            raise Invalid()
-        self.method = method
-        self.login = login
-        self.passwd = passwd
-        self.authenticate()
-        # Back here only after an Auth-Wait failure: the client may try again.
 
     def after_auth_wait(self):
         self.method = None

@@ -1,7 +1,7 @@
 """POP3: the client side before login and the backend login (reference sections 5 and 11.4)."""
 
 from . import sasl
-from .session import BackendRejected, Session, strip_eol
+from .session import Answered, BackendRejected, Refused, Session, strip_eol
 
 OK = b"+OK\r\n"
 INVALID = b"-ERR invalid command\r\n"
@@ -11,12 +11,7 @@ BUFFER_SIZE = 128           # nginx's fixed POP3 command buffer
 COMMANDS = frozenset(("USER", "PASS", "APOP", "QUIT", "CAPA", "AUTH", "NOOP", "STLS"))
 
 
-class Invalid(Exception):
-    """A command refused after parsing: `-ERR invalid command`, not counted in max_errors."""
-
-
-class Answered(Exception):
-    """The command ended with a reply already sent (e.g. a bad SASL response line)."""
+Invalid = Refused     # `-ERR invalid command`, not counted in max_errors
 
 
 def parse_command(line):
@@ -130,13 +125,8 @@ class Pop3Session(Session):
         return b"\r\n".join(lines) + b"\r\n"
 
     def start_auth(self, method, login, passwd):
-        if not sasl.check_credential(login) or not sasl.check_credential(passwd):
-            raise Invalid()
-        self.method = method
-        self.login = login
-        self.passwd = passwd
         self.state = "start"
-        self.authenticate()
+        super().start_auth(method, login, passwd)
 
     def after_auth_wait(self):
         self.state = "start"

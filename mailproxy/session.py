@@ -12,7 +12,7 @@ Control flow is plain blocking code in the listener's handler thread; `Close` un
 import errno as errno_mod
 import os
 
-from . import auth_http, backend, ktimeout
+from . import auth_http, backend, ktimeout, sasl
 from . import tls                   # TLS (issue 5)
 from . import realip                # PROXY protocol in (issue 5)
 from .log import sanitize
@@ -31,8 +31,17 @@ def strip_eol(line):
 
 
 def safe_credential(value):
-    """True when a login or password can be written into a protocol line as it is."""
-    return value is None or not (b"\r" in value or b"\n" in value or b"\0" in value)
+    """True when a login or password (or None) can be written into a protocol line as it is."""
+    return value is None or sasl.check_credential(value)
+
+
+class Answered(Exception):
+    """The command ended with its reply already sent (e.g. a bad SASL response line)."""
+
+
+class Refused(Exception):
+    """A command refused after parsing: the protocol's invalid-command reply, not counted in
+    max_errors (reference 3.4)."""
 
 
 class Close(Exception):
@@ -355,6 +364,14 @@ class Session:
         tls.handshake(self, starttls=True)
 
     # ---- authentication, backend login, hand-over -----------------------------------------------
+
+    def start_auth(self, method, login, passwd):
+        """Credentials are complete: refuse CR, LF or NUL in them (nothing a client sends may
+        add a line towards the backend), then authenticate()."""
+        if not safe_credential(login) or not safe_credential(passwd):
+            raise Refused()
+        self.method, self.login, self.passwd = method, login, passwd
+        self.authenticate()
 
     def authenticate(self):
         """Credentials are complete: route the user, log in to the backend, start relaying.

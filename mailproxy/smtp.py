@@ -16,7 +16,7 @@ import base64
 
 from . import backend, resolver, sasl
 from .log import sanitize
-from .session import BackendRejected, Close, Session, strip_eol
+from .session import Answered, BackendRejected, Close, Refused, Session, strip_eol
 
 CRLF = b"\r\n"
 
@@ -161,12 +161,7 @@ def rejected_text(data):
 # ------------------------------------------------------------------------------------------------
 # the session
 
-class Invalid(Exception):
-    """A command refused after parsing: `500 5.5.1 Invalid command`, not counted in max_errors."""
-
-
-class Answered(Exception):
-    """The command ended with a reply already sent."""
+Invalid = Refused     # `500 5.5.1 Invalid command`, not counted in max_errors
 
 
 class SmtpSession(Session):
@@ -264,15 +259,6 @@ class SmtpSession(Session):
 
     def starttls_only(self):
         return getattr(self.conf, "starttls", "off") == "only" and not self.tls
-
-    def start_auth(self, method, login, passwd):
-        if not sasl.check_credential(login) or (passwd is not None
-                                                and not sasl.check_credential(passwd)):
-            raise Invalid()
-        self.method = method
-        self.login = login
-        self.passwd = passwd
-        self.authenticate()
 
     def after_auth_wait(self):
         self.state = "start"
