@@ -39,18 +39,19 @@ def test_workers_run_as_configured_user(proxy_factory, auth_server, pop3_backend
     proxy = proxy_factory({
         "main": {"user": "nobody nogroup"},
         "servers": {"pop3": server_block("pop3", port, auth_http=auth_server.url)}})
-    workers = wait_for(lambda: worker_pids(proxy.pid), what="a worker")
-    (uids, gids) = ids(workers[0])
-    assert uids == [nobody.pw_uid, nobody.pw_uid]
-    assert gids[0] == gids[1] != 0
-    assert ids(proxy.pid)[0][1] == 0            # the master keeps root (for reload, new ports)
-    # and the unprivileged worker still serves a whole session
+    # the worker serves a whole session (it switches user before it serves anything) ...
     import poplib
     c = poplib.POP3("127.0.0.1", port, timeout=5)
     c.user("alice")
     assert c.pass_("secret").startswith(b"+OK")
     assert c.stat()[0] >= 0
     c.quit()
+    # ... as nobody, while the master keeps root (for reload and new ports)
+    (worker,) = wait_for(lambda: worker_pids(proxy.pid), what="a worker")
+    (uids, gids) = ids(worker)
+    assert uids == [nobody.pw_uid, nobody.pw_uid]
+    assert gids[0] == gids[1] != 0
+    assert ids(proxy.pid)[0][1] == 0
 
 
 def test_log_files_handed_to_the_user_and_reopened(proxy_factory, auth_server, pop3_backend):
