@@ -571,30 +571,18 @@ class ImapSession(Session):
 
     def login_backend(self, conn, user, passwd):
         tag = self.tag
-        reply = conn.read_reply()
-        if not reply.startswith(b"* OK"):
-            raise BackendRejected(reply)
+        self.backend_reply(conn, b"* OK")
         if getattr(self.conf, "imap_client_id", False):
-            self.action = "sending ID command to upstream"
-            conn.send(backend_id_command(self.backend_id_fields()))
-            self.action = "reading response from upstream"
-            conn.read_reply(backend_id_complete)     # whatever it says (NO/BAD too)
-        self.action = "sending LOGIN command to upstream"
-        conn.send(tag + b"LOGIN {%d}\r\n" % len(user))
-        self.action = "reading response from upstream"
-        reply = conn.read_reply()
-        if not reply.startswith(b"+"):
-            raise BackendRejected(reply)
-        self.action = "sending user name to upstream"
-        conn.send(user + b" {%d}\r\n" % len(passwd))
-        self.action = "reading response from upstream"
-        reply = conn.read_reply()
-        if not reply.startswith(b"+"):
-            raise BackendRejected(reply)
-        self.action = "sending password to upstream"
-        conn.send(passwd + CRLF)
-        self.action = "reading response from upstream"
-        reply = conn.read_reply(backend_login_complete)
+            # whatever it answers (NO/BAD too)
+            self.backend_step(conn, backend_id_command(self.backend_id_fields()),
+                              "sending ID command to upstream", complete=backend_id_complete)
+        # LOGIN with synchronising literals: each "+" continuation before the next part
+        self.backend_step(conn, tag + b"LOGIN {%d}\r\n" % len(user),
+                          "sending LOGIN command to upstream", b"+")
+        self.backend_step(conn, user + b" {%d}\r\n" % len(passwd),
+                          "sending user name to upstream", b"+")
+        reply = self.backend_step(conn, passwd + CRLF, "sending password to upstream",
+                                  complete=backend_login_complete)
         check_login_reply(reply, tag)
         return reply
 

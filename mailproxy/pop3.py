@@ -220,22 +220,11 @@ class Pop3Session(Session):
     # ---- backend login (section 11.4) -----------------------------------------------------------
 
     def login_backend(self, conn, user, passwd):
-        reply = conn.read_reply()
-        if not reply.startswith(b"+OK"):
-            raise BackendRejected(reply)
-        self.action = "sending user name to upstream"
-        conn.send(b"USER " + user + b"\r\n")
-        self.action = "reading response from upstream"
-        reply = conn.read_reply()
-        if not reply.startswith(b"+OK"):
-            raise BackendRejected(reply)
-        self.action = "sending password to upstream"
-        conn.send(b"PASS " + passwd + b"\r\n")
-        self.action = "reading response from upstream"
-        reply = conn.read_reply()
-        if not reply.startswith(b"+OK"):
-            raise BackendRejected(reply)
-        return reply
+        # Only the exact "+OK" counts, at every step (11.4); the last reply goes to the client.
+        self.backend_reply(conn, b"+OK")
+        self.backend_step(conn, b"USER " + user + b"\r\n", "sending user name to upstream", b"+OK")
+        return self.backend_step(conn, b"PASS " + passwd + b"\r\n", "sending password to upstream",
+                                 b"+OK")
 
     # ---- TLS to the backend (issue 5) ------------------------------------------------------
 

@@ -483,6 +483,21 @@ class Session:
         raise backend.BackendError("STARTTLS to upstream is not available for %s"
                                    % self.protocol)
 
+    def backend_reply(self, conn, ok_prefix=None, complete=None):
+        """Read one backend reply during the login; BackendRejected unless it starts with
+        `ok_prefix` (when given)."""
+        self.action = "reading response from upstream"
+        reply = conn.read_reply(complete)
+        if ok_prefix is not None and not reply.startswith(ok_prefix):
+            raise BackendRejected(reply)
+        return reply
+
+    def backend_step(self, conn, data, action, ok_prefix=None, complete=None):
+        """Send one login step (logged as `action`) and read its reply, as backend_reply."""
+        self.action = action
+        conn.send(data)
+        return self.backend_reply(conn, ok_prefix, complete)
+
     def proxy_header_out(self, backend_sock):
         """The PROXY header for the backend: the (real) client and our listening side."""
         local = self.sock.getsockname()
