@@ -321,7 +321,7 @@ class MainConf:
     error_log: list = field(default_factory=lambda: [LogTarget("stderr")])
     worker_processes: int = 1
     user: Optional[tuple] = None
-    worker_shutdown_timeout: float = 60.0
+    worker_shutdown_timeout: Optional[float] = None    # None: no limit, as nginx
     _where: dict = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, key):
@@ -839,6 +839,10 @@ def f_time(v):
     return [format_time(v)]
 
 
+def f_opt_time(v):
+    return [] if v is None else [format_time(v)]
+
+
 def f_size(v):
     return [format_size(v)]
 
@@ -981,7 +985,8 @@ _TABLE = [
     _d("error_log", _ALL, None, p_error_log, True, multi=True, nargs=(1, 2), fmt=f_error_log),
     _d("worker_processes", _MAIN, "1", p_worker_processes, True, fmt=f_num),
     _d("user", _MAIN, None, p_user, True, nargs=(1, 2), fmt=f_user),
-    _d("worker_shutdown_timeout", _MAIN, "60s", p_time, True, fmt=f_time),
+    # no default, as nginx: a graceful stop or reload never cuts sessions unless this is set
+    _d("worker_shutdown_timeout", _MAIN, None, p_time, True, fmt=f_opt_time),
     # ngx_mail_core_module
     _d("listen", _S, "", p_listen, True, multi=True, nargs=_ANY, fmt=f_listen),
     _d("protocol", _S, None, p_enum("pop3", "imap", "smtp"), True, fmt=f_opt_token),
@@ -1449,3 +1454,14 @@ def _check_server(s, own, seen_listen):
             raise ConfigError('"proxy_pass" in an SMTP server needs "proxy_smtp_auth on": '
                               "without an auth service the backend must check the password",
                               path, s.where("proxy_pass")[1], "proxy_pass")
+        if s.protocol == "smtp" and "none" in (s.smtp_auth or []) and not s.xclient:
+            # No auth service judges MAIL/RCPT and no password is checked: the backend alone
+            # decides whether to relay, and without XCLIENT it would see the proxy's trusted
+            # address for an unchecked client (an open relay).
+            raise ConfigError('"smtp_auth none" with "proxy_pass" needs "xclient on": without '
+                              "an auth service the backend must see the client's address to "
+                              "decide whether to relay, or it relays for anyone who reaches the "
+                              'proxy; set "xclient on" (and allow the proxy in the backend\'s '
+                              'XCLIENT hosts), or use "auth_http"',
+                              path, s.where("xclient")[1] or s.where("smtp_auth")[1]
+                              or s.where("proxy_pass")[1], "xclient")

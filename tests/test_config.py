@@ -134,7 +134,7 @@ def test_defaults(tmp_path):
     assert cfg.path == str(tmp_path / "mailproxy.ini")
     m = cfg.main
     assert m.pid is None and m.daemon is False and m.user is None
-    assert m.worker_processes == 1 and m.worker_shutdown_timeout == 60
+    assert m.worker_processes == 1 and m.worker_shutdown_timeout is None
     assert [(t.kind, t.level) for t in m.error_log] == [("stderr", "error")]
     (s,) = cfg.servers
     assert (s.name, s.file, s.line) == ("pop", cfg.path, 1)
@@ -844,3 +844,19 @@ def test_smtp_proxy_pass_needs_proxy_smtp_auth(tmp_path):
     assert "proxy_smtp_auth on" in err.message and err.line == 4 and err.key == "proxy_pass"
     cfg = load(tmp_path, text + "proxy_smtp_auth = on\n")
     assert cfg.servers[0].proxy_smtp_auth is True
+
+
+@pytest.mark.parametrize("methods", ["none", "plain login none"])
+def test_smtp_auth_none_with_proxy_pass_needs_xclient(tmp_path, methods):
+    """No auth service, no password checked and no XCLIENT: the backend would see the proxy's
+    (trusted) address for anyone's MAIL and RCPT, an open relay."""
+    text = ("[server mx]\nlisten = 127.0.0.1:1025\nprotocol = smtp\n"
+            "proxy_pass = 127.0.0.1:25\nproxy_smtp_auth = on\nsmtp_auth = %s\n"
+            "xclient = off\n" % methods)
+    err = error(tmp_path, text)
+    assert '"xclient on"' in err.message and "relay" in err.message
+    assert err.key == "xclient" and err.line == 7
+    cfg = load(tmp_path, text.replace("xclient = off", "xclient = on"))
+    assert cfg.servers[0].xclient is True
+    # with an auth service, which sees MAIL FROM and RCPT TO, nginx's setup stays valid
+    load(tmp_path, text.replace("proxy_pass = 127.0.0.1:25", "auth_http = 127.0.0.1:9/a"))
