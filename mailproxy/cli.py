@@ -664,6 +664,7 @@ class Worker:
         relay.start()
         self.relay = relay
         self.runtime = Runtime(self.cfg, self.log, relay, self.server_logs)
+        self._check_nofile()
         for lst in self.listeners:
             lst.start(self.runtime)
         while True:
@@ -682,6 +683,16 @@ class Worker:
             if sig == signal.SIGUSR1:
                 self._reopen()
             # SIGHUP: the master reloads; a worker ignores it
+
+    def _check_nofile(self):
+        # Each session holds two descriptors (client, backend); keep a margin for listeners,
+        # auth_http and log files.  nginx leaves this to worker_rlimit_nofile and warns.
+        from .limits import raise_nofile
+        wc = self.cfg.main.worker_connections
+        soft = raise_nofile(wc + 64)
+        if soft != -1 and soft < wc:
+            self.log.log("warn", "%d worker_connections exceed open file resource limit: %d"
+                         % (wc, soft))
 
     def _reopen(self):
         self.log.reopen()

@@ -3,7 +3,7 @@
 The file has three kinds of sections:
 
 * ``[main]``   process level: pid, daemon, error_log, worker_processes, user,
-               worker_shutdown_timeout.
+               worker_shutdown_timeout, worker_connections, limit_prelogin, limit_conn_per_ip.
 * ``[mail]``   nginx's ``mail {}`` level: defaults for every server (optional).
 * ``[server NAME]`` one per nginx ``server {}`` block.
 
@@ -322,6 +322,9 @@ class MainConf:
     worker_processes: int = 1
     user: Optional[tuple] = None
     worker_shutdown_timeout: Optional[float] = None    # None: no limit, as nginx
+    worker_connections: int = 16384
+    limit_prelogin: int = 1000
+    limit_conn_per_ip: int = 0
     _where: dict = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, key):
@@ -987,6 +990,12 @@ _TABLE = [
     _d("user", _MAIN, None, p_user, True, nargs=(1, 2), fmt=f_user),
     # no default, as nginx: a graceful stop or reload never cuts sessions unless this is set
     _d("worker_shutdown_timeout", _MAIN, None, p_time, True, fmt=f_opt_time),
+    # nginx's events { worker_connections }: client and backend sides, each session two
+    _d("worker_connections", _MAIN, "16384", p_num(2), True, fmt=f_num),
+    # ours: pre-login sessions per worker (each holds a handler thread), sessions per client
+    # address (IPv6 per /64; 0 = off)
+    _d("limit_prelogin", _MAIN, "1000", p_num(0), True, fmt=f_num),
+    _d("limit_conn_per_ip", _MAIN, "0", p_num(0), True, fmt=f_num),
     # ngx_mail_core_module
     _d("listen", _S, "", p_listen, True, multi=True, nargs=_ANY, fmt=f_listen),
     _d("protocol", _S, None, p_enum("pop3", "imap", "smtp"), True, fmt=f_opt_token),

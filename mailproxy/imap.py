@@ -379,6 +379,7 @@ class _ClientIO:
 class ImapSession(Session):
     protocol = "imap"
     INTERNAL_ERROR = b"* BAD internal server error\r\n"
+    TEMP_FAILURE = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"  # RFC 5530
 
     def client_buffer_size(self):
         return getattr(self.conf, "imap_client_buffer", None) or PAGE_SIZE

@@ -13,7 +13,8 @@ import socketserver
 import threading
 import time
 
-from . import ktimeout, protocols
+from . import ktimeout, protocols, realip
+from .log import sanitize
 
 _RESOURCE_ERRORS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM}
 
@@ -67,14 +68,16 @@ class HandlerPool:
     """Cached handler threads, shared by every listener of a process (issue 7).
 
     A connection goes to an idle thread when there is one, else to a new thread: the pool
-    grows on demand and is never bounded (a slow client cannot starve the others); a thread
-    idle for `idle_timeout` seconds ends.  Reusing threads saves creating one per connection
+    grows on demand (the threads busy are bounded by `limit_prelogin`, see limits.py); at
+    most `max_spare` idle threads are kept after a burst, and a thread idle for
+    `idle_timeout` seconds ends.  Reusing threads saves creating one per connection
     (clone3, mmap, the Thread.start hand-shake: ~10 system calls and ~10% of a short
     session's CPU).  The hand-off is one lock release to the chosen thread.
     """
 
-    def __init__(self, idle_timeout=30.0):
+    def __init__(self, idle_timeout=30.0, max_spare=32):
         self.idle_timeout = idle_timeout
+        self.max_spare = max_spare
         self._lock = threading.Lock()
         self._idle = []             # [_PoolThread] waiting for work (last in, first out)
         self._threads = 0
@@ -102,6 +105,9 @@ class HandlerPool:
     def _park(self, worker):
         """Wait for the next job; False when the thread should end (idle too long)."""
         with self._lock:
+            if len(self._idle) >= self.max_spare:
+                self._threads -= 1
+                return False
             self._idle.append(worker)
         while True:
             if worker.wake.acquire(timeout=self.idle_timeout):
@@ -170,6 +176,7 @@ class Listener(socketserver.ThreadingTCPServer):
         self.thread = None
         self._active = 0
         self._last_accept_error = 0.0
+        self._last_full_alert = 0.0
         self._active_cond = threading.Condition()
         host = self.key[1]
         if self.address_family == socket.AF_INET and host == "":
@@ -307,40 +314,106 @@ class Listener(socketserver.ThreadingTCPServer):
             return specific.get(local, default)
         return default
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request, client_address, routed=None, ticket=None,
+                               accepted=None):
         with self._active_cond:
             self._active += 1
         try:
             try:
-                conf, listen = self.route(request)
+                conf, listen = routed or self.route(request)
                 cls = protocols.session_class(conf.protocol)
                 t = self._timeout_inherited
-                if t is not None and t == getattr(conf, "timeout", None):
-                    session = cls(request, client_address, conf, listen, self.runtime,
-                                  timeout_set=True)
-                else:
-                    session = cls(request, client_address, conf, listen, self.runtime)
+                session = cls(request, client_address, conf, listen, self.runtime,
+                              timeout_set=t is not None and t == getattr(conf, "timeout", None),
+                              ticket=ticket, accepted=accepted)
             except Exception as e:
-                log = getattr(self.runtime, "log", None)
-                if log is not None:
-                    log.log("alert", "cannot start session on %s: %r" % (self.text, e))
+                self._log("alert", "cannot start session on %s: %s: %s"
+                          % (self.text, type(e).__name__, sanitize(str(e))))
                 request.close()
+                if ticket is not None:
+                    ticket.release()
                 return
             session.run()     # the session owns the socket from here: it closes or hands it on
-        except Exception:
-            pass
+        except Exception as e:
+            self._log("alert", "session on %s ended by %s: %s"
+                      % (self.text, type(e).__name__, sanitize(str(e))))
         finally:
             with self._active_cond:
                 self._active -= 1
                 if self._active == 0:
                     self._active_cond.notify_all()
 
+    def _log(self, level, message):
+        log = getattr(self.runtime, "log", None)
+        if log is not None:
+            log.log(level, message)
+
+    def _handle_request_noblock(self):
+        # nginx stops taking connections when its free ones run out (ngx_event_accept): the
+        # queued ones wait in the backlog (or go to another worker) instead of failing here.
+        adm = getattr(self.runtime, "admission", None)
+        if adm is not None and adm.full():
+            now = time.monotonic()
+            if now - self._last_full_alert > 1.0:
+                self._last_full_alert = now
+                self._log("alert", "%d worker_connections are not enough"
+                          % adm.worker_connections)
+            adm.wait_room(0.1)
+            return
+        socketserver.ThreadingTCPServer._handle_request_noblock(self)
+
     def process_request(self, request, client_address):
-        """A handler thread from the process's pool (not a new thread per connection)."""
+        """Admit the connection (limits.py), then hand it to a handler thread from the
+        process's pool (not a new thread per connection)."""
+        accepted = time.monotonic()
+        routed = self.route(request)
+        ticket = None
+        adm = getattr(self.runtime, "admission", None)
+        if adm is not None:
+            conf, listen = routed
+            ip = client_address[0] if client_address else None
+            exempt = bool(getattr(listen, "proxy_protocol", False)
+                          and getattr(conf, "set_real_ip_from", None)
+                          and realip.trusted(conf, ip, self.address_family))
+            ticket, reason = adm.admit(ip, exempt)
+            if ticket is None:
+                self.refuse(request, client_address, conf, listen, reason)
+                return
         pool = self.pool
         if pool is None:
             pool = self.pool = handler_pool()
-        pool.submit(self.process_request_thread, request, client_address)
+        try:
+            pool.submit(self.process_request_thread, request, client_address, routed, ticket,
+                        accepted)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+
+    def refuse(self, request, client_address, conf, listen, reason):
+        """Over a limit: the protocol's temporary-failure greeting and a log line naming the
+        client.  On an implicit-TLS port the greeting would need a TLS handshake, the very cost
+        the limit exists to avoid: there the connection is closed after the log line."""
+        adm = self.runtime.admission
+        cls = protocols.session_class(conf.protocol)
+        tls = bool(getattr(listen, "ssl", False))
+        log = self.runtime.log_for(conf) if hasattr(self.runtime, "log_for") else None
+        if log is not None and log.enabled("error"):
+            what = {"limit_conn_per_ip": "too many connections from the client's address",
+                    "limit_prelogin": "too many sessions before login",
+                    "worker_connections": "worker_connections are not enough"}[reason]
+            log.log("error", "%s (%s %d)%s, client: %s, server: %s"
+                    % (what, reason, adm.limit_of(reason),
+                       ", closing without greeting on a TLS port" if tls else "",
+                       client_address[0] if client_address else "-", self.text))
+        try:
+            if not tls:
+                request.setblocking(False)
+                request.send(cls.busy_reply(conf))
+        except OSError:
+            pass
+        finally:
+            request.close()
 
     def handle_error(self, request, client_address):
         log = getattr(self.runtime, "log", None)

@@ -50,6 +50,7 @@ def sasl_mechanisms(methods):
 class Pop3Session(Session):
     protocol = "pop3"
     INTERNAL_ERROR = b"-ERR internal server error\r\n"
+    TEMP_FAILURE = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"   # RFC 3206
 
     def client_buffer_size(self):
         return getattr(self.conf, "pop3_client_buffer", None) or BUFFER_SIZE

@@ -3,6 +3,8 @@
 import itertools
 import threading
 
+from . import limits
+
 
 class Runtime:
     """What a session may use beyond its own socket.
@@ -16,6 +18,7 @@ class Runtime:
         self.relay = relay                  # relay.Relay
         self.server_logs = server_logs or {}  # id(ServerConf) -> ErrorLog for servers with error_log
         self.shutting_down = threading.Event()
+        self.admission = limits.Admission.from_config(config.main)   # this worker's limits
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
 

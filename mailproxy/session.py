@@ -11,6 +11,7 @@ Control flow is plain blocking code in the listener's handler thread; `Close` un
 
 import errno as errno_mod
 import os
+import time
 
 from . import auth_http, backend, ktimeout, sasl
 from . import tls                   # TLS (issue 5)
@@ -83,16 +84,19 @@ class LineReader:
     buffered and are handed to the relay after login (pipelining).
     """
 
-    def __init__(self, sock, limit, timeout):
+    def __init__(self, sock, limit, timeout, arm=None):
         self.sock = sock
         self.limit = limit
         self.timeout = timeout
+        self.arm = arm              # bounds the next read by the session's deadline
         self.buf = bytearray()
 
     def _fill(self):
-        # The socket's timeout was set once (ktimeout: the kernel's SO_RCVTIMEO, or Python's
-        # on a TLS socket); either kind of expiry is a client timeout.
+        # The socket's timeout (ktimeout: the kernel's SO_RCVTIMEO, or Python's on a TLS
+        # socket) is kept within the session's deadline by `arm`; either expiry is a timeout.
         room = self.limit - len(self.buf)
+        if self.arm is not None:
+            self.arm()
         try:
             data = self.sock.recv(max(room, 1))
         except ktimeout.TIMEOUT_ERRORS:
@@ -152,11 +156,29 @@ class Session:
 
     protocol = None            # 'pop3' | 'imap' | 'smtp'
     INTERNAL_ERROR = b""       # the protocol's internal-error reply, with CRLF
+    TEMP_FAILURE = b""         # greeting of a connection refused by a limit (limits.py)
 
-    def __init__(self, sock, client_address, conf, listen, runtime, timeout_set=False):
+    # A client socket's timeout is set again only when it would overshoot the deadline by
+    # more than this (a quick login costs no extra system call).
+    ARM_SLACK = 0.25
+
+    @classmethod
+    def busy_reply(cls, conf):
+        """The temporary-failure greeting sent instead of the greeting when a limit refuses
+        the connection."""
+        return cls.TEMP_FAILURE
+
+    def __init__(self, sock, client_address, conf, listen, runtime, timeout_set=False,
+                 ticket=None, accepted=None):
         """timeout_set: `sock` has conf.timeout as its kernel timeouts already (inherited
-        from the listening socket, see listeners.Listener._set_inherited)."""
+        from the listening socket, see listeners.Listener._set_inherited).  ticket: what
+        limits.Admission admitted it with; accepted: time.monotonic() of the accept."""
         self.sock = sock
+        self.ticket = ticket
+        # `timeout` bounds the whole conversation before login, from the accept on, as nginx
+        # arms it once (ngx_mail_init_session); a failed login with Auth-Wait arms it anew.
+        self.deadline = (accepted or time.monotonic()) + conf.timeout
+        self._armed = conf.timeout      # the kernel timeouts now on the socket
         self.conf = conf
         self.listen = listen
         self.rt = runtime
@@ -181,7 +203,7 @@ class Session:
         self.action = None              # the "while ..." part of log lines
         self.upstream = None
         self.quit = False
-        self.reader = LineReader(sock, self.client_buffer_size(), conf.timeout)
+        self.reader = LineReader(sock, self.client_buffer_size(), conf.timeout, self.arm)
         # `timeout` bounds every client read and write: set once, kept by the kernel
         # (no settimeout per call; see ktimeout).  The accepted socket is blocking.
         if not timeout_set:
@@ -196,6 +218,33 @@ class Session:
             self.sock.settimeout(self.conf.timeout)   # TLS sockets keep Python's timeout
         else:
             self.sock.settimeout(None)                # blocking again: the kernel's limit
+
+    def remaining(self):
+        """Seconds left before the pre-login deadline (ClientTimeout when none)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ClientTimeout()
+        return left
+
+    def arm(self):
+        """Bound the next client read or write by the deadline: the socket's own timeout is
+        lowered to what is left when it would otherwise overshoot."""
+        left = self.remaining()
+        sock = self.sock
+        current = sock.gettimeout()
+        if current is not None:                     # Python's timeout (TLS sockets)
+            if current - left > self.ARM_SLACK:
+                sock.settimeout(left)
+        elif self._armed is None or self._armed - left > self.ARM_SLACK:
+            try:
+                ktimeout.set(sock, left)
+            except OSError:
+                sock.settimeout(left)
+            self._armed = left
+
+    def rearm(self):
+        """A fresh `timeout` for the conversation (after a failed login with Auth-Wait)."""
+        self.deadline = time.monotonic() + self.conf.timeout
 
     # ---- overridables -------------------------------------------------------------------
 
@@ -274,6 +323,11 @@ class Session:
         if not data:
             return
         try:
+            self.arm()
+        except ClientTimeout:
+            self.info("client timed out", err=errno_mod.ETIMEDOUT)
+            raise Close() from None
+        try:
             self.sock.sendall(data)
         except ktimeout.TIMEOUT_ERRORS:
             self.info("client timed out", err=errno_mod.ETIMEDOUT)
@@ -309,6 +363,7 @@ class Session:
             # else, before any TLS; may replace client_ip/client_port (set_real_ip_from)
             if self.listen is not None and getattr(self.listen, "proxy_protocol", False):
                 realip.read_header(self)
+                self.recount()
             # -- end PROXY protocol
             # -- TLS (issue 5): implicit TLS handshake right after accept
             if self.listen is not None and getattr(self.listen, "ssl", False):
@@ -342,6 +397,21 @@ class Session:
                     self.sock.close()
                 except OSError:
                     pass
+                if self.ticket is not None:
+                    self.ticket.release()
+
+    def recount(self):
+        """A trusted balancer's PROXY header named the real client: limit_conn_per_ip counts
+        that address from now on (the balancer itself was exempt)."""
+        if self.ticket is None or self.ticket.key is not None:
+            return
+        reason = self.ticket.retarget(self.client_ip)
+        if reason is not None:
+            adm = self.rt.admission
+            self.action = None
+            self.error("too many connections from the client's address (%s %d)"
+                       % (reason, adm.limit_of(reason)))
+            self.send_close(self.busy_reply(self.conf))
 
     def next_line(self):
         """The next client line; a command too long for the buffer is answered and closes."""
@@ -400,6 +470,7 @@ class Session:
                 self.info('client login failed: "%s"' % sanitize(res.message))
                 if res.wait:
                     self.rt.shutting_down.wait(res.wait)
+                    self.rearm()
                     self.send(self.auth_failed_reply(res))
                     self.login = self.passwd = None
                     self.after_auth_wait()
@@ -517,6 +588,8 @@ class Session:
         def done(stats, self=self):
             # nginx's own line for a timeout or shutdown, then always the end-of-session line
             # with what nginx does not log: bytes each way and duration.
+            if self.ticket is not None:
+                self.ticket.release()
             if stats.reason == "client timed out":
                 self.action = "proxying"
                 self.info("client timed out", err=errno_mod.ETIMEDOUT)
@@ -528,6 +601,8 @@ class Session:
                       tail=", bytes from client: %d, bytes to client: %d, duration: %.3fs (%s)"
                       % (stats.bytes_in, stats.bytes_out, stats.duration, stats.reason))
 
+        if self.ticket is not None:
+            self.ticket.logged_in()
         self.rt.relay.add(self.sock, conn.sock, to_backend=pending, to_client=reply,
                           client_buffer=self.relay_client_buffer(),
                           proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,

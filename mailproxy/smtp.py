@@ -168,6 +168,11 @@ class SmtpSession(Session):
     protocol = "smtp"
     INTERNAL_ERROR = INTERNAL_ERROR
 
+    @classmethod
+    def busy_reply(cls, conf):
+        name = str(conf.server_name).encode("utf-8", "surrogateescape")
+        return b"421 4.7.0 " + name + b" Too many connections, try again later\r\n"
+
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.host = resolver.UNAVAILABLE    # Client-Host / XCLIENT NAME

@@ -532,7 +532,7 @@ def test_zipapp_serves(proxy, tmp_path):
 # listeners (in-process, with a stub session class)
 
 class _EchoSession:
-    def __init__(self, sock, client_address, conf, listen, runtime):
+    def __init__(self, sock, client_address, conf, listen, runtime, **kw):
         self.sock, self.conf = sock, conf
 
     def run(self):

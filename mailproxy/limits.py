@@ -1,0 +1,179 @@
+"""What a worker admits: `worker_connections`, `limit_prelogin` and `limit_conn_per_ip`.
+
+No I/O here: the listener asks `Admission` before and after each accept, and each session
+carries the `Ticket` it was admitted with until its last socket is closed (by the session
+before login, by the relay after).  One Admission per worker process (a reload starts new
+workers, so the limits of a new configuration come with them).
+
+Accounting, as nginx's `worker_connections` (every connection a worker holds): a session
+counts as two connections from its accept on, its client socket and the backend socket it
+will open, so that admitting it can never make a session the worker already holds fail for
+want of a connection.
+"""
+
+import ipaddress
+import threading
+
+# What one session holds: its client connection and its backend connection.
+PER_SESSION = 2
+
+
+def address_key(ip):
+    """The unit `limit_conn_per_ip` counts: an IPv4 address, or an IPv6 /64 (one site's
+    network: a client may hold a whole /64 and use a new address per connection)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except (TypeError, ValueError):
+        return ip
+    if addr.version == 6:
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network((int(addr) >> 64 << 64, 64)))
+    return str(addr)
+
+
+class Ticket:
+    """One admitted session: released once, whatever path the session ends by."""
+
+    __slots__ = ("adm", "key", "prelogin", "released")
+
+    def __init__(self, adm, key):
+        self.adm = adm
+        self.key = key              # address_key counted, None when exempt
+        self.prelogin = True
+        self.released = False
+
+    def retarget(self, ip):
+        """The session's real client address is now known (PROXY header from a trusted
+        balancer): count it instead.  Returns None, or the reason it is over its limit
+        (then the ticket is released)."""
+        return self.adm._retarget(self, ip)
+
+    def logged_in(self):
+        """Handed over to the relay: no longer a pre-login session."""
+        self.adm._logged_in(self)
+
+    def release(self):
+        self.adm._release(self)
+
+
+class Admission:
+    """Counts of one worker, shared by its listener threads, handler threads and relay."""
+
+    def __init__(self, worker_connections=0, limit_prelogin=0, limit_conn_per_ip=0):
+        self.worker_connections = worker_connections    # 0: no limit
+        self.limit_prelogin = limit_prelogin
+        self.limit_conn_per_ip = limit_conn_per_ip
+        self._cond = threading.Condition()
+        self.connections = 0        # PER_SESSION for each admitted, unreleased session
+        self.prelogin = 0
+        self.per_ip = {}            # address_key -> sessions (pre-login and relayed)
+
+    @classmethod
+    def from_config(cls, main):
+        return cls(getattr(main, "worker_connections", 0) or 0,
+                   getattr(main, "limit_prelogin", 0) or 0,
+                   getattr(main, "limit_conn_per_ip", 0) or 0)
+
+    # -- the accepting thread -------------------------------------------------------------
+    def full(self):
+        """No room for one more session: the listener stops accepting (as nginx when its
+        free connections run out), leaving connections queued for other workers."""
+        wc = self.worker_connections
+        return bool(wc) and self.connections + PER_SESSION > wc
+
+    def wait_room(self, timeout):
+        """Wait until a session ends (or `timeout` seconds); True when there is room."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self.full(), timeout)
+
+    def admit(self, ip, exempt=False):
+        """(Ticket, None) for an admitted session, or (None, reason) when a limit refuses it.
+
+        `exempt`: the peer is a trusted balancer (set_real_ip_from) whose PROXY header is not
+        read yet; it is counted by its real address later (`Ticket.retarget`).
+        """
+        key = None if exempt else address_key(ip)
+        with self._cond:
+            if self.full():
+                return None, "worker_connections"
+            if self.limit_prelogin and self.prelogin >= self.limit_prelogin:
+                return None, "limit_prelogin"
+            if key is not None and self.limit_conn_per_ip \
+                    and self.per_ip.get(key, 0) >= self.limit_conn_per_ip:
+                return None, "limit_conn_per_ip"
+            self.connections += PER_SESSION
+            self.prelogin += 1
+            if key is not None:
+                self.per_ip[key] = self.per_ip.get(key, 0) + 1
+            return Ticket(self, key), None
+
+    def limit_of(self, reason):
+        return getattr(self, reason)
+
+    # -- tickets ------------------------------------------------------------------------------
+    def _uncount_ip(self, key):
+        n = self.per_ip.get(key, 0) - 1
+        if n > 0:
+            self.per_ip[key] = n
+        else:
+            self.per_ip.pop(key, None)
+
+    def _retarget(self, t, ip):
+        key = address_key(ip)
+        with self._cond:
+            if t.released or key == t.key:
+                return None
+            if self.limit_conn_per_ip and self.per_ip.get(key, 0) >= self.limit_conn_per_ip:
+                reason = "limit_conn_per_ip"
+            else:
+                reason = None
+            if t.key is not None:
+                self._uncount_ip(t.key)
+                t.key = None
+            if reason is None:
+                self.per_ip[key] = self.per_ip.get(key, 0) + 1
+                t.key = key
+                return None
+        t.release()
+        return reason
+
+    def _logged_in(self, t):
+        with self._cond:
+            if t.prelogin and not t.released:
+                t.prelogin = False
+                self.prelogin -= 1
+                self._cond.notify_all()
+
+    def _release(self, t):
+        with self._cond:
+            if t.released:
+                return
+            t.released = True
+            self.connections -= PER_SESSION
+            if t.prelogin:
+                t.prelogin = False
+                self.prelogin -= 1
+            if t.key is not None:
+                self._uncount_ip(t.key)
+            self._cond.notify_all()
+
+    def snapshot(self):
+        with self._cond:
+            return {"connections": self.connections, "prelogin": self.prelogin,
+                    "addresses": len(self.per_ip)}
+
+
+def raise_nofile(needed):
+    """Raise this process's soft RLIMIT_NOFILE towards `needed` descriptors (at most the hard
+    limit, which needs no privilege); the soft limit now in force."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (OSError, ValueError):
+            pass
+    return soft
