@@ -18,7 +18,7 @@ become clear configuration errors (never silently weaker checks).
 import errno as errno_mod
 import hashlib
 import os
-import select
+import selectors
 import ssl
 import tempfile
 import threading
@@ -587,19 +587,21 @@ def _make_sni_callback(st):
 # ---------------------------------------------------------------------------------------------
 # sessions
 
-def handshake(session, starttls=False):
+def handshake(session, starttls=False, deadline=None):
     """Run the server handshake on session.sock (implicit TLS or after STARTTLS/STLS).
 
     On success the session's socket is the SSLSocket, `session.tls` is True and
     `session.ssl_headers` holds the Auth-SSL-* pairs. A failed or stalled handshake is logged at
-    info and closes silently; a refused client certificate gets the protocol's line, then closes.
+    info and closes; a refused client certificate gets the protocol's line, then closes.
+    `deadline` (time.monotonic()) bounds the whole handshake; by default `timeout` from now.
     """
     from .session import Close
     conf = session.conf
     st = server_tls(conf)
     raw = session.sock
     session.action = "SSL handshaking"
-    deadline = time.monotonic() + conf.timeout
+    if deadline is None:
+        deadline = time.monotonic() + conf.timeout
     try:
         sock = st.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
     except OSError as e:
@@ -608,31 +610,42 @@ def handshake(session, starttls=False):
     session.sock = sock
     session.reader.sock = sock
     sock.setblocking(False)
-    while True:
-        try:
-            sock.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            want = ([sock], [])
-        except ssl.SSLWantWriteError:
-            want = ([], [sock])
-        except ssl.SSLError as e:
-            session.info("SSL_do_handshake() failed (SSL: %s)" % _ssl_text(e))
-            raise Close() from None
-        except OSError as e:
-            if e.errno in (None, 0):
-                session.info("peer closed connection in SSL handshake")
-            else:
-                session.info("SSL_do_handshake() failed", err=e.errno)
-            raise Close() from None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            session.info("client timed out", err=errno_mod.ETIMEDOUT)
-            raise Close() from None
-        try:
-            select.select(want[0], want[1], [], remaining)
-        except (OSError, ValueError):
-            raise Close() from None
+    # selectors (poll/epoll), never select.select(): descriptors above 1023 are common here
+    with selectors.DefaultSelector() as sel:
+        registered = 0
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                want = selectors.EVENT_READ
+            except ssl.SSLWantWriteError:
+                want = selectors.EVENT_WRITE
+            except ssl.SSLError as e:
+                session.info("SSL_do_handshake() failed (SSL: %s)" % _ssl_text(e))
+                raise Close() from None
+            except OSError as e:
+                if e.errno in (None, 0):
+                    session.info("peer closed connection in SSL handshake")
+                else:
+                    session.info("SSL_do_handshake() failed", err=e.errno)
+                raise Close() from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                session.info("client timed out", err=errno_mod.ETIMEDOUT)
+                raise Close() from None
+            try:
+                if not registered:
+                    sel.register(sock, want)
+                elif registered != want:
+                    sel.modify(sock, want)
+                registered = want
+                sel.select(remaining)
+            except (OSError, ValueError) as e:    # never expected: say so, do not just close
+                errno = getattr(e, "errno", None)
+                session.error("%s() failed%s" % (type(sel).__name__,
+                                                  "" if errno else " (%s)" % e), err=errno)
+                raise Close() from None
     sock.setblocking(True)
     sock.settimeout(conf.timeout)
     session.tls_handshaked = True
