@@ -6,26 +6,23 @@ sessions never build contexts. `handshake(session)` upgrades a session's socket 
 session's socket becomes a blocking `ssl.SSLSocket` with timeouts), checks the client certificate
 like nginx's ngx_mail_verify_cert, and fills `session.ssl_headers` for auth_http.
 
-Python's `ssl` has no verify callback, no ALPN-refusal, no verify-depth or session-cache knobs.
-nginx behaviour depends on them (a bad client certificate must complete the handshake so the
-client gets the protocol's `... SSL certificate error` line), so `_Native` reaches the very same
-OpenSSL library the `_ssl` module uses through ctypes, for a handful of documented OpenSSL calls
-on the SSL_CTX/SSL objects of Python's own SSLContext/SSLSocket. Every pointer is cross-checked
-against what Python reports before use; when that is not possible the features that need it
-become clear configuration errors (never silently weaker checks).
+Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth or session-cache knobs;
+tls_native.py reaches them in the OpenSSL library `_ssl` uses, after validating every pointer.
+When it cannot, the directives that need it are configuration errors (`_require_native`), never
+silently weaker checks; only ALPN refusal, which no directive controls, is then left out.
 """
 
 import errno as errno_mod
 import hashlib
 import os
-import select
+import selectors
 import ssl
 import tempfile
-import threading
 import time
 import warnings
 
 from .config import ConfigError
+from .tls_native import Native, PointerError, native, native_error
 
 # Replies after the handshake when the client certificate is not acceptable (reference 9.3).
 CERT_ERROR = {
@@ -54,219 +51,6 @@ _NO_PROTOCOL_OPTION = {
     "TLSv1": "OP_NO_TLSv1", "TLSv1.1": "OP_NO_TLSv1_1",
     "TLSv1.2": "OP_NO_TLSv1_2", "TLSv1.3": "OP_NO_TLSv1_3",
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# the OpenSSL calls Python's ssl module does not offer
-
-class _Native:
-    """Documented OpenSSL functions of the libssl/libcrypto `_ssl` is linked against."""
-
-    SSL_VERIFY_PEER = 1
-    SSL_CTRL_SET_SESS_CACHE_SIZE = 42
-    SSL_CTRL_SET_SESS_CACHE_MODE = 44
-    SSL_CTRL_SET_GROUPS_LIST = 92
-    SSL_SESS_CACHE_OFF = 0
-    SSL_SESS_CACHE_SERVER = 2
-    SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
-    BIO_CTRL_INFO = 3
-    # XN_FLAG_RFC2253: ASN1_STRFLGS_RFC2253 | XN_FLAG_SEP_COMMA_PLUS | XN_FLAG_DN_REV
-    #                  | XN_FLAG_FN_SN | XN_FLAG_DUMP_UNKNOWN_FIELDS
-    XN_FLAG_RFC2253 = (0x1 | 0x2 | 0x4 | 0x10 | 0x100 | 0x200) | (1 << 16) | (1 << 20) | (1 << 24)
-
-    def __init__(self):
-        import ctypes
-        import _ssl
-        self.ct = ct = ctypes
-        lib = ct.CDLL(getattr(_ssl, "__file__", None))   # dlsym searches its libssl/libcrypto
-        vp, i, L = ct.c_void_p, ct.c_int, ct.c_long
-
-        def fn(name, res, *args):
-            f = getattr(lib, name)
-            f.restype = res
-            f.argtypes = list(args)
-            return f
-        self.SSL_CTX_set_verify = fn("SSL_CTX_set_verify", None, vp, i, vp)
-        self.SSL_CTX_get_verify_mode = fn("SSL_CTX_get_verify_mode", i, vp)
-        self.SSL_CTX_get_options = fn("SSL_CTX_get_options", ct.c_uint64, vp)
-        self.SSL_CTX_set_verify_depth = fn("SSL_CTX_set_verify_depth", None, vp, i)
-        self.SSL_CTX_ctrl = fn("SSL_CTX_ctrl", L, vp, i, L, vp)
-        self.SSL_CTX_set_timeout = fn("SSL_CTX_set_timeout", L, vp, L)
-        self.SSL_CTX_set_session_id_context = fn("SSL_CTX_set_session_id_context", i, vp,
-                                                 ct.c_char_p, ct.c_uint)
-        self.SSL_CTX_set_alpn_select_cb = fn("SSL_CTX_set_alpn_select_cb", None, vp, vp, vp)
-        self.SSL_load_client_CA_file = fn("SSL_load_client_CA_file", vp, ct.c_char_p)
-        self.SSL_CTX_set_client_CA_list = fn("SSL_CTX_set_client_CA_list", None, vp, vp)
-        self.SSL_get_SSL_CTX = fn("SSL_get_SSL_CTX", vp, vp)
-        self.SSL_get_verify_result = fn("SSL_get_verify_result", L, vp)
-        self.X509_verify_cert_error_string = fn("X509_verify_cert_error_string", ct.c_char_p, L)
-        try:
-            self.SSL_get_peer_certificate = fn("SSL_get1_peer_certificate", vp, vp)
-        except AttributeError:   # OpenSSL 1.1
-            self.SSL_get_peer_certificate = fn("SSL_get_peer_certificate", vp, vp)
-        self.X509_free = fn("X509_free", None, vp)
-        self.X509_get_subject_name = fn("X509_get_subject_name", vp, vp)
-        self.X509_get_issuer_name = fn("X509_get_issuer_name", vp, vp)
-        self.BIO_s_mem = fn("BIO_s_mem", vp)
-        self.BIO_new = fn("BIO_new", vp, vp)
-        self.BIO_free = fn("BIO_free", i, vp)
-        self.BIO_ctrl = fn("BIO_ctrl", L, vp, i, L, vp)
-        self.X509_NAME_print_ex = fn("X509_NAME_print_ex", i, vp, vp, i, ct.c_ulong)
-        self.SSL_CONF_CTX_new = fn("SSL_CONF_CTX_new", vp)
-        self.SSL_CONF_CTX_set_flags = fn("SSL_CONF_CTX_set_flags", ct.c_uint, vp, ct.c_uint)
-        self.SSL_CONF_CTX_set_ssl_ctx = fn("SSL_CONF_CTX_set_ssl_ctx", None, vp, vp)
-        self.SSL_CONF_cmd = fn("SSL_CONF_cmd", i, vp, ct.c_char_p, ct.c_char_p)
-        self.SSL_CONF_CTX_finish = fn("SSL_CONF_CTX_finish", i, vp)
-        self.SSL_CONF_CTX_free = fn("SSL_CONF_CTX_free", None, vp)
-        self.VERIFY_CB = ct.CFUNCTYPE(i, i, vp)
-        self.ALPN_CB = ct.CFUNCTYPE(i, vp, ct.POINTER(vp), ct.POINTER(ct.c_ubyte), vp,
-                                    ct.c_uint, vp)
-        # nginx's ngx_ssl_verify_callback: record the result, never fail the handshake.
-        self.accept_all = self.VERIFY_CB(lambda ok, store: 1)
-        self.head = object.__basicsize__            # PyObject_HEAD
-        self.ptr = ct.sizeof(vp)
-        self._selftest()
-
-    # -- pointers behind Python objects, cross-checked ----------------------------------------
-    def ctx_ptr(self, context):
-        """SSL_CTX* of an ssl.SSLContext (PySSLContext: PyObject_HEAD; SSL_CTX *ctx; ...)."""
-        p = self.ct.c_void_p.from_address(id(context) + self.head).value
-        if not p or self.SSL_CTX_get_options(p) != int(context.options) \
-                or (self.SSL_CTX_get_verify_mode(p) & 3) != _mode_bits(context.verify_mode):
-            raise RuntimeError("SSL_CTX pointer check failed")
-        return p
-
-    def ssl_ptr(self, sslsock):
-        """SSL* of a connected ssl.SSLSocket (PySSLSocket: PyObject_HEAD; PyObject *Socket; SSL *ssl)."""
-        obj = sslsock._sslobj
-        p = self.ct.c_void_p.from_address(id(obj) + self.head + self.ptr).value
-        if not p or self.SSL_get_SSL_CTX(p) != self.ctx_ptr(sslsock.context):
-            raise RuntimeError("SSL pointer check failed")
-        return p
-
-    def _selftest(self):
-        c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        for opt in (0, ssl.OP_NO_TICKET):
-            c.options |= opt
-            self.ctx_ptr(c)
-        c.verify_mode = ssl.CERT_OPTIONAL
-        self.ctx_ptr(c)
-
-    # -- operations ----------------------------------------------------------------------------
-    def verify_accept_all(self, context, depth):
-        p = self.ctx_ptr(context)
-        self.SSL_CTX_set_verify(p, self.SSL_VERIFY_PEER, self.accept_all)
-        self.SSL_CTX_set_verify_depth(p, depth)
-
-    def set_client_ca_list(self, context, path):
-        names = self.SSL_load_client_CA_file(os.fsencode(path))
-        if not names:
-            return False
-        self.SSL_CTX_set_client_CA_list(self.ctx_ptr(context), names)
-        return True
-
-    def set_groups(self, context, groups):
-        return self.SSL_CTX_ctrl(self.ctx_ptr(context), self.SSL_CTRL_SET_GROUPS_LIST, 0,
-                                 self.ct.c_char_p(groups.encode())) == 1
-
-    def session_cache(self, context, mode, size, timeout):
-        p = self.ctx_ptr(context)
-        self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_MODE, mode, None)
-        if size is not None:
-            self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
-        self.SSL_CTX_set_timeout(p, int(timeout))
-        self.SSL_CTX_set_session_id_context(p, b"MAIL", 4)
-
-    def alpn_strict(self, context, proto):
-        """Select `proto` if offered; a client offering ALPN without it gets a fatal alert."""
-        ct = self.ct
-        buf = ct.create_string_buffer(proto, len(proto))
-
-        def select_cb(_ssl, out, outlen, inp, inlen, _arg):
-            data = ct.string_at(inp, inlen)
-            k = 0
-            while k < len(data):
-                n = data[k]
-                if data[k + 1:k + 1 + n] == proto:
-                    out[0] = ct.addressof(buf)
-                    outlen[0] = len(proto)
-                    return 0            # SSL_TLSEXT_ERR_OK
-                k += 1 + n
-            return 2                    # SSL_TLSEXT_ERR_ALERT_FATAL: no_application_protocol
-        cb = self.ALPN_CB(select_cb)
-        self.SSL_CTX_set_alpn_select_cb(self.ctx_ptr(context), cb, None)
-        return (cb, buf)                # the caller keeps them alive with the context
-
-    def conf_commands(self, context, commands):
-        """ssl_conf_command: SSL_CONF_cmd() on the context; the first failing name or None."""
-        cctx = self.SSL_CONF_CTX_new()
-        try:
-            # SSL_CONF_FLAG_FILE | SERVER | CERTIFICATE | SHOW_ERRORS, as nginx
-            self.SSL_CONF_CTX_set_flags(cctx, 0x2 | 0x8 | 0x20 | 0x10)
-            self.SSL_CONF_CTX_set_ssl_ctx(cctx, self.ctx_ptr(context))
-            for name, value in commands:
-                if self.SSL_CONF_cmd(cctx, name.encode(), value.encode()) <= 0:
-                    return name
-            if self.SSL_CONF_CTX_finish(cctx) != 1:
-                return commands[-1][0] if commands else "?"
-            return None
-        finally:
-            self.SSL_CONF_CTX_free(cctx)
-
-    def verify_result(self, sslsock):
-        rc = self.SSL_get_verify_result(self.ssl_ptr(sslsock))
-        text = self.X509_verify_cert_error_string(rc) or b"?"
-        return rc, text.decode("ascii", "replace")
-
-    def peer_dns(self, sslsock):
-        """(subject, issuer) of the client certificate in X509_NAME_print_ex RFC 2253 form."""
-        cert = self.SSL_get_peer_certificate(self.ssl_ptr(sslsock))
-        if not cert:
-            return None, None
-        try:
-            return (self._name(self.X509_get_subject_name(cert)),
-                    self._name(self.X509_get_issuer_name(cert)))
-        finally:
-            self.X509_free(cert)
-
-    def _name(self, name):
-        if not name:
-            return ""
-        bio = self.BIO_new(self.BIO_s_mem())
-        try:
-            if self.X509_NAME_print_ex(bio, name, 0, self.XN_FLAG_RFC2253) < 0:
-                return ""
-            data = self.ct.c_void_p()
-            n = self.BIO_ctrl(bio, self.BIO_CTRL_INFO, 0, self.ct.byref(data))
-            return self.ct.string_at(data.value, n).decode("utf-8", "replace") if n > 0 else ""
-        finally:
-            self.BIO_free(bio)
-
-
-def _mode_bits(mode):
-    return {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}[mode]
-
-
-_native = None
-_native_error = None
-_native_lock = threading.Lock()
-
-
-def native():
-    """The _Native helper, or None (then `native_error()` says why)."""
-    global _native, _native_error
-    with _native_lock:
-        if _native is None and _native_error is None:
-            try:
-                _native = _Native()
-            except Exception as e:   # not CPython, other layout, symbols missing
-                _native_error = "%s: %s" % (type(e).__name__, e)
-        return _native
-
-
-def native_error():
-    native()
-    return _native_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,14 +209,9 @@ def _build_context(conf, st, pairs, cert_key):
                 raise _err(conf, "ssl_crl", 'cannot load CRL file "%s": %s'
                            % (conf.ssl_crl, _reason(e))) from None
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
-        if n is None:
-            if verify == "optional_no_ca":
-                _require_native(conf, st, "ssl_verify_client", "optional_no_ca")
-            if conf.ssl_verify_depth != 1:
-                _require_native(conf, st, "ssl_verify_depth", "a verify depth")
-            # Without the verify callback a bad certificate fails the handshake itself.
-            ctx.verify_mode = ssl.CERT_OPTIONAL
-        elif conf.ssl_client_certificate and not n.set_client_ca_list(ctx, conf.ssl_client_certificate):
+        # ngx_ssl_verify_callback, the certificate-error line and verify depth need the layer
+        _require_native(conf, st, "ssl_verify_client", "a verify callback")
+        if conf.ssl_client_certificate and not n.set_client_ca_list(ctx, conf.ssl_client_certificate):
             raise _err(conf, "ssl_client_certificate", 'no CA names in "%s"'
                        % conf.ssl_client_certificate)
     # -- key exchange
@@ -468,13 +247,13 @@ def _build_context(conf, st, pairs, cert_key):
                    "mailproxy cannot share TLS sessions between worker processes; use "
                    '"builtin[:size]" (per process) or "none"')
     if cache == ["off"]:
-        mode = _Native.SSL_SESS_CACHE_OFF
+        mode = Native.SSL_SESS_CACHE_OFF
     elif cache == ["none"]:
         # nginx: tell clients sessions may be reused, store none (Outlook Express needs this)
-        mode = _Native.SSL_SESS_CACHE_SERVER | _Native.SSL_SESS_CACHE_NO_INTERNAL_STORE
+        mode = Native.SSL_SESS_CACHE_SERVER | Native.SSL_SESS_CACHE_NO_INTERNAL_STORE
         size = 1
     else:
-        mode = _Native.SSL_SESS_CACHE_SERVER
+        mode = Native.SSL_SESS_CACHE_SERVER
         for a in cache:
             if a.startswith("builtin:"):
                 size = int(a[8:])
@@ -587,19 +366,21 @@ def _make_sni_callback(st):
 # ---------------------------------------------------------------------------------------------
 # sessions
 
-def handshake(session, starttls=False):
+def handshake(session, starttls=False, deadline=None):
     """Run the server handshake on session.sock (implicit TLS or after STARTTLS/STLS).
 
     On success the session's socket is the SSLSocket, `session.tls` is True and
     `session.ssl_headers` holds the Auth-SSL-* pairs. A failed or stalled handshake is logged at
-    info and closes silently; a refused client certificate gets the protocol's line, then closes.
+    info and closes; a refused client certificate gets the protocol's line, then closes.
+    `deadline` (time.monotonic()) bounds the whole handshake; by default `timeout` from now.
     """
     from .session import Close
     conf = session.conf
     st = server_tls(conf)
     raw = session.sock
     session.action = "SSL handshaking"
-    deadline = time.monotonic() + conf.timeout
+    if deadline is None:
+        deadline = time.monotonic() + conf.timeout
     try:
         sock = st.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
     except OSError as e:
@@ -608,37 +389,56 @@ def handshake(session, starttls=False):
     session.sock = sock
     session.reader.sock = sock
     sock.setblocking(False)
-    while True:
-        try:
-            sock.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            want = ([sock], [])
-        except ssl.SSLWantWriteError:
-            want = ([], [sock])
-        except ssl.SSLError as e:
-            session.info("SSL_do_handshake() failed (SSL: %s)" % _ssl_text(e))
-            raise Close() from None
-        except OSError as e:
-            if e.errno in (None, 0):
-                session.info("peer closed connection in SSL handshake")
-            else:
-                session.info("SSL_do_handshake() failed", err=e.errno)
-            raise Close() from None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            session.info("client timed out", err=errno_mod.ETIMEDOUT)
-            raise Close() from None
-        try:
-            select.select(want[0], want[1], [], remaining)
-        except (OSError, ValueError):
-            raise Close() from None
+    # selectors (poll/epoll), never select.select(): descriptors above 1023 are common here
+    with selectors.DefaultSelector() as sel:
+        registered = 0
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                want = selectors.EVENT_READ
+            except ssl.SSLWantWriteError:
+                want = selectors.EVENT_WRITE
+            except ssl.SSLError as e:
+                session.info("SSL_do_handshake() failed (SSL: %s)" % _ssl_text(e))
+                raise Close() from None
+            except OSError as e:
+                if e.errno in (None, 0):
+                    session.info("peer closed connection in SSL handshake")
+                else:
+                    session.info("SSL_do_handshake() failed", err=e.errno)
+                raise Close() from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                session.info("client timed out", err=errno_mod.ETIMEDOUT)
+                raise Close() from None
+            try:
+                if not registered:
+                    sel.register(sock, want)
+                elif registered != want:
+                    sel.modify(sock, want)
+                registered = want
+                sel.select(remaining)
+            except (OSError, ValueError) as e:    # never expected: say so, do not just close
+                errno = getattr(e, "errno", None)
+                session.error("%s() failed%s" % (type(sel).__name__,
+                                                  "" if errno else " (%s)" % e), err=errno)
+                raise Close() from None
     sock.setblocking(True)
     sock.settimeout(conf.timeout)
     session.tls_handshaked = True
-    _check_client_cert(session, st, sock)
+    peer = None
+    if st.verify != "off":      # check_server made sure the native layer is there
+        try:
+            p = st.native.ssl_ptr(sock)
+            peer = st.native.verify_result(p) + st.native.peer_dns(p)
+        except PointerError as e:
+            session.error("client SSL certificate cannot be checked: %s" % e)
+            raise Close() from None
+    _check_client_cert(session, st, sock, peer)
     session.tls = True
-    session.ssl_headers = _ssl_headers(session, st, sock)
+    session.ssl_headers = _ssl_headers(session, st, sock, peer)
     session.action = None
 
 
@@ -648,24 +448,25 @@ def _ssl_text(e):
     return "%s%s" % ("" if not lib else "%s: " % lib, text)
 
 
-def _check_client_cert(session, st, sock):
-    """ngx_mail_verify_cert: the protocol's error line and close, or return."""
+def _check_client_cert(session, st, sock, peer):
+    """ngx_mail_verify_cert: the protocol's error line and close, or return.
+
+    peer: (verify code, its text, subject, issuer) from the native layer."""
     from .session import Close
     if st.verify == "off":
         return
-    if st.native is not None:
-        rc, text = st.native.verify_result(sock)
-        if rc != 0 and not (st.verify == "optional_no_ca" and rc in _OPTIONAL_NO_CA_ERRORS):
-            session.info("client SSL certificate verify error: (%d:%s)" % (rc, text))
-            session.send(CERT_ERROR[session.protocol])
-            raise Close()
+    rc, text = peer[0], peer[1]
+    if rc != 0 and not (st.verify == "optional_no_ca" and rc in _OPTIONAL_NO_CA_ERRORS):
+        session.info("client SSL certificate verify error: (%d:%s)" % (rc, text))
+        session.send(CERT_ERROR[session.protocol])
+        raise Close()
     if st.verify == "on" and sock.getpeercert(binary_form=True) is None:
         session.info("client sent no required SSL certificate")
         session.send(NO_CERT[session.protocol])
         raise Close()
 
 
-def _ssl_headers(session, st, sock):
+def _ssl_headers(session, st, sock, peer):
     conf = session.conf
     headers = [("Auth-SSL", "on")]
     version = sock.version()
@@ -679,13 +480,7 @@ def _ssl_headers(session, st, sock):
         if der is None:
             headers.append(("Auth-SSL-Verify", "NONE"))
         else:
-            if st.native is not None:
-                rc, text = st.native.verify_result(sock)
-                subject, issuer = st.native.peer_dns(sock)
-            else:
-                rc, text = 0, "ok"      # a failed verification ended the handshake
-                info = sock.getpeercert() or {}
-                subject, issuer = rfc2253(info.get("subject")), rfc2253(info.get("issuer"))
+            rc, text, subject, issuer = peer
             headers.append(("Auth-SSL-Verify", "SUCCESS" if rc == 0 else "FAILED:" + text))
             if subject:
                 headers.append(("Auth-SSL-Subject", subject))
@@ -701,37 +496,6 @@ def _ssl_headers(session, st, sock):
     if name:
         headers.append(("Auth-SSL-Server-Name", name))
     return headers
-
-
-_SHORT = {
-    "commonName": "CN", "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
-    "organizationName": "O", "organizationalUnitName": "OU", "streetAddress": "street",
-    "domainComponent": "DC", "userId": "UID", "givenName": "GN", "surname": "SN",
-}
-
-
-def rfc2253(name):
-    """Fallback formatter for getpeercert()'s name tuples (used only without _Native)."""
-    if not name:
-        return ""
-    out = []
-    for rdn in reversed(name):
-        out.append("+".join("%s=%s" % (_SHORT.get(k, k), _escape_dn(v)) for k, v in rdn))
-    return ",".join(out)
-
-
-def _escape_dn(value):
-    res = []
-    for i, ch in enumerate(value):
-        if ch in ',+"\\<>;' or (i == 0 and ch in "# ") or (i == len(value) - 1 and ch == " "):
-            res.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            res.append("\\%02X" % ord(ch))
-        elif ord(ch) > 0x7F:
-            res.append("".join("\\%02X" % b for b in ch.encode("utf-8")))
-        else:
-            res.append(ch)
-    return "".join(res)
 
 
 def shutdown(sock):

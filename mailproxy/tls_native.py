@@ -1,0 +1,293 @@
+"""The OpenSSL calls Python's ssl module does not offer, through ctypes (reference 2.4, 9).
+
+Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth or session-cache knobs;
+nginx behaviour depends on them, so `Native` reaches the very same OpenSSL library the `_ssl`
+module uses for a handful of documented OpenSSL calls on the SSL_CTX/SSL objects behind
+Python's own SSLContext/SSLSocket.
+
+Those pointers are read from CPython's object layout, so each one is validated before OpenSSL
+ever sees it, with checks that cannot crash: the object is large enough for the field, the
+pointer lies in readable memory of this process (/proc/self/maps), and only then read-only
+OpenSSL getters compare it with what Python reports (SSL_CTX: options and verify mode; SSL:
+SSL_get_SSL_CTX() against the validated SSL_CTX*). A start-up self-test runs every check on
+fresh objects; if anything fails, or MAILPROXY_NO_NATIVE_TLS=1 is set, `native()` is None and
+the directives that need it are start errors (tls.py), never silently weaker checks.
+"""
+
+import os
+import ssl
+import threading
+
+ENV_OFF = "MAILPROXY_NO_NATIVE_TLS"
+
+# Bytes of the OpenSSL structures the getters may read, checked readable before any call
+# (OpenSSL 3.0: SSL_CTX options at 312; SSL's ctx field at 2472, SSL_CONNECTION larger still).
+_CTX_SPAN = 1024
+_SSL_SPAN = 4096
+
+
+class PointerError(RuntimeError):
+    """A pointer read from Python's object layout failed validation (nothing was called)."""
+
+
+def _readable_spans():
+    """[[start, end]] of this process's readable mappings, adjacent ones merged."""
+    spans = []
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            fields = line.split(None, 2)
+            if len(fields) < 2 or not fields[1].startswith(b"r"):
+                continue
+            lo, _, hi = fields[0].partition(b"-")
+            lo, hi = int(lo, 16), int(hi, 16)
+            if spans and spans[-1][1] == lo:
+                spans[-1][1] = hi
+            else:
+                spans.append([lo, hi])
+    return spans
+
+
+def readable(addr, size, spans=None, align=8):
+    """True when [addr, addr+size) lies in readable memory of this process (never touches it)."""
+    if not addr or addr % align:
+        return False
+    end = addr + size
+    return any(lo <= addr and end <= hi for lo, hi in (spans or _readable_spans()))
+
+
+class Native:
+    """Documented OpenSSL functions of the libssl/libcrypto `_ssl` is linked against."""
+
+    SSL_VERIFY_PEER = 1
+    SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+    SSL_CTRL_SET_SESS_CACHE_MODE = 44
+    SSL_CTRL_SET_GROUPS_LIST = 92
+    SSL_SESS_CACHE_OFF = 0
+    SSL_SESS_CACHE_SERVER = 2
+    SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
+    BIO_CTRL_INFO = 3
+    # XN_FLAG_RFC2253: ASN1_STRFLGS_RFC2253 | XN_FLAG_SEP_COMMA_PLUS | XN_FLAG_DN_REV
+    #                  | XN_FLAG_FN_SN | XN_FLAG_DUMP_UNKNOWN_FIELDS
+    XN_FLAG_RFC2253 = (0x1 | 0x2 | 0x4 | 0x10 | 0x100 | 0x200) | (1 << 16) | (1 << 20) | (1 << 24)
+
+    def __init__(self):
+        import ctypes
+        import _ssl
+        self.ct = ct = ctypes
+        lib = ct.CDLL(getattr(_ssl, "__file__", None))   # dlsym searches its libssl/libcrypto
+        vp, i, L = ct.c_void_p, ct.c_int, ct.c_long
+
+        def fn(name, res, *args):
+            f = getattr(lib, name)
+            f.restype = res
+            f.argtypes = list(args)
+            return f
+        self.SSL_CTX_set_verify = fn("SSL_CTX_set_verify", None, vp, i, vp)
+        self.SSL_CTX_get_verify_mode = fn("SSL_CTX_get_verify_mode", i, vp)
+        self.SSL_CTX_get_options = fn("SSL_CTX_get_options", ct.c_uint64, vp)
+        self.SSL_CTX_set_verify_depth = fn("SSL_CTX_set_verify_depth", None, vp, i)
+        self.SSL_CTX_ctrl = fn("SSL_CTX_ctrl", L, vp, i, L, vp)
+        self.SSL_CTX_set_timeout = fn("SSL_CTX_set_timeout", L, vp, L)
+        self.SSL_CTX_set_session_id_context = fn("SSL_CTX_set_session_id_context", i, vp,
+                                                 ct.c_char_p, ct.c_uint)
+        self.SSL_CTX_set_alpn_select_cb = fn("SSL_CTX_set_alpn_select_cb", None, vp, vp, vp)
+        self.SSL_load_client_CA_file = fn("SSL_load_client_CA_file", vp, ct.c_char_p)
+        self.SSL_CTX_set_client_CA_list = fn("SSL_CTX_set_client_CA_list", None, vp, vp)
+        self.SSL_get_SSL_CTX = fn("SSL_get_SSL_CTX", vp, vp)
+        self.SSL_get_verify_result = fn("SSL_get_verify_result", L, vp)
+        self.X509_verify_cert_error_string = fn("X509_verify_cert_error_string", ct.c_char_p, L)
+        try:
+            self.SSL_get_peer_certificate = fn("SSL_get1_peer_certificate", vp, vp)
+        except AttributeError:   # OpenSSL 1.1
+            self.SSL_get_peer_certificate = fn("SSL_get_peer_certificate", vp, vp)
+        self.X509_free = fn("X509_free", None, vp)
+        self.X509_get_subject_name = fn("X509_get_subject_name", vp, vp)
+        self.X509_get_issuer_name = fn("X509_get_issuer_name", vp, vp)
+        self.BIO_s_mem = fn("BIO_s_mem", vp)
+        self.BIO_new = fn("BIO_new", vp, vp)
+        self.BIO_free = fn("BIO_free", i, vp)
+        self.BIO_ctrl = fn("BIO_ctrl", L, vp, i, L, vp)
+        self.X509_NAME_print_ex = fn("X509_NAME_print_ex", i, vp, vp, i, ct.c_ulong)
+        self.SSL_CONF_CTX_new = fn("SSL_CONF_CTX_new", vp)
+        self.SSL_CONF_CTX_set_flags = fn("SSL_CONF_CTX_set_flags", ct.c_uint, vp, ct.c_uint)
+        self.SSL_CONF_CTX_set_ssl_ctx = fn("SSL_CONF_CTX_set_ssl_ctx", None, vp, vp)
+        self.SSL_CONF_cmd = fn("SSL_CONF_cmd", i, vp, ct.c_char_p, ct.c_char_p)
+        self.SSL_CONF_CTX_finish = fn("SSL_CONF_CTX_finish", i, vp)
+        self.SSL_CONF_CTX_free = fn("SSL_CONF_CTX_free", None, vp)
+        self.VERIFY_CB = ct.CFUNCTYPE(i, i, vp)
+        self.ALPN_CB = ct.CFUNCTYPE(i, vp, ct.POINTER(vp), ct.POINTER(ct.c_ubyte), vp,
+                                    ct.c_uint, vp)
+        # nginx's ngx_ssl_verify_callback: record the result, never fail the handshake.
+        self.accept_all = self.VERIFY_CB(lambda ok, store: 1)
+        self.head = object.__basicsize__            # PyObject_HEAD
+        self.ptr = ct.sizeof(vp)
+        self._selftest()
+
+    # -- pointers behind Python objects, validated before use ---------------------------------
+    def _field(self, obj, offset, what):
+        """The pointer stored at `offset` in CPython object `obj`, if the object has that field."""
+        if type(obj).__basicsize__ < offset + self.ptr:
+            raise PointerError("%s: %s is smaller than its expected layout"
+                               % (what, type(obj).__name__))
+        return self.ct.c_void_p.from_address(id(obj) + offset).value
+
+    def ctx_ptr(self, context, spans=None):
+        """SSL_CTX* of an ssl.SSLContext (PySSLContext: PyObject_HEAD; SSL_CTX *ctx; ...)."""
+        p = self._field(context, self.head, "SSL_CTX pointer")
+        if not readable(p, _CTX_SPAN, spans):
+            raise PointerError("SSL_CTX pointer check failed: not in readable memory")
+        if self.SSL_CTX_get_options(p) != int(context.options) \
+                or (self.SSL_CTX_get_verify_mode(p) & 3) != _mode_bits(context.verify_mode):
+            raise PointerError("SSL_CTX pointer check failed: options or verify mode differ")
+        return p
+
+    def ssl_ptr(self, sslsock):
+        """SSL* of an ssl.SSLSocket or SSLObject (PySSLSocket: PyObject_HEAD; PyObject *Socket;
+        SSL *ssl; ...), checked to belong to the socket's current SSL_CTX (SNI may switch it)."""
+        obj = getattr(sslsock, "_sslobj", None)
+        if obj is None:
+            raise PointerError("SSL pointer check failed: no _sslobj")
+        p = self._field(obj, self.head + self.ptr, "SSL pointer")
+        spans = _readable_spans()
+        if not readable(p, _SSL_SPAN, spans):
+            raise PointerError("SSL pointer check failed: not in readable memory")
+        ctx = self.ctx_ptr(sslsock.context, spans)
+        if self.SSL_get_SSL_CTX(p) != ctx:
+            raise PointerError("SSL pointer check failed: SSL_get_SSL_CTX() differs")
+        return p
+
+    def _selftest(self):
+        """Every pointer check on fresh objects: two contexts, option and mode changes, an SSL."""
+        a = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        b = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        for opt in (0, ssl.OP_NO_TICKET):
+            a.options |= opt
+            self.ctx_ptr(a)
+        a.verify_mode = ssl.CERT_OPTIONAL
+        pa, pb = self.ctx_ptr(a), self.ctx_ptr(b)
+        if pa == pb:
+            raise PointerError("two SSLContexts gave one SSL_CTX pointer")
+        obj = a.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+        self.ssl_ptr(obj)
+        if self.SSL_get_SSL_CTX(self.ssl_ptr(obj)) == pb:
+            raise PointerError("SSL pointer check failed: wrong SSL_CTX")
+
+    # -- operations ----------------------------------------------------------------------------
+    def verify_accept_all(self, context, depth):
+        p = self.ctx_ptr(context)
+        self.SSL_CTX_set_verify(p, self.SSL_VERIFY_PEER, self.accept_all)
+        self.SSL_CTX_set_verify_depth(p, depth)
+
+    def set_client_ca_list(self, context, path):
+        names = self.SSL_load_client_CA_file(os.fsencode(path))
+        if not names:
+            return False
+        self.SSL_CTX_set_client_CA_list(self.ctx_ptr(context), names)
+        return True
+
+    def set_groups(self, context, groups):
+        return self.SSL_CTX_ctrl(self.ctx_ptr(context), self.SSL_CTRL_SET_GROUPS_LIST, 0,
+                                 self.ct.c_char_p(groups.encode())) == 1
+
+    def session_cache(self, context, mode, size, timeout):
+        p = self.ctx_ptr(context)
+        self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_MODE, mode, None)
+        if size is not None:
+            self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+        self.SSL_CTX_set_timeout(p, int(timeout))
+        self.SSL_CTX_set_session_id_context(p, b"MAIL", 4)
+
+    def alpn_strict(self, context, proto):
+        """Select `proto` if offered; a client offering ALPN without it gets a fatal alert."""
+        ct = self.ct
+        buf = ct.create_string_buffer(proto, len(proto))
+
+        def select_cb(_ssl, out, outlen, inp, inlen, _arg):
+            data = ct.string_at(inp, inlen)
+            k = 0
+            while k < len(data):
+                n = data[k]
+                if data[k + 1:k + 1 + n] == proto:
+                    out[0] = ct.addressof(buf)
+                    outlen[0] = len(proto)
+                    return 0            # SSL_TLSEXT_ERR_OK
+                k += 1 + n
+            return 2                    # SSL_TLSEXT_ERR_ALERT_FATAL: no_application_protocol
+        cb = self.ALPN_CB(select_cb)
+        self.SSL_CTX_set_alpn_select_cb(self.ctx_ptr(context), cb, None)
+        return (cb, buf)                # the caller keeps them alive with the context
+
+    def conf_commands(self, context, commands):
+        """ssl_conf_command: SSL_CONF_cmd() on the context; the first failing name or None."""
+        cctx = self.SSL_CONF_CTX_new()
+        try:
+            # SSL_CONF_FLAG_FILE | SERVER | CERTIFICATE | SHOW_ERRORS, as nginx
+            self.SSL_CONF_CTX_set_flags(cctx, 0x2 | 0x8 | 0x20 | 0x10)
+            self.SSL_CONF_CTX_set_ssl_ctx(cctx, self.ctx_ptr(context))
+            for name, value in commands:
+                if self.SSL_CONF_cmd(cctx, name.encode(), value.encode()) <= 0:
+                    return name
+            if self.SSL_CONF_CTX_finish(cctx) != 1:
+                return commands[-1][0] if commands else "?"
+            return None
+        finally:
+            self.SSL_CONF_CTX_free(cctx)
+
+    def verify_result(self, p):
+        """(code, text) of SSL_get_verify_result() on a validated SSL* (`ssl_ptr`)."""
+        rc = self.SSL_get_verify_result(p)
+        text = self.X509_verify_cert_error_string(rc) or b"?"
+        return rc, text.decode("ascii", "replace")
+
+    def peer_dns(self, p):
+        """(subject, issuer) of the client certificate in X509_NAME_print_ex RFC 2253 form."""
+        cert = self.SSL_get_peer_certificate(p)
+        if not cert:
+            return None, None
+        try:
+            return (self._name(self.X509_get_subject_name(cert)),
+                    self._name(self.X509_get_issuer_name(cert)))
+        finally:
+            self.X509_free(cert)
+
+    def _name(self, name):
+        if not name:
+            return ""
+        bio = self.BIO_new(self.BIO_s_mem())
+        try:
+            if self.X509_NAME_print_ex(bio, name, 0, self.XN_FLAG_RFC2253) < 0:
+                return ""
+            data = self.ct.c_void_p()
+            n = self.BIO_ctrl(bio, self.BIO_CTRL_INFO, 0, self.ct.byref(data))
+            return self.ct.string_at(data.value, n).decode("utf-8", "replace") if n > 0 else ""
+        finally:
+            self.BIO_free(bio)
+
+
+def _mode_bits(mode):
+    return {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}[mode]
+
+
+_native = None
+_native_error = None
+_native_lock = threading.Lock()
+
+
+def native():
+    """The Native helper, or None (then `native_error()` says why)."""
+    global _native, _native_error
+    with _native_lock:
+        if _native is None and _native_error is None:
+            if os.environ.get(ENV_OFF, "") not in ("", "0"):
+                _native_error = "turned off by %s=%s" % (ENV_OFF, os.environ[ENV_OFF])
+                return None
+            try:
+                _native = Native()
+            except Exception as e:   # not CPython, other layout, symbols missing, no /proc
+                _native_error = "%s: %s" % (type(e).__name__, e)
+        return _native
+
+
+def native_error():
+    native()
+    return _native_error
