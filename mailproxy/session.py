@@ -367,7 +367,7 @@ class Session:
             # -- end PROXY protocol
             # -- TLS (issue 5): implicit TLS handshake right after accept
             if self.listen is not None and getattr(self.listen, "ssl", False):
-                tls.handshake(self)
+                tls.handshake(self, deadline=self.deadline)
             # -- end TLS
             self.action = "sending client greeting line"
             self.greet()
@@ -431,7 +431,7 @@ class Session:
     def starttls_handshake(self):
         """After the positive STARTTLS/STLS reply (pipelined input already discarded)."""
         self.starttls_used = True       # nginx sets s->starttls before the handshake
-        tls.handshake(self, starttls=True)
+        tls.handshake(self, starttls=True, deadline=self.deadline)
 
     # ---- authentication, backend login, hand-over -----------------------------------------------
 

@@ -57,7 +57,8 @@ def test_tls_logins_with_1100_idle_connections(nofile, proxy_factory, auth_serve
             if mode == "starttls":
                 block["starttls"] = "on"
             servers["%s-%s" % (proto, mode)] = block
-    proxy = proxy_factory({"servers": servers})
+    # 1,100 clients before login, past the default limit_prelogin (1000)
+    proxy = proxy_factory({"main": {"limit_prelogin": 2000}, "servers": servers})
     idle = []
     try:
         deadline = time.monotonic() + 20
