@@ -12,7 +12,7 @@ import struct
 import threading
 import time
 
-from . import ktimeout
+from . import ktimeout, resolver
 
 __all__ = ['BackendError', 'connect', 'proxy_v1_header', 'proxy_v2_header',
            'BackendConn', 'smtp_reply_complete', 'format_addr',
@@ -45,8 +45,9 @@ def format_addr(host, port):
     return '%s:%d' % (host, port)
 
 
-def _addresses(host, port):
-    """[(family, sockaddr)] for an IP literal or a name (resolved with getaddrinfo)."""
+def _addresses(host, port, timeout):
+    """[(family, sockaddr)] for an IP literal or a name: getaddrinfo in a worker thread
+    (resolver.bounded), so a hung system resolver cannot hold the session past `timeout`."""
     h = host[1:-1] if host.startswith('[') and host.endswith(']') else host
     try:
         ip = ipaddress.ip_address(h.split('%', 1)[0])
@@ -56,8 +57,12 @@ def _addresses(host, port):
         if ip.version == 4:
             return [(socket.AF_INET, (h, port))]
         return [(socket.AF_INET6, (h, port, 0, 0))]
+    def lookup():
+        return socket.getaddrinfo(h, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        infos = socket.getaddrinfo(h, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        infos = resolver.bounded(lookup, timeout)
+    except resolver.LookupFailed as exc:
+        raise BackendError('%s could not be resolved (%s)' % (h, exc)) from None
     except socket.gaierror as exc:
         raise BackendError('%s could not be resolved (%s)' % (h, exc.strerror or exc)) from None
     seen = []
@@ -79,7 +84,10 @@ def connect(host, port, timeout):
     deadline = time.monotonic() + timeout
     last = None
     first = True
-    for family, sockaddr in _addresses(host, port):
+    addresses = _addresses(host, port, timeout)
+    if len(addresses) != 1 or addresses[0][1][0] != host:
+        first = False       # a name: its connects get what the lookup left of `timeout`
+    for family, sockaddr in addresses:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             last = BackendError(_TIMEOUT_TEXT)

@@ -150,8 +150,9 @@ def _printable(text):
 _system_slots = threading.BoundedSemaphore(64)    # at most this many lookups hung at once
 
 
-def _bounded(func, timeout):
-    """Run func() in a daemon thread; its result, its LookupFailed, or TIMEDOUT after `timeout`."""
+def bounded(func, timeout):
+    """Run func() in a daemon thread; its result, its exception, or LookupFailed(TIMEDOUT)
+    after `timeout` (also backend.py's name lookups)."""
     deadline = time.monotonic() + timeout
     if not _system_slots.acquire(timeout=max(timeout, 0)):
         raise LookupFailed(TIMEDOUT)
@@ -200,7 +201,7 @@ def _system_reverse(addr, timeout):
             raise LookupFailed(_gaierror_code(e)) from None
         except OSError:
             raise LookupFailed(SERVFAIL) from None
-    name = _bounded(lookup, timeout)
+    name = bounded(lookup, timeout)
     return name[:-1] if name.endswith(".") and len(name) > 1 else name
 
 
@@ -213,7 +214,7 @@ def _system_forward(name, timeout):
         except (OSError, UnicodeError):
             raise LookupFailed(SERVFAIL) from None
         return [info[4][0] for info in infos]
-    return _bounded(lookup, timeout)
+    return bounded(lookup, timeout)
 
 
 # ------------------------------------------------------------------------------------------------

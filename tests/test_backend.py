@@ -155,6 +155,25 @@ def test_connect_name_tries_addresses_in_order(monkeypatch, server):
     sock.close()
 
 
+def test_connect_name_resolution_bounded_by_timeout(monkeypatch):
+    # a hung system resolver (an Auth-Server host name) must not hold the session past timeout
+    release = threading.Event()
+
+    def hung_getaddrinfo(*a, **kw):
+        release.wait(3)
+        raise socket.gaierror(socket.EAI_AGAIN, 'Temporary failure in name resolution')
+
+    monkeypatch.setattr(socket, 'getaddrinfo', hung_getaddrinfo)
+    t = time.monotonic()
+    try:
+        with pytest.raises(BackendError) as ei:
+            connect('slow.test', 110, 0.3)
+    finally:
+        release.set()
+    assert time.monotonic() - t < 1.5
+    assert str(ei.value) == 'slow.test could not be resolved (110: Operation timed out)'
+
+
 def test_connect_unresolvable_name():
     with pytest.raises(BackendError) as ei:
         connect('no-such-host.invalid', 110, 1.0)
