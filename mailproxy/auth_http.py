@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import ktimeout
+from .log import sanitize
 
 __all__ = [
     'AuthRequest', 'AuthResult', 'AuthHttpError', 'build_request',
@@ -229,6 +230,11 @@ def _server_address(value):
     return text
 
 
+def _shown(value):
+    """A response value in a log line: controls escaped, cut (up to 1024 bytes may come)."""
+    return sanitize(value.decode('latin-1'), 256)
+
+
 def _parse(data, req, peer):
     """Parse what has arrived so far: an AuthResult, or _Incomplete, or
     AuthHttpError for a malformed response (reported as soon as seen, as
@@ -310,7 +316,7 @@ def _parse(data, req, peer):
             ssl_backend = value.lower()
             if ssl_backend not in (b'on', b'off', b'starttls'):
                 raise AuthHttpError('auth http server %s sent invalid "Auth-SSL-Backend" '
-                                    'header: "%s"' % (peer, value.decode('latin-1')))
+                                    'header: "%s"' % (peer, _shown(value)))
             ssl_backend = ssl_backend.decode('ascii')
 
     if failure is not None:
@@ -326,11 +332,11 @@ def _parse(data, req, peer):
     address = _server_address(server)
     if address is None:
         raise AuthHttpError('auth http server %s sent invalid server address:"%s"'
-                            % (peer, server.decode('latin-1')))
+                            % (peer, _shown(server)))
     p = _atoi(port)
     if p is None or not 1 <= p <= 65535:
         raise AuthHttpError('auth http server %s sent invalid server port:"%s"'
-                            % (peer, port.decode('latin-1')))
+                            % (peer, _shown(port)))
     return AuthResult('OK', server=address, port=p, user=user, passwd=passwd,
                       wait=sleep, error_code=error_code, peer=peer,
                       ssl_backend=ssl_backend)

@@ -19,6 +19,9 @@ __all__ = ['BackendError', 'connect', 'proxy_v1_header', 'proxy_v2_header',
            'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
 
 _TIMEOUT_TEXT = 'upstream timed out (110: Connection timed out)'
+# backend text in a log line is cut here: proxy_buffer may be large (nginx's whole error line
+# stops at NGX_MAX_ERROR_STR, 2048 bytes)
+LOG_LIMIT = 512
 
 
 class BackendError(Exception):
@@ -191,16 +194,24 @@ def smtp_reply_complete(buf):
     return not (len(line) >= 4 and line[3:4] == b'-')
 
 
-def _show(data):
-    """Backend bytes as safe one-line text for a log message."""
+def _show(data, limit=LOG_LIMIT):
+    """Backend bytes as safe one-line text for a log message, at most `limit` characters
+    and `...` (never half an escape)."""
     out = []
-    for b in bytes(data):
+    size = 0
+    for b in bytes(data[:limit]):
         if 0x20 <= b < 0x7f and b != 0x5c:
-            out.append(chr(b))
+            piece = chr(b)
         elif b == 0x5c:
-            out.append('\\\\')
+            piece = '\\\\'
         else:
-            out.append('\\x%02X' % b)
+            piece = '\\x%02X' % b
+        size += len(piece)
+        if size > limit:
+            break
+        out.append(piece)
+    if size > limit or len(data) > limit:
+        out.append('...')
     return ''.join(out)
 
 
@@ -330,8 +341,7 @@ class BackendConn:
 
 def starttls_refused(reply):
     """The BackendError for a backend that did not agree to STARTTLS/STLS (issue 5)."""
-    text = _show(bytes(reply).rstrip(b'\r\n'))
-    return BackendError('upstream refused STARTTLS: "%s"' % text[:512])
+    return BackendError('upstream refused STARTTLS: "%s"' % _show(bytes(reply).rstrip(b'\r\n')))
 
 
 # ------------------------------------------------------------------ TLS contexts (issue 5)

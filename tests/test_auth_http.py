@@ -337,6 +337,14 @@ def test_parse_server_address():
             'auth http server 127.0.0.1:9000 sent invalid server address:"%s"' % bad.decode('latin-1'), bad
 
 
+def test_parse_invalid_values_are_cut_and_escaped_in_the_log():
+    for name in (b'Auth-Server: ', b'Auth-Port: ', b'Auth-SSL-Backend: '):
+        other = b'Auth-Port: 25\r\n' if name == b'Auth-Server: ' else b'Auth-Server: 10.0.0.1\r\n'
+        text = err(name + b'\x1b[2J' + b'x' * 900 + b'\r\n' + other + b'\r\n')
+        assert '\x1b' not in text and '\\x1b[2J' in text, name
+        assert len(text) < 400 and text.endswith('..."'), name
+
+
 def test_parse_port():
     for bad in (b'0', b'65536', b'-1', b'+25', b'x', b'2 5'):
         assert err(b'Auth-Server: 1.2.3.4\r\nAuth-Port: ' + bad + b'\r\n\r\n') == \
