@@ -18,16 +18,19 @@ import time
 from dataclasses import dataclass, field
 
 from . import ktimeout
+from .log import sanitize
 
 __all__ = [
     'AuthRequest', 'AuthResult', 'AuthHttpError', 'build_request',
     'parse_response', 'query', 'peer_name', 'escape', 'MAX_HEADER',
-    'MAX_WAIT_ROUNDS',
+    'MAX_WAIT_ROUNDS', 'MAX_AUTH_WAIT',
 ]
 
 MAX_HEADER = 1024           # nginx reads the status line + headers into 1024 bytes
 MAX_WAIT_ROUNDS = 100       # Auth-Status: WAIT rounds before giving up (nginx: unbounded)
-_MAX_SLEEP = 2 ** 31        # keeps time.sleep() from overflowing on absurd Auth-Wait values
+# Auth-Wait is cut to this many seconds (README): nginx multiplies it into a msec timer that
+# overflows; here an unbounded value would overflow Event.wait() or hold the session for ever
+MAX_AUTH_WAIT = 3600
 _MAX_INT = 2 ** 63 - 1      # ngx_atoi() refuses values beyond NGX_MAX_INT_T_VALUE
 
 _NEEDS_PASSWORD = ('apop', 'cram-md5', 'external')
@@ -227,6 +230,11 @@ def _server_address(value):
     return text
 
 
+def _shown(value):
+    """A response value in a log line: controls escaped, cut (up to 1024 bytes may come)."""
+    return sanitize(value.decode('latin-1'), 256)
+
+
 def _parse(data, req, peer):
     """Parse what has arrived so far: an AuthResult, or _Incomplete, or
     AuthHttpError for a malformed response (reported as soon as seen, as
@@ -301,14 +309,14 @@ def _parse(data, req, peer):
         elif name == b'auth-wait':
             w = _atoi(value)
             if w is not None:
-                sleep = w
+                sleep = min(w, MAX_AUTH_WAIT)
         elif name == b'auth-error-code':
             error_code = value.decode('latin-1') or None
         elif name == b'auth-ssl-backend':           # issue 5: TLS to this user's backend
             ssl_backend = value.lower()
             if ssl_backend not in (b'on', b'off', b'starttls'):
                 raise AuthHttpError('auth http server %s sent invalid "Auth-SSL-Backend" '
-                                    'header: "%s"' % (peer, value.decode('latin-1')))
+                                    'header: "%s"' % (peer, _shown(value)))
             ssl_backend = ssl_backend.decode('ascii')
 
     if failure is not None:
@@ -324,11 +332,11 @@ def _parse(data, req, peer):
     address = _server_address(server)
     if address is None:
         raise AuthHttpError('auth http server %s sent invalid server address:"%s"'
-                            % (peer, server.decode('latin-1')))
+                            % (peer, _shown(server)))
     p = _atoi(port)
     if p is None or not 1 <= p <= 65535:
         raise AuthHttpError('auth http server %s sent invalid server port:"%s"'
-                            % (peer, port.decode('latin-1')))
+                            % (peer, _shown(port)))
     return AuthResult('OK', server=address, port=p, user=user, passwd=passwd,
                       wait=sleep, error_code=error_code, peer=peer,
                       ssl_backend=ssl_backend)
@@ -452,10 +460,12 @@ def query(url, req, timeout, *, sleep=time.sleep, max_rounds=MAX_WAIT_ROUNDS):
     """Ask the auth service about `req`; returns AuthResult ('OK' or 'FAIL').
 
     `Auth-Status: WAIT` is handled here: sleep Auth-Wait seconds (0 when
-    absent) and send the same request again (same attempt number), at most
-    `max_rounds` times.  `timeout` (auth_http_timeout) bounds each round's
-    connect + send + receive.  `sleep` may be replaced (e.g. by an Event's
-    wait so that a shutdown interrupts it).  Raises AuthHttpError.
+    absent, at most MAX_AUTH_WAIT) and send the same request again (same
+    attempt number), at most `max_rounds` times.  `timeout` (auth_http_timeout)
+    bounds each round's connect + send + receive.  `sleep` may be replaced by
+    an Event's wait: when it returns true (the worker is shutting down) the
+    loop stops with AuthHttpError instead of asking again at once.
+    Raises AuthHttpError.
     """
     request = build_request(url, req)
     peer = peer_name(url)
@@ -463,7 +473,8 @@ def query(url, req, timeout, *, sleep=time.sleep, max_rounds=MAX_WAIT_ROUNDS):
         result = _exchange(url, request, req, peer, timeout)
         if result.status != 'WAIT':
             return result
-        if result.wait:
-            sleep(min(result.wait, _MAX_SLEEP))
+        if sleep(result.wait or 0):
+            raise AuthHttpError('auth http server %s sent "Auth-Status: WAIT" while shutting '
+                                'down' % peer)
     raise AuthHttpError('auth http server %s sent "Auth-Status: WAIT" %d times in a row'
                         % (peer, max_rounds))

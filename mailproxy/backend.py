@@ -12,13 +12,16 @@ import struct
 import threading
 import time
 
-from . import ktimeout
+from . import ktimeout, resolver
 
 __all__ = ['BackendError', 'connect', 'proxy_v1_header', 'proxy_v2_header',
            'BackendConn', 'smtp_reply_complete', 'format_addr',
            'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
 
 _TIMEOUT_TEXT = 'upstream timed out (110: Connection timed out)'
+# backend text in a log line is cut here: proxy_buffer may be large (nginx's whole error line
+# stops at NGX_MAX_ERROR_STR, 2048 bytes)
+LOG_LIMIT = 512
 
 
 class BackendError(Exception):
@@ -45,8 +48,9 @@ def format_addr(host, port):
     return '%s:%d' % (host, port)
 
 
-def _addresses(host, port):
-    """[(family, sockaddr)] for an IP literal or a name (resolved with getaddrinfo)."""
+def _addresses(host, port, timeout):
+    """[(family, sockaddr)] for an IP literal or a name: getaddrinfo in a worker thread
+    (resolver.bounded), so a hung system resolver cannot hold the session past `timeout`."""
     h = host[1:-1] if host.startswith('[') and host.endswith(']') else host
     try:
         ip = ipaddress.ip_address(h.split('%', 1)[0])
@@ -56,8 +60,12 @@ def _addresses(host, port):
         if ip.version == 4:
             return [(socket.AF_INET, (h, port))]
         return [(socket.AF_INET6, (h, port, 0, 0))]
+    def lookup():
+        return socket.getaddrinfo(h, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        infos = socket.getaddrinfo(h, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        infos = resolver.bounded(lookup, timeout)
+    except resolver.LookupFailed as exc:
+        raise BackendError('%s could not be resolved (%s)' % (h, exc)) from None
     except socket.gaierror as exc:
         raise BackendError('%s could not be resolved (%s)' % (h, exc.strerror or exc)) from None
     seen = []
@@ -79,7 +87,10 @@ def connect(host, port, timeout):
     deadline = time.monotonic() + timeout
     last = None
     first = True
-    for family, sockaddr in _addresses(host, port):
+    addresses = _addresses(host, port, timeout)
+    if len(addresses) != 1 or addresses[0][1][0] != host:
+        first = False       # a name: its connects get what the lookup left of `timeout`
+    for family, sockaddr in addresses:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             last = BackendError(_TIMEOUT_TEXT)
@@ -183,16 +194,24 @@ def smtp_reply_complete(buf):
     return not (len(line) >= 4 and line[3:4] == b'-')
 
 
-def _show(data):
-    """Backend bytes as safe one-line text for a log message."""
+def _show(data, limit=LOG_LIMIT):
+    """Backend bytes as safe one-line text for a log message, at most `limit` characters
+    and `...` (never half an escape)."""
     out = []
-    for b in bytes(data):
+    size = 0
+    for b in bytes(data[:limit]):
         if 0x20 <= b < 0x7f and b != 0x5c:
-            out.append(chr(b))
+            piece = chr(b)
         elif b == 0x5c:
-            out.append('\\\\')
+            piece = '\\\\'
         else:
-            out.append('\\x%02X' % b)
+            piece = '\\x%02X' % b
+        size += len(piece)
+        if size > limit:
+            break
+        out.append(piece)
+    if size > limit or len(data) > limit:
+        out.append('...')
     return ''.join(out)
 
 
@@ -322,8 +341,7 @@ class BackendConn:
 
 def starttls_refused(reply):
     """The BackendError for a backend that did not agree to STARTTLS/STLS (issue 5)."""
-    text = _show(bytes(reply).rstrip(b'\r\n'))
-    return BackendError('upstream refused STARTTLS: "%s"' % text[:512])
+    return BackendError('upstream refused STARTTLS: "%s"' % _show(bytes(reply).rstrip(b'\r\n')))
 
 
 # ------------------------------------------------------------------ TLS contexts (issue 5)

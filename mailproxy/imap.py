@@ -554,8 +554,8 @@ class ImapSession(Session):
                        ("x-originating-port", self.client_port)]
         local = None
         hdr = self.proxy_header
-        if hdr and hdr[0] == self.client_ip and hdr[2] is not None:
-            local = (hdr[2], hdr[3])            # the address the client reached (realip)
+        if hdr and getattr(self, "proxy_trusted", False) and hdr[2] is not None:
+            local = (hdr[2], hdr[3])    # where the client went: set_real_ip_from peers only
         else:
             try:
                 name = self.sock.getsockname()

@@ -261,4 +261,6 @@ def read_header(sess):
             if ip is not None:
                 sess.client_ip = ip_text(ip)
                 sess.client_port = sport
+                # only a trusted header's addresses stand for the client (imap.py's ID fields)
+                sess.proxy_trusted = True
     sess.action = None

@@ -6,8 +6,10 @@
   addresses is `ip` again;
 * `[UNAVAILABLE]` when there is no resolver, no PTR record (NXDOMAIN), no such name, or the name
   points elsewhere;
-* `[TEMPUNAVAIL]` on any other lookup failure (SERVFAIL, timeout, ...), an invalid PTR name, or a
-  client that has no IP address (UNIX socket).
+* `[TEMPUNAVAIL]` on any other lookup failure (SERVFAIL, timeout, a PTR answer without a PTR
+  record, ...), an invalid PTR name, or a client that has no IP address (UNIX socket).
+
+A CNAME answering the PTR query is followed (RFC 2317 delegations; nginx cannot).
 
 Two back ends:
 
@@ -45,6 +47,7 @@ RESEND = 5.0            # seconds before a query is sent again to the next serve
 MAX_CNAME = 8           # CNAME hops followed for a forward lookup
 
 T_A, T_PTR, T_CNAME, T_AAAA = 1, 12, 5, 28
+T_OTHER = 0             # parse_response's type for any other record (type 0 is reserved)
 _HOST_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 
 
@@ -62,8 +65,10 @@ class LogMessage(str):
 
 
 class LookupFailed(Exception):
-    def __init__(self, code):
-        super().__init__("%d: %s" % (code, strerror(code)))
+    """str(): `CODE: TEXT`, or `text` when given (a failure without an rcode of its own)."""
+
+    def __init__(self, code, text=None):
+        super().__init__(text or "%d: %s" % (code, strerror(code)))
         self.code = code
 
 
@@ -107,8 +112,7 @@ def client_name(ip, conf_resolver, timeout):
     try:
         name = reverse(addr, timeout)
     except LookupFailed as e:
-        msg = LogMessage("%s could not be resolved (%d: %s)" % (text, e.code, strerror(e.code)),
-                         "in resolving client address")
+        msg = LogMessage("%s could not be resolved (%s)" % (text, e), "in resolving client address")
         return (UNAVAILABLE if e.code == NXDOMAIN else TEMPUNAVAIL), msg
     if not valid_host(name):
         shown = name if isinstance(name, str) else name.decode("latin-1")
@@ -150,8 +154,9 @@ def _printable(text):
 _system_slots = threading.BoundedSemaphore(64)    # at most this many lookups hung at once
 
 
-def _bounded(func, timeout):
-    """Run func() in a daemon thread; its result, its LookupFailed, or TIMEDOUT after `timeout`."""
+def bounded(func, timeout):
+    """Run func() in a daemon thread; its result, its exception, or LookupFailed(TIMEDOUT)
+    after `timeout` (also backend.py's name lookups)."""
     deadline = time.monotonic() + timeout
     if not _system_slots.acquire(timeout=max(timeout, 0)):
         raise LookupFailed(TIMEDOUT)
@@ -200,7 +205,7 @@ def _system_reverse(addr, timeout):
             raise LookupFailed(_gaierror_code(e)) from None
         except OSError:
             raise LookupFailed(SERVFAIL) from None
-    name = _bounded(lookup, timeout)
+    name = bounded(lookup, timeout)
     return name[:-1] if name.endswith(".") and len(name) > 1 else name
 
 
@@ -213,7 +218,7 @@ def _system_forward(name, timeout):
         except (OSError, UnicodeError):
             raise LookupFailed(SERVFAIL) from None
         return [info[4][0] for info in infos]
-    return _bounded(lookup, timeout)
+    return bounded(lookup, timeout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,6 +350,10 @@ def parse_response(msg, ident, qname, qtype):
                     answers.append((atype, ttl, bytes(rdata)))
                 elif atype == T_AAAA and rdlen == 16:
                     answers.append((atype, ttl, bytes(rdata)))
+                else:
+                    answers.append((T_OTHER, ttl, b""))
+            else:
+                answers.append((T_OTHER, ttl, b""))
             off += rdlen
     return rcode, truncated, answers
 
@@ -365,14 +374,28 @@ class DnsClient:
     # ---- public ----------------------------------------------------------------------------
 
     def reverse(self, addr, timeout):
-        """The PTR name (str) of an ipaddress object; LookupFailed on failure."""
+        """The PTR name (str) of an ipaddress object; LookupFailed on failure.
+
+        An answer with a CNAME but no PTR (classless in-addr.arpa delegation, RFC 2317) is
+        followed a few hops, which nginx cannot; an answer of other types only is a temporary
+        failure, as nginx's ngx_resolver_process_ptr ("no PTR type in DNS response") makes it.
+        """
         if not isinstance(addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
             addr = _normalise(str(addr))
-        answers = self.query(reverse_name(addr), T_PTR, time.monotonic() + timeout)
-        for atype, _ttl, data in answers:
-            if atype == T_PTR:
-                return data.decode("latin-1")
-        raise LookupFailed(NXDOMAIN)
+        deadline = time.monotonic() + timeout
+        name = reverse_name(addr)
+        for _ in range(MAX_CNAME):
+            answers = self.query(name, T_PTR, deadline)
+            for atype, _ttl, data in answers:
+                if atype == T_PTR:
+                    return data.decode("latin-1")
+            if not answers:
+                raise LookupFailed(NXDOMAIN)
+            cnames = [data for atype, _ttl, data in answers if atype == T_CNAME]
+            if not cnames:
+                break
+            name = cnames[-1].decode("latin-1")
+        raise LookupFailed(SERVFAIL, "no PTR type in DNS response")
 
     def forward(self, name, timeout):
         """Addresses (str) of `name` from A (ipv4=on) and AAAA (ipv6=on); LookupFailed if none."""

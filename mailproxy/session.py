@@ -468,8 +468,9 @@ class Session:
                 self.internal_error()
             if res.status != "OK":
                 self.info('client login failed: "%s"' % sanitize(res.message))
-                if res.wait:
-                    self.rt.shutting_down.wait(res.wait)
+                if res.wait:                        # at most auth_http.MAX_AUTH_WAIT
+                    if self.rt.shutting_down.wait(res.wait):
+                        self.send_close(self.auth_failed_reply(res))    # no retry on the way out
                     self.rearm()
                     self.send(self.auth_failed_reply(res))
                     self.login = self.passwd = None

@@ -1,6 +1,7 @@
 """The auth_http protocol end to end (reference section 8) with POP3 clients, and the
 auth-less `proxy_pass` route (our addition)."""
 
+import signal
 import time
 
 import pytest
@@ -169,6 +170,38 @@ def test_wait_status_repeats_identical_request(pop3_setup, auth_server, pop3_bac
     assert reqs[1].header("Auth-Login-Attempt") == "1"
     assert reqs[1].time - reqs[0].time >= 0.95
     assert_backend_login(pop3_backend)
+
+
+def test_huge_auth_wait_is_clamped_and_ends_with_shutdown(pop3_setup, auth_server, pop3_backend):
+    # an Auth-Wait beyond any timer once raised OverflowError (an internal error at once)
+    st = pop3_setup()
+    auth_server.set_respond(lambda req: auth_fail("Try later", wait=99999999999))
+    c = st.connect()
+    assert c.cmd("USER alice") == b"+OK\r\n"
+    c.sendline("PASS secret")
+    assert c.silent(0.5)                      # waiting, not failed
+    st.proxy.signal(signal.SIGQUIT)           # the shutdown ends the wait: reply, then close
+    assert c.readline() == b"-ERR Try later\r\n"
+    assert c.closed()
+    assert st.proxy.wait(5) == 0
+    assert len(auth_server.requests) == 1
+    assert "[alert]" not in st.proxy.log_text()
+
+
+def test_wait_loop_stops_on_shutdown(pop3_setup, auth_server, pop3_backend):
+    # after QUIT the WAIT loop's sleep returns at once: it must not ask again and again
+    st = pop3_setup()
+    auth_server.set_respond(lambda req: ["Auth-Status: WAIT", "Auth-Wait: 1"])
+    c = st.connect()
+    assert c.cmd("USER alice") == b"+OK\r\n"
+    c.sendline("PASS secret")
+    auth_server.wait_requests(1)
+    st.proxy.signal(signal.SIGQUIT)
+    assert c.readline() == INTERNAL
+    assert c.closed()
+    assert st.proxy.wait(5) == 0
+    assert len(auth_server.requests) <= 2
+    st.proxy.wait_log('sent "Auth-Status: WAIT" while shutting down')
 
 
 @pytest.mark.parametrize("response, log", [

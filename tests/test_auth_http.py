@@ -257,6 +257,15 @@ def test_parse_auth_wait_integer_only():
     assert r.wait == 4
 
 
+@pytest.mark.parametrize('status', [b'No', b'WAIT'])
+def test_parse_auth_wait_clamped(status):
+    # a huge value once reached Event.wait() and raised OverflowError
+    for value in (b'3601', b'99999999999', b'9223372036854775807'):
+        r = parse(b'Auth-Status: ' + status + b'\r\nAuth-Wait: ' + value + b'\r\n\r\n')
+        assert r.wait == 3600 == auth_http.MAX_AUTH_WAIT, value
+    assert parse(b'Auth-Status: No\r\nAuth-Wait: 3600\r\n\r\n').wait == 3600
+
+
 def test_parse_missing_status_is_ok():
     r = parse(b'Auth-Server: 10.0.0.1\r\nAuth-Port: 110\r\n\r\n')
     assert (r.status, r.server, r.port) == ('OK', '10.0.0.1', 110)
@@ -326,6 +335,14 @@ def test_parse_server_address():
                 b'host.0x10', b'..', b'1.2.3.4.5'):
         assert err(b'Auth-Server: ' + bad + b'\r\nAuth-Port: 25\r\n\r\n') == \
             'auth http server 127.0.0.1:9000 sent invalid server address:"%s"' % bad.decode('latin-1'), bad
+
+
+def test_parse_invalid_values_are_cut_and_escaped_in_the_log():
+    for name in (b'Auth-Server: ', b'Auth-Port: ', b'Auth-SSL-Backend: '):
+        other = b'Auth-Port: 25\r\n' if name == b'Auth-Server: ' else b'Auth-Server: 10.0.0.1\r\n'
+        text = err(name + b'\x1b[2J' + b'x' * 900 + b'\r\n' + other + b'\r\n')
+        assert '\x1b' not in text and '\\x1b[2J' in text, name
+        assert len(text) < 400 and text.endswith('..."'), name
 
 
 def test_parse_port():
@@ -459,7 +476,7 @@ def test_query_wait_then_ok(server):
     req = plain_req(attempt=4, protocol='imap')
     r = query(s.url, req, 2, sleep=slept.append)
     assert (r.status, r.server, r.port) == ('OK', '127.0.0.2', 143)
-    assert slept == [1]
+    assert slept == [1, 0]
     assert len(s.requests) == 3
     assert s.requests[0] == s.requests[1] == s.requests[2] == build_request(s.url, req)
     assert b'Auth-Login-Attempt: 4\r\n' in s.requests[0]
@@ -479,6 +496,20 @@ def test_query_wait_loop_bounded(server):
         query(s.url, plain_req(), 2, max_rounds=3)
     assert 'WAIT' in str(exc.value)
     assert len(s.requests) == 3
+
+
+@pytest.mark.parametrize('wait', [b'', b'Auth-Wait: 1\r\n', b'Auth-Wait: 99999999999\r\n'])
+def test_query_wait_stops_when_sleep_is_interrupted(server, wait):
+    # during shutdown the Event's wait returns at once: the loop must stop, not ask again
+    s = server(*[b'Auth-Status: WAIT\r\n' + wait + b'\r\n'] * 3)
+    stopping = threading.Event()
+    stopping.set()
+    t = time.monotonic()
+    with pytest.raises(AuthHttpError) as exc:
+        query(s.url, plain_req(), 2, sleep=stopping.wait)
+    assert 'shutting down' in str(exc.value)
+    assert len(s.requests) == 1
+    assert time.monotonic() - t < 1
 
 
 def test_query_500_with_ok(server):

@@ -9,7 +9,7 @@ import pytest
 
 from mailproxy import ktimeout
 from mailproxy.backend import (BackendConn, BackendError, connect, proxy_v1_header,
-                               proxy_v2_header, smtp_reply_complete)
+                               proxy_v2_header, smtp_reply_complete, starttls_refused)
 
 SIG = b'\r\n\r\n\x00\r\nQUIT\n'
 
@@ -155,6 +155,25 @@ def test_connect_name_tries_addresses_in_order(monkeypatch, server):
     sock.close()
 
 
+def test_connect_name_resolution_bounded_by_timeout(monkeypatch):
+    # a hung system resolver (an Auth-Server host name) must not hold the session past timeout
+    release = threading.Event()
+
+    def hung_getaddrinfo(*a, **kw):
+        release.wait(3)
+        raise socket.gaierror(socket.EAI_AGAIN, 'Temporary failure in name resolution')
+
+    monkeypatch.setattr(socket, 'getaddrinfo', hung_getaddrinfo)
+    t = time.monotonic()
+    try:
+        with pytest.raises(BackendError) as ei:
+            connect('slow.test', 110, 0.3)
+    finally:
+        release.set()
+    assert time.monotonic() - t < 1.5
+    assert str(ei.value) == 'slow.test could not be resolved (110: Operation timed out)'
+
+
 def test_connect_unresolvable_name():
     with pytest.raises(BackendError) as ei:
         connect('no-such-host.invalid', 110, 1.0)
@@ -257,6 +276,24 @@ def test_reply_too_long(server):
         bc.read_reply()
     assert str(ei.value) == 'upstream sent too long response line: "+OK xxxxxxxxxxx"'
     bc.close()
+
+
+def test_reply_too_long_is_cut_in_the_log(server):
+    # proxy_buffer can be large: the logged text is cut, never half an escape
+    srv = server(lambda conn: (conn.sendall(b'+OK ' + b'\x01' * 70000), conn.recv(10)))
+    bc = conn_to(srv, bufsize=65536)
+    with pytest.raises(BackendError) as ei:
+        bc.read_reply()
+    text = str(ei.value)
+    assert text.startswith('upstream sent too long response line: "+OK \\x01\\x01')
+    assert text.endswith('\\x01..."') and len(text) < 600
+    bc.close()
+
+
+def test_starttls_refusal_is_cut_in_the_log():
+    text = str(starttls_refused(b'NO ' + b'\xff' * 5000 + b'\r\n'))
+    assert text.startswith('upstream refused STARTTLS: "NO \\xFF')
+    assert text.endswith('\\xFF..."') and len(text) < 600
 
 
 def test_reply_exactly_filling_the_buffer_is_fine(server):

@@ -384,3 +384,22 @@ def test_proxy_header_before_implicit_tls(pp_setup, auth_server, tmp_path_factor
     (req,) = auth_server.wait_requests(1)
     assert req.header("Client-IP") == "203.0.113.7"
     assert req.header("Proxy-Protocol-Port") == "40000"
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+def test_imap_client_id_uses_proxy_header_only_from_trusted_peer(pp_setup, trusted):
+    """imap_client_id: the PROXY header's destination goes to the backend's ID only when the
+    peer is in set_real_ip_from, even when the header's source is the peer's own address."""
+    proxy, port, backend = pp_setup("imap", trusted=trusted, imap_client_id="on")
+    c = connect(port, b"PROXY TCP4 127.0.0.1 198.51.100.2 40000 143\r\n")
+    local_port = c.sock.getsockname()[1]
+    assert login(c, "imap").startswith(LOGGED_IN["imap"])
+    raw = bytes(backend.wait_session(0).raw)
+    m = re.match(rb'mailproxy-id ID \("x-originating-ip" "127\.0\.0\.1" "x-originating-port" '
+                 rb'"(\d+)" "x-connected-ip" "([^"]*)" "x-connected-port" "(\d+)" ', raw)
+    assert m, raw
+    if trusted:
+        assert m.groups() == (b"40000", b"198.51.100.2", b"143")
+    else:
+        assert m.groups() == (b"%d" % local_port, b"127.0.0.1", b"%d" % port)
+    c.close()

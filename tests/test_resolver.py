@@ -237,6 +237,46 @@ def test_ptr_refused(dns):
         TEMPUNAVAIL, "127.0.0.1 could not be resolved (5: Operation refused)")
 
 
+@pytest.mark.parametrize("records", [[(T_A, 60, "10.0.0.1")], [(16, 60, "txt")],
+                                     [(T_AAAA, 60, "::1"), (T_A, 60, "10.0.0.1")]])
+def test_ptr_answer_of_wrong_type_is_tempunavail(dns, records):
+    # nginx: "no PTR type in DNS response", the lookup then times out ([TEMPUNAVAIL])
+    srv = dns({(PTR_127, T_PTR): records})
+    host, msg = client_name("127.0.0.1", conf(srv), 2)
+    assert (host, msg) == (TEMPUNAVAIL,
+                           "127.0.0.1 could not be resolved (no PTR type in DNS response)")
+    assert msg.action == "in resolving client address"
+    assert not any(q[1] in (T_A, T_AAAA) for q in srv.queries)   # no forward lookup
+
+
+CLASSLESS = "1.0/25.0.0.127.in-addr.arpa"     # RFC 2317 delegation of a part of a /24
+
+
+def test_ptr_cname_is_followed(dns):
+    srv = dns({(PTR_127, T_PTR): [(T_CNAME, 60, CLASSLESS)],
+               (CLASSLESS, T_PTR): [(T_PTR, 60, "c.example")],
+               ("c.example", T_A): [(T_A, 60, "127.0.0.1")], ("c.example", T_AAAA): []})
+    assert client_name("127.0.0.1", conf(srv), 2) == ("c.example", None)
+    assert srv.queries[:2] == [(PTR_127, T_PTR), (CLASSLESS, T_PTR)]
+
+
+def test_ptr_cname_with_its_ptr_in_the_same_answer(dns):
+    srv = dns({(PTR_127, T_PTR): [(T_CNAME, 60, CLASSLESS), (T_PTR, 60, "c.example")],
+               ("c.example", T_A): [(T_A, 60, "127.0.0.1")], ("c.example", T_AAAA): []})
+    assert client_name("127.0.0.1", conf(srv), 2) == ("c.example", None)
+    assert (CLASSLESS, T_PTR) not in srv.queries
+
+
+def test_ptr_cname_to_nothing_and_cname_loop(dns):
+    srv = dns({(PTR_127, T_PTR): [(T_CNAME, 60, CLASSLESS)], (CLASSLESS, T_PTR): 3})
+    assert client_name("127.0.0.1", conf(srv), 2)[0] == UNAVAILABLE
+    srv = dns({(PTR_127, T_PTR): [(T_CNAME, 60, CLASSLESS)],
+               (CLASSLESS, T_PTR): [(T_CNAME, 60, PTR_127)]})
+    assert client_name("127.0.0.1", conf(srv), 2) == (
+        TEMPUNAVAIL, "127.0.0.1 could not be resolved (no PTR type in DNS response)")
+    assert len(srv.queries) <= resolver.MAX_CNAME
+
+
 def test_ptr_timeout_is_bounded(dns):
     srv = dns({(PTR_127, T_PTR): "drop"})
     t0 = time.monotonic()
