@@ -191,6 +191,7 @@ class Session:
         self.tls = False
         self.starttls_used = False
         self.proxy_header = None        # (src_ip, src_port, dst_ip, dst_port) received
+        self.proxy_trusted = False      # the header came from a set_real_ip_from peer
         self.ssl_headers = []           # Auth-SSL-* (name, value) pairs
         self.tls_handshaked = False     # TLS (issue 5): handshake done (close_notify on close)
         # Credentials and auth state.
@@ -221,6 +222,8 @@ class Session:
 
     def remaining(self):
         """Seconds left before the pre-login deadline (ClientTimeout when none)."""
+        if self.deadline is None:
+            return self.conf.timeout
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise ClientTimeout()
@@ -232,15 +235,20 @@ class Session:
         left = self.remaining()
         sock = self.sock
         current = sock.gettimeout()
-        if current is not None:                     # Python's timeout (TLS sockets)
-            if current - left > self.ARM_SLACK:
-                sock.settimeout(left)
-        elif self._armed is None or self._armed - left > self.ARM_SLACK:
-            try:
-                ktimeout.set(sock, left)
-            except OSError:
-                sock.settimeout(left)
-            self._armed = left
+        python_timeout = current is not None        # Python's timeout (TLS sockets)
+        if not python_timeout:
+            current = self._armed
+        if current is not None and current - left <= self.ARM_SLACK \
+                and (self.deadline is not None or left - current <= self.ARM_SLACK):
+            return                                  # no deadline: back to a whole `timeout`
+        if python_timeout:
+            sock.settimeout(left)
+            return
+        try:
+            ktimeout.set(sock, left)
+        except OSError:
+            sock.settimeout(left)
+        self._armed = left
 
     def rearm(self):
         """A fresh `timeout` for the conversation (after a failed login with Auth-Wait)."""
@@ -451,6 +459,10 @@ class Session:
         """
         conf = self.conf
         self.attempt += 1
+        # The conversation's deadline stops here, as nginx deletes its timer in ngx_mail_auth:
+        # the auth service and the backend login have their own; replies owed to the client
+        # are bounded per write by `timeout`.
+        self.deadline = None
         user, passwd = self.login, self.passwd
         if conf.auth_http is not None:
             self.action = "in http auth state"
