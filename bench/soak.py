@@ -36,7 +36,7 @@ import targets as tg   # noqa: E402
 INI = """\
 [main]
 pid = ${tmp}/${name}.pid
-error_log = ${tmp}/${name}-error.log notice
+error_log = ${tmp}/${name}-error.log $log_level
 worker_processes = ${workers}
 $extra_main
 [mail]
@@ -190,7 +190,7 @@ def run(args):
         svc.start()
         ssl_ports = {p + 's': tg.free_port() for p in tg.PROTOS}
         template = string.Template(INI).safe_substitute(
-            cert=cert, key=key, extra_main='\n'.join(args.main), extra_mail='\n'.join(args.mail),
+            cert=cert, key=key, log_level=args.log_level, extra_main='\n'.join(args.main), extra_mail='\n'.join(args.mail),
             **{k + '_port': v for k, v in ssl_ports.items()})
         target = tg.ProxyTarget('soak', 'mailproxy', str(args.workers), tmp, template,
                                 svc.auth_port, cmd=cmd, nofile=nofile)
@@ -381,6 +381,7 @@ def main(argv=None):
                     help='extra [main] line, e.g. "worker_shutdown_timeout = 10s"')
     ap.add_argument('--mail', action='append', default=[], metavar='LINE',
                     help='extra [mail] line')
+    ap.add_argument('--log-level', default='notice', help="the proxy's error_log level")
     ap.add_argument('--zipapp', help='run mailproxy from this zipapp instead of the checkout')
     ap.add_argument('--json', help='also write the raw results here')
     ap.add_argument('--keep', action='store_true', help='keep the temporary folder')
