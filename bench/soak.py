@@ -339,8 +339,9 @@ def report(out, args):
     for r in loops:
         notes.append('loop %s: %d sessions, %d complete' % (r['proto'], r['sessions'], r['ok']))
     dr = out.get('dribble') or {}
-    notes.append('dribblers: %d opened, %d closed by the proxy, at most %d open at once'
-                 % (dr.get('opened', 0), dr.get('closed_by_proxy', 0), dr.get('max_open', 0)))
+    notes.append('dribblers: %d opened, %d closed by the proxy (at %s s), at most %d open '
+                 'at once' % (dr.get('opened', 0), dr.get('closed_by_proxy', 0),
+                              _times(dr.get('closed_at', [])), dr.get('max_open', 0)))
     notes.append('events: HUP %s s, USR1 %s s (log reopened: %s), auth restart %s s (took %s s)'
                  % (ev.get('hup'), ev.get('usr1'), ev.get('log_reopened'), ev.get('auth'),
                     ev.get('auth_restart_s')))

@@ -452,7 +452,7 @@ def dribbler(ports, count, end_at, result_q):
     raise_nofile()
     sel = selectors.DefaultSelector()
     slots = {}
-    res = dict(opened=0, closed_by_proxy=0, open_fail=0, bytes_sent=0, max_open=0)
+    res = dict(opened=0, closed_by_proxy=0, open_fail=0, bytes_sent=0, max_open=0, closed_at=[])
     names = ['imap', 'pop3', 'smtp']
     pattern = b'a1 LOGIN dribble' + b'x' * 64
 
@@ -473,6 +473,7 @@ def dribbler(ports, count, end_at, result_q):
     t = time.monotonic()
     for k in range(count):
         open_slot(k, t)
+    t_wall = time.time()
     wall_end = end_at - time.time() + time.monotonic()
     while time.monotonic() < wall_end:
         now = time.monotonic()
@@ -490,6 +491,7 @@ def dribbler(ports, count, end_at, result_q):
                 s.close()
                 del slots[k]
                 res['closed_by_proxy'] += 1
+                res['closed_at'].append(now - t)
                 if res['opened'] < count * 20:
                     open_slot(k, now)
         res['max_open'] = max(res['max_open'], len(slots))
@@ -505,4 +507,5 @@ def dribbler(ports, count, end_at, result_q):
                 slot[2] = i + 1
     for slot in slots.values():
         slot[0].close()
+    res['t0_wall'] = t_wall
     result_q.put(('dribble', res))
