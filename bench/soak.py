@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shlex
 import shutil
 import signal
 import string
@@ -393,7 +394,7 @@ def main(argv=None):
     out = run(args)
     head = ('%s, %d s, commit %s, RLIMIT_NOFILE %d, command: python3 bench/soak.py %s'
             % (time.strftime('%Y-%m-%d %H:%M %Z'), out['seconds'], _commit(),
-               out['nofile'], ' '.join(argv if argv is not None else sys.argv[1:])))
+               out['nofile'], shlex.join(argv if argv is not None else sys.argv[1:])))
     print(head + '\n')
     print(report(out, args))
     if args.json:
