@@ -12,13 +12,22 @@ multiprocessing).  Nothing holds a large body in memory:
 
 The auth service answers every request with `Auth-Status: OK` and the backend port of the
 request's `Auth-Protocol`, HTTP/1.0 style (one request per connection, server closes).
+
+For bench/soak.py two options (off for run.py, whose figures they would change):
+* `hash_data`: SMTP `DATA` also feeds the body, up to and including the final `.CRLF`, to
+  sha256 and answers `250 2.0.0 Ok: queued sha256=<hex>`, so a client can check every byte.
+* `drain_on_term`: SIGTERM stops accepting and ends the process once the connections it
+  accepted are answered (2 s at most), so a restart on the same inherited listening socket
+  loses no request.
 """
 
 import errno
+import hashlib
 import resource
 import select
 import signal
 import socket
+import time
 
 CHUNK_LINE = b"Y" * 98 + b"\r\n"               # 100 bytes, never starts with "."
 CHUNK = CHUNK_LINE * 10000                       # 1,000,000 bytes
@@ -54,7 +63,7 @@ def listen_socket(host, port, backlog=4096):
 
 class Conn:
     __slots__ = ('sock', 'fd', 'rbuf', 'out', 'stream', 'tail', 'close_after', 'mask',
-                 'state', 'literal', 'pending_line', 'data_tail')
+                 'state', 'literal', 'pending_line', 'data_tail', 'digest')
 
     def __init__(self, sock):
         self.sock = sock
@@ -69,13 +78,16 @@ class Conn:
         self.literal = 0
         self.pending_line = b''
         self.data_tail = b''
+        self.digest = None
 
 
 class Server:
     """One epoll loop serving one protocol ('imap', 'pop3', 'smtp') or 'auth'."""
 
-    def __init__(self, proto, lsock, ports=None):
+    def __init__(self, proto, lsock, ports=None, hash_data=False):
         self.proto = proto
+        self.hash_data = hash_data
+        self.draining = False
         self.lsock = lsock
         self.ports = ports or {}
         self.ep = select.epoll()
@@ -90,9 +102,16 @@ class Server:
         lfd = self.lsock.fileno()
         ep.register(lfd, EPOLLIN)
         conns = self.conns
+        drain_end = None
         while True:
+            if self.draining:
+                if drain_end is None:
+                    drain_end = time.monotonic() + 2.0
+                    ep.unregister(lfd)
+                if not conns or time.monotonic() > drain_end:
+                    return
             try:
-                events = ep.poll(1.0)
+                events = ep.poll(0.1 if self.draining else 1.0)
             except InterruptedError:
                 continue
             for fd, ev in events:
@@ -238,11 +257,19 @@ class Server:
             end = k + 5 if k >= 0 else -1
         if end < 0:
             c.data_tail = (tail + bytes(view[max(0, n - 4):n]))[-4:]
+            if self.hash_data:
+                c.digest.update(view[:n])
             return
         rest = bytes(view[end:n])
         c.data_tail = b''
         c.state = 'cmd'
-        c.out.append(b'250 2.0.0 Ok: queued\r\n')
+        if self.hash_data:
+            c.digest.update(view[:end])
+            c.out.append(b'250 2.0.0 Ok: queued sha256=%s\r\n'
+                         % c.digest.hexdigest().encode())
+            c.digest = None
+        else:
+            c.out.append(b'250 2.0.0 Ok: queued\r\n')
         if rest:
             c.rbuf = rest + c.rbuf
             while c.state == 'cmd':          # further pipelined commands
@@ -296,6 +323,8 @@ class Server:
                 c.out.append(b'354 End data with <CR><LF>.<CR><LF>\r\n')
                 c.state = 'data'
                 c.data_tail = b'\r\n'      # the body may end right away with ".\r\n"
+                if self.hash_data:
+                    c.digest = hashlib.sha256()
             elif verb == b'QUIT':
                 c.out.append(b'221 2.0.0 Bye\r\n')
                 c.close_after = True
@@ -368,14 +397,19 @@ class Server:
         self._want(c, EPOLLIN)
 
 
-def serve(proto, host, port, ports=None, ready=None, lsock=None):
+def serve(proto, host, port, ports=None, ready=None, lsock=None, hash_data=False,
+          drain_on_term=False):
     """Process entry point: serve forever (the parent ends us with SIGTERM)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_nofile()
     if lsock is None:
         lsock = listen_socket(host, port)
-    srv = Server(proto, lsock, ports)
+    srv = Server(proto, lsock, ports, hash_data=hash_data)
+    if drain_on_term:
+        def drain(signo, frame):
+            srv.draining = True
+        signal.signal(signal.SIGTERM, drain)
     if ready is not None:
         ready.send(lsock.getsockname()[1])
         ready.close()
