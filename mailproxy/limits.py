@@ -12,6 +12,7 @@ want of a connection.
 """
 
 import ipaddress
+import resource     # at import: a worker may not read the stdlib's folder once it drops privileges
 import threading
 
 # What one session holds: its client connection and its backend connection.
@@ -167,7 +168,6 @@ class Admission:
 def raise_nofile(needed):
     """Raise this process's soft RLIMIT_NOFILE towards `needed` descriptors (at most the hard
     limit, which needs no privilege); the soft limit now in force."""
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
     if soft != resource.RLIM_INFINITY and soft < want:
