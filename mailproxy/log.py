@@ -263,8 +263,14 @@ def stderr_log(level="notice"):
     return ErrorLog([StderrTarget(level)])
 
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x00": "\\x00"}
+# Controls, C1 controls, line/paragraph separators, non-UTF-8 bytes; and, so that no field can
+# be forged inside client text (nginx's ngx_mail_log_error puts `login: "..."` after
+# `client: ...`): the backslash, the quote, and a colon before whitespace or the end (`name: `
+# is how every field starts).
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\"]|:(?=\s|$)')
+_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x00": "\\x00", "\\": "\\\\"}
+# one character of escaped output: an escape sequence or a plain character
+_TOKEN = re.compile(r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|.)|[^\\]", re.S)
 
 
 def _escape(m):
@@ -281,11 +287,14 @@ def _escape(m):
 
 
 def sanitize(data, limit=256):
-    """Client-supplied bytes or text as one safe log fragment.
+    """Client-supplied bytes or text as one safe log fragment (see "Log lines" in README.md).
 
     Controls (CR, LF, NUL, ...), C1 controls, line/paragraph separators and bytes that
-    are not UTF-8 are escaped (``\\r``, ``\\n``, ``\\x00``, ``\\xff``); output longer than
-    `limit` characters is cut and ``...`` appended. The result never contains a line break.
+    are not UTF-8 are escaped (``\\r``, ``\\n``, ``\\x00``, ``\\xff``), and so are the
+    backslash (``\\\\``), the double quote (``\\x22``) and a colon followed by whitespace or
+    ending the text (``\\x3a``): a quoted field never ends early and ``client: `` or any other
+    ``name: `` field cannot appear inside client text. Output longer than `limit` characters
+    is cut (never inside an escape) and ``...`` appended. The result never contains a line break.
     """
     if data is None:
         return ""
@@ -302,15 +311,10 @@ def sanitize(data, limit=256):
     if _UNSAFE.search(text):
         text = _UNSAFE.sub(_escape, text)
     if limit is not None and (truncated or len(text) > limit):
-        out = text[:limit]
-        bs = out.rfind("\\", max(0, len(out) - 6))
-        if bs != -1 and not _complete_escape(out[bs:]):
-            out = out[:bs]                       # never half an escape sequence
-        return out + "..."
+        end = 0
+        for m in _TOKEN.finditer(text):
+            if m.end() > limit:
+                break
+            end = m.end()
+        return text[:end] + "..."
     return text
-
-
-def _complete_escape(tail):
-    if len(tail) < 2:
-        return False
-    return len(tail) >= {"x": 4, "u": 6}.get(tail[1], 2)
