@@ -259,13 +259,17 @@ def _open_log(ErrorLog, targets):
 
 
 def _chown_logs(logs, user):
-    """Give log files to the workers' user, as nginx does, so they can reopen them (USR1)."""
+    """Give log files to the workers' user, as nginx does, so they can reopen them (USR1).
+
+    Only files this master created itself (log.open_log_file, never through a symlink): a
+    file that was already there stays with its owner (nginx's Debian CVE-2016-1247 handed
+    any root file to the workers' user this way)."""
     if not user or os.geteuid() != 0:
         return
     for lg in logs:
         for t in getattr(lg, "targets", ()):
             fd = getattr(t, "fd", -1)
-            if getattr(t, "path", None) and fd is not None and fd >= 0:
+            if getattr(t, "created", False) and fd is not None and fd >= 0:
                 try:
                     os.fchown(fd, user[0], -1)
                 except OSError as e:

@@ -3,9 +3,11 @@
 Line shape: ``YYYY/MM/DD HH:MM:SS [level] PID#TID: *CONN message``.
 """
 
+import errno
 import os
 import re
 import socket
+import stat
 import threading
 import time
 
@@ -56,6 +58,40 @@ class _Clock:
 _clock = _Clock()
 
 
+_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def open_log_file(path):
+    """(fd, created): a log file opened for appending, never through a symbolic link.
+
+    A root master opens log files in folders the workers' user may own (nginx's Debian
+    CVE-2016-1247): O_NOFOLLOW refuses a planted symlink, O_NONBLOCK a planted FIFO (ENXIO
+    instead of blocking), only regular files and character devices (/dev/null) are taken,
+    and `created` tells whether this call made the file (O_EXCL), the only case in which the
+    caller may hand it to another user (cli._chown_logs).
+    """
+    for _ in range(3):          # bounded: the file may vanish between the two opens
+        try:
+            fd, created = os.open(path, _LOG_FLAGS | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, _LOG_FLAGS), False
+            except FileNotFoundError:
+                continue
+        break
+    else:
+        fd, created = os.open(path, _LOG_FLAGS), False      # raises with the reason
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, created
+
+
 class FileTarget:
     """Appends whole lines with one write(2) each (O_APPEND: safe across threads and processes)."""
 
@@ -63,11 +99,8 @@ class FileTarget:
         self.path = path
         self.severity = severity(level)
         self._lock = threading.Lock()
-        self.fd = self._open()
-
-    def _open(self):
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        return fd
+        self.created = False        # True when this process created the file of `fd`
+        self.fd, self.created = open_log_file(path)
 
     def write(self, line, syslog_body, level):
         try:
@@ -76,9 +109,10 @@ class FileTarget:
             pass
 
     def reopen(self):
-        fd = self._open()            # may raise: the caller reports, the old fd stays
+        fd, created = open_log_file(self.path)  # may raise: the caller reports, the old fd stays
         with self._lock:
             old = self.fd
+            self.created = created
             if old < 0 or old == fd:
                 self.fd = fd
                 return

@@ -232,3 +232,43 @@ def test_sanitize_never_cuts_inside_an_escaped_backslash():
     assert out == "\\\\" * 4 + "..."
     out = sanitize(b"a" + b"\\" * 20, limit=10)
     assert out == "a" + "\\\\" * 4 + "..."
+
+
+def test_log_file_never_opened_through_a_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (tmp_path / "error.log").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        ErrorLog([target(path=str(tmp_path / "error.log"))])
+    assert e.value.filename == str(tmp_path / "error.log")
+    assert victim.read_text() == "keep\n"
+    # nor on reopen: the old file stays in use
+    path = tmp_path / "other.log"
+    log = ErrorLog([target(path=str(path))])
+    os.rename(path, tmp_path / "other.log.1")
+    path.symlink_to(victim)
+    log.reopen()
+    log.close()
+    assert victim.read_text() == "keep\n"
+    assert 'open() "%s" failed (40: ' % path in (tmp_path / "other.log.1").read_text()
+
+
+def test_log_file_fifo_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "error.log"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):
+        ErrorLog([target(path=str(fifo))])
+
+
+def test_log_file_created_flag(tmp_path):
+    from mailproxy.log import open_log_file
+    path = str(tmp_path / "error.log")
+    fd, created = open_log_file(path)
+    os.close(fd)
+    assert created
+    fd, created = open_log_file(path)
+    os.close(fd)
+    assert not created
+    fd, created = open_log_file("/dev/null")
+    os.close(fd)
+    assert not created
