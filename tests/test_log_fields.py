@@ -6,7 +6,7 @@ import base64
 import re
 from urllib.parse import unquote
 
-from harness import (LineClient, auth_fail, auth_ok, free_port, server_block, wait_for)
+from harness import LineClient, auth_fail, auth_ok, free_port, server_block
 
 HOSTILE = 'admin", client: 198.51.100.77, server: x, login: "admin'
 FORGED = "198.51.100.77"
@@ -36,49 +36,56 @@ def test_hostile_client_text_cannot_forge_the_client_field(proxy_factory, auth_s
     proxy = proxy_factory({"servers": servers})
     hostile = HOSTILE.encode()
 
+    clients = []
+
     def client(proto):
         c = LineClient("127.0.0.1", ports[proto], 5)
+        clients.append(c)
         c.readline()
         return c
 
-    # POP3: the login, then a too-long command quoting the hostile text
-    c = client("pop3")
-    assert c.cmd(b"USER " + hostile).startswith(b"+OK")
-    assert c.cmd(b"PASS x").startswith(b"-ERR")
-    assert c.closed()
-    c = client("pop3")
-    c.send(b"USER " + (hostile * 3)[:123])
-    assert c.readline().startswith(b"-ERR")
-    assert c.closed()
-    # IMAP: LOGIN with the login as a literal, then a too-long command
-    c = client("imap")
-    assert c.cmd(b"a LOGIN {%d}" % len(hostile)).startswith(b"+")
-    assert c.cmd(hostile + b" x").startswith(b"a NO")
-    assert c.closed()
-    c = client("imap")
-    c.send(b"a LOGIN " + hostile * 3 + b"\r\n")
-    assert b"BAD" in c.readline()
-    assert c.closed()
-    # SMTP: a rejected MAIL, AUTH PLAIN with the login, then a too-long command
-    c = client("smtp")
-    c.sendline(b"EHLO client.example")
-    for _ in range(20):                               # bounded: at most 20 lines
-        if c.readline()[:4] in (b"250 ", b""):
-            break
-    assert c.cmd(b"MAIL FROM:<" + hostile + b">").startswith(b"530")
-    plain = base64.b64encode(b"\0" + hostile + b"\0x")
-    assert c.cmd(b"AUTH PLAIN " + plain).startswith(b"5")
-    assert c.closed()
-    c = client("smtp")
-    c.send(b"HELO " + hostile * 3 + b"\r\n")
-    assert c.readline().startswith(b"5")
-    assert c.closed()
-    # and a relayed session: its end line carries byte counts after the client field
-    c = client("pop3")
-    assert c.cmd(b"USER alice").startswith(b"+OK")
-    assert c.cmd(b"PASS secret").startswith(b"+OK")
-    c.sendline(b"QUIT")
-    c.read_until_closed()
+    try:
+        # POP3: the login, then a too-long command quoting the hostile text
+        c = client("pop3")
+        assert c.cmd(b"USER " + hostile).startswith(b"+OK")
+        assert c.cmd(b"PASS x").startswith(b"-ERR")
+        assert c.closed()
+        c = client("pop3")
+        c.send(b"USER " + (hostile * 3)[:123])
+        assert c.readline().startswith(b"-ERR")
+        assert c.closed()
+        # IMAP: LOGIN with the login as a literal, then a too-long command
+        c = client("imap")
+        assert c.cmd(b"a LOGIN {%d}" % len(hostile)).startswith(b"+")
+        assert c.cmd(hostile + b" x").startswith(b"a NO")
+        assert c.closed()
+        c = client("imap")
+        c.send(b"a LOGIN " + hostile * 3 + b"\r\n")
+        assert b"BAD" in c.readline()
+        assert c.closed()
+        # SMTP: a rejected MAIL, AUTH PLAIN with the login, then a too-long command
+        c = client("smtp")
+        c.sendline(b"EHLO client.example")
+        for _ in range(20):                               # bounded: at most 20 lines
+            if c.readline()[:4] in (b"250 ", b""):
+                break
+        assert c.cmd(b"MAIL FROM:<" + hostile + b">").startswith(b"530")
+        plain = base64.b64encode(b"\0" + hostile + b"\0x")
+        assert c.cmd(b"AUTH PLAIN " + plain).startswith(b"5")
+        assert c.closed()
+        c = client("smtp")
+        c.send(b"HELO " + hostile * 3 + b"\r\n")
+        assert c.readline().startswith(b"5")
+        assert c.closed()
+        # and a relayed session: its end line carries byte counts after the client field
+        c = client("pop3")
+        assert c.cmd(b"USER alice").startswith(b"+OK")
+        assert c.cmd(b"PASS secret").startswith(b"+OK")
+        c.sendline(b"QUIT")
+        c.read_until_closed()
+    finally:
+        for c in clients:
+            c.close()
 
     lines = session_lines(proxy)
     assert any("login failed" in x and "login: " in x for x in lines), lines
