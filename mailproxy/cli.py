@@ -191,27 +191,31 @@ def main(argv=None):
     return Master(path, cfg).run()
 
 
-def read_pid(pidfile):
-    with open(pidfile) as f:
-        text = f.read().strip()
-    if not text.isdigit():
-        raise ValueError('invalid PID number "%s" in "%s"' % (text, pidfile))
-    return int(text)
-
-
 def send_signal(cfg, path, name):
     pidfile = getattr(cfg.main, "pid", None)
     if not pidfile:
         _err("[error] no pid file is configured in %s ([main] pid), cannot send \"%s\""
              % (path, name))
         return 1
+    from . import pidfile as pidmod
     try:
-        pid = read_pid(pidfile)
+        pid = pidmod.read(pidfile)
     except OSError as e:
         _err('[error] open() "%s" failed (%d: %s)' % (pidfile, e.errno or 0, e.strerror))
         return 1
     except ValueError as e:
         _err("[error] %s" % e)
+        return 1
+    # only a master holding this very pid file open is signalled (pidfile.holder): not a
+    # process named by a planted or stale pid file
+    try:
+        ours = pidmod.holder(pid, pidfile)
+    except OSError as e:
+        _err('[error] cannot check process %d (%d: %s)' % (pid, e.errno or 0, e.strerror))
+        return 1
+    if not ours:
+        _err('[error] process %d named in "%s" is not a running %s master, not signalled'
+             % (pid, pidfile, NAME))
         return 1
     try:
         os.kill(pid, SIGNALS[name])
@@ -259,13 +263,17 @@ def _open_log(ErrorLog, targets):
 
 
 def _chown_logs(logs, user):
-    """Give log files to the workers' user, as nginx does, so they can reopen them (USR1)."""
+    """Give log files to the workers' user, as nginx does, so they can reopen them (USR1).
+
+    Only files this master created itself (log.open_log_file, never through a symlink): a
+    file that was already there stays with its owner (nginx's Debian CVE-2016-1247 handed
+    any root file to the workers' user this way)."""
     if not user or os.geteuid() != 0:
         return
     for lg in logs:
         for t in getattr(lg, "targets", ()):
             fd = getattr(t, "fd", -1)
-            if getattr(t, "path", None) and fd is not None and fd >= 0:
+            if getattr(t, "created", False) and fd is not None and fd >= 0:
                 try:
                     os.fchown(fd, user[0], -1)
                 except OSError as e:
@@ -309,6 +317,7 @@ class Master:
         self.old_workers = set()    # pids told to QUIT after a reload
         self.stopping = False
         self.pidfile = None
+        self.pid_fd = None          # the pid file, held open while we run (pidfile.holder)
         self.user = None
         self.respawn = []           # monotonic times at which to start a worker
         self.recent_deaths = []
@@ -381,33 +390,22 @@ class Master:
         from . import relay, runtime  # noqa: F401
 
     def _write_pid(self, path):
+        """Exclusively created, renamed into place, kept open for `-s` (pidfile.py)."""
         if not path:
             return
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"%d\n" % os.getpid())
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from . import pidfile as pidmod
+        fd = pidmod.write(path, os.getpid())
+        old_fd, self.pid_fd = self.pid_fd, fd
+        if old_fd is not None:
+            os.close(old_fd)
         self.pidfile = path
 
     def _remove_pid(self):
         path, self.pidfile = self.pidfile, None
-        if not path:
-            return
-        try:
-            if read_pid(path) == os.getpid():
-                os.unlink(path)
-        except (OSError, ValueError):
-            pass
+        fd, self.pid_fd = self.pid_fd, None
+        if path:
+            from . import pidfile as pidmod
+            pidmod.remove(path, fd, os.getpid())
 
     def _close_listeners(self):
         for lst in self.listeners.values():

@@ -3,9 +3,11 @@
 Line shape: ``YYYY/MM/DD HH:MM:SS [level] PID#TID: *CONN message``.
 """
 
+import errno
 import os
 import re
 import socket
+import stat
 import threading
 import time
 
@@ -56,6 +58,40 @@ class _Clock:
 _clock = _Clock()
 
 
+_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def open_log_file(path):
+    """(fd, created): a log file opened for appending, never through a symbolic link.
+
+    A root master opens log files in folders the workers' user may own (nginx's Debian
+    CVE-2016-1247): O_NOFOLLOW refuses a planted symlink, O_NONBLOCK a planted FIFO (ENXIO
+    instead of blocking), only regular files and character devices (/dev/null) are taken,
+    and `created` tells whether this call made the file (O_EXCL), the only case in which the
+    caller may hand it to another user (cli._chown_logs).
+    """
+    for _ in range(3):          # bounded: the file may vanish between the two opens
+        try:
+            fd, created = os.open(path, _LOG_FLAGS | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, _LOG_FLAGS), False
+            except FileNotFoundError:
+                continue
+        break
+    else:
+        fd, created = os.open(path, _LOG_FLAGS), False      # raises with the reason
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, created
+
+
 class FileTarget:
     """Appends whole lines with one write(2) each (O_APPEND: safe across threads and processes)."""
 
@@ -63,11 +99,8 @@ class FileTarget:
         self.path = path
         self.severity = severity(level)
         self._lock = threading.Lock()
-        self.fd = self._open()
-
-    def _open(self):
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        return fd
+        self.created = False        # True when this process created the file of `fd`
+        self.fd, self.created = open_log_file(path)
 
     def write(self, line, syslog_body, level):
         try:
@@ -76,9 +109,10 @@ class FileTarget:
             pass
 
     def reopen(self):
-        fd = self._open()            # may raise: the caller reports, the old fd stays
+        fd, created = open_log_file(self.path)  # may raise: the caller reports, the old fd stays
         with self._lock:
             old = self.fd
+            self.created = created
             if old < 0 or old == fd:
                 self.fd = fd
                 return
@@ -263,8 +297,14 @@ def stderr_log(level="notice"):
     return ErrorLog([StderrTarget(level)])
 
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x00": "\\x00"}
+# Controls, C1 controls, line/paragraph separators, non-UTF-8 bytes; and, so that no field can
+# be forged inside client text (nginx's ngx_mail_log_error puts `login: "..."` after
+# `client: ...`): the backslash, the quote, and a colon before whitespace or the end (`name: `
+# is how every field starts).
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\"]|:(?=\s|$)')
+_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x00": "\\x00", "\\": "\\\\"}
+# one character of escaped output: an escape sequence or a plain character
+_TOKEN = re.compile(r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|.)|[^\\]", re.S)
 
 
 def _escape(m):
@@ -281,11 +321,14 @@ def _escape(m):
 
 
 def sanitize(data, limit=256):
-    """Client-supplied bytes or text as one safe log fragment.
+    """Client-supplied bytes or text as one safe log fragment (see "Log lines" in README.md).
 
     Controls (CR, LF, NUL, ...), C1 controls, line/paragraph separators and bytes that
-    are not UTF-8 are escaped (``\\r``, ``\\n``, ``\\x00``, ``\\xff``); output longer than
-    `limit` characters is cut and ``...`` appended. The result never contains a line break.
+    are not UTF-8 are escaped (``\\r``, ``\\n``, ``\\x00``, ``\\xff``), and so are the
+    backslash (``\\\\``), the double quote (``\\x22``) and a colon followed by whitespace or
+    ending the text (``\\x3a``): a quoted field never ends early and ``client: `` or any other
+    ``name: `` field cannot appear inside client text. Output longer than `limit` characters
+    is cut (never inside an escape) and ``...`` appended. The result never contains a line break.
     """
     if data is None:
         return ""
@@ -302,15 +345,10 @@ def sanitize(data, limit=256):
     if _UNSAFE.search(text):
         text = _UNSAFE.sub(_escape, text)
     if limit is not None and (truncated or len(text) > limit):
-        out = text[:limit]
-        bs = out.rfind("\\", max(0, len(out) - 6))
-        if bs != -1 and not _complete_escape(out[bs:]):
-            out = out[:bs]                       # never half an escape sequence
-        return out + "..."
+        end = 0
+        for m in _TOKEN.finditer(text):
+            if m.end() > limit:
+                break
+            end = m.end()
+        return text[:end] + "..."
     return text
-
-
-def _complete_escape(tail):
-    if len(tail) < 2:
-        return False
-    return len(tail) >= {"x": 4, "u": 6}.get(tail[1], 2)

@@ -34,6 +34,8 @@ import struct
 import threading
 import time
 
+from .log import sanitize
+
 UNAVAILABLE = "[UNAVAILABLE]"
 TEMPUNAVAIL = "[TEMPUNAVAIL]"
 
@@ -136,16 +138,8 @@ def client_name(ip, conf_resolver, timeout):
 
 
 def _printable(text):
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if ch == "\\" or ch == '"':
-            out.append("\\" + ch)
-        elif o < 0x20 or o == 0x7f or o > 0xff:
-            out.append("\\x%02x" % (o & 0xff))
-        else:
-            out.append(ch)
-    return "".join(out)[:256]
+    # the PTR name is the client's to choose: escaped like any client text (log.sanitize)
+    return sanitize(text, 256)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -600,7 +600,9 @@ class Session:
 
         def done(stats, self=self):
             # nginx's own line for a timeout or shutdown, then always the end-of-session line
-            # with what nginx does not log: bytes each way and duration.
+            # with what nginx does not log: bytes each way and duration, in nginx stream's
+            # "bytes from/to client:%O/%O" shape (ngx_stream_proxy_process): no "client: "
+            # after the real client field, which greedy log filters would take instead.
             if self.ticket is not None:
                 self.ticket.release()
             if stats.reason == "client timed out":
@@ -611,7 +613,7 @@ class Session:
                 self.info("shutdown timeout")
             self.action = None
             self.info("proxied session done",
-                      tail=", bytes from client: %d, bytes to client: %d, duration: %.3fs (%s)"
+                      tail=", bytes from/to client:%d/%d, duration: %.3fs (%s)"
                       % (stats.bytes_in, stats.bytes_out, stats.duration, stats.reason))
 
         if self.ticket is not None:

@@ -442,6 +442,43 @@ def test_signal_option_uses_pid_file(proxy, tmp_path):
     assert 'open() "%s" failed (2: No such file or directory)' % p.pidfile in r.stderr
 
 
+def test_signal_option_refuses_a_planted_pid_file(tmp_path):
+    """-s signals only a master holding its pid file open, not a process the file names."""
+    conf = tmp_path / "planted.ini"
+    conf.write_text(config_text(free_port()))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "mailproxy.pid").write_text("%d\n" % other.pid)
+        for name in ("stop", "reload"):
+            r = run(["-s", name, "-c", str(conf)])
+            assert r.returncode == 1
+            assert "process %d named in" % other.pid in r.stderr, r.stderr
+        time.sleep(0.1)
+        assert other.poll() is None               # still running: never signalled
+    finally:
+        other.kill()
+        other.wait(5)
+
+
+def test_pid_file_is_never_written_through_a_link(tmp_path):
+    from mailproxy.cli import Master
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    pidfile = tmp_path / "mailproxy.pid"
+    # the old predictable temporary name, and the pid file itself, planted as links
+    (tmp_path / ("mailproxy.pid.%d.tmp" % os.getpid())).symlink_to(victim)
+    pidfile.symlink_to(victim)
+    m = Master(str(tmp_path / "x.ini"), None)
+    m._write_pid(str(pidfile))
+    try:
+        assert victim.read_text() == "keep\n"
+        assert not pidfile.is_symlink() and pidfile.read_text() == "%d\n" % os.getpid()
+        assert oct(pidfile.stat().st_mode & 0o777) == oct(0o644)
+    finally:
+        m._remove_pid()
+    assert not pidfile.exists()
+
+
 def test_signal_option_without_pid_directive(tmp_path):
     conf = tmp_path / "nopid.ini"
     conf.write_text(config_text(free_port(), pid=False))

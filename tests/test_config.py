@@ -812,7 +812,7 @@ def test_dump_of_sample_round_trips(tmp_path):
 def test_sample_config_loads():
     path = os.path.join(ROOT, "etc", "mailproxy.ini")
     cfg = config.load(path)
-    assert cfg.main.pid == "/tmp/mailproxy.pid"
+    assert cfg.main.pid == os.path.join(ROOT, "etc", "mailproxy.pid")     # not in /tmp
     assert [(t.kind, t.level) for t in cfg.main.error_log] == [("stderr", "info")]
     routes = [(s.name, s.protocol, [(li.host, li.port) for li in s.listen], s.proxy_pass,
                s.auth_http) for s in cfg.servers]

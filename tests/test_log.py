@@ -208,3 +208,67 @@ def test_sanitize_cuts_long_input():
     assert out in ("ab\\n...", "ab...")
     assert sanitize(b"\x01" * 100, limit=9).endswith("...")
     assert "\\x0..." not in sanitize(b"\x01" * 100, limit=9)
+
+
+def test_sanitize_leaves_no_field_to_forge():
+    """Client text cannot end a quoted field nor start a `name: ` field of its own."""
+    out = sanitize(b'admin", client: 198.51.100.77, server: x, login: "admin')
+    assert out == ('admin\\x22, client\\x3a 198.51.100.77, server\\x3a x, '
+                   'login\\x3a \\x22admin')
+    assert sanitize("a\\x22") == "a\\\\x22"            # a backslash is never ambiguous
+    assert sanitize("client:") == "client\\x3a"       # whatever follows the value
+    assert sanitize("client:\u00a0x") == "client\\x3a\u00a0x"
+    # a colon not followed by whitespace stays as it is (MAIL FROM:<a@b>, IPv6 addresses)
+    assert sanitize(b"MAIL FROM:<a@b>") == "MAIL FROM:<a@b>"
+    assert sanitize("::1") == "::1"
+    line = 'x "%s", client: 127.0.0.1, server: s, login: "%s"' % (
+        sanitize(b'", client: 10.0.0.1, x: "'), sanitize('u", client: 10.0.0.2,'))
+    assert re.search(r".*client: (\S+),", line).group(1) == "127.0.0.1"
+    assert re.search(r"client: (\S+),", line).group(1) == "127.0.0.1"
+
+
+def test_sanitize_never_cuts_inside_an_escaped_backslash():
+    out = sanitize(b"\\" * 20, limit=9)
+    assert out == "\\\\" * 4 + "..."
+    out = sanitize(b"a" + b"\\" * 20, limit=10)
+    assert out == "a" + "\\\\" * 4 + "..."
+
+
+def test_log_file_never_opened_through_a_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (tmp_path / "error.log").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        ErrorLog([target(path=str(tmp_path / "error.log"))])
+    assert e.value.filename == str(tmp_path / "error.log")
+    assert victim.read_text() == "keep\n"
+    # nor on reopen: the old file stays in use
+    path = tmp_path / "other.log"
+    log = ErrorLog([target(path=str(path))])
+    os.rename(path, tmp_path / "other.log.1")
+    path.symlink_to(victim)
+    log.reopen()
+    log.close()
+    assert victim.read_text() == "keep\n"
+    assert 'open() "%s" failed (40: ' % path in (tmp_path / "other.log.1").read_text()
+
+
+def test_log_file_fifo_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "error.log"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):
+        ErrorLog([target(path=str(fifo))])
+
+
+def test_log_file_created_flag(tmp_path):
+    from mailproxy.log import open_log_file
+    path = str(tmp_path / "error.log")
+    fd, created = open_log_file(path)
+    os.close(fd)
+    assert created
+    fd, created = open_log_file(path)
+    os.close(fd)
+    assert not created
+    fd, created = open_log_file("/dev/null")
+    os.close(fd)
+    assert not created

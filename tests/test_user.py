@@ -88,3 +88,96 @@ def test_log_files_handed_to_the_user_and_reopened(proxy_factory, auth_server, p
             assert "failed" not in f.read()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- log files in a folder the workers' user owns (nginx's Debian CVE-2016-1247) ------------------
+
+def _folders():
+    """(log folder owned by nobody, root-only folder with a root file `victim`)."""
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    logs = tempfile.mkdtemp(prefix="mailproxy-logs-")
+    os.chmod(logs, 0o755)
+    os.chown(logs, nobody.pw_uid, nobody.pw_gid)
+    safe = tempfile.mkdtemp(prefix="mailproxy-root-")
+    victim = os.path.join(safe, "victim")
+    with open(victim, "w") as f:
+        f.write("root only\n")
+    os.chmod(victim, 0o600)
+    return logs, safe, victim
+
+
+def _untouched(victim):
+    st = os.stat(victim)
+    with open(victim) as f:
+        return st.st_uid == 0 and f.read() == "root only\n"
+
+
+def _as_nobody(*argv):
+    import subprocess
+    subprocess.run(argv, user="nobody", check=True, timeout=10)
+
+
+def test_planted_log_symlink_is_refused_at_start(proxy_factory, auth_server, pop3_backend):
+    import shutil
+    logs, safe, victim = _folders()
+    try:
+        log = os.path.join(logs, "error.log")
+        _as_nobody("ln", "-s", victim, log)
+        proxy = proxy_factory({
+            "main": {"user": "nobody nogroup", "error_log": log + " info"},
+            "servers": {"pop3": server_block("pop3", free_port(), auth_http=auth_server.url)}},
+            start=False)
+        with pytest.raises(AssertionError, match="exited with 1"):
+            proxy.start()
+        assert 'open() "%s" failed' % log in proxy.stderr_text()
+        assert _untouched(victim)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.rmtree(safe, ignore_errors=True)
+
+
+def test_existing_log_file_is_not_handed_over(proxy_factory, auth_server):
+    """Only a file the master created goes to the workers' user; one already there keeps its
+    owner (it may be a hard link or anything else the user planted)."""
+    import shutil
+    logs, safe, victim = _folders()
+    try:
+        log = os.path.join(logs, "error.log")
+        with open(log, "w"):
+            pass                                          # root's, as the admin left it
+        proxy_factory({
+            "main": {"user": "nobody nogroup", "error_log": log + " info"},
+            "servers": {"pop3": server_block("pop3", free_port(), auth_http=auth_server.url)}})
+        assert os.stat(log).st_uid == 0
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.rmtree(safe, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGHUP"])
+def test_planted_log_symlink_is_refused_on_reopen_and_reload(proxy_factory, auth_server,
+                                                            signame):
+    import shutil
+    import signal
+    logs, safe, victim = _folders()
+    try:
+        log = os.path.join(logs, "error.log")
+        proxy = proxy_factory({
+            "main": {"user": "nobody nogroup", "error_log": log + " info"},
+            "servers": {"pop3": server_block("pop3", free_port(), auth_http=auth_server.url)}})
+        wait_for(lambda: worker_pids(proxy.pid), what="a worker")
+        # the workers' user moves the log away and plants a link to a root file
+        _as_nobody("mv", log, log + ".1")
+        _as_nobody("ln", "-s", victim, log)
+        os.kill(proxy.pid, getattr(signal, signame))
+
+        def refused():
+            with open(log + ".1") as f:
+                return 'open() "%s" failed (40: ' % log in f.read()
+        wait_for(refused, timeout=5, interval=0.05, what="the refused open in the old log")
+        assert _untouched(victim)
+        assert os.path.islink(log)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.rmtree(safe, ignore_errors=True)
