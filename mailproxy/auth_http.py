@@ -16,6 +16,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 from . import ktimeout
 from .log import sanitize
@@ -54,15 +55,15 @@ class AuthRequest:
     method: str                      # 'plain' | 'apop' | 'cram-md5' | 'external' | 'none'
     user: bytes
     passwd: bytes
-    salt: bytes | None = None        # sent as Auth-Salt for apop / cram-md5 only
+    salt: Optional[bytes] = None     # sent as Auth-Salt for apop / cram-md5 only
     protocol: str = 'pop3'           # 'pop3' | 'imap' | 'smtp'
     attempt: int = 1
     client_ip: str = ''
-    client_host: str | None = None   # SMTP: header present only when not None
-    proxy: tuple | None = None       # (src_addr, src_port, dst_addr, dst_port) from a PROXY header
-    smtp_helo: bytes | None = None   # method 'none' only
-    smtp_from: bytes | None = None
-    smtp_to: bytes | None = None
+    client_host: Optional[str] = None  # SMTP: header present only when not None
+    proxy: Optional[tuple] = None    # (src_addr, src_port, dst_addr, dst_port) from a PROXY header
+    smtp_helo: Optional[bytes] = None  # method 'none' only
+    smtp_from: Optional[bytes] = None
+    smtp_to: Optional[bytes] = None
     ssl: list = field(default_factory=list)      # [(name, value)] Auth-SSL*; Auth-SSL-Cert raw PEM
     headers: list = field(default_factory=list)  # auth_http_header [(name, value)]
 
@@ -73,12 +74,12 @@ class AuthResult:
     message: bytes = b''             # the Auth-Status text on FAIL
     server: str = ''                 # IPv4 (normalised) / IPv6 literal or host name
     port: int = 0
-    user: bytes | None = None        # Auth-User override
-    passwd: bytes | None = None      # Auth-Pass override
-    wait: int | None = None          # Auth-Wait seconds (FAIL: sleep, then let the client retry)
-    error_code: str | None = None    # Auth-Error-Code (SMTP), None when absent or empty
+    user: Optional[bytes] = None     # Auth-User override
+    passwd: Optional[bytes] = None   # Auth-Pass override
+    wait: Optional[int] = None       # Auth-Wait seconds (FAIL: sleep, then let the client retry)
+    error_code: Optional[str] = None  # Auth-Error-Code (SMTP), None when absent or empty
     peer: str = ''
-    ssl_backend: str | None = None   # issue 5: Auth-SSL-Backend on|off|starttls, None if absent
+    ssl_backend: Optional[str] = None  # issue 5: Auth-SSL-Backend on|off|starttls, None if absent
 
 
 # --- request -----------------------------------------------------------------

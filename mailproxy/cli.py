@@ -178,6 +178,13 @@ def main(argv=None):
         return 1
 
     if opts["test"]:
+        # -t loads every module the start loads, so a Python that cannot run them fails here
+        try:
+            Master._preload()
+        except Exception as e:
+            _err("[emerg] cannot load the proxy's modules with this Python: %s" % e)
+            _err("configuration file %s test failed" % path)
+            return 1
         if not opts["quiet"]:
             _err("the configuration file %s syntax is ok" % path)
             _err("configuration file %s test is successful" % path)
@@ -344,9 +351,9 @@ class Master:
         except OSError as e:
             return self._fatal(e.strerror)
         try:
-            self._preload(cfg)
+            self._preload()
         except Exception as e:
-            return self._fatal("cannot load protocol module: %s" % e)
+            return self._fatal("cannot load the proxy's modules with this Python: %s" % e)
         try:
             self.user = _resolve_user(cfg, self.log)
         except ValueError as e:
@@ -382,12 +389,15 @@ class Master:
             return os.cpu_count() or 1
 
     @staticmethod
-    def _preload(cfg):
-        """Import the session classes now: shared by forked workers, errors found early."""
+    def _preload():
+        """Import the session classes now: shared by forked workers, errors found early.
+
+        All three protocols, whatever the configuration serves: a reload may add one, and `-t`
+        (which calls this too) must fail on a Python that cannot import a module of the proxy."""
         from . import protocols
-        for proto in sorted({conf.protocol for conf in cfg.servers}):
+        for proto in ("imap", "pop3", "smtp"):
             protocols.session_class(proto)
-        from . import relay, runtime  # noqa: F401
+        from . import listeners, log, notify, relay, runtime  # noqa: F401
 
     def _write_pid(self, path):
         """Exclusively created, renamed into place, kept open for `-s` (pidfile.py)."""
@@ -581,7 +591,7 @@ class Master:
             self.log.log("emerg", e.strerror)
             return
         try:
-            self._preload(cfg)
+            self._preload()
             user = _resolve_user(cfg, log)
             bound, removed = self.lmod.bind_all(cfg.servers, self.listeners)
         except Exception as e:

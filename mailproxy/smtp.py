@@ -13,6 +13,7 @@ except in none mode, where the backend's RCPT reply is the answer.
 """
 
 import base64
+import socket
 
 from . import backend, resolver, sasl
 from .log import sanitize
@@ -210,7 +211,7 @@ class SmtpSession(Session):
         self.sock.settimeout(delay)
         try:
             data = self.sock.recv(self.client_buffer_size())
-        except TimeoutError:
+        except socket.timeout:      # not TimeoutError: on Python 3.9 it is an OSError only
             return
         except OSError:
             raise Close() from None

@@ -150,6 +150,9 @@ def _require_native(conf, st, key, what):
 def _build_context(conf, st, pairs, cert_key):
     n = st.native
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # Python 3.9 sets SSL_OP_IGNORE_UNEXPECTED_EOF, 3.10+ and nginx's ngx_ssl_create do not: one
+    # behaviour on every version (with it, TLSv1.3 stateful resumption failed now and then)
+    ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     # -- protocols
     protos = conf.ssl_protocols
     bad = [p for p in protos if p in ("SSLv2", "SSLv3")]

@@ -31,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CRLF = b"\r\n"
+# MAIL and RCPT as smtplib writes them: "mail FROM:<a>" up to Python 3.12, "mail from:<a>" on 3.13
+SMTPLIB_MAIL, SMTPLIB_RCPT = (("mail from:", "rcpt to:") if sys.version_info >= (3, 13)
+                              else ("mail FROM:", "rcpt TO:"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from harness import (CRLF, LineClient, ScriptedBackend, auth_fail, auth_ok, b64,
-                     big_message_chunks, big_message_digest, free_port, server_block)
+from harness import (CRLF, SMTPLIB_MAIL, SMTPLIB_RCPT, LineClient, ScriptedBackend, auth_fail,
+                     auth_ok, b64, big_message_chunks, big_message_digest, free_port,
+                     server_block)
 from test_resolver import DnsServer
 
 from mailproxy.resolver import T_A, T_AAAA, T_PTR
@@ -266,7 +267,8 @@ def test_auth_plain_xclient(setup):
     assert backend_lines(s, 7) == ["EHLO mx.proxy.test",
                                    "XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]",
                                    "EHLO client.example",
-                                   "mail FROM:<a@example.com>", "rcpt TO:<c@example.com>", "data",
+                                   SMTPLIB_MAIL + "<a@example.com>",
+                                   SMTPLIB_RCPT + "<c@example.com>", "data",
                                    "quit"]
     body = b"Subject: hi\r\n\r\nhello\r\n"
     assert s.backend.sessions[0].data["messages"] == [(len(body),
@@ -462,7 +464,7 @@ def test_xclient_off_ehlo(setup):
     smtp.login("alice", "secret")
     send_message(smtp)
     smtp.quit()
-    assert backend_lines(s, 2)[:2] == ["EHLO mx.proxy.test", "mail FROM:<a@example.com>"]
+    assert backend_lines(s, 2)[:2] == ["EHLO mx.proxy.test", SMTPLIB_MAIL + "<a@example.com>"]
 
 
 def test_xclient_off_helo(setup):
@@ -636,16 +638,17 @@ def test_none_mode_several_rcpts(setup):
     # MAIL and the first RCPT are replayed verbatim (smtplib's lower-case verbs included)
     assert backend_lines(s, 9) == ["EHLO mx.proxy.test",
                                    "XCLIENT ADDR=127.0.0.1 NAME=[UNAVAILABLE]",
-                                   "EHLO client.example", "mail FROM:<a@example.com>",
-                                   "rcpt TO:<c@example.com>", "rcpt TO:<d@example.com>",
-                                   "rcpt TO:<e@example.com>", "data", "quit"]
+                                   "EHLO client.example", SMTPLIB_MAIL + "<a@example.com>",
+                                   SMTPLIB_RCPT + "<c@example.com>",
+                                   SMTPLIB_RCPT + "<d@example.com>",
+                                   SMTPLIB_RCPT + "<e@example.com>", "data", "quit"]
     req = s.auth.requests[0]
     assert len(s.auth.requests) == 1
     assert req.header("Auth-Method") == "none"
     assert req.header("Auth-User") == "" and req.header("Auth-Pass") == ""
     assert req.header("Auth-SMTP-Helo") == "client.example"
-    assert req.header("Auth-SMTP-From") == "mail FROM:<a@example.com>"
-    assert req.header("Auth-SMTP-To") == "rcpt TO:<c@example.com>"
+    assert req.header("Auth-SMTP-From") == SMTPLIB_MAIL + "<a@example.com>"
+    assert req.header("Auth-SMTP-To") == SMTPLIB_RCPT + "<c@example.com>"
     assert req.header("Client-Host") == "[UNAVAILABLE]"
     assert s.backend.sessions[0].data["messages"][0][0] == len(b"Subject: x\r\n\r\nbody\r\n")
 
