@@ -462,7 +462,7 @@ def measure(args, svc, tmp, cap, mp_cmd, main_n, others_n, seconds, label):
                 st.update(('held_' + g, n) for g, n in drib.held().items())
                 samples.append(st)
 
-        drib.run(seconds, ramp=min(2.0, args.interval))
+        drib.run(seconds, ramp=min(2.0, args.interval), tick=tick)
         tick(time.monotonic())
         cpu1 = tg.cpu_seconds([wpid])
         try:
@@ -493,13 +493,32 @@ def measure(args, svc, tmp, cap, mp_cmd, main_n, others_n, seconds, label):
                threads_end=samples[-1]['Threads'] if samples else None,
                rss_peak_mb=max((s['VmRSS'] for s in samples), default=0) / 1024.0,
                vmsize_peak_mb=max((s['VmSize'] for s in samples), default=0) / 1024.0,
-               samples=samples, log=refusal_reasons(os.path.join(tmp, name + '-error.log')))
+               samples=samples, log=refusal_reasons(os.path.join(tmp, name + '-error.log')),
+               windows=windows(logins, args.warmup, 10.0))
+    try:
+        res['log_mb'] = os.path.getsize(os.path.join(tmp, name + '-error.log')) / 1e6
+    except OSError:
+        res['log_mb'] = 0.0
     res['dribblers'] = {}
     for g, st in drib.stats.items():
         life = sorted(st.pop('cut_lifetimes'))
         st['cut_lifetime_median_s'] = round(run.pct(life, 50), 1) if life else None
         res['dribblers'][g] = st
     return res
+
+
+def windows(logins, warmup, width):
+    """Per `width` seconds of the run: (start s, ok, failed, max login ms of the ok ones)."""
+    out = {}
+    for at, status, t, _ in logins:
+        w = int((at + warmup) // width)
+        o = out.setdefault(w, [w * width, 0, 0, 0.0])
+        if status == 'ok':
+            o[1] += 1
+            o[3] = max(o[3], t * 1000.0)
+        else:
+            o[2] += 1
+    return [tuple(out[k]) for k in sorted(out)]
 
 
 def ms(v):
@@ -634,6 +653,11 @@ def main(argv=None):
     print('command: %s\n' % info['command'])
     print(table(results))
     for r in results:
+        print('\n%s: worker threads / RSS MB over the run: %s; error log %.1f MB; late logins %d'
+              % (r['label'], ' '.join('%s:%d/%.0f' % (s['t'], s['Threads'], s['VmRSS'] / 1024.0)
+                                      for s in r['samples'][::10]), r['log_mb'], r['late']))
+        print('%s: logins per 10 s (from s: ok/failed, max ms): %s'
+              % (r['label'], ' '.join('%d:%d/%d,%.0f' % w for w in r['windows'])))
         for g, st in r['dribblers'].items():
             if st['attempts']:
                 print('%s %s: %s' % (r['label'], g, st))
