@@ -2,7 +2,7 @@
 """Pre-login limits under dribbling clients, on loopback, in one command.
 
     python3 bench/dribble.py [--duration 90] [--proto pop3|imap] [--caps 100,0]
-                             [--zipapp FILE] [--no-baseline] [--json FILE] [--keep]
+                             [--baseline SECONDS] [--zipapp FILE] [--json FILE] [--keep]
 
 One mailproxy worker (worker_processes 1, `timeout` 60s, `worker_connections` and
 `limit_prelogin` at their defaults, `limit_conn_per_ip` from --caps, one run per value) in
@@ -21,7 +21,6 @@ import heapq
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import selectors
 import shutil
@@ -48,32 +47,6 @@ LOGIN_TIMEOUT = 15.0        # each step of the normal client's session
 REFUSALS = {'pop3': b'-ERR [SYS/TEMP]', 'imap': b'* BYE [UNAVAILABLE]'}
 GREETINGS = {'pop3': b'+OK', 'imap': b'* OK'}
 DRIBBLE = {'pop3': b'NOOP\r\n', 'imap': b'a NOOP\r\n'}
-
-TEMPLATE = """\
-[main]
-pid = ${tmp}/${name}.pid
-error_log = ${tmp}/${name}-error.log error
-worker_processes = ${workers}
-%(limits)s
-[mail]
-server_name = bench.local
-auth_http = 127.0.0.1:${auth_port}/auth
-timeout = %(timeout)s
-proxy = on
-
-[server imap]
-listen = 127.0.0.1:${imap_port}
-protocol = imap
-
-[server pop3]
-listen = 127.0.0.1:${pop3_port}
-protocol = pop3
-
-[server smtp]
-listen = 127.0.0.1:${smtp_port}
-protocol = smtp
-"""
-
 
 def other_sources(n):
     """n loopback addresses other than 127.0.0.1 (the servers), MAIN_SRC and NORMAL_SRC:
@@ -399,9 +372,6 @@ class Dribblers:
                 slot.sock = None
         self.sel.close()
 
-    def held(self):
-        return {g: st['held'] for g, st in self.stats.items()}
-
 
 # ---------------------------------------------------------------------------------------------
 # one measurement
@@ -430,7 +400,9 @@ def measure(args, svc, tmp, cap, mp_cmd, main_n, others_n, seconds, label):
     limits = '' if cap is None else 'limit_conn_per_ip = %d\n' % cap
     if args.limit_prelogin is not None:
         limits += 'limit_prelogin = %d\n' % args.limit_prelogin
-    template = TEMPLATE % dict(limits=limits, timeout=args.timeout)
+    with open(os.path.join(BENCH, 'bench.ini')) as f:     # run.py's INI, with the limits
+        template = f.read().replace('\n[mail]\n', '%s\n[mail]\ntimeout = %s\n'
+                                    % (limits, args.timeout), 1)
     name = 'dribble-%s' % label
     target = tg.ProxyTarget(name, 'mailproxy', '1', tmp, template, svc.auth_port,
                             cmd=mp_cmd, nofile=servers.raise_nofile())
@@ -459,7 +431,7 @@ def measure(args, svc, tmp, cap, mp_cmd, main_n, others_n, seconds, label):
             st = read_status(wpid)
             if st is not None:
                 st['t'] = round(now - t0, 1)
-                st.update(('held_' + g, n) for g, n in drib.held().items())
+                st.update(('held_' + g, v['held']) for g, v in drib.stats.items())
                 samples.append(st)
 
         drib.run(seconds, ramp=min(2.0, args.interval), tick=tick)
@@ -488,9 +460,9 @@ def measure(args, svc, tmp, cap, mp_cmd, main_n, others_n, seconds, label):
     worst = max(((t, at) for at, s, t, _ in logins if s == 'ok'), default=(None, None))
     res.update(logins=len(logins), ok=len(ok), failed=len(logins) - len(ok), fail_kinds=kinds,
                late=got['late'], p50_ms=ms(run.pct(ok, 50)), p99_ms=ms(run.pct(ok, 99)),
-               max_ms=ms(worst[0]), worst_at_s=(None if worst[1] is None else round(worst[1] + args.warmup, 1)),
+               max_ms=ms(worst[0]),
+               worst_at_s=None if worst[1] is None else round(worst[1] + args.warmup, 1),
                threads_peak=max((s['Threads'] for s in samples), default=None),
-               threads_end=samples[-1]['Threads'] if samples else None,
                rss_peak_mb=max((s['VmRSS'] for s in samples), default=0) / 1024.0,
                vmsize_peak_mb=max((s['VmSize'] for s in samples), default=0) / 1024.0,
                samples=samples, log=refusal_reasons(os.path.join(tmp, name + '-error.log')),
@@ -557,25 +529,18 @@ def table(results):
 
 
 def machine():
-    model = ''
+    """run.py's machine description, plus the commit mailproxy runs from."""
+    out = run.machine()
     try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    model = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=tg.REPO, timeout=10,
+        git = ['git', '-C', tg.REPO]
+        head = subprocess.run(git + ['rev-parse', '--short', 'HEAD'], timeout=10,
                               capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
-                               cwd=tg.REPO, timeout=10, capture_output=True,
-                               text=True).stdout.strip()
+        if subprocess.run(git + ['diff', '--quiet', 'HEAD'], timeout=10).returncode:
+            head += ' (modified)'
     except (OSError, subprocess.SubprocessError):
-        head, dirty = '?', ''
-    return dict(nproc=os.cpu_count(), cpu=model, python=platform.python_version(),
-                kernel=platform.release(), commit=head + (' (modified)' if dirty else ''))
+        head = '?'
+    out['commit'] = head
+    return out
 
 
 def main(argv=None):
@@ -613,7 +578,7 @@ def main(argv=None):
               else [sys.executable, os.path.join(tg.REPO, 'mailproxy.py')])
     svc = run.Services()
     info = machine()
-    info.update(date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), nofile=nofile,
+    info.update(date=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                 command=' '.join(['python3', 'bench/dribble.py'] + list(argv or sys.argv[1:])))
     results = []
     runs = []
@@ -647,9 +612,9 @@ def main(argv=None):
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     info['seconds'] = time.monotonic() - t_begin
-    print('\n%s, commit %s, %s CPUs (%s), Python %s, kernel %s, RLIMIT_NOFILE %d; %.0f s'
+    print('\n%s, commit %s, %s CPUs (%s), Python %s, kernel %s, RLIMIT_NOFILE %s; %.0f s'
           % (info['date'], info['commit'], info['nproc'], info['cpu'], info['python'],
-             info['kernel'], info['nofile'], info['seconds']))
+             info['kernel'], '%d/%d' % tuple(info['nofile']), info['seconds']))
     print('command: %s\n' % info['command'])
     print(table(results))
     for r in results:
