@@ -110,7 +110,7 @@ class Admission:
             return Ticket(self, key), None
 
     def limit_of(self, reason):
-        return getattr(self, reason)
+        return getattr(self, reason, 0)
 
     # -- tickets ------------------------------------------------------------------------------
     def _uncount_ip(self, key):

@@ -385,6 +385,13 @@ class Listener(socketserver.ThreadingTCPServer):
         try:
             pool.submit(self.process_request_thread, request, client_address, routed, ticket,
                         accepted)
+        except RuntimeError as e:       # "can't start new thread": a task or memory limit
+            if ticket is not None:
+                ticket.release()
+            self._log("alert", "cannot start a handler thread (%s; %d running): lower "
+                      "limit_prelogin below the system's task limit"
+                      % (sanitize(str(e)), pool.threads()))
+            self.refuse(request, client_address, routed[0], routed[1], "threads")
         except BaseException:
             if ticket is not None:
                 ticket.release()
@@ -394,16 +401,17 @@ class Listener(socketserver.ThreadingTCPServer):
         """Over a limit: the protocol's temporary-failure greeting and a log line naming the
         client.  On an implicit-TLS port the greeting would need a TLS handshake, the very cost
         the limit exists to avoid: there the connection is closed after the log line."""
-        adm = self.runtime.admission
+        adm = getattr(self.runtime, "admission", None)
         cls = protocols.session_class(conf.protocol)
         tls = bool(getattr(listen, "ssl", False))
         log = self.runtime.log_for(conf) if hasattr(self.runtime, "log_for") else None
         if log is not None and log.enabled("error"):
             what = {"limit_conn_per_ip": "too many connections from the client's address",
                     "limit_prelogin": "too many sessions before login",
-                    "worker_connections": "worker_connections are not enough"}[reason]
+                    "worker_connections": "worker_connections are not enough",
+                    "threads": "no handler thread could be started"}[reason]
             log.log("error", "%s (%s %d)%s, client: %s, server: %s"
-                    % (what, reason, adm.limit_of(reason),
+                    % (what, reason, adm.limit_of(reason) if adm else 0,
                        ", closing without greeting on a TLS port" if tls else "",
                        client_address[0] if client_address else "-", self.text))
         try:

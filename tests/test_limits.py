@@ -291,3 +291,51 @@ def test_dribbling_clients_cannot_grow_threads_past_the_cap(proxy_factory):
     finally:
         for s in held:
             s.close()
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def enabled(self, level):
+        return True
+
+    def log(self, level, message, conn=None):
+        self.lines.append("[%s] %s" % (level, message))
+
+
+class _NoThreads:
+    def submit(self, *args):
+        raise RuntimeError("can't start new thread")
+
+    def threads(self):
+        return 7
+
+
+def test_no_thread_to_be_had_is_said_not_silent():
+    """Under a task limit a thread cannot start: the client gets the temporary failure and the
+    log says why (before: an alert naming nothing but the address)."""
+    from types import SimpleNamespace
+    from mailproxy import listeners
+    port = free_port()
+    listen = SimpleNamespace(host="127.0.0.1", port=port, family=socket.AF_INET, ssl=False,
+                             proxy_protocol=False, backlog=16, rcvbuf=None, sndbuf=None,
+                             ipv6only=True, so_keepalive=None, multipath=False, bind=False,
+                             text="127.0.0.1:%d" % port)
+    conf = SimpleNamespace(name="p", protocol="pop3", listen=[listen], timeout=5.0)
+    bound, _ = listeners.bind_all([conf])
+    (lst,) = bound.values()
+    log = _Log()
+    lst.start(SimpleNamespace(log=log, admission=limits.Admission(), log_for=lambda c: log),
+              poll_interval=0.05)
+    lst.pool = _NoThreads()
+    try:
+        with connect(port) as s:
+            assert first_line(s) == BUSY["pop3"]
+        wait_for(lambda: len(log.lines) >= 2, 3, what="log lines")
+        assert "cannot start a handler thread (can't start new thread; 7 running)" in log.lines[0]
+        assert log.lines[0].startswith("[alert]")
+        assert "no handler thread could be started" in log.lines[1]
+        assert "client: 127.0.0.1, server: 127.0.0.1:%d" % port in log.lines[1]
+    finally:
+        lst.stop_accepting()
