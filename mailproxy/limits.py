@@ -177,3 +177,31 @@ def raise_nofile(needed):
         except (OSError, ValueError):
             pass
     return soft
+
+
+class LogThrottle:
+    """At most one log line per key (a limit and an address) and `interval`: one address
+    reconnecting thousands of times a second must not fill the disk.  Lines held back are
+    counted into the next line for that key."""
+
+    def __init__(self, interval=1.0, max_keys=4096):
+        self.interval = interval
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._keys = {}             # key -> [time of the last line, lines held back since]
+
+    def allow(self, key, now):
+        """None when the line is to be held back, else how many were held back before it."""
+        with self._lock:
+            entry = self._keys.get(key)
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return None
+            held = entry[1] if entry is not None else 0
+            if entry is None and len(self._keys) >= self.max_keys:
+                self._keys = {k: v for k, v in self._keys.items()
+                              if now - v[0] < self.interval}
+                if len(self._keys) >= self.max_keys:
+                    self._keys.clear()      # bounded memory: forget the counts, not the lines
+            self._keys[key] = [now, 0]
+            return held

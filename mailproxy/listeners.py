@@ -13,7 +13,7 @@ import socketserver
 import threading
 import time
 
-from . import ktimeout, protocols, realip
+from . import ktimeout, limits, protocols, realip
 from .log import sanitize
 
 _RESOURCE_ERRORS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM}
@@ -144,6 +144,7 @@ class _PoolThread(threading.Thread):
 
 _pool = None
 _pool_lock = threading.Lock()
+_refusal_lines = limits.LogThrottle()     # this process's refusal lines (Listener.refuse)
 
 
 def handler_pool():
@@ -405,15 +406,20 @@ class Listener(socketserver.ThreadingTCPServer):
         cls = protocols.session_class(conf.protocol)
         tls = bool(getattr(listen, "ssl", False))
         log = self.runtime.log_for(conf) if hasattr(self.runtime, "log_for") else None
+        ip = client_address[0] if client_address else "-"
+        held = _refusal_lines.allow((reason, limits.address_key(ip)), time.monotonic())
+        if held is None:
+            log = None
         if log is not None and log.enabled("error"):
             what = {"limit_conn_per_ip": "too many connections from the client's address",
                     "limit_prelogin": "too many sessions before login",
                     "worker_connections": "worker_connections are not enough",
                     "threads": "no handler thread could be started"}[reason]
-            log.log("error", "%s (%s %d)%s, client: %s, server: %s"
+            log.log("error", "%s (%s %d%s)%s, client: %s, server: %s"
                     % (what, reason, adm.limit_of(reason) if adm else 0,
+                       "; %d more not logged since the last line" % held if held else "",
                        ", closing without greeting on a TLS port" if tls else "",
-                       client_address[0] if client_address else "-", self.text))
+                       ip, self.text))
         try:
             if not tls:
                 request.setblocking(False)

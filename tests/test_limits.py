@@ -339,3 +339,31 @@ def test_no_thread_to_be_had_is_said_not_silent():
         assert "client: 127.0.0.1, server: 127.0.0.1:%d" % port in log.lines[1]
     finally:
         lst.stop_accepting()
+
+
+def test_log_throttle_one_line_per_key_and_interval():
+    t = limits.LogThrottle(interval=1.0, max_keys=3)
+    assert t.allow("a", 0.0) == 0
+    assert t.allow("a", 0.2) is None and t.allow("a", 0.5) is None
+    assert t.allow("b", 0.5) == 0
+    assert t.allow("a", 1.1) == 2                   # the two held back, counted
+    assert t.allow("c", 1.2) == 0 and t.allow("d", 1.3) == 0
+    assert len(t._keys) <= 3                        # memory bounded
+
+
+def test_refusals_of_one_address_are_logged_once_a_second(proxy_factory):
+    p, port = start(proxy_factory, "pop3", main={"limit_conn_per_ip": 1})
+    held = connect(port, "127.0.0.6")
+    assert first_line(held).startswith(b"+OK")
+    for _ in range(30):
+        with connect(port, "127.0.0.6") as s:
+            assert first_line(s) == BUSY["pop3"]
+    time.sleep(1.1)
+    with connect(port, "127.0.0.6") as s:
+        assert first_line(s) == BUSY["pop3"]
+    line = p.wait_log("more not logged since the last line")
+    assert "(limit_conn_per_ip 1; 29 more not logged since the last line), client: 127.0.0.6," \
+        in line
+    refusals = [l for l in p.log_lines() if "too many connections" in l]
+    assert len(refusals) == 2, refusals
+    held.close()
