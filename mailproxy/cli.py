@@ -271,6 +271,20 @@ def _open_log(ErrorLog, targets):
         raise OSError(e.errno, 'open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror))
 
 
+def _warn_native_tls(cfg, log):
+    """Without the native OpenSSL layer, the directives that need it are start errors
+    (tls.check_server); the one thing left weaker, with no directive, is said here: a client
+    proposing another protocol by ALPN is not refused."""
+    tls_servers = [s for s in cfg.servers if s.starttls != "off"
+                   or any(getattr(li, "ssl", False) for li in s.listen)]
+    if not tls_servers:
+        return
+    from . import tls_native
+    if tls_native.native() is None:
+        log.log("warn", "native OpenSSL calls unavailable (%s): TLS clients that propose "
+                "another protocol by ALPN are not refused" % tls_native.native_error())
+
+
 def _chown_logs(logs, user):
     """Give log files to the workers' user, as nginx does, so they can reopen them (USR1).
 
@@ -376,6 +390,7 @@ class Master:
                                                                e.strerror))
         try:
             self.log.log("notice", "%s/%s" % (NAME, __version__))
+            _warn_native_tls(cfg, self.log)
             self.notify("READY=1\nMAINPID=%d" % os.getpid())
             self.log.log("notice", "start worker processes")
             for _ in range(self._nworkers()):
@@ -698,11 +713,12 @@ class Worker:
             # SIGHUP: the master reloads; a worker ignores it
 
     def _check_nofile(self):
-        # Each session holds two descriptors (client, backend); keep a margin for listeners,
-        # auth_http and log files.  nginx leaves this to worker_rlimit_nofile and warns.
+        # Each session holds two descriptors (client, backend), and one more while it asks
+        # the auth service; keep a margin for listeners, log files and resolver sockets.
+        # nginx leaves this to worker_rlimit_nofile and warns.
         from .limits import raise_nofile
         wc = self.cfg.main.worker_connections
-        soft = raise_nofile(wc + 64)
+        soft = raise_nofile(wc + self.cfg.main.limit_prelogin + 64)
         if soft != -1 and soft < wc:
             self.log.log("warn", "%d worker_connections exceed open file resource limit: %d"
                          % (wc, soft))

@@ -1446,6 +1446,18 @@ def _check_server(s, own, seen_listen):
                           'server "%s": proxy_pass routes every user to one backend without an '
                           "auth service" % (al, s.name), path, s.where("proxy_pass")[1],
                           "proxy_pass")
+    if s.protocol == "smtp" and "none" in (s.smtp_auth or []) and not s.xclient \
+            and s.proxy_protocol == "off":
+        # Unauthenticated mail: the backend decides whether to relay (the auth service sees
+        # only MAIL FROM and the first RCPT TO, proxy_pass nothing), so it must see the real
+        # client, never the proxy's trusted address (an open relay).
+        raise ConfigError('"smtp_auth none" needs "xclient on" (or "proxy_protocol" to the '
+                          "backend): otherwise the backend sees the proxy's address for "
+                          "clients nobody authenticated and relays for anyone who reaches the "
+                          "proxy; set \"xclient on\" and allow the proxy in the backend's "
+                          "XCLIENT hosts (Postfix: smtpd_authorized_xclient_hosts)",
+                          path, s.where("xclient")[1] or s.where("smtp_auth")[1] or s.line,
+                          "xclient")
     if s.proxy_pass is not None:
         key = "%s_auth" % s.protocol
         methods = getattr(s, key, None) or []
@@ -1463,14 +1475,3 @@ def _check_server(s, own, seen_listen):
             raise ConfigError('"proxy_pass" in an SMTP server needs "proxy_smtp_auth on": '
                               "without an auth service the backend must check the password",
                               path, s.where("proxy_pass")[1], "proxy_pass")
-        if s.protocol == "smtp" and "none" in (s.smtp_auth or []) and not s.xclient:
-            # No auth service judges MAIL/RCPT and no password is checked: the backend alone
-            # decides whether to relay, and without XCLIENT it would see the proxy's trusted
-            # address for an unchecked client (an open relay).
-            raise ConfigError('"smtp_auth none" with "proxy_pass" needs "xclient on": without '
-                              "an auth service the backend must see the client's address to "
-                              "decide whether to relay, or it relays for anyone who reaches the "
-                              'proxy; set "xclient on" (and allow the proxy in the backend\'s '
-                              'XCLIENT hosts), or use "auth_http"',
-                              path, s.where("xclient")[1] or s.where("smtp_auth")[1]
-                              or s.where("proxy_pass")[1], "xclient")

@@ -69,6 +69,7 @@ class Admission:
         self.connections = 0        # PER_SESSION for each admitted, unreleased session
         self.prelogin = 0
         self.per_ip = {}            # address_key -> sessions (pre-login and relayed)
+        self.lines = LogThrottle()  # refusal lines of this worker
 
     @classmethod
     def from_config(cls, main):

@@ -144,7 +144,6 @@ class _PoolThread(threading.Thread):
 
 _pool = None
 _pool_lock = threading.Lock()
-_refusal_lines = limits.LogThrottle()     # this process's refusal lines (Listener.refuse)
 
 
 def handler_pool():
@@ -407,7 +406,7 @@ class Listener(socketserver.ThreadingTCPServer):
         tls = bool(getattr(listen, "ssl", False))
         log = self.runtime.log_for(conf) if hasattr(self.runtime, "log_for") else None
         ip = client_address[0] if client_address else "-"
-        held = _refusal_lines.allow((reason, limits.address_key(ip)), time.monotonic())
+        held = adm.lines.allow((reason, limits.address_key(ip)), time.monotonic()) if adm else 0
         if held is None:
             log = None
         if log is not None and log.enabled("error"):
@@ -421,9 +420,12 @@ class Listener(socketserver.ThreadingTCPServer):
                        ", closing without greeting on a TLS port" if tls else "",
                        ip, self.text))
         try:
+            request.setblocking(False)
             if not tls:
-                request.setblocking(False)
                 request.send(cls.busy_reply(conf))
+            # read what the client sent already (a balancer's PROXY header): closing with
+            # unread input sends a reset, which may destroy the greeting before it is read
+            request.recv(4096)
         except OSError:
             pass
         finally:

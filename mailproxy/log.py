@@ -82,9 +82,12 @@ def open_log_file(path):
     else:
         fd, created = os.open(path, _LOG_FLAGS), False      # raises with the reason
     try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             raise OSError(errno.EINVAL, "not a regular file", path)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+            # a hard link planted in the log folder would make root append to another file
+            raise OSError(errno.EINVAL, "a file with %d hard links" % st.st_nlink, path)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -53,6 +53,9 @@ def holder(pid, path):
         fds = os.listdir("/proc/%d/fd" % pid)
     except FileNotFoundError:
         return False
+    # ours is one link, written by this user or root: not another daemon's file linked here
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in (0, os.geteuid()):
+        return False
     for fd in fds:
         try:
             other = os.stat("/proc/%d/fd/%s" % (pid, fd))

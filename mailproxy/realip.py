@@ -228,7 +228,7 @@ def read_header(sess):
     except TIMEOUT_ERRORS:
         raise ClientTimeout() from None
     except OSError as e:
-        raise ClientClosed(str(e)) from None
+        raise ClientClosed(str(e), e.errno) from None
     if not data:
         raise ClientClosed("client closed connection")
     try:
@@ -247,7 +247,7 @@ def read_header(sess):
     except TIMEOUT_ERRORS:
         raise ClientTimeout() from None
     except OSError as e:
-        raise ClientClosed(str(e)) from None
+        raise ClientClosed(str(e), e.errno) from None
     if addrs is not None:
         sess.proxy_header = addrs
         src, sport = addrs[0], addrs[1]

@@ -13,7 +13,7 @@ import errno as errno_mod
 import os
 import time
 
-from . import auth_http, backend, ktimeout, sasl
+from . import auth_http, backend, ktimeout, limits, sasl
 from . import tls                   # TLS (issue 5)
 from . import realip                # PROXY protocol in (issue 5)
 from .log import sanitize
@@ -54,7 +54,9 @@ class HandedOver(Exception):
 
 
 class ClientClosed(Exception):
-    pass
+    def __init__(self, text="client closed connection", errno=None):
+        super().__init__(text)
+        self.errno = errno          # a failed recv(): logged as nginx's "recv() failed (N: ...)"
 
 
 class ClientTimeout(Exception):
@@ -101,10 +103,10 @@ class LineReader:
             data = self.sock.recv(max(room, 1))
         except ktimeout.TIMEOUT_ERRORS:
             raise ClientTimeout() from None
-        except (ConnectionError, OSError) as e:
-            raise ClientClosed(str(e)) from None
+        except OSError as e:
+            raise ClientClosed(str(e), e.errno) from None
         if not data:
-            raise ClientClosed("client closed connection")
+            raise ClientClosed()
         self.buf += data
 
     def readline(self, limit=None):
@@ -388,8 +390,11 @@ class Session:
             pass
         except ClientTimeout:
             self.info("client timed out", err=errno_mod.ETIMEDOUT)
-        except ClientClosed:
-            self.info("client closed connection")
+        except ClientClosed as e:
+            if e.errno:
+                self.info("recv() failed", err=e.errno)
+            else:
+                self.info("client closed connection")
         except Exception as e:   # a bug must never reach the client as a traceback
             self.logmsg("alert", "internal error: %s: %s" % (type(e).__name__, sanitize(str(e))))
             try:
@@ -417,8 +422,15 @@ class Session:
         if reason is not None:
             adm = self.rt.admission
             self.action = None
-            self.error("too many connections from the client's address (%s %d)"
-                       % (reason, adm.limit_of(reason)))
+            held = adm.lines.allow((reason, limits.address_key(self.client_ip)), time.monotonic())
+            tls = self.listen is not None and getattr(self.listen, "ssl", False)
+            if held is not None:
+                self.error("too many connections from the client's address (%s %d%s)%s"
+                           % (reason, adm.limit_of(reason),
+                              "; %d more not logged since the last line" % held if held else "",
+                              ", closing without greeting on a TLS port" if tls else ""))
+            if tls:             # as Listener.refuse: no handshake for a refused client
+                raise Close()
             self.send_close(self.busy_reply(self.conf))
 
     def next_line(self):
@@ -618,9 +630,13 @@ class Session:
 
         if self.ticket is not None:
             self.ticket.logged_in()
-        self.rt.relay.add(self.sock, conn.sock, to_backend=pending, to_client=reply,
-                          client_buffer=self.relay_client_buffer(),
-                          proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,
-                          on_done=done, name="*%d" % self.conn,
-                          nodelay=False)    # both have TCP_NODELAY (listener, backend.connect)
+        try:
+            self.rt.relay.add(self.sock, conn.sock, to_backend=pending, to_client=reply,
+                              client_buffer=self.relay_client_buffer(),
+                              proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,
+                              on_done=done, name="*%d" % self.conn,
+                              nodelay=False)    # both have TCP_NODELAY (listener, backend.connect)
+        except BaseException:
+            conn.close()        # the client socket is closed by run(); the backend's is ours
+            raise
         raise HandedOver()

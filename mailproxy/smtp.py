@@ -13,6 +13,7 @@ except in none mode, where the backend's RCPT reply is the answer.
 """
 
 import base64
+import errno
 import socket
 
 from . import backend, resolver, sasl
@@ -213,11 +214,13 @@ class SmtpSession(Session):
             data = self.sock.recv(self.client_buffer_size())
         except socket.timeout:      # not TimeoutError: on Python 3.9 it is an OSError only
             return
-        except OSError:
+        except OSError as e:
+            self.info("recv() failed", err=e.errno or errno.ECONNRESET)
             raise Close() from None
         finally:
             self.restore_timeout()
         if not data:
+            self.info("client closed connection")
             raise Close()
         self.info('client was rejected before greeting: "%s"' % rejected_text(data))
         self.send_close(INVALID_PIPELINING)
@@ -229,6 +232,10 @@ class SmtpSession(Session):
             self.delay_greeting(delay)
         self.action = "sending client greeting line"
         self.state = "start"
+        # nginx arms `timeout` at the greeting (ngx_mail_smtp_greeting, and again after the
+        # delay in ngx_mail_smtp_invalid_pipelining): the client name lookup and the delay
+        # are not the client's time
+        self.rearm()
         self.send(b"220 " + self._name() + b" ESMTP ready\r\n")
 
     # ---- line loop ------------------------------------------------------------------------------
