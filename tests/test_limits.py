@@ -367,3 +367,17 @@ def test_refusals_of_one_address_are_logged_once_a_second(proxy_factory):
     refusals = [l for l in p.log_lines() if "too many connections" in l]
     assert len(refusals) == 2, refusals
     held.close()
+
+
+def test_smtp_timeout_counts_from_the_greeting(proxy_factory):
+    """nginx arms `timeout` at the SMTP greeting (ngx_mail_smtp_greeting): a greeting delay as
+    long as `timeout` still ends in a greeting, and the client then has its whole `timeout`."""
+    p, port = start(proxy_factory, "smtp", timeout="1s", smtp_greeting_delay="1200ms")
+    s = connect(port)
+    t0 = time.monotonic()
+    assert first_line(s).startswith(b"220 mx.test")
+    greeted = time.monotonic() - t0
+    assert greeted >= 1.1
+    closed = closed_within(s, 3)
+    assert closed is not None and 0.8 < closed < 1.8, closed
+    s.close()

@@ -272,3 +272,27 @@ def test_log_file_created_flag(tmp_path):
     fd, created = open_log_file("/dev/null")
     os.close(fd)
     assert not created
+
+
+def test_log_file_hard_link_refused(tmp_path):
+    """A hard link planted in the log folder would make the root master append to the file it
+    links to (where fs.protected_hardlinks is off)."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    os.link(victim, tmp_path / "error.log")
+    with pytest.raises(OSError) as e:
+        ErrorLog([target(path=str(tmp_path / "error.log"))])
+    assert "hard links" in str(e.value)
+    assert victim.read_text() == "keep\n"
+
+
+def test_pid_file_holder_refuses_a_hard_link(tmp_path):
+    """-s: a file that another process keeps open, hard-linked at the pid path, is not ours."""
+    from mailproxy import pidfile
+    theirs = tmp_path / "theirs.pid"
+    theirs.write_text("%d\n" % os.getpid())
+    with open(theirs) as held:
+        assert pidfile.holder(os.getpid(), str(theirs))
+        os.link(theirs, tmp_path / "mailproxy.pid")
+        assert not pidfile.holder(os.getpid(), str(tmp_path / "mailproxy.pid"))
+        assert held.readable()
