@@ -228,9 +228,9 @@ def read_header(sess):
     except TIMEOUT_ERRORS:
         raise ClientTimeout() from None
     except OSError as e:
-        raise ClientClosed(str(e), e.errno) from None
+        raise ClientClosed("recv() failed", e.errno) from None
     if not data:
-        raise ClientClosed("client closed connection")
+        raise ClientClosed()
     try:
         size, addrs = parse(data)
     except BrokenHeader as e:
@@ -242,12 +242,12 @@ def read_header(sess):
         while got < size:
             chunk = sock.recv(size - got)
             if not chunk:
-                raise ClientClosed("client closed connection")
+                raise ClientClosed()
             got += len(chunk)
     except TIMEOUT_ERRORS:
         raise ClientTimeout() from None
     except OSError as e:
-        raise ClientClosed(str(e), e.errno) from None
+        raise ClientClosed("recv() failed", e.errno) from None
     if addrs is not None:
         sess.proxy_header = addrs
         src, sport = addrs[0], addrs[1]

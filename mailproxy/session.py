@@ -11,6 +11,7 @@ Control flow is plain blocking code in the listener's handler thread; `Close` un
 
 import errno as errno_mod
 import os
+import ssl
 import time
 
 from . import auth_http, backend, ktimeout, limits, sasl
@@ -54,9 +55,11 @@ class HandedOver(Exception):
 
 
 class ClientClosed(Exception):
+    """The client went away; str() is the log line ("recv() failed" with `errno`)."""
+
     def __init__(self, text="client closed connection", errno=None):
         super().__init__(text)
-        self.errno = errno          # a failed recv(): logged as nginx's "recv() failed (N: ...)"
+        self.errno = errno
 
 
 class ClientTimeout(Exception):
@@ -103,8 +106,11 @@ class LineReader:
             data = self.sock.recv(max(room, 1))
         except ktimeout.TIMEOUT_ERRORS:
             raise ClientTimeout() from None
+        except ssl.SSLError as e:
+            raise ClientClosed("SSL_read() failed (SSL: %s)"
+                               % sanitize(e.reason or str(e), 256)) from None
         except OSError as e:
-            raise ClientClosed(str(e), e.errno) from None
+            raise ClientClosed("recv() failed", e.errno) from None
         if not data:
             raise ClientClosed()
         self.buf += data
@@ -391,10 +397,7 @@ class Session:
         except ClientTimeout:
             self.info("client timed out", err=errno_mod.ETIMEDOUT)
         except ClientClosed as e:
-            if e.errno:
-                self.info("recv() failed", err=e.errno)
-            else:
-                self.info("client closed connection")
+            self.info(str(e), err=e.errno)
         except Exception as e:   # a bug must never reach the client as a traceback
             self.logmsg("alert", "internal error: %s: %s" % (type(e).__name__, sanitize(str(e))))
             try:

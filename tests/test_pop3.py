@@ -660,3 +660,17 @@ def test_zipapp_end_to_end(tmp_path, proxy_factory, auth_server, pop3_backend):
     assert login_userpass(c) == OK_LOGGED_IN
     assert c.cmd("STAT") == b"+OK 2 102\r\n"
     assert_backend_login(pop3_backend)
+
+
+def test_client_reset_is_logged_with_its_errno(pop3_setup):
+    """A reset is not a clean close: nginx's "recv() failed (104: ...)" line, not a silence or
+    a plain "client closed connection"."""
+    import struct
+    st = pop3_setup()
+    c = st.connect()
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.send(b"USER al")
+    time.sleep(0.2)
+    c.close()                       # linger 0: RST
+    line = st.proxy.wait_log("recv() failed (104: Connection reset by peer)")
+    assert "while in auth state, client: 127.0.0.1," in line
