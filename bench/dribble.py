@@ -379,18 +379,23 @@ class Dribblers:
 def refusal_reasons(path):
     """Counts of the worker's log lines: refusals by limit, and alert/crit lines."""
     out = {}
-    pat = re.compile(rb'\((limit_conn_per_ip|limit_prelogin|worker_connections) \d+\)')
+    # one line a second per limit and address, counting the refusals it did not log
+    pat = re.compile(rb'\((limit_conn_per_ip|limit_prelogin|worker_connections) \d+'
+                     rb'(?:; (\d+) more not logged since the last line)?\)')
     try:
         with open(path, 'rb') as f:
             for line in f:
                 m = pat.search(line)
+                n = 1
                 if m:
                     key = m.group(1).decode()
+                    n += int(m.group(2) or 0)
+                    out['lines'] = out.get('lines', 0) + 1
                 elif b'[alert]' in line or b'[crit]' in line or b'[emerg]' in line:
                     key = 'alert/crit lines'
                 else:
                     continue
-                out[key] = out.get(key, 0) + 1
+                out[key] = out.get(key, 0) + n
     except OSError:
         pass
     return out
