@@ -22,7 +22,8 @@ import secrets
 
 from . import sasl
 from .log import sanitize
-from .session import Answered, BackendRejected, LineTooLong, Refused, Session
+from .clientio import Answered, BackendRejected, LineTooLong, Refused
+from .session import Session
 
 CRLF = b"\r\n"
 GREETING = b"* OK IMAP4 ready\r\n"
@@ -282,7 +283,7 @@ def parse_command(line, io, limit):
 
     `io` supplies the rest of a command with literals: `continue_literal()` is called before the
     bytes of a synchronising literal are awaited (the session sends `+ OK`), `read_exact(n)` and
-    `readline(limit)` return client bytes (and raise session.LineTooLong when no LF comes
+    `readline(limit)` return client bytes (and raise clientio.LineTooLong when no LF comes
     within `limit` bytes).
     Returns a Command; raises ParseError or TooLong.
     """

@@ -1,7 +1,8 @@
 """POP3: the client side before login and the backend login (reference sections 5 and 11.4)."""
 
 from . import sasl
-from .session import Answered, BackendRejected, Refused, Session, strip_eol
+from .clientio import Answered, BackendRejected, Refused, strip_eol
+from .session import Session
 
 OK = b"+OK\r\n"
 INVALID = b"-ERR invalid command\r\n"

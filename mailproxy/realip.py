@@ -30,6 +30,8 @@ import socket
 import struct
 import threading
 
+from .clientio import ClientClosed, ClientTimeout, Close
+from .ktimeout import TIMEOUT_ERRORS
 from .log import sanitize
 
 __all__ = ["BrokenHeader", "parse", "read_header", "trusted", "ip_text", "PEEK_SIZE",
@@ -217,9 +219,6 @@ def read_header(sess):
     Returns normally when the session may go on; raises the session's Close (after the log
     line), ClientTimeout or ClientClosed otherwise.
     """
-    from .session import ClientClosed, ClientTimeout, Close   # (session imports us)
-    from .ktimeout import TIMEOUT_ERRORS
-
     sock = sess.sock
     sess.action = "reading PROXY protocol"
     # the session's `timeout` is already on the socket (Session.__init__, ktimeout)

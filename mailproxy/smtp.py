@@ -18,7 +18,8 @@ import socket
 
 from . import backend, resolver, sasl
 from .log import sanitize
-from .session import Answered, BackendRejected, Close, Refused, Session, strip_eol
+from .clientio import Answered, BackendRejected, Close, Refused, strip_eol
+from .session import Session
 
 CRLF = b"\r\n"
 

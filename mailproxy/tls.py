@@ -21,6 +21,7 @@ import tempfile
 import time
 import warnings
 
+from .clientio import Close
 from .config import ConfigError
 from .tls_native import Native, PointerError, native, native_error
 
@@ -377,7 +378,6 @@ def handshake(session, starttls=False, deadline=None):
     info and closes; a refused client certificate gets the protocol's line, then closes.
     `deadline` (time.monotonic()) bounds the whole handshake; by default `timeout` from now.
     """
-    from .session import Close
     conf = session.conf
     st = server_tls(conf)
     raw = session.sock
@@ -456,7 +456,6 @@ def _check_client_cert(session, st, sock, peer):
     """ngx_mail_verify_cert: the protocol's error line and close, or return.
 
     peer: (verify code, its text, subject, issuer) from the native layer."""
-    from .session import Close
     if st.verify == "off":
         return
     rc, text = peer[0], peer[1]
