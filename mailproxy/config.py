@@ -25,6 +25,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .errors import ConfigError
+
 __all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "Listen", "AuthURL",
            "LogTarget", "Resolver", "Directive", "DIRECTIVES", "IMPLEMENTED_PROTOCOLS",
            "LISTEN_PARAMS_IMPLEMENTED", "split_tokens", "quote_token", "parse_time",
@@ -49,24 +51,6 @@ DEFAULT_BACKLOG = 1024
 
 # ---------------------------------------------------------------------------------------------
 # errors
-
-class ConfigError(Exception):
-    """A configuration problem; str() is nginx-shaped: ``MESSAGE in FILE:LINE``."""
-
-    def __init__(self, message, file=None, line=None, key=None):
-        super().__init__(message, file, line, key)
-        self.message = message
-        self.file = file
-        self.line = line
-        self.key = key
-
-    def __str__(self):
-        if self.file is None:
-            return self.message
-        if self.line is None:
-            return "%s in %s" % (self.message, self.file)
-        return "%s in %s:%d" % (self.message, self.file, self.line)
-
 
 class Invalid(Exception):
     """Raised by value parsers; load() adds file, line and key."""

@@ -22,7 +22,7 @@ import time
 import warnings
 
 from .clientio import Close
-from .config import ConfigError
+from .errors import ConfigError
 from .tls_native import Native, PointerError, native, native_error
 
 # Replies after the handshake when the client certificate is not acceptable (reference 9.3).

@@ -1,0 +1,20 @@
+"""The configuration error, apart from config.py so that the modules config.py calls while
+loading (tls.py builds the TLS contexts) can raise it without importing config.py back."""
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is nginx-shaped: ``MESSAGE in FILE:LINE``."""
+
+    def __init__(self, message, file=None, line=None, key=None):
+        super().__init__(message, file, line, key)
+        self.message = message
+        self.file = file
+        self.line = line
+        self.key = key
+
+    def __str__(self):
+        if self.file is None:
+            return self.message
+        if self.line is None:
+            return "%s in %s" % (self.message, self.file)
+        return "%s in %s:%d" % (self.message, self.file, self.line)
