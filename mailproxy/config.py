@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError
+from .protocols import PORTS, PROTOCOLS
 
 __all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "Listen", "AuthURL",
            "LogTarget", "Resolver", "Directive", "DIRECTIVES", "IMPLEMENTED_PROTOCOLS",
            "LISTEN_PARAMS_IMPLEMENTED", "split_tokens", "quote_token", "parse_time",
            "parse_size", "format_time", "format_size"]
 
-IMPLEMENTED_PROTOCOLS = {"pop3", "imap", "smtp"}
+IMPLEMENTED_PROTOCOLS = set(PROTOCOLS)
 
 # `listen` parameters that belong to later issues: flip to True when implemented.
 LISTEN_PARAMS_IMPLEMENTED = {"ssl": True, "proxy_protocol": True}   # TLS, PROXY in (issue 5)
@@ -43,8 +44,7 @@ SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "intern", "lpr", 
                      "clock", "authpriv", "ftp", "ntp", "audit", "alert", "cron", "local0",
                      "local1", "local2", "local3", "local4", "local5", "local6", "local7")
 
-PROTOCOL_PORTS = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
-                  25: "smtp", 465: "smtp", 587: "smtp"}
+PROTOCOL_PORTS = PORTS     # listen port -> the protocol it implies (protocols.py)
 
 DEFAULT_BACKLOG = 1024
 

@@ -23,25 +23,14 @@ import warnings
 
 from .clientio import Close
 from .errors import ConfigError
+from .protocols import PROTOCOLS
 from .tls_native import Native, PointerError, native, native_error
 
-# Replies after the handshake when the client certificate is not acceptable (reference 9.3).
-CERT_ERROR = {
-    "pop3": b"-ERR SSL certificate error\r\n",
-    "imap": b"* BYE SSL certificate error\r\n",
-    "smtp": b"421 4.7.1 SSL certificate error\r\n",
-}
-NO_CERT = {
-    "pop3": b"-ERR No required SSL certificate\r\n",
-    "imap": b"* BYE No required SSL certificate\r\n",
-    "smtp": b"421 4.7.1 No required SSL certificate\r\n",
-}
-ALPN = {"pop3": b"pop3", "imap": b"imap", "smtp": b"smtp"}
 
 # X509_V_ERR_* that `optional_no_ca` tolerates (ngx_ssl_verify_error_optional).
 _OPTIONAL_NO_CA_ERRORS = frozenset((18, 19, 20, 21, 27))
 
-_PROTOCOLS = {
+_TLS_VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
     "TLSv1.1": ssl.TLSVersion.TLSv1_1,
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
@@ -165,8 +154,8 @@ def _build_context(conf, st, pairs, cert_key):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            ctx.minimum_version = _PROTOCOLS[order[0]]
-            ctx.maximum_version = _PROTOCOLS[order[-1]]
+            ctx.minimum_version = _TLS_VERSIONS[order[0]]
+            ctx.maximum_version = _TLS_VERSIONS[order[-1]]
         except (ValueError, ssl.SSLError) as e:
             raise _err(conf, "ssl_protocols", '"ssl_protocols %s" cannot be set: %s'
                        % (" ".join(protos), e)) from None
@@ -274,11 +263,11 @@ def _build_context(conf, st, pairs, cert_key):
                        "accept this command or its value" % bad)
     # -- ALPN (1.21.4+) and, last (Python's verify_mode setter would reset it), the callback
     if n is not None:
-        st.keep.append(n.alpn_strict(ctx, ALPN[conf.protocol]))
+        st.keep.append(n.alpn_strict(ctx, PROTOCOLS[conf.protocol].alpn))
         if verify != "off":
             n.verify_accept_all(ctx, conf.ssl_verify_depth)
     else:
-        ctx.set_alpn_protocols([ALPN[conf.protocol].decode()])
+        ctx.set_alpn_protocols([PROTOCOLS[conf.protocol].alpn.decode()])
     return ctx
 
 
@@ -461,11 +450,11 @@ def _check_client_cert(session, st, sock, peer):
     rc, text = peer[0], peer[1]
     if rc != 0 and not (st.verify == "optional_no_ca" and rc in _OPTIONAL_NO_CA_ERRORS):
         session.info("client SSL certificate verify error: (%d:%s)" % (rc, text))
-        session.send(CERT_ERROR[session.protocol])
+        session.send(PROTOCOLS[session.protocol].cert_error)
         raise Close()
     if st.verify == "on" and sock.getpeercert(binary_form=True) is None:
         session.info("client sent no required SSL certificate")
-        session.send(NO_CERT[session.protocol])
+        session.send(PROTOCOLS[session.protocol].no_cert)
         raise Close()
 
 

@@ -1,0 +1,16 @@
+"""The protocol descriptors (protocols.py) agree with the modules they describe."""
+
+from mailproxy import protocols
+
+
+def test_each_descriptor_names_its_session_class():
+    for name, proto in protocols.PROTOCOLS.items():
+        cls = protocols.session_class(name)
+        assert cls.protocol == name and proto.alpn == name.encode()
+        assert proto.cert_error.endswith(b"SSL certificate error\r\n")
+        assert proto.no_cert.endswith(b"No required SSL certificate\r\n")
+
+
+def test_ports_imply_protocols_as_nginx():
+    assert protocols.PORTS == {110: "pop3", 995: "pop3", 143: "imap", 993: "imap",
+                               25: "smtp", 465: "smtp", 587: "smtp"}
