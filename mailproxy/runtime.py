@@ -9,7 +9,7 @@ from . import limits
 class Runtime:
     """What a session may use beyond its own socket.
 
-    Created once per (worker) process by cli.py; reload swaps `config` and `logs`.
+    Created once per (worker) process by supervisor.py; reload swaps `config` and `logs`.
     """
 
     def __init__(self, config, log, relay, server_logs=None):

@@ -461,7 +461,7 @@ def test_signal_option_refuses_a_planted_pid_file(tmp_path):
 
 
 def test_pid_file_is_never_written_through_a_link(tmp_path):
-    from mailproxy.cli import Master
+    from mailproxy.supervisor import Master
     victim = tmp_path / "victim"
     victim.write_text("keep\n")
     pidfile = tmp_path / "mailproxy.pid"
@@ -477,6 +477,24 @@ def test_pid_file_is_never_written_through_a_link(tmp_path):
     finally:
         m._remove_pid()
     assert not pidfile.exists()
+
+
+def test_command_line_apart_from_the_supervisor():
+    # cli.py imports supervisor.py, never the other way round, and neither grows past ~600 lines
+    import ast
+    pkg = REPO / "mailproxy"
+    tree = ast.parse((pkg / "supervisor.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.update([node.module or ""] + [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert not {"cli", "mailproxy.cli"} & imported, imported
+    from mailproxy import cli, supervisor
+    assert cli.Master is supervisor.Master and hasattr(supervisor, "Worker")
+    for name in ("cli.py", "supervisor.py"):
+        assert len((pkg / name).read_text().splitlines()) <= 600, name
 
 
 def test_signal_option_without_pid_directive(tmp_path):

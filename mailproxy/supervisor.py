@@ -1,0 +1,570 @@
+"""The process model (nginx's): a master process and forked workers.
+
+Master: opens the error logs, binds every listen socket, writes the pid file (the readiness
+signal), sends READY=1, forks the workers and then only handles signals: TERM/INT fast exit,
+QUIT graceful exit, HUP reload, USR1 reopen logs, and restarts workers that die. Workers: a
+Runtime, a Relay, one serve_forever thread per listen socket. The command line (cli.py) reads
+the configuration and hands it to `Master(path, cfg).run()`.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import __version__
+
+NAME = "mailproxy"
+
+HANDLER_STACK = 1 << 20        # bytes of stack per thread in a worker (Worker.run)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+           signal.SIGUSR1, signal.SIGCHLD)
+
+FAST_EXIT_WAIT = 5.0        # seconds the master waits for workers after TERM before KILL
+
+
+def err(msg):
+    """An nginx-shaped line on stderr, for what happens before (or without) an error log."""
+    sys.stderr.write("%s: %s\n" % (NAME, msg))
+    sys.stderr.flush()
+
+
+def _signame(signo):
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return str(signo)
+
+
+def _build_logs(cfg):
+    """(main ErrorLog, {id(ServerConf): ErrorLog}); raises OSError naming the file."""
+    from .log import ErrorLog
+    opened = []
+    try:
+        main_log = _open_log(ErrorLog, cfg.main.error_log)
+        opened.append(main_log)
+        server_logs = {}
+        for conf in cfg.servers:
+            targets = getattr(conf, "error_log", None)
+            if targets:
+                lg = _open_log(ErrorLog, targets)
+                opened.append(lg)
+                server_logs[id(conf)] = lg
+    except BaseException:
+        for lg in opened:
+            lg.close()
+        raise
+    return main_log, server_logs
+
+
+def _open_log(ErrorLog, targets):
+    try:
+        return ErrorLog(targets or [])
+    except OSError as e:
+        path = e.filename or "?"
+        raise OSError(e.errno, 'open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror))
+
+
+def _warn_native_tls(cfg, log):
+    """Without the native OpenSSL layer, the directives that need it are start errors
+    (tls.check_server); the one thing left weaker, with no directive, is said here: a client
+    proposing another protocol by ALPN is not refused."""
+    tls_servers = [s for s in cfg.servers if s.starttls != "off"
+                   or any(getattr(li, "ssl", False) for li in s.listen)]
+    if not tls_servers:
+        return
+    from . import tls_native
+    if tls_native.native() is None:
+        log.log("warn", "native OpenSSL calls unavailable (%s): TLS clients that propose "
+                "another protocol by ALPN are not refused" % tls_native.native_error())
+
+
+def _chown_logs(logs, user):
+    """Give log files to the workers' user, as nginx does, so they can reopen them (USR1).
+
+    Only files this master created itself (log.open_log_file, never through a symlink): a
+    file that was already there stays with its owner (nginx's Debian CVE-2016-1247 handed
+    any root file to the workers' user this way)."""
+    if not user or os.geteuid() != 0:
+        return
+    for lg in logs:
+        for t in getattr(lg, "targets", ()):
+            fd = getattr(t, "fd", -1)
+            if getattr(t, "created", False) and fd is not None and fd >= 0:
+                try:
+                    os.fchown(fd, user[0], -1)
+                except OSError as e:
+                    lg.log("alert", 'chown() "%s" failed (%d: %s)'
+                           % (t.path, e.errno or 0, e.strerror or e))
+
+
+def _resolve_user(cfg, log):
+    """(uid, gid, name) to switch workers to, or None."""
+    user = getattr(cfg.main, "user", None)
+    if not user:
+        return None
+    if os.geteuid() != 0:
+        log.log("warn", 'the "user" directive makes sense only if the master process runs '
+                        'with super-user privileges, ignored')
+        return None
+    import pwd
+    import grp
+    name, group = user[0], (user[1] if len(user) > 1 else None)
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError('getpwnam("%s") failed' % name)
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError('getgrnam("%s") failed' % group)
+    return (pw.pw_uid, gid, name)
+
+
+class Master:
+    def __init__(self, path, cfg):
+        self.path = path
+        self.cfg = cfg
+        self.log = None
+        self.server_logs = {}
+        self.listeners = {}
+        self.workers = {}           # pid -> start time (current generation)
+        self.old_workers = set()    # pids told to QUIT after a reload
+        self.stopping = False
+        self.pidfile = None
+        self.pid_fd = None          # the pid file, held open while we run (pidfile.holder)
+        self.user = None
+        self.respawn = []           # monotonic times at which to start a worker
+        self.recent_deaths = []
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _fatal(self, msg):
+        if self.log is not None:
+            self.log.log("emerg", msg)
+            if any(getattr(t, "path", None) == "stderr" for t in self.log.targets):
+                return 1
+        err("[emerg] %s" % msg)
+        return 1
+
+    def run(self):
+        from . import listeners as lmod
+        from . import notify as nmod
+        self.lmod, self.notify = lmod, nmod.notify
+        cfg = self.cfg
+        if getattr(cfg.main, "daemon", False):
+            return self._fatal('"daemon on" is not supported: mailproxy always runs in the '
+                               'foreground (use systemd or another supervisor)')
+        try:
+            self.log, self.server_logs = _build_logs(cfg)
+        except OSError as e:
+            return self._fatal(e.strerror)
+        try:
+            self._preload()
+        except Exception as e:
+            return self._fatal("cannot load the proxy's modules with this Python: %s" % e)
+        try:
+            self.user = _resolve_user(cfg, self.log)
+        except ValueError as e:
+            return self._fatal(str(e))
+        _chown_logs([self.log] + list(self.server_logs.values()), self.user)
+        # from here on signals wait for the loop (they are never lost, nor handled early)
+        signal.signal(signal.SIGCHLD, _noop)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            self.listeners, _ = lmod.bind_all(cfg.servers)
+        except lmod.ListenError as e:
+            return self._fatal(str(e))
+        try:
+            self._write_pid(getattr(cfg.main, "pid", None))
+        except OSError as e:
+            self._close_listeners()
+            return self._fatal('open() "%s" failed (%d: %s)' % (cfg.main.pid, e.errno or 0,
+                                                               e.strerror))
+        try:
+            self.log.log("notice", "%s/%s" % (NAME, __version__))
+            _warn_native_tls(cfg, self.log)
+            self.notify("READY=1\nMAINPID=%d" % os.getpid())
+            self.log.log("notice", "start worker processes")
+            for _ in range(self._nworkers()):
+                self._spawn()
+            return self._loop()
+        finally:
+            self._remove_pid()
+
+    def _nworkers(self):
+        try:
+            return max(1, int(getattr(self.cfg.main, "worker_processes", 1) or 1))
+        except (TypeError, ValueError):
+            return os.cpu_count() or 1
+
+    @staticmethod
+    def _preload():
+        """Import the session classes now: shared by forked workers, errors found early.
+
+        All three protocols, whatever the configuration serves: a reload may add one, and `-t`
+        (which calls this too) must fail on a Python that cannot import a module of the proxy."""
+        from . import protocols
+        for proto in ("imap", "pop3", "smtp"):
+            protocols.session_class(proto)
+        from . import limits, listeners, log, notify, pidfile, relay, runtime  # noqa: F401
+
+    def _write_pid(self, path):
+        """Exclusively created, renamed into place, kept open for `-s` (pidfile.py)."""
+        if not path:
+            return
+        from . import pidfile as pidmod
+        fd = pidmod.write(path, os.getpid())
+        old_fd, self.pid_fd = self.pid_fd, fd
+        if old_fd is not None:
+            os.close(old_fd)
+        self.pidfile = path
+
+    def _remove_pid(self):
+        path, self.pidfile = self.pidfile, None
+        fd, self.pid_fd = self.pid_fd, None
+        if path:
+            from . import pidfile as pidmod
+            pidmod.remove(path, fd, os.getpid())
+
+    def _close_listeners(self):
+        for lst in self.listeners.values():
+            lst.server_close()
+        self.listeners = {}
+
+    # -- workers ----------------------------------------------------------------------------
+    def _spawn(self):
+        pid = os.fork()
+        if pid == 0:
+            code = 2
+            try:
+                code = Worker(self).run()
+            except BaseException as e:  # never return into the master's code
+                try:
+                    self.log.log("alert", "worker process failed: %r" % (e,))
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        self.workers[pid] = time.monotonic()
+        self.log.log("notice", "start worker process %d" % pid)
+        return pid
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._exited(pid, status)
+
+    def _exited(self, pid, status):
+        current = pid in self.workers
+        self.workers.pop(pid, None)
+        self.old_workers.discard(pid)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            self.log.log("alert" if current and not self.stopping else "notice",
+                         "worker process %d exited on signal %d" % (pid, sig))
+            code = None
+        else:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0
+            self.log.log("alert" if (current and not self.stopping) or code else "notice",
+                         "worker process %d exited with code %d" % (pid, code))
+        if not current or self.stopping:
+            return
+        if code == 2:
+            self.log.log("alert", "worker process %d could not start: not respawned" % pid)
+            return
+        now = time.monotonic()
+        self.recent_deaths = [t for t in self.recent_deaths if now - t < 10] + [now]
+        # a worker dying again and again is restarted at most once a second
+        delay = 1.0 if len(self.recent_deaths) > 3 else 0.0
+        self.respawn.append(now + delay)
+
+    def _signal_all(self, sig, pids):
+        for pid in list(pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # -- main loop ---------------------------------------------------------------------------
+    def _loop(self):
+        while True:
+            timeout = 1.0
+            if self.respawn:
+                timeout = max(0.0, min(self.respawn) - time.monotonic())
+            info = signal.sigtimedwait(HANDLED, timeout) if timeout > 0 else \
+                signal.sigtimedwait(HANDLED, 0)
+            self._reap()
+            if self.respawn:
+                now = time.monotonic()
+                due = [t for t in self.respawn if t <= now]
+                self.respawn = [t for t in self.respawn if t > now]
+                for _ in due:
+                    if len(self.workers) < self._nworkers():
+                        self._spawn()
+            if not self.workers and not self.respawn and not self.stopping:
+                self.log.log("alert", "no worker processes left, exiting")
+                self._stop(signal.SIGTERM)
+                return 1
+            if info is None:
+                continue
+            sig = info.si_signo
+            sender = " from %d" % info.si_pid if info.si_pid else ""
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.log.log("notice", "signal %d (%s) received%s, exiting"
+                             % (sig, _signame(sig), sender))
+                self._stop(signal.SIGTERM)
+                return 0
+            if sig == signal.SIGQUIT:
+                self.log.log("notice", "signal %d (SIGQUIT) received%s, shutting down"
+                             % (sig, sender))
+                self._stop(signal.SIGQUIT)
+                return 0
+            if sig == signal.SIGHUP:
+                self.log.log("notice", "signal %d (SIGHUP) received%s, reconfiguring"
+                             % (sig, sender))
+                self._reload()
+            elif sig == signal.SIGUSR1:
+                self.log.log("notice", "signal %d (SIGUSR1) received%s, reopening logs"
+                             % (sig, sender))
+                self._reopen()
+                self._signal_all(signal.SIGUSR1, list(self.workers) + list(self.old_workers))
+
+    def _stop(self, sig):
+        self.stopping = True
+        self.respawn = []
+        self.notify("STOPPING=1")
+        everyone = set(self.workers) | self.old_workers
+        self._signal_all(sig, everyone)
+        self._close_listeners()
+        deadline = time.monotonic() + FAST_EXIT_WAIT if sig == signal.SIGTERM else None
+        while self.workers or self.old_workers:
+            info = signal.sigtimedwait(HANDLED, 0.05)
+            self._reap()
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT) and deadline is None:
+                    # TERM during a graceful stop: hurry up
+                    self._signal_all(signal.SIGTERM, set(self.workers) | self.old_workers)
+                    deadline = time.monotonic() + FAST_EXIT_WAIT
+                elif info.si_signo == signal.SIGUSR1:
+                    self._reopen()
+                    self._signal_all(signal.SIGUSR1, set(self.workers) | self.old_workers)
+            if deadline is not None and time.monotonic() > deadline:
+                self._signal_all(signal.SIGKILL, set(self.workers) | self.old_workers)
+                deadline = time.monotonic() + FAST_EXIT_WAIT
+        self.log.log("notice", "exit")
+
+    def _reopen(self):
+        self.log.reopen()
+        for lg in self.server_logs.values():
+            lg.reopen()
+        # new files are the master's (root's): hand them over before the workers reopen them
+        _chown_logs([self.log] + list(self.server_logs.values()), self.user)
+
+    def _reload(self):
+        self.notify("RELOADING=1")
+        try:
+            self._apply_reload()
+        finally:
+            self.notify("READY=1")
+
+    def _apply_reload(self):
+        from . import config as configmod
+        try:
+            cfg = configmod.load(self.path)
+        except configmod.ConfigError as e:
+            self.log.log("emerg", str(e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            return
+        except Exception as e:
+            self.log.log("emerg", "cannot read %s: %s" % (self.path, e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            return
+        try:                                    # backend TLS client contexts, as main() at start
+            from . import backend as backendmod
+            backendmod.prepare_client_contexts(cfg)
+        except Exception as e:
+            self.log.log("emerg", str(e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            return
+        if getattr(cfg.main, "daemon", False):
+            self.log.log("emerg", '"daemon on" is not supported')
+            return
+        try:
+            log, server_logs = _build_logs(cfg)
+        except OSError as e:
+            self.log.log("emerg", e.strerror)
+            return
+        try:
+            self._preload()
+            user = _resolve_user(cfg, log)
+            bound, removed = self.lmod.bind_all(cfg.servers, self.listeners)
+        except Exception as e:
+            self.log.log("emerg", str(e))
+            self.log.log("alert", "reload failed: the old configuration stays in use")
+            log.close()
+            for lg in server_logs.values():
+                lg.close()
+            return
+        for lst in removed:
+            lst.server_close()
+        old_log, old_server_logs = self.log, self.server_logs
+        self.cfg, self.log, self.server_logs, self.user = cfg, log, server_logs, user
+        _chown_logs([log] + list(server_logs.values()), user)
+        self.listeners = bound
+        new_pid = getattr(cfg.main, "pid", None)
+        if new_pid != self.pidfile:
+            old_path = self.pidfile
+            try:
+                self._write_pid(new_pid)
+                if old_path and old_path != new_pid:
+                    self.pidfile = new_pid
+                    try:
+                        os.unlink(old_path)
+                    except OSError:
+                        pass
+            except OSError as e:
+                self.log.log("alert", 'open() "%s" failed (%d: %s)'
+                             % (new_pid, e.errno or 0, e.strerror))
+        old = list(self.workers)
+        self.old_workers.update(old)
+        self.workers = {}
+        self.respawn = []
+        self.log.log("notice", "start worker processes")
+        for _ in range(self._nworkers()):
+            self._spawn()
+        self._signal_all(signal.SIGQUIT, old)
+        for lg in [old_log] + list(old_server_logs.values()):
+            lg.close()
+
+
+def _noop(signo, frame):
+    pass
+
+
+class Worker:
+    """A worker process: serves every listener until told to stop."""
+
+    def __init__(self, master):
+        self.master = master
+        self.master_pid = os.getppid()
+        self.cfg = master.cfg
+        self.log = master.log
+        self.server_logs = master.server_logs
+        self.listeners = list(master.listeners.values())
+
+    def _drop_privileges(self):
+        user = self.master.user
+        if not user or os.geteuid() != 0:
+            return
+        uid, gid, name = user
+        os.setgid(gid)
+        os.initgroups(name, gid)
+        os.setuid(uid)
+
+    def run(self):
+        # signals stay blocked in every thread: the main thread takes them with sigtimedwait
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            self._drop_privileges()
+        except OSError as e:
+            self.log.log("emerg", "cannot switch to user %s: %s" % (self.master.user[2], e))
+            return 2
+        from .relay import Relay
+        from .runtime import Runtime
+        # Handler threads need little stack: 1 MiB each instead of the usual 8 MiB
+        # (ulimit -s) keeps limit_prelogin threads within an address-space limit.
+        threading.stack_size(HANDLER_STACK)
+        relay = Relay(log=self.log)
+        relay.start()
+        self.relay = relay
+        self.runtime = Runtime(self.cfg, self.log, relay, self.server_logs)
+        self._check_nofile()
+        for lst in self.listeners:
+            lst.start(self.runtime)
+        while True:
+            info = signal.sigtimedwait(HANDLED, 1.0)
+            if info is None:
+                if os.getppid() != self.master_pid:
+                    self.log.log("alert", "master process %d is gone, shutting down"
+                                 % self.master_pid)
+                    return self._graceful()
+                continue
+            sig = info.si_signo
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                return self._fast()
+            if sig == signal.SIGQUIT:
+                return self._graceful()
+            if sig == signal.SIGUSR1:
+                self._reopen()
+            # SIGHUP: the master reloads; a worker ignores it
+
+    def _check_nofile(self):
+        # Each session holds two descriptors (client, backend), and one more while it asks
+        # the auth service; keep a margin for listeners, log files and resolver sockets.
+        # nginx leaves this to worker_rlimit_nofile and warns.
+        from .limits import raise_nofile
+        wc = self.cfg.main.worker_connections
+        soft = raise_nofile(wc + self.cfg.main.limit_prelogin + 64)
+        if soft != -1 and soft < wc:
+            self.log.log("warn", "%d worker_connections exceed open file resource limit: %d"
+                         % (wc, soft))
+
+    def _reopen(self):
+        self.log.reopen()
+        for lg in self.server_logs.values():
+            lg.reopen()
+
+    def _fast(self):
+        self.runtime.shutting_down.set()
+        self.log.log("notice", "exiting")
+        return 0
+
+    def _graceful(self):
+        self.runtime.shutting_down.set()
+        self.log.log("notice", "gracefully shutting down")
+        stoppers = [threading.Thread(target=lst.stop_accepting, daemon=True)
+                    for lst in self.listeners]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(2.0)
+        limit = getattr(self.cfg.main, "worker_shutdown_timeout", None)
+        deadline = time.monotonic() + limit if limit else None
+        while True:
+            busy = sum(lst.active() for lst in self.listeners) + self._relay_count()
+            if not busy:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                self.log.log("info", "shutdown timeout")
+                try:
+                    self.relay.close_all("shutdown timeout")
+                except Exception:
+                    pass
+                break
+            info = signal.sigtimedwait(HANDLED, 0.05)
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                    return self._fast()
+                if info.si_signo == signal.SIGUSR1:
+                    self._reopen()
+        try:
+            self.relay.stop()
+        except Exception:
+            pass
+        self.log.log("notice", "exiting")
+        return 0
+
+    def _relay_count(self):
+        try:
+            return self.relay.count()
+        except Exception:
+            return 0
