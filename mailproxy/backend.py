@@ -1,21 +1,20 @@
-"""Talking to the backend before the relay: connect, PROXY header out, reading replies.
+"""Talking to the backend before the relay: connect, reading replies, TLS to the backend.
 
-Reference sections 11.1-11.3.  Error texts follow nginx so the session can log
-`<message> while <action>, client: ..., upstream: ...` exactly as nginx does.
+As nginx's ngx_mail_proxy_module (ngx_mail_proxy_init, ngx_mail_proxy_read_response); the
+PROXY header it may send first is written by proxy_protocol.py.  Error texts follow nginx so
+the session can log `<message> while <action>, client: ..., upstream: ...` exactly as nginx does.
 """
 
 import errno
 import ipaddress
 import socket
 import ssl
-import struct
 import threading
 import time
 
 from . import ktimeout, resolver
 
-__all__ = ['BackendError', 'connect', 'proxy_v1_header', 'proxy_v2_header',
-           'BackendConn', 'smtp_reply_complete', 'format_addr',
+__all__ = ['BackendError', 'connect', 'BackendConn', 'smtp_reply_complete', 'format_addr',
            'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
 
 _TIMEOUT_TEXT = 'upstream timed out (110: Connection timed out)'
@@ -121,69 +120,6 @@ def connect(host, port, timeout):
     raise last if last is not None else BackendError(_TIMEOUT_TEXT)
 
 
-# ------------------------------------------------------------------ PROXY protocol out
-
-def _ip(text):
-    if text is None:
-        return None
-    if isinstance(text, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return text
-    text = str(text)
-    if text.startswith('[') and text.endswith(']'):
-        text = text[1:-1]
-    return ipaddress.ip_address(text.split('%', 1)[0])   # scope ids are not sent
-
-
-def _pair(client_ip, local_ip):
-    """Both addresses of one family: mixed families are written as IPv6 (IPv4-mapped)."""
-    c, l = _ip(client_ip), _ip(local_ip)
-    if c.version != l.version:
-        if c.version == 4:
-            c = ipaddress.IPv6Address('::ffff:' + str(c))
-        if l.version == 4:
-            l = ipaddress.IPv6Address('::ffff:' + str(l))
-    return c, l
-
-
-def _v6text(a):
-    """IPv6 text; IPv4-mapped addresses as `::ffff:a.b.c.d`."""
-    if a.ipv4_mapped is not None:
-        return '::ffff:' + str(a.ipv4_mapped)
-    return str(a)
-
-
-def proxy_v1_header(client_ip, client_port, local_ip, local_port):
-    """`PROXY TCP4|TCP6 <client> <local> <cport> <lport>\\r\\n`, or `PROXY UNKNOWN\\r\\n`."""
-    if client_ip is None or local_ip is None:
-        return b'PROXY UNKNOWN\r\n'
-    c, l = _pair(client_ip, local_ip)
-    proto = 'TCP4' if c.version == 4 else 'TCP6'
-    ctext = str(c) if c.version == 4 else _v6text(c)
-    ltext = str(l) if l.version == 4 else _v6text(l)
-    return ('PROXY %s %s %s %d %d\r\n'
-            % (proto, ctext, ltext, int(client_port), int(local_port))).encode('ascii')
-
-
-PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
-
-
-def proxy_v2_header(client_ip, client_port, local_ip, local_port, tlvs=()):
-    """Binary PROXY v2: PROXY command over TCP4/TCP6, or LOCAL/UNSPEC without a client address.
-
-    tlvs: iterable of (type, bytes), appended in order.
-    """
-    tail = b''.join(struct.pack('!BH', t, len(v)) + bytes(v) for t, v in tlvs)
-    if client_ip is None or local_ip is None:
-        return PROXY_V2_SIGNATURE + struct.pack('!BBH', 0x20, 0x00, len(tail)) + tail
-    c, l = _pair(client_ip, local_ip)
-    if c.version == 4:
-        fam, addrs = 0x11, c.packed + l.packed
-    else:
-        fam, addrs = 0x21, c.packed + l.packed
-    body = addrs + struct.pack('!HH', int(client_port), int(local_port)) + tail
-    return PROXY_V2_SIGNATURE + struct.pack('!BBH', 0x21, fam, len(body)) + body
-
-
 # ------------------------------------------------------------------ replies
 
 def smtp_reply_complete(buf):
@@ -249,7 +185,7 @@ class BackendConn:
 
         Returns everything buffered and empties the buffer (extra data is dropped, as nginx).
         """
-        if self._pushed is not None:                    # issue 5: replayed greeting
+        if self._pushed is not None:                    # the greeting read before STARTTLS
             reply, self._pushed = self._pushed, None
             return reply
         buf = self._buf
@@ -289,7 +225,7 @@ class BackendConn:
         """Drop whatever is buffered (nginx empties the buffer before each command)."""
         del self._buf[:]
 
-    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+    # ---- TLS to the backend (proxy_ssl, README.md) ------------------------------------------
 
     def push_reply(self, reply):
         """Make the next read_reply() return `reply` (the greeting read before STARTTLS, so
@@ -340,11 +276,11 @@ class BackendConn:
 
 
 def starttls_refused(reply):
-    """The BackendError for a backend that did not agree to STARTTLS/STLS (issue 5)."""
+    """The BackendError for a backend that did not agree to STARTTLS/STLS (proxy_ssl starttls)."""
     return BackendError('upstream refused STARTTLS: "%s"' % _show(bytes(reply).rstrip(b'\r\n')))
 
 
-# ------------------------------------------------------------------ TLS contexts (issue 5)
+# ------------------------------------------------------------------ TLS contexts (proxy_ssl_*)
 
 class BackendTLSConfigError(Exception):
     """A proxy_ssl_* setting that cannot be used; str() names the directive and the file."""

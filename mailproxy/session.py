@@ -13,7 +13,7 @@ import errno as errno_mod
 import os
 import time
 
-from . import auth_http, backend, ktimeout, limits, sasl
+from . import auth_http, backend, ktimeout, limits, proxy_protocol, sasl
 from . import tls                   # TLS (issue 5)
 from . import realip                # PROXY protocol in (issue 5)
 from .clientio import (BackendRejected, ClientClosed, ClientTimeout, Close, HandedOver,
@@ -468,8 +468,8 @@ class Session:
         """The PROXY header for the backend: the (real) client and our listening side."""
         local = self.sock.getsockname()
         if self.conf.proxy_protocol == "v2":
-            return backend.proxy_v2_header(self.client_ip, self.client_port, local[0], local[1])
-        return backend.proxy_v1_header(self.client_ip, self.client_port, local[0], local[1])
+            return proxy_protocol.v2_header(self.client_ip, self.client_port, local[0], local[1])
+        return proxy_protocol.v1_header(self.client_ip, self.client_port, local[0], local[1])
 
     def relay_client_buffer(self):
         """Limit of unsent client -> backend data in the relay: proxy_buffer, as for the other

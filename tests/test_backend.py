@@ -1,4 +1,5 @@
-"""mailproxy/backend.py: connect, PROXY headers out, reply reading (loopback only)."""
+"""mailproxy/backend.py: connect, reply reading (loopback only); the PROXY headers out are in
+test_proxy_protocol.py."""
 
 import socket
 import struct
@@ -8,10 +9,8 @@ import time
 import pytest
 
 from mailproxy import ktimeout
-from mailproxy.backend import (BackendConn, BackendError, connect, proxy_v1_header,
-                               proxy_v2_header, smtp_reply_complete, starttls_refused)
-
-SIG = b'\r\n\r\n\x00\r\nQUIT\n'
+from mailproxy.backend import (BackendConn, BackendError, connect, smtp_reply_complete,
+                               starttls_refused)
 
 
 def closed_port():
@@ -178,62 +177,6 @@ def test_connect_unresolvable_name():
     with pytest.raises(BackendError) as ei:
         connect('no-such-host.invalid', 110, 1.0)
     assert 'could not be resolved' in str(ei.value)
-
-
-# ---------------------------------------------------------------- PROXY v1
-
-def test_proxy_v1_tcp4():
-    assert (proxy_v1_header('192.0.2.10', 40000, '127.0.0.1', 11028)
-            == b'PROXY TCP4 192.0.2.10 127.0.0.1 40000 11028\r\n')
-
-
-def test_proxy_v1_tcp6():
-    assert (proxy_v1_header('2001:db8::1', 40000, '2001:db8::2', 993)
-            == b'PROXY TCP6 2001:db8::1 2001:db8::2 40000 993\r\n')
-
-
-def test_proxy_v1_mixed_families_written_as_ipv6():
-    # nginx writes the invalid `PROXY TCP6 2001:db8::1 127.0.0.1 ...`; we map to IPv6
-    assert (proxy_v1_header('2001:db8::1', 40000, '127.0.0.1', 11028)
-            == b'PROXY TCP6 2001:db8::1 ::ffff:127.0.0.1 40000 11028\r\n')
-    assert (proxy_v1_header('192.0.2.10', 40000, '::1', 143)
-            == b'PROXY TCP6 ::ffff:192.0.2.10 ::1 40000 143\r\n')
-
-
-def test_proxy_v1_unknown():
-    assert proxy_v1_header(None, None, '127.0.0.1', 110) == b'PROXY UNKNOWN\r\n'
-
-
-# ---------------------------------------------------------------- PROXY v2
-
-def test_proxy_v2_tcp4():
-    h = proxy_v2_header('192.0.2.10', 40000, '127.0.0.1', 11028)
-    assert h == (SIG + b'\x21\x11\x00\x0c' + bytes([192, 0, 2, 10]) + bytes([127, 0, 0, 1])
-                 + struct.pack('!HH', 40000, 11028))
-
-
-def test_proxy_v2_tcp6():
-    h = proxy_v2_header('2001:db8::1', 40000, '2001:db8::2', 993)
-    src = bytes.fromhex('20010db8000000000000000000000001')
-    dst = bytes.fromhex('20010db8000000000000000000000002')
-    assert h == SIG + b'\x21\x21\x00\x24' + src + dst + struct.pack('!HH', 40000, 993)
-
-
-def test_proxy_v2_mixed_mapped_to_ipv6():
-    h = proxy_v2_header('2001:db8::1', 40000, '127.0.0.1', 11028)
-    src = bytes.fromhex('20010db8000000000000000000000001')
-    dst = bytes.fromhex('00000000000000000000ffff7f000001')
-    assert h == SIG + b'\x21\x21\x00\x24' + src + dst + struct.pack('!HH', 40000, 11028)
-
-
-def test_proxy_v2_local_and_tlvs():
-    assert proxy_v2_header(None, None, None, None) == SIG + b'\x20\x00\x00\x00'
-    h = proxy_v2_header('192.0.2.10', 1, '127.0.0.1', 2, tlvs=[(0x01, b'imap'), (0x02, b'mx')])
-    tail = b'\x01\x00\x04imap' + b'\x02\x00\x02mx'
-    assert h == (SIG + b'\x21\x11' + struct.pack('!H', 12 + len(tail))
-                 + bytes([192, 0, 2, 10, 127, 0, 0, 1]) + struct.pack('!HH', 1, 2) + tail)
-    assert (proxy_v2_header(None, None, None, None, tlvs=[(0x04, b'\x00')])
-            == SIG + b'\x20\x00\x00\x04' + b'\x04\x00\x01\x00')
 
 
 # ---------------------------------------------------------------- replies

@@ -1,11 +1,11 @@
 """PROXY protocol from a load balancer (`listen ... proxy_protocol`) and `set_real_ip_from`
-(reference section 10): the parser on its own, then end to end for POP3, IMAP and SMTP."""
+(README.md, Load balancers): trust on its own, then end to end for POP3, IMAP and SMTP.
+The parser's tests are in test_proxy_protocol.py."""
 
 import base64
 import re
 import socket
 import ssl
-import struct
 import time
 
 import pytest
@@ -15,72 +15,12 @@ from test_imap import ImapBackend
 from test_smtp import SmtpBackend
 
 from mailproxy import realip
-from mailproxy.backend import proxy_v2_header
-
-SIG = realip.V2_SIGNATURE
-
-
-def v2(command=0x21, fam=0x11, body=b"", length=None):
-    return SIG + bytes([command, fam]) + struct.pack("!H", len(body) if length is None
-                                                     else length) + body
-
-
-def tlv(t, value):
-    return struct.pack("!BH", t, len(value)) + value
+from mailproxy.proxy_protocol import v2_header
+from test_proxy_protocol import v2
 
 
 # ---------------------------------------------------------------------------------------------
-# the parser
-
-@pytest.mark.parametrize("data,size,addrs", [
-    (b"PROXY TCP4 203.0.113.7 198.51.100.2 40000 25\r\nEHLO x\r\n", 46,
-     ("203.0.113.7", 40000, "198.51.100.2", 25)),
-    (b"PROXY TCP6 2001:DB8::1 2001:db8::2 1 65535\r\n", 44, ("2001:DB8::1", 1, "2001:db8::2", 65535)),
-    (b"PROXY UNKNOWN\r\n", 15, None),
-    (b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\nA", 59, None),
-    (proxy_v2_header("203.0.113.7", 40000, "198.51.100.2", 143) + b"a1 NOOP\r\n", 28,
-     ("203.0.113.7", 40000, "198.51.100.2", 143)),
-    (proxy_v2_header("2001:db8::1", 5, "::ffff:10.0.0.1", 6), 52,
-     ("2001:db8::1", 5, "::ffff:10.0.0.1", 6)),
-    # TLVs (ALPN, authority, SSL) are skipped: they are inside the header length
-    (v2(body=bytes([203, 0, 113, 7, 10, 0, 0, 1]) + struct.pack("!HH", 7, 8)
-        + tlv(1, b"imap") + tlv(2, b"mail.example") + tlv(0x20, b"\x01\x00\x00\x00\x00"))
-     + b"rest", 16 + 12 + 7 + 15 + 8, ("203.0.113.7", 7, "10.0.0.1", 8)),
-    (v2(command=0x20, fam=0x00), 16, None),                       # LOCAL (health check)
-    (v2(command=0x20, fam=0x11, body=b"\0" * 12), 28, None),      # LOCAL with addresses
-    (v2(fam=0x00, body=b"xx"), 18, None),                         # UNSPEC
-    (v2(fam=0x31, body=b"\0" * 216), 232, None),                  # AF_UNIX
-    (v2(fam=0x12, body=b"\0" * 12), 28, None),                    # DGRAM
-])
-def test_parse_good(data, size, addrs):
-    assert realip.parse(data) == (size, addrs)
-
-
-@pytest.mark.parametrize("data,message", [
-    (b"GET / HTTP/1.0\r\n", 'broken header: "GET / HTTP/1.0"'),
-    (b"PROXY TCP4 1.2.3.4\r\n", 'broken header: "PROXY TCP4 1.2.3.4"'),
-    (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", 'broken header: "PROXY TCP5 1.2.3.4 5.6.7.8 1 2"'),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 70000 2\r\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 70000 2"'),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 2"'),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 2"'),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 x\r\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 x"'),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \r\n", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 "'),
-    (b"PROXY TCP4 host.example 5.6.7.8 1 2\r\n", 'broken header: "PROXY TCP4 host.example'),
-    (b"PROXY UNKNOWN", 'broken header: "PROXY UNKNOWN"'),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2", 'broken header: "PROXY TCP4 1.2.3.4 5.6.7.8 1 2"'),
-    (b"PROX", 'broken header: "PROX"'),
-    (b"PROXY TCP4 \x01\x02 5.6.7.8 1 2\r\n", 'broken header: "PROXY TCP4 \\x01\\x02 5.6.7.8 1 2"'),
-    (v2(command=0x31), "unknown PROXY protocol version: 3"),
-    (v2(body=b"\0" * 12, length=100), "header is too large"),
-    (v2(fam=0x11, body=b"\0" * 8), 'broken header: "'),          # addresses cut short
-    (v2(fam=0x21, body=b"\0" * 30), 'broken header: "'),
-    (SIG[:10], 'broken header: "'),                               # too short for v2 or v1
-])
-def test_parse_broken(data, message):
-    with pytest.raises(realip.BrokenHeader) as e:
-        realip.parse(data)
-    assert str(e.value).startswith(message)
-
+# set_real_ip_from
 
 class _Conf:
     def __init__(self, entries):
@@ -106,8 +46,8 @@ def test_trusted(entries, peer, family, expect):
 # end to end
 
 HDR_V1 = b"PROXY TCP4 203.0.113.7 198.51.100.2 40000 25\r\n"
-HDR_V2 = proxy_v2_header("203.0.113.7", 40000, "198.51.100.2", 25,
-                         tlvs=[(1, b"smtp"), (2, b"mx.example")])
+HDR_V2 = v2_header("203.0.113.7", 40000, "198.51.100.2", 25,
+                   tlvs=[(1, b"smtp"), (2, b"mx.example")])
 
 
 @pytest.fixture
