@@ -1,4 +1,4 @@
-"""The nginx auth_http protocol (reference section 8): request, response, WAIT.
+"""The nginx auth_http protocol (ngx_mail_auth_http_module.c): request, response, WAIT.
 
 One HTTP/1.0 GET on a fresh connection per authentication attempt; the
 response header block (at most 1024 bytes) decides where the user goes.
@@ -79,7 +79,7 @@ class AuthResult:
     wait: Optional[int] = None       # Auth-Wait seconds (FAIL: sleep, then let the client retry)
     error_code: Optional[str] = None  # Auth-Error-Code (SMTP), None when absent or empty
     peer: str = ''
-    ssl_backend: Optional[str] = None  # issue 5: Auth-SSL-Backend on|off|starttls, None if absent
+    ssl_backend: Optional[str] = None  # ours: Auth-SSL-Backend on|off|starttls, None if absent
 
 
 # --- request -----------------------------------------------------------------
@@ -122,7 +122,7 @@ def _safe(value):
 
 
 def build_request(url, req):
-    """The exact request of reference 8.2 (header order included)."""
+    """The exact request of ngx_mail_auth_http_create_request (header order included)."""
     host = getattr(url, 'host_header', None)
     if not host:
         host = 'localhost' if getattr(url, 'unix', None) else (getattr(url, 'host', '') or '')
@@ -264,7 +264,7 @@ def _parse(data, req, peer):
     wait_status = False
     server = port = user = passwd = error_code = None
     sleep = None
-    ssl_backend = None                              # issue 5: Auth-SSL-Backend
+    ssl_backend = None                              # ours: Auth-SSL-Backend
     bad_header = 'auth http server %s sent invalid header in response' % peer
 
     while True:
@@ -313,7 +313,7 @@ def _parse(data, req, peer):
                 sleep = min(w, MAX_AUTH_WAIT)
         elif name == b'auth-error-code':
             error_code = value.decode('latin-1') or None
-        elif name == b'auth-ssl-backend':           # issue 5: TLS to this user's backend
+        elif name == b'auth-ssl-backend':           # ours: TLS to this user's backend
             ssl_backend = value.lower()
             if ssl_backend not in (b'on', b'off', b'starttls'):
                 raise AuthHttpError('auth http server %s sent invalid "Auth-SSL-Backend" '
@@ -344,7 +344,7 @@ def _parse(data, req, peer):
 
 
 def parse_response(data, req, peer):
-    """Parse a complete auth_http response (reference 8.4).
+    """Parse a complete auth_http response (as ngx_mail_auth_http_process_headers).
 
     Returns AuthResult with status 'OK', 'FAIL' or 'WAIT' (query() handles
     WAIT itself); raises AuthHttpError for everything that is the client's
@@ -407,7 +407,7 @@ def _exchange(url, request, req, peer, timeout):
         sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # The kernel bounds each call (ktimeout: SO_SNDTIMEO also bounds a blocking connect);
-        # the socket stays blocking, so no ioctl and no poll per call (issue 7).
+        # the socket stays blocking, so no ioctl and no poll per call.
         ktimeout.set(sock, max(timeout, 0.001), recv=False)
         try:
             sock.connect(address)

@@ -30,7 +30,7 @@ class Answered(Exception):
 
 class Refused(Exception):
     """A command refused after parsing: the protocol's invalid-command reply, not counted in
-    max_errors (reference 3.4)."""
+    max_errors (nginx counts only parser errors, in ngx_mail_read_command)."""
 
 
 class Close(Exception):

@@ -12,8 +12,10 @@ A repeatable directive (listen, auth_http_header, ...) is one key with one
 continuation line per occurrence.  Every problem raises ``ConfigError`` carrying
 the file and line of the offending key or continuation line.
 
-``DIRECTIVES`` is the table of every known directive; its ``implemented`` field
-is the single switch later issues flip to enable a directive.
+``DIRECTIVES`` is the table of every known directive.  Its ``implemented`` field
+is True for all but ``ssl``, whose entry exists only so that its parser can say
+that nginx 1.25.1 removed it and what replaces it; the loader refuses a directive
+that is not implemented, and ``-T`` leaves it out.
 """
 
 import configparser
@@ -35,8 +37,8 @@ __all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "Listen", 
 
 IMPLEMENTED_PROTOCOLS = set(PROTOCOLS)
 
-# `listen` parameters that belong to later issues: flip to True when implemented.
-LISTEN_PARAMS_IMPLEMENTED = {"ssl": True, "proxy_protocol": True}   # TLS, PROXY in (issue 5)
+# `listen` flags accepted (p_listen refuses one set to False as not supported yet); both are.
+LISTEN_PARAMS_IMPLEMENTED = {"ssl": True, "proxy_protocol": True}   # implicit TLS, PROXY in
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 
@@ -1034,7 +1036,7 @@ _TABLE = [
     _d("ssl_conf_command", _MS, "", p_pairs, implemented=True,
        multi=True, nargs=(2, 2), fmt=f_each_tuple),
     # ngx_mail_realip_module
-    _d("set_real_ip_from", _MS, "", p_realip, implemented=True, multi=True,   # issue 5
+    _d("set_real_ip_from", _MS, "", p_realip, implemented=True, multi=True,
        fmt=f_each_token),
     # ngx_mail_imap_module
     _d("imap_auth", _MS, "plain", p_methods("plain", "login", "cram-md5", "external"), True,
@@ -1059,7 +1061,7 @@ _TABLE = [
     _d("xclient_extended", _MS, "off", p_flag, True, fmt=f_flag),
     _d("ssl_certificate_sni", _MS, "", p_sni, implemented=True,
        multi=True, nargs=(3, 3), fmt=f_each_tuple),
-    # TLS to backends (issue 5; contexts built at start-up by backend.prepare_client_contexts)
+    # TLS to backends (contexts built at start-up by backend.prepare_client_contexts)
     _d("proxy_ssl", _MS, "off", p_enum("off", "on", "starttls"), True, fmt=f_token),
     _d("proxy_ssl_verify", _MS, "on", p_flag, True, fmt=f_flag),
     _d("proxy_ssl_trusted_certificate", _MS, None, p_path, True, fmt=f_opt_token),
@@ -1376,13 +1378,14 @@ def load(path):
                 value = _copy(defaults[dname])
             setattr(s, dname, value)
         _check_server(s, own, seen_listen)
-        _check_tls(s)                       # TLS (issue 5)
+        _check_tls(s)                       # ssl checks, TLS context (tls.py)
         cfg.servers.append(s)
     return cfg
 
 
 def _check_tls(s):
-    """TLS (issue 5): nginx's ssl load-time checks and the server's TLS context (built once)."""
+    """nginx's ssl load-time checks (ngx_mail_ssl_merge_conf) and the server's TLS context
+    (built once)."""
     from . import tls
     tls.check_server(s)
 

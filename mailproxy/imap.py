@@ -1,4 +1,4 @@
-"""IMAP: the client side before login and the backend login (reference sections 7 and 11.4).
+"""IMAP: the client side before login (ngx_mail_imap_handler.c) and the backend login.
 
 The command parser is a pure piece (`parse_command`, `parse_sasl_line`, `tag_of`): it reads from
 any object with `readline()`, `read_exact(n)` and `continue_literal()`, so it can be tested
@@ -39,7 +39,7 @@ PAGE_SIZE = 4096            # nginx's default imap_client_buffer (one memory pag
 MAX_TAG = 32                # tag characters (since nginx 1.21.0)
 MAX_ARGS = 3                # arguments per command (nginx's args array check)
 
-# Command words the parser knows (7.2); ID is our addition. Anything else is a parser error.
+# Command words ngx_mail_imap_parse_command knows, and ID (ours); any other is a parser error.
 COMMANDS = frozenset(("NOOP", "LOGIN", "LOGOUT", "STARTTLS", "CAPABILITY", "AUTHENTICATE", "ID"))
 
 # Dovecot-style ID fields sent to the backend with `imap_client_id on` (our addition).
@@ -304,7 +304,7 @@ def parse_sasl_line(line, tag=None):
 
 
 def capability_line(capabilities, methods, starttls="off", tls=False):
-    """`* CAPABILITY ...` with CRLF (reference 7.5)."""
+    """`* CAPABILITY ...` with CRLF (the lines ngx_mail_imap_merge_srv_conf builds)."""
     words = [b"* CAPABILITY"] + [c.encode("utf-8", "surrogateescape") if isinstance(c, str)
                                  else bytes(c) for c in capabilities]
     if not tls and starttls == "only":
@@ -330,7 +330,8 @@ def backend_login_complete(buf):
 def check_login_reply(buf, tag):
     """Raise BackendRejected unless `buf` is `<tag>OK...` (after at most one untagged line).
 
-    The logged text starts after the untagged line and after the tag when it matched (11.5).
+    The logged text starts after the untagged line and after the tag when it matched, as
+    ngx_mail_proxy_read_response logs it.
     """
     p = 0
     if buf.startswith(b"* "):
@@ -458,7 +459,7 @@ class ImapSession(Session):
     def auth_failed_reply(self, result):
         return self.reply(b"NO " + result.message + CRLF)
 
-    # ---- commands (reference 7.4) ---------------------------------------------------------------
+    # ---- commands (ngx_mail_imap_auth_state) ----------------------------------------------------
 
     def cmd_CAPABILITY(self, args):
         conf = self.conf
@@ -479,7 +480,7 @@ class ImapSession(Session):
         self.send(ID_REPLY + self.tag + OK)
 
     def cmd_STARTTLS(self, args):
-        # TLS (issue 5): only when starttls is on/only and TLS is not active yet (9.2).
+        # As ngx_mail_imap_starttls: only when starttls is on/only and TLS is not active yet.
         if self.tls or self.starttls_mode() not in ("on", "only"):
             raise Invalid()
         self.reader.discard()           # pipelined plaintext is never executed (CVE-2011-0411)
@@ -503,7 +504,7 @@ class ImapSession(Session):
                 try:
                     login = sasl.decode_login_username(self.sasl_response())
                 except sasl.SaslError as e:
-                    # nginx quirk (7.4): this one reply carries neither tag nor `*`.
+                    # nginx quirk: ngx_mail_imap_auth_state sends this one untagged, without `*`.
                     self.info(str(e))
                     self.send(BAD)
                     raise Answered() from None
@@ -545,7 +546,7 @@ class ImapSession(Session):
         else:
             raise Invalid()
 
-    # ---- backend login (reference 11.4) ---------------------------------------------------------
+    # ---- backend login (ngx_mail_proxy_imap_handler) --------------------------------------------
 
     def backend_id_fields(self):
         """Dovecot's ID fields: who the client is and where it connected (our addition)."""
@@ -588,7 +589,7 @@ class ImapSession(Session):
         check_login_reply(reply, tag)
         return reply
 
-    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+    # ---- TLS to the backend (proxy_ssl starttls) -------------------------------------------
 
     BACKEND_STARTTLS_TAG = b"mpTLS "
 

@@ -2,7 +2,7 @@
 
 A Python socket timeout (`settimeout`) makes the descriptor non-blocking (one `ioctl` per
 call) and `poll`s before every recv/send/connect: 2-3 extra system calls per operation on
-the per-session hot path (issue 7).  Here a socket stays blocking and the kernel bounds each
+the per-session hot path.  Here a socket stays blocking and the kernel bounds each
 call: `set(sock, seconds)` once, and a call that runs out of time fails with EAGAIN
 (`BlockingIOError`), or EINPROGRESS for `connect()` (Linux bounds a blocking connect by
 SO_SNDTIMEO).  `TIMEOUT_ERRORS` catches both this and a Python timeout (TLS sockets, whose

@@ -1,9 +1,10 @@
 """Binding `listen` addresses: one ThreadingTCPServer per bound address.
 
-The master process binds (`bind_all`, `rebind`); each worker calls `Listener.start(runtime)`
-to run `serve_forever()` in a thread of its own. A wildcard `*:port` and specific addresses of
-the same family on that port are served by the wildcard socket alone; the server of each
-connection is then chosen by the connection's local address (getsockname()), as nginx does.
+The master process binds (`bind_all`, which on reload keeps the sockets already bound); each
+worker calls `Listener.start(runtime)` to run `serve_forever()` in a thread of its own. A
+wildcard `*:port` and specific addresses of the same family on that port are served by the
+wildcard socket alone; the server of each connection is then chosen by the connection's local
+address (getsockname()), as nginx does.
 """
 
 import errno as _errno
@@ -65,7 +66,7 @@ def bind_key(listen):
 
 
 class HandlerPool:
-    """Cached handler threads, shared by every listener of a process (issue 7).
+    """Cached handler threads, shared by every listener of a process.
 
     A connection goes to an idle thread when there is one, else to a new thread: the pool
     grows on demand (the threads busy are bounded by `limit_prelogin`, see limits.py); at
@@ -244,7 +245,7 @@ class Listener(socketserver.ThreadingTCPServer):
     def _set_inherited(self):
         """Options an accepted socket inherits from the listening one (Linux copies them):
         TCP_NODELAY, and SO_RCVTIMEO/SO_SNDTIMEO when every server on this address has the
-        same `timeout`: then no session sets them again (3 system calls each, issue 7).
+        same `timeout`: then no session sets them again (3 system calls each).
         Set once when the socket is created, never changed on reload (old workers may still
         accept on it); a worker reads what is set (`start`) and sets the rest per session."""
         try:

@@ -1,4 +1,4 @@
-"""POP3: the client side before login and the backend login (reference sections 5 and 11.4)."""
+"""POP3: the client side before login (ngx_mail_pop3_handler.c) and the backend login."""
 
 from . import sasl
 from .clientio import Answered, BackendRejected, Refused, strip_eol
@@ -8,7 +8,7 @@ OK = b"+OK\r\n"
 INVALID = b"-ERR invalid command\r\n"
 BUFFER_SIZE = 128           # nginx's fixed POP3 command buffer
 
-# Words the parser knows (section 5.2); any other word is a parser error.
+# Words ngx_mail_pop3_parse_command knows; any other word is a parser error.
 COMMANDS = frozenset(("USER", "PASS", "APOP", "QUIT", "CAPA", "AUTH", "NOOP", "STLS"))
 
 
@@ -16,7 +16,8 @@ Invalid = Refused     # `-ERR invalid command`, not counted in max_errors
 
 
 def parse_command(line):
-    """(VERB, [args]) for a command line, or None for a parser error (section 5.2)."""
+    """(VERB, [args]) for a command line, or None for a parser error (as nginx's
+    ngx_mail_pop3_parse_command)."""
     content = strip_eol(line)
     if content is None:
         return None
@@ -136,7 +137,7 @@ class Pop3Session(Session):
     def auth_failed_reply(self, result):
         return b"-ERR " + result.message + b"\r\n"
 
-    # ---- commands (section 5.3) ----------------------------------------------------------------
+    # ---- commands (ngx_mail_pop3_auth_state) ---------------------------------------------------
 
     def cmd_USER(self, args):
         if self.starttls_blocks_auth() or len(args) != 1:
@@ -167,7 +168,7 @@ class Pop3Session(Session):
         self.send_close(OK)
 
     def cmd_STLS(self, args):
-        # TLS (issue 5): only when starttls is on/only and TLS is not active yet (9.2).
+        # As ngx_mail_pop3_stls: only when starttls is on/only and TLS is not active yet.
         if self.tls or getattr(self.conf, "starttls", "off") not in ("on", "only"):
             raise Invalid()
         self.reader.discard()           # pipelined plaintext is never executed (CVE-2011-0411)
@@ -219,16 +220,17 @@ class Pop3Session(Session):
         else:
             raise Invalid()
 
-    # ---- backend login (section 11.4) -----------------------------------------------------------
+    # ---- backend login (ngx_mail_proxy_pop3_handler) --------------------------------------------
 
     def login_backend(self, conn, user, passwd):
-        # Only the exact "+OK" counts, at every step (11.4); the last reply goes to the client.
+        # Only the exact "+OK" counts, at every step (ngx_mail_proxy_read_response); the last
+        # reply goes to the client.
         self.backend_reply(conn, b"+OK")
         self.backend_step(conn, b"USER " + user + b"\r\n", "sending user name to upstream", b"+OK")
         return self.backend_step(conn, b"PASS " + passwd + b"\r\n", "sending password to upstream",
                                  b"+OK")
 
-    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+    # ---- TLS to the backend (proxy_ssl starttls) -------------------------------------------
 
     def backend_starttls(self, conn):
         """proxy_ssl starttls: greeting, STLS, +OK; returns the greeting (replayed later)."""

@@ -6,11 +6,11 @@ From then on a session costs no thread and no standing buffer: its two sockets, 
 only as the `bytes` objects that `recv()` returned (or memoryview slices of them after a
 partial write), and only while it is unsent.
 
-nginx semantics (reference section 12):
+nginx semantics (ngx_mail_proxy_handler):
   * two directions, each bounded by its own buffer: client -> backend by `client_buffer`,
-    backend -> client by `proxy_buffer` (sessions pass proxy_buffer for both, issue 7); a
-    side is not read while its peer's unsent data is at the limit (back-pressure), and reads
-    never ask for more than the free space;
+    backend -> client by `proxy_buffer` (sessions pass proxy_buffer for both: README
+    "Differences from nginx"); a side is not read while its peer's unsent data is at the
+    limit (back-pressure), and reads never ask for more than the free space;
   * `proxy_timeout` is ONE timer on the client side, re-armed only by client events (client
     readable, or client writable after a blocked write); backend -> client data written
     without blocking does not extend it;
@@ -124,7 +124,7 @@ class PlainEndpoint:
             pass
 
 
-# --- TLS endpoint (issue 5: relay over TLS) -------------------------------------------------
+# --- TLS endpoint (relay over TLS) ----------------------------------------------------------
 
 class TLSEndpoint(PlainEndpoint):
     """One side of a session over a non-blocking `ssl.SSLSocket` (handshake already done).

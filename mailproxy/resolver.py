@@ -1,4 +1,5 @@
-"""The SMTP client host name: reverse then forward DNS, as nginx does it (reference section 6.1).
+"""The SMTP client host name: reverse then forward DNS, as nginx does it
+(ngx_mail_smtp_resolve_addr_handler, then ngx_mail_smtp_resolve_name_handler).
 
 `client_name(ip, conf_resolver, timeout)` gives what XCLIENT `NAME=` and `Client-Host` carry:
 
@@ -98,7 +99,7 @@ def _normalise(ip):
 
 
 def client_name(ip, conf_resolver, timeout):
-    """(host or marker, LogMessage or None) for a client address (reference 6.1)."""
+    """(host or marker, LogMessage or None) for a client address."""
     if conf_resolver is None or conf_resolver == "off":
         return UNAVAILABLE, None
     addr = _normalise(ip)

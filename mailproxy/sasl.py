@@ -1,4 +1,5 @@
-"""SASL mechanism decoding shared by POP3, IMAP and SMTP (reference section 4).
+"""SASL mechanism decoding shared by POP3, IMAP and SMTP, as nginx's ngx_mail_auth_plain,
+ngx_mail_auth_login_username/_password, ngx_mail_auth_cram_md5 and ngx_mail_auth_external do.
 
 Credentials are bytes everywhere.  Every decoder raises `SaslError`, whose
 str() is the message nginx logs (info level) before answering the command as

@@ -14,8 +14,8 @@ import os
 import time
 
 from . import auth_http, backend, ktimeout, limits, proxy_protocol, sasl
-from . import tls                   # TLS (issue 5)
-from . import realip                # PROXY protocol in (issue 5)
+from . import tls                   # implicit TLS, STARTTLS
+from . import realip                # PROXY protocol header in, set_real_ip_from
 from .clientio import (BackendRejected, ClientClosed, ClientTimeout, Close, HandedOver,
                        LineReader, LineTooLong, Refused)
 from .log import sanitize
@@ -62,13 +62,13 @@ class Session:
         self.client_ip = client_address[0] if client_address else None
         self.client_port = client_address[1] if client_address else None
         self.server_text = self._server_text(listen)
-        # Facts filled in by the TLS and PROXY-protocol steps of later issues.
+        # Facts filled in by the PROXY-protocol and TLS steps (run, starttls_handshake).
         self.tls = False
         self.starttls_used = False
         self.proxy_header = None        # (src_ip, src_port, dst_ip, dst_port) received
         self.proxy_trusted = False      # the header came from a set_real_ip_from peer
         self.ssl_headers = []           # Auth-SSL-* (name, value) pairs
-        self.tls_handshaked = False     # TLS (issue 5): handshake done (close_notify on close)
+        self.tls_handshaked = False     # handshake done (close_notify on close)
         # Credentials and auth state.
         self.login = None               # bytes
         self.passwd = None              # bytes
@@ -227,7 +227,7 @@ class Session:
         self.send_close(self.INTERNAL_ERROR)
 
     def parse_error(self, reply):
-        """A command rejected by the parser: counts towards max_errors (section 3.4)."""
+        """A command rejected by the parser: counts towards max_errors (ngx_mail_read_command)."""
         self.errors += 1
         if self.errors >= self.conf.max_errors:
             self.info("client sent too many invalid commands")
@@ -242,16 +242,15 @@ class Session:
             if self.log.enabled("info"):
                 self.log.log("info", "client %s connected to %s"
                              % (self._peer_text(), self.server_text), self.conn)
-            # -- PROXY protocol from a load balancer (issue 5): its header before anything
-            # else, before any TLS; may replace client_ip/client_port (set_real_ip_from)
+            # A load balancer's PROXY protocol header comes before anything else, TLS included
+            # (ngx_mail_proxy_protocol_handler); may replace client_ip/client_port
+            # (set_real_ip_from)
             if self.listen is not None and getattr(self.listen, "proxy_protocol", False):
                 realip.read_header(self)
                 self.recount()
-            # -- end PROXY protocol
-            # -- TLS (issue 5): implicit TLS handshake right after accept
+            # implicit TLS: the handshake right after accept (ngx_mail_ssl_init_connection)
             if self.listen is not None and getattr(self.listen, "ssl", False):
                 tls.handshake(self, deadline=self.deadline)
-            # -- end TLS
             self.action = "sending client greeting line"
             self.greet()
             while not self.quit:
@@ -274,7 +273,7 @@ class Session:
                 pass
         finally:
             if not handed:
-                if self.tls_handshaked:         # TLS (issue 5): close_notify first
+                if self.tls_handshaked:         # close_notify first
                     tls.shutdown(self.sock)
                 try:
                     self.sock.close()
@@ -316,7 +315,7 @@ class Session:
             return "[%s]:%s" % (self.client_ip, self.client_port)
         return "%s:%s" % (self.client_ip, self.client_port)
 
-    # ---- TLS (issue 5) -----------------------------------------------------------------------
+    # ---- STARTTLS (ngx_mail_starttls_handler) ------------------------------------------------
 
     def starttls_handshake(self):
         """After the positive STARTTLS/STLS reply (pipelined input already discarded)."""
@@ -376,7 +375,7 @@ class Session:
             if res.passwd is not None:
                 passwd = res.passwd
             host, port = res.server, res.port
-            self.backend_ssl = res.ssl_backend      # issue 5: Auth-SSL-Backend (None: config)
+            self.backend_ssl = res.ssl_backend      # ours: Auth-SSL-Backend (None: config)
         else:
             host, port = conf.proxy_pass
         self.upstream = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
@@ -396,7 +395,7 @@ class Session:
             if conf.proxy_protocol != "off":
                 self.action = "sending PROXY protocol header to upstream"
                 conn.send(self.proxy_header_out(sock))
-            self.backend_tls(conn, host)        # issue 5: proxy_ssl on|starttls
+            self.backend_tls(conn, host)        # ours: proxy_ssl on|starttls
             self.action = "reading response from upstream"
             reply = self.login_backend(conn, user, passwd)
         except backend.BackendError as e:
@@ -420,7 +419,7 @@ class Session:
         self.info("client logged in")
         self.hand_over(conn, reply)
 
-    # ---- TLS to the backend (issue 5) ---------------------------------------------------------
+    # ---- TLS to the backend (proxy_ssl, Auth-SSL-Backend) -------------------------------------
 
     def backend_tls(self, conn, host):
         """proxy_ssl (or the auth service's Auth-SSL-Backend): implicit TLS, or the protocol's

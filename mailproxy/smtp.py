@@ -1,15 +1,16 @@
-"""SMTP: the client side before login and the backend login (reference sections 6, 8 and 11.4).
+"""SMTP: the client side before login (ngx_mail_smtp_handler.c) and the backend login.
 
 Client side: client host name resolution before the greeting (resolver.py), `smtp_greeting_delay`
 (a client that talks first is refused), HELO/EHLO, AUTH PLAIN/LOGIN/CRAM-MD5/EXTERNAL, RSET,
 NOOP, QUIT, and `smtp_auth none` (MAIL and RCPT collected; RCPT starts authentication with method
 none). Commands are handled one at a time, so pipelined input works; unlike nginx, a rejected
-MAIL does not damage commands pipelined after it (reference 6.7).
+MAIL does not damage commands pipelined after it (nginx's ngx_mail_smtp_log_rejected_command
+turns CR and LF into `_` in its receive buffer; README "Differences from nginx").
 
-Backend login: a small state machine (11.4): greeting, EHLO/HELO with `server_name`, XCLIENT
-(optionally with PORT/DESTADDR/DESTPORT, `xclient_extended`), the client's HELO/EHLO replayed,
-then MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or nothing; `235 2.0.0 OK` to the client
-except in none mode, where the backend's RCPT reply is the answer.
+Backend login: a small state machine (as ngx_mail_proxy_smtp_handler): greeting, EHLO/HELO with
+`server_name`, XCLIENT (optionally with PORT/DESTADDR/DESTPORT, `xclient_extended`), the client's
+HELO/EHLO replayed, then MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or nothing;
+`235 2.0.0 OK` to the client except in none mode, where the backend's RCPT reply is the answer.
 """
 
 import base64
@@ -38,7 +39,7 @@ AUTH_OK = b"235 2.0.0 OK\r\n"
 INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
 DEFAULT_ERROR_CODE = b"535 5.7.0"
 
-# The words the parser knows (section 6.3); any other word is a parser error.
+# The words ngx_mail_smtp_parse_command knows; any other word is a parser error.
 COMMANDS = frozenset(("HELO", "EHLO", "AUTH", "QUIT", "NOOP", "MAIL", "RSET", "RCPT",
                       "VRFY", "EXPN", "HELP", "STARTTLS"))
 MAX_ARGS = 11
@@ -72,7 +73,7 @@ def _split_args(rest):
 
 
 def parse_command(line):
-    """A Command for one client line (with its LF), or None for a parser error (section 6.3).
+    """A Command for one client line (with its LF), or None for a parser error.
 
     The command word is four letters (HELO EHLO AUTH QUIT NOOP MAIL RSET RCPT VRFY EXPN HELP)
     or STARTTLS, case-insensitive, ended by a space or the line end; at most eleven arguments.
@@ -136,7 +137,7 @@ def sasl_mechanisms(methods):
 
 
 def ehlo_reply(name, capabilities, methods, starttls="off", tls=False):
-    """The EHLO reply (section 6.5) as bytes."""
+    """The EHLO reply as bytes, composed as ngx_mail_smtp_merge_srv_conf does."""
     lines = [name]
     lines += list(capabilities)
     mechs = sasl_mechanisms(methods)
@@ -193,7 +194,7 @@ class SmtpSession(Session):
     # ---- before the greeting ----------------------------------------------------------------
 
     def resolve_client(self):
-        """Client-Host / XCLIENT NAME (section 6.1); without a resolver `[UNAVAILABLE]`."""
+        """Client-Host / XCLIENT NAME (resolver.py); without a resolver `[UNAVAILABLE]`."""
         conf = self.conf
         conf_resolver = getattr(conf, "resolver", None)
         if conf_resolver is None:
@@ -293,7 +294,7 @@ class SmtpSession(Session):
             req.smtp_from = self.smtp_from or b""
             req.smtp_to = self.smtp_to or b""
 
-    # ---- commands (section 6.4) ---------------------------------------------------------------
+    # ---- commands (ngx_mail_smtp_auth_state) --------------------------------------------------
 
     def _greeting(self, cmd):
         if len(cmd.args) != 1:
@@ -373,7 +374,7 @@ class SmtpSession(Session):
 
     def cmd_MAIL(self, cmd):
         if "none" not in self.conf.smtp_auth:
-            # log a copy: nginx mangles its receive buffer here (6.7), we do not
+            # log a copy: nginx's ngx_mail_smtp_log_rejected_command mangles the buffer itself
             self.info('client was rejected: "%s"' % rejected_text(cmd.text + CRLF))
             self.send(AUTH_REQUIRED)
             return
@@ -410,15 +411,15 @@ class SmtpSession(Session):
         self.send_close(BYE)
 
     def cmd_STARTTLS(self, cmd):
-        # TLS arrives with its own issue: until a handshake hook exists, refuse like nginx
-        # without `starttls`.
+        # As ngx_mail_smtp_starttls: only with `starttls on|only` and before TLS, else an
+        # invalid command.
         handshake = getattr(self, "starttls_handshake", None)
         if (handshake is None or self.tls
                 or getattr(self.conf, "starttls", "off") not in ("on", "only")):
             raise Invalid()
         # RFC 3207: forget what the client said before; drop pipelined input (CVE-2014-3556)
         self.helo = self.smtp_from = self.smtp_to = None
-        # TLS (issue 5): nginx keeps the "client used EHLO" flag (reference 9.2)
+        # esmtp (the "client used EHLO" flag) is kept, as ngx_mail_smtp_starttls keeps s->esmtp
         self.reader.discard()
         self.send(START_TLS)
         handshake()
@@ -428,7 +429,7 @@ class SmtpSession(Session):
 
     cmd_EXPN = cmd_HELP = cmd_VRFY
 
-    # ---- backend login (section 11.4) ---------------------------------------------------------
+    # ---- backend login (ngx_mail_proxy_smtp_handler) ------------------------------------------
 
     def _expect(self, conn, ok, action=None):
         """Read one (multi-line) reply; BackendRejected unless ok(reply)."""
@@ -496,7 +497,7 @@ class SmtpSession(Session):
         return AUTH_OK
 
 
-    # ---- TLS to the backend (issue 5) ------------------------------------------------------
+    # ---- TLS to the backend (proxy_ssl starttls) -------------------------------------------
 
     def backend_starttls(self, conn):
         """proxy_ssl starttls: greeting, EHLO, STARTTLS, 220; returns the greeting (replayed,

@@ -1,4 +1,5 @@
-"""TLS towards clients: contexts, implicit TLS, STARTTLS/STLS, client certificates (reference 2.4, 9).
+"""TLS towards clients: contexts, implicit TLS, STARTTLS/STLS, client certificates
+(ngx_mail_ssl_module.c; ngx_mail_ssl_handshake_handler and ngx_mail_verify_cert).
 
 One `ServerTLS` per server block is built while the configuration loads (`check_server`, called
 from config.load, so `-t` finds a bad certificate, key or CA file) and cached on the ServerConf:

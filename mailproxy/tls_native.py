@@ -1,4 +1,4 @@
-"""The OpenSSL calls Python's ssl module does not offer, through ctypes (reference 2.4, 9).
+"""The OpenSSL calls Python's ssl module does not offer, through ctypes.
 
 Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth or session-cache knobs;
 nginx behaviour depends on them, so `Native` reaches the very same OpenSSL library the `_ssl`

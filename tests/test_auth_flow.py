@@ -1,4 +1,4 @@
-"""The auth_http protocol end to end (reference section 8) with POP3 clients, and the
+"""The auth_http protocol end to end (ngx_mail_auth_http_module) with POP3 clients, and the
 auth-less `proxy_pass` route (our addition)."""
 
 import signal

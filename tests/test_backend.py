@@ -124,7 +124,7 @@ def test_connect_by_name_sets_nodelay_and_timeout(server):
         connect('127.0.0.1', srv.port, 2.0)
     try:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-        # the timeout is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket (issue 7)
+        # the timeout is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket (ktimeout.py)
         assert sock.gettimeout() is None
         assert ktimeout.get(sock) == 2.0 and ktimeout.get(sock, send=True) == 2.0
         assert BackendConn(sock, 4096, 2.0).read_reply() == b'+OK\r\n'

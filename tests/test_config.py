@@ -339,10 +339,10 @@ def test_listen_forms_and_params(tmp_path):
 @pytest.mark.parametrize("value,message", [
     ("unix:/tmp/x.sock", "unix: listen sockets are not supported"),
     ("127.0.0.1:1110 ssl", '"listen ... ssl" is not supported yet'
-     if not config.LISTEN_PARAMS_IMPLEMENTED["ssl"]     # TLS (issue 5): then a cert is needed
+     if not config.LISTEN_PARAMS_IMPLEMENTED["ssl"]     # implemented: then a cert is needed
      else 'no "ssl_certificate" is defined for the "listen ... ssl" directive'),
     *([("127.0.0.1:1110 proxy_protocol", '"listen ... proxy_protocol" is not supported yet')]
-      if not config.LISTEN_PARAMS_IMPLEMENTED["proxy_protocol"] else []),   # issue 5
+      if not config.LISTEN_PARAMS_IMPLEMENTED["proxy_protocol"] else []),
     ("127.0.0.1:1110 foo", 'invalid parameter "foo"'),
     ("127.0.0.1:1110 backlog=x", 'invalid backlog "x"'),
     ("127.0.0.1:1110 backlog=0", 'invalid backlog "0"'),
@@ -626,7 +626,8 @@ def test_no_servers(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# directives of later issues: known, value-checked, then "not supported yet"
+# every directive: value-checked first, then "not supported yet" unless implemented (all are
+# but `ssl`, whose parser refuses it first)
 
 UNSUPPORTED = {
     "resolver": "off", "resolver_timeout": "30s", "proxy_smtp_auth": "off", "xclient": "on",
@@ -695,10 +696,10 @@ def test_unsupported_values_checked_first(tmp_path, name, value, message):
 
 
 def test_later_directive_parsers(tmp_path, monkeypatch):
-    """The value shapes later issues will rely on, once implemented."""
+    """The parsed value shapes the rest of mailproxy relies on."""
     for name in UNSUPPORTED:
         monkeypatch.setattr(config.DIRECTIVES[name], "implemented", True)
-    # TLS (issue 5): value shapes only; the certificate files named here do not exist
+    # value shapes only: the certificate files named here do not exist, so no TLS context
     monkeypatch.setattr(config, "_check_tls", lambda s: None)
     text = server(**{
         "resolver": "127.0.0.1 [::1]:5353 valid=30s ipv6=off",

@@ -1,6 +1,5 @@
 """IMAP end to end: the proxy as a subprocess, a recording auth_http server, a scripted IMAP
-backend. Each test asserts what the client, the auth server and the backend saw (reference
-sections 3, 4, 7, 8.5, 11.3-11.5 and 12)."""
+backend. Each test asserts what the client, the auth server and the backend saw."""
 
 import hashlib
 import hmac
@@ -120,7 +119,7 @@ class ImapBackend(ScriptedBackend):
 
 
 def backend_transcript(user=b"alice", password=b"secret", tag=b"a1 "):
-    """What the backend receives for a login (reference 11.4)."""
+    """What the backend receives for a login (as from ngx_mail_proxy_imap_handler)."""
     return (tag + b"LOGIN {%d}\r\n" % len(user) + user + b" {%d}\r\n" % len(password)
             + password + b"\r\n")
 
@@ -508,7 +507,7 @@ def test_authenticate_login_imaplib(imap_setup, imap_backend):
 
 
 def test_authenticate_login_bad_username_quirk(imap_setup, auth_server):
-    # nginx answers a bad username line with neither tag nor "*" (reference 7.4)
+    # nginx answers a bad username line with neither tag nor "*" (ngx_mail_imap_auth_state)
     st = imap_setup()
     c = st.connect()
     assert c.cmd("l3 AUTHENTICATE LOGIN") == b"+ VXNlcm5hbWU6\r\n"
@@ -874,7 +873,7 @@ def test_starttls_only_refuses_login_before_tls(tls):
         assert _cmd(f, b"b LOGIN alice secret") == bad("b")
         assert _cmd(f, b"c AUTHENTICATE PLAIN " + b64("\0alice\0secret").encode()) == bad("c")
         assert _cmd(f, b"d AUTHENTICATE LOGIN") == bad("d")
-    if tls:     # TLS (issue 5): STARTTLS is invalid once TLS is active; the upgrade is in test_tls
+    if tls:     # STARTTLS is invalid once TLS is active; the upgrade is in test_tls
         assert _cmd(f, b"e STARTTLS") == bad("e")
     assert _cmd(f, b"f ID NIL") == b"* ID NIL\r\n"
     assert f.readline() == ok("f")

@@ -200,7 +200,8 @@ def test_bad_quoted_strings_are_tagged_errors(line):
 
 
 def test_unterminated_quote_does_not_leak_into_the_next_command():
-    # nginx answers the second command `c BAD invalid command` (reference 7.3 defect)
+    # nginx answers the second command `c BAD invalid command` (ngx_mail_imap_parse_command
+    # keeps its quoted state across the line end)
     data = b'a LOGIN "abc\r\nc LOGIN x y\r\n'
     i = data.index(b"\n")
     io = FakeIO(data[i + 1:])

@@ -1,6 +1,5 @@
 """POP3 end to end: the proxy as a subprocess, a recording auth_http server, a scripted POP3
-backend. Each test asserts what the client, the auth server and the backend saw (reference
-sections 3, 4, 5, 8, 11.4 and 12)."""
+backend. Each test asserts what the client, the auth server and the backend saw."""
 
 import hashlib
 import hmac

@@ -1,4 +1,4 @@
-"""Backend login and relay end to end (reference sections 11, 12 and 13): refusals with
+"""Backend login and relay end to end (ngx_mail_proxy_module, logs): refusals with
 proxy_pass_error_message on and off, unreachable / silent / odd backends, the PROXY header,
 proxy_timeout, the session-end log line."""
 
@@ -254,7 +254,7 @@ def test_proxy_timeout_closes_idle_session(pop3_setup, pop3_backend):
     assert c.closed(4)
     assert 0.8 <= time.monotonic() - t0 < 3
     assert pop3_backend.wait_session(0).closed.wait(2)
-    # nginx's wording (reference 12.2), which log watchers match
+    # nginx's wording (ngx_mail_proxy_handler), which log watchers match
     st.proxy.wait_log(r"client timed out \(110: Connection timed out\) while proxying", regex=True)
     st.proxy.wait_log("proxied session done")
 

@@ -1,4 +1,4 @@
-"""TLS to backends (issue 5): `proxy_ssl on|starttls`, verification, names, client
+"""TLS to backends (our addition): `proxy_ssl on|starttls`, verification, names, client
 certificates, and the auth service's per-user `Auth-SSL-Backend` header, for POP3, IMAP and SMTP.
 
 The proxy runs as a subprocess; the backends are scripted servers that speak TLS (implicit, or

@@ -1,4 +1,4 @@
-"""mailproxy.resolver: client host names for SMTP (reference 6.1) against a scripted DNS server."""
+"""mailproxy.resolver: client host names for SMTP against a scripted DNS server."""
 
 import ipaddress
 import socket

@@ -1,5 +1,5 @@
 """SMTP end to end: smtplib / raw clients -> mailproxy -> a scripted SMTP backend that records
-every line (reference sections 6, 8 and 11.4)."""
+every line."""
 
 import base64
 import hashlib

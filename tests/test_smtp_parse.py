@@ -1,4 +1,4 @@
-"""The SMTP command parser and reply composition as pure functions (reference 6.3, 6.5, 11.4)."""
+"""The SMTP command parser and reply composition as pure functions."""
 
 import pytest
 

@@ -1,5 +1,5 @@
-"""TLS towards clients (issue 5): implicit TLS, STARTTLS/STLS, client certificates, Auth-SSL-*,
-SNI, protocol limits, handshake timeout, configuration errors (reference sections 2.4, 8.2, 9).
+"""TLS towards clients: implicit TLS, STARTTLS/STLS, client certificates, Auth-SSL-*, SNI,
+protocol limits, handshake timeout, configuration errors (nginx's ngx_mail_ssl_module).
 
 Clients are the standard library's (poplib/imaplib/smtplib with an ssl.SSLContext) and raw
 sockets wrapped by hand where byte-exact checks matter. Certificates come from tests/certs.py.
@@ -377,7 +377,7 @@ def test_smtp_starttls_only_and_forgets_helo_mail(tls_setup, pki):
                                                    b"250 STARTTLS\r\n"]
     c.sendall(b"AUTH PLAIN " + b64("\0alice\0secret").encode() + b"\r\n")
     assert readline_raw(c) == b"500 5.5.1 Invalid command\r\n"
-    c.sendall(b"MAIL FROM:<a@b.test>\r\n")       # not refused before TLS (reference 6.4)
+    c.sendall(b"MAIL FROM:<a@b.test>\r\n")       # allowed before TLS (as in ngx_mail_smtp_mail)
     assert readline_raw(c) == b"250 2.0.0 OK\r\n"
     c.sendall(b"STARTTLS\r\n")
     assert readline_raw(c) == b"220 2.0.0 Start TLS\r\n"

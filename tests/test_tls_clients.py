@@ -1,4 +1,4 @@
-"""TLS towards clients, the remaining gaps of issue 5 (reference sections 2.4, 9):
+"""TLS towards clients, beyond test_tls.py:
 
 - `openssl s_client` as a second, independent client: `-starttls pop3|imap|smtp` and plain
   `-connect` to `listen ... ssl`, driving a login and one command to a scripted backend;
