@@ -382,7 +382,7 @@ def handshake(session, starttls=False, deadline=None):
     session.sock = sock
     session.reader.sock = sock
     sock.setblocking(False)
-    # poll(2), never select.select(): descriptors above 1023 are common here; poll needs
+    # poll(2), never select(2): descriptors above 1023 are common here; poll needs
     # no descriptor of its own (epoll would cost one per handshake, and fail at the fd limit)
     with selectors.PollSelector() as sel:
         registered = 0
