@@ -521,7 +521,7 @@ def test_on_done_exception_and_broken_session_are_contained(lis):
     class Boom(Exception):
         pass
 
-    from mailproxy.relay import PlainEndpoint
+    from mailproxy.endpoints import PlainEndpoint
 
     class BadEndpoint(PlainEndpoint):
         __slots__ = ()

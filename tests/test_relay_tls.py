@@ -17,7 +17,8 @@ import time
 import pytest
 
 from mailproxy import relay as relaymod
-from mailproxy.relay import Relay, TLSEndpoint
+from mailproxy.endpoints import PlainEndpoint, TLSEndpoint
+from mailproxy.relay import Relay
 
 MB = 1024 * 1024
 
@@ -286,7 +287,7 @@ def test_endpoint_chosen_by_socket_type(relay, lis, ctxs):
         time.sleep(0.01)
     (sess,) = relay._live_sessions()
     assert isinstance(sess.c, TLSEndpoint)
-    assert type(sess.b) is relaymod.PlainEndpoint
+    assert type(sess.b) is PlainEndpoint
     client.close()
     done.wait()
     backend.close()
