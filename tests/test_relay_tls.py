@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from mailproxy import relay as relaymod
 from mailproxy.endpoints import PlainEndpoint, TLSEndpoint
 from mailproxy.relay import Relay
 
