@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import ktimeout
-from .log import sanitize
+from .log import addr_text, sanitize
 
 __all__ = [
     'AuthRequest', 'AuthResult', 'AuthHttpError', 'build_request',
@@ -374,11 +374,7 @@ def peer_name(url):
     unix = getattr(url, 'unix', None)
     if unix:
         return 'unix:%s' % unix
-    addr = url.sockaddr
-    host = addr[0]
-    if ':' in host:
-        return '[%s]:%d' % (host, addr[1])
-    return '%s:%d' % (host, addr[1])
+    return addr_text(url.sockaddr[0], url.sockaddr[1])
 
 
 def _oserr(e):

@@ -5,7 +5,6 @@ PROXY header it may send first is written by proxy_protocol.py.  Error texts fol
 the session can log `<message> while <action>, client: ..., upstream: ...` exactly as nginx does.
 """
 
-import errno
 import ipaddress
 import socket
 import ssl
@@ -13,8 +12,9 @@ import threading
 import time
 
 from . import ktimeout, resolver
+from .log import addr_text, errno_text
 
-__all__ = ['BackendError', 'connect', 'BackendConn', 'smtp_reply_complete', 'format_addr',
+__all__ = ['BackendError', 'connect', 'BackendConn', 'smtp_reply_complete',
            'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
 
 _TIMEOUT_TEXT = 'upstream timed out (110: Connection timed out)'
@@ -34,17 +34,6 @@ class BackendError(Exception):
         return self.message
 
 
-def _errtext(exc):
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return '%d: %s' % (exc.errno, exc.strerror or errno.errorcode.get(exc.errno, ''))
-    return str(exc)
-
-
-def format_addr(host, port):
-    """nginx's address text: `1.2.3.4:110`, `[::1]:110`."""
-    if ':' in host:
-        return '[%s]:%d' % (host, port)
-    return '%s:%d' % (host, port)
 
 
 def _addresses(host, port, timeout):
@@ -108,7 +97,7 @@ def connect(host, port, timeout):
         except OSError as exc:
             sock.close()
             last = BackendError('connect() to %s failed (%s)'
-                                % (format_addr(sockaddr[0], port), _errtext(exc)))
+                                % (addr_text(sockaddr[0], port), errno_text(exc)))
             continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -178,7 +167,7 @@ class BackendConn:
         except ktimeout.TIMEOUT_ERRORS:
             raise BackendError(_TIMEOUT_TEXT) from None
         except OSError as exc:
-            raise BackendError('send() failed (%s)' % _errtext(exc)) from None
+            raise BackendError('send() failed (%s)' % errno_text(exc)) from None
 
     def read_reply(self, complete=None):
         """Read one reply: >= 4 bytes ending in CRLF and `complete(buf)` true.
@@ -216,7 +205,7 @@ class BackendConn:
             except ktimeout.TIMEOUT_ERRORS:
                 raise BackendError(_TIMEOUT_TEXT) from None
             except OSError as exc:
-                raise BackendError('recv() failed (%s)' % _errtext(exc)) from None
+                raise BackendError('recv() failed (%s)' % errno_text(exc)) from None
             if not data:
                 raise BackendError('upstream prematurely closed connection')
             buf += data
@@ -265,7 +254,7 @@ class BackendConn:
         except ssl.SSLError as exc:
             raise BackendError('SSL_do_handshake() failed (%s)' % _ssl_text(exc)) from None
         except OSError as exc:
-            raise BackendError('SSL_do_handshake() failed (%s)' % _errtext(exc)) from None
+            raise BackendError('SSL_do_handshake() failed (%s)' % errno_text(exc)) from None
         self.tls = True
 
     def close(self):
@@ -293,7 +282,7 @@ def _ssl_text(exc):
         if reason:
             return 'SSL: %s' % (reason.lower().replace('_', ' '),)
         return 'SSL: %s' % (text,)
-    return _errtext(exc)
+    return errno_text(exc)
 
 
 _ctx_lock = threading.Lock()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError
+from .log import addr_text
 from .protocols import PORTS, PROTOCOLS
 
 __all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "Listen", "AuthURL",
@@ -318,11 +319,7 @@ class MainConf:
 
 
 def _addr_text(host, port):
-    if host == "":
-        return "*:%d" % port
-    if ":" in host:
-        return "[%s]:%d" % (host, port)
-    return "%s:%d" % (host, port)
+    return "*:%d" % port if host == "" else addr_text(host, port)
 
 
 # ---------------------------------------------------------------------------------------------

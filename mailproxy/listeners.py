@@ -15,7 +15,7 @@ import threading
 import time
 
 from . import ktimeout, limits, protocols, realip
-from .log import sanitize
+from .log import addr_text, sanitize
 
 _RESOURCE_ERRORS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM}
 
@@ -51,9 +51,7 @@ def _is_wildcard(listen):
 
 
 def _addr_text(family, host, port):
-    if family == socket.AF_INET6:
-        return "[%s]:%d" % (host or "::", port)
-    return "%s:%d" % (host or "0.0.0.0", port)
+    return addr_text(host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port)
 
 
 def bind_key(listen):

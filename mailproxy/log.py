@@ -323,6 +323,22 @@ def _escape(m):
     return "\\u%04x" % code
 
 
+def addr_text(host, port):
+    """nginx's text of an address: `192.0.2.1:110`, `[2001:db8::1]:110`."""
+    if ":" in host:
+        return "[%s]:%s" % (host, port)
+    return "%s:%s" % (host, port)
+
+
+def errno_text(exc):
+    """nginx's text of a failed call's error: `104: Connection reset by peer` (the errno and
+    its message), or the exception's own text when it has no errno."""
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and code is not None:
+        return "%d: %s" % (code, exc.strerror or os.strerror(code))
+    return str(exc)
+
+
 def sanitize(data, limit=256):
     """Client-supplied bytes or text as one safe log fragment (see "Log lines" in README.md).
 

@@ -23,7 +23,6 @@ for an `ssl.SSLSocket`, chosen automatically); endpoints holding bytes already d
 serviced on the next loop pass without waiting.
 """
 
-import errno
 import heapq
 import selectors
 import socket
@@ -32,6 +31,7 @@ import time
 import traceback
 
 from .endpoints import endpoint_for
+from .log import errno_text
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -46,9 +46,7 @@ _MAX_SLEEP = 60.0
 
 def _oserror_text(exc):
     """'(104: Connection reset by peer)'-style text, as nginx writes errno values."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return '(%d: %s)' % (exc.errno, exc.strerror or errno.errorcode.get(exc.errno, ''))
-    return '(%s)' % (exc,)
+    return '(%s)' % errno_text(exc)
 
 
 class Stats:

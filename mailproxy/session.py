@@ -18,7 +18,7 @@ from . import tls                   # implicit TLS, STARTTLS
 from . import realip                # PROXY protocol header in, set_real_ip_from
 from .clientio import (BackendRejected, ClientClosed, ClientTimeout, Close, HandedOver,
                        LineReader, LineTooLong, Refused)
-from .log import sanitize
+from .log import addr_text, sanitize
 
 
 def safe_credential(value):
@@ -168,10 +168,7 @@ class Session:
     def _server_text(listen):
         if listen is None:
             return "-"
-        host = listen.host or "0.0.0.0"
-        if ":" in host:
-            return "[%s]:%d" % (host, listen.port)
-        return "%s:%d" % (host, listen.port)
+        return addr_text(listen.host or "0.0.0.0", listen.port)
 
     def context(self):
         parts = [", client: ", str(self.client_ip)]
@@ -311,9 +308,7 @@ class Session:
             self.send_close(self.too_long(e.data))
 
     def _peer_text(self):
-        if self.client_ip and ":" in self.client_ip:
-            return "[%s]:%s" % (self.client_ip, self.client_port)
-        return "%s:%s" % (self.client_ip, self.client_port)
+        return addr_text(str(self.client_ip), self.client_port)
 
     # ---- STARTTLS (ngx_mail_starttls_handler) ------------------------------------------------
 
@@ -378,7 +373,7 @@ class Session:
             self.backend_ssl = res.ssl_backend      # ours: Auth-SSL-Backend (None: config)
         else:
             host, port = conf.proxy_pass
-        self.upstream = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+        self.upstream = addr_text(host, port)
         if not safe_credential(user) or not safe_credential(passwd):
             # Only the auth service can get here (Auth-User/Auth-Pass); clients are checked.
             self.error("auth http server sent a login or password with CR, LF or NUL")

@@ -296,3 +296,13 @@ def test_pid_file_holder_refuses_a_hard_link(tmp_path):
         os.link(theirs, tmp_path / "mailproxy.pid")
         assert not pidfile.holder(os.getpid(), str(tmp_path / "mailproxy.pid"))
         assert held.readable()
+
+
+def test_address_and_errno_texts_are_nginx_shaped():
+    from mailproxy.log import addr_text, errno_text
+    assert addr_text("192.0.2.1", 110) == "192.0.2.1:110"
+    assert addr_text("2001:db8::1", 993) == "[2001:db8::1]:993"
+    assert errno_text(ConnectionResetError(104, "Connection reset by peer")) == \
+        "104: Connection reset by peer"
+    assert errno_text(OSError(111, None)).startswith("111: ")
+    assert errno_text(ValueError("no errno")) == "no errno"
