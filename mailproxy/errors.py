@@ -1,5 +1,5 @@
-"""The configuration error, apart from config.py so that the modules config.py calls while
-loading (tls.py builds the TLS contexts) can raise it without importing config.py back."""
+"""The configuration error, apart from the config package so that the modules it calls while
+loading (tls.py builds the TLS contexts) can raise it without importing the package back."""
 
 
 class ConfigError(Exception):

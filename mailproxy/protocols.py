@@ -1,7 +1,8 @@
 """One descriptor per protocol, as nginx's `ngx_mail_protocol_t`: what the rest of the proxy
-needs to know of a protocol without importing its module (config.py guesses the protocol from
-the port, tls.py needs the ALPN name and the certificate-error replies, listeners.py the
-session class).  A new protocol is one module with its Session subclass plus one entry here.
+needs to know of a protocol without importing its module (the config loader guesses the
+protocol from the port, tls.py needs the ALPN name and the certificate-error replies,
+listeners.py the session class).  A new protocol is one module with its Session subclass plus
+one entry here.
 """
 
 import importlib

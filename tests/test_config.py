@@ -700,7 +700,7 @@ def test_later_directive_parsers(tmp_path, monkeypatch):
     for name in UNSUPPORTED:
         monkeypatch.setattr(config.DIRECTIVES[name], "implemented", True)
     # value shapes only: the certificate files named here do not exist, so no TLS context
-    monkeypatch.setattr(config, "_check_tls", lambda s: None)
+    monkeypatch.setattr(config.loader, "_check_tls", lambda s: None)
     text = server(**{
         "resolver": "127.0.0.1 [::1]:5353 valid=30s ipv6=off",
         "ssl_certificate": "\n    a.pem\n    /etc/b.pem",

@@ -12,21 +12,30 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mailproxy"
 
 
 def import_graph(package=PACKAGE):
-    """{module: {modules of the package it imports anywhere in its code}}."""
-    mods = {p.stem: p for p in package.glob("*.py")}
-    graph = {}
-    for name, path in mods.items():
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.update([node.module.split(".")[0]] if node.module
-                            else [a.name for a in node.names])
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mailproxy."):
-                deps.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                deps.update(a.name.split(".")[1] for a in node.names
-                            if a.name.startswith("mailproxy."))
-        graph[name] = (deps & set(mods)) - {name}
+    """{module: {modules of the package it imports anywhere in its code}}; a subpackage
+    (config/) is one node, its modules' imports of each other left out."""
+    files = {}
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package).with_suffix("").parts
+        files[path] = rel[0]                # node: the top module, or the subpackage
+    nodes = set(files.values())
+    graph = {n: set() for n in nodes}
+    for path, node in files.items():
+        inside = path.parent != package     # a module of a subpackage
+        for n in ast.walk(ast.parse(path.read_text(), str(path))):
+            deps = []
+            if isinstance(n, ast.ImportFrom) and n.level:
+                up = n.level - (1 if inside else 0)    # levels above mailproxy/ itself
+                if up == 0 and inside:
+                    continue                            # from .x inside the subpackage
+                if up != 1 and not (up == 0 and not inside):
+                    continue
+                deps = [n.module.split(".")[0]] if n.module else [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mailproxy."):
+                deps = [n.module.split(".")[1]]
+            elif isinstance(n, ast.Import):
+                deps = [a.name.split(".")[1] for a in n.names if a.name.startswith("mailproxy.")]
+            graph[node].update(d for d in deps if d in nodes and d != node)
     return graph
 
 

@@ -38,8 +38,15 @@ def check(blocked="-"):
 
 
 def package_modules():
-    return {"mailproxy." + p.stem for p in (REPO / "mailproxy").glob("*.py")
-            if p.stem not in ("__init__", "__main__")}
+    """mailproxy.X for each module, subpackages' modules included (mailproxy.config.loader)."""
+    names = set()
+    for p in (REPO / "mailproxy").rglob("*.py"):
+        parts = p.relative_to(REPO).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts[-1] != "__main__" and len(parts) > 1:
+            names.add(".".join(parts))
+    return names
 
 
 def test_check_imports_every_module():

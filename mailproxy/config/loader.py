@@ -1,0 +1,383 @@
+"""Reading the INI file: sections, keys and continuation lines with their file:line,
+inheritance from [mail], defaults, and the cross-checks of a server.
+"""
+
+import configparser
+import io
+import os
+import re
+
+from ..errors import ConfigError
+from .syntax import Invalid, split_tokens
+from .types import IMPLEMENTED_PROTOCOLS, MainConf, PROTOCOL_PORTS
+from .parsers import _Ctx
+from .table import DIRECTIVES, MAIN_KEYS, SERVER_KEYS, _NEEDS_AUTH_SERVICE, _default_value
+
+
+# configuration objects
+
+class ServerConf:
+    """One [server NAME] section: one attribute per directive, with the effective value."""
+
+    def __init__(self, name, file, line):
+        self.name = name
+        self.file = file
+        self.line = line
+        self._where = {}
+
+    def where(self, key):
+        """(file, line) where the effective value of `key` was set, or (None, None)."""
+        return self._where.get(key, (None, None))
+
+    def values(self):
+        """{directive: effective value} for every server-level directive."""
+        return {k: getattr(self, k) for k in SERVER_KEYS}
+
+    def __repr__(self):
+        return "<ServerConf %r %s:%s>" % (self.name, self.file, self.line)
+
+
+class Config:
+    def __init__(self, path):
+        self.path = path
+        self.main = MainConf()
+        self.servers = []
+
+    def dump(self):
+        """The effective configuration as INI text that load() accepts again."""
+        out = ["# mailproxy effective configuration of %s" % self.path, "", "[main]"]
+        for name in MAIN_KEYS:
+            d = DIRECTIVES[name]
+            out.extend(_dump_key(name, d.fmt(getattr(self.main, name))))
+        out += ["", "[mail]"]
+        for s in self.servers:
+            out += ["", "[server %s]" % s.name]
+            for name in SERVER_KEYS:
+                d = DIRECTIVES[name]
+                if not d.implemented:
+                    continue  # at their default: setting them would fail the start
+                out.extend(_dump_key(name, d.fmt(getattr(s, name))))
+        return "\n".join(out) + "\n"
+
+
+def _dump_key(name, lines):
+    if not lines:
+        return []
+    if len(lines) == 1:
+        return ["%s = %s" % (name, lines[0])]
+    return ["%s =" % name] + ["    " + x for x in lines]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the INI file
+
+class _Key:
+    __slots__ = ("name", "line", "values")
+
+    def __init__(self, name, line):
+        self.name = name
+        self.line = line
+        self.values = []  # [(line, text)] as configparser sees them ('' for blank lines)
+
+
+class _Section:
+    __slots__ = ("header", "line", "keys")
+
+    def __init__(self, header, line):
+        self.header = header
+        self.line = line
+        self.keys = {}
+
+
+def _make_parser():
+    return configparser.RawConfigParser(
+        delimiters=("=",), comment_prefixes=("#", ";"), inline_comment_prefixes=None,
+        strict=True, empty_lines_in_values=True, interpolation=None,
+        default_section="\0no default section\0", allow_no_value=False)
+
+
+def _scan(text, parser):
+    """Section/key/continuation structure with line numbers, following configparser's rules."""
+    sections = []
+    cur = None
+    key = None
+    indent_level = 0
+    nonspace = re.compile(r"\S")
+    for lineno, line in enumerate(io.StringIO(text), start=1):
+        value = "" if line.strip().startswith(("#", ";")) else line.strip()
+        if not value:
+            if key is not None and not line.strip().startswith(("#", ";")):
+                key.values.append((lineno, ""))
+            continue
+        mo = nonspace.search(line)
+        cur_indent = mo.start() if mo else 0
+        if cur is not None and key is not None and cur_indent > indent_level:
+            key.values.append((lineno, value))
+            continue
+        indent_level = cur_indent
+        mo = parser.SECTCRE.match(value)
+        if mo:
+            cur = _Section(mo.group("header"), lineno)
+            sections.append(cur)
+            key = None
+            continue
+        name, _eq, val = value.partition("=")
+        key = _Key(name.rstrip(), lineno)
+        key.values.append((lineno, val.strip()))
+        if cur is not None:
+            cur.keys[key.name] = key
+    return sections
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError('open() "%s" failed (2: No such file or directory)' % path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("the file is not valid UTF-8 (%s)" % e.reason, path) from None
+    except OSError as e:
+        raise ConfigError('open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror)) \
+            from None
+    parser = _make_parser()
+    parser.optionxform = str
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError("duplicate section [%s]" % e.section, path, e.lineno) from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError('duplicate key "%s" in [%s]: a repeated directive is one key with one '
+                          "indented continuation line per occurrence" % (e.option, e.section),
+                          path, e.lineno, e.option) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError('"%s" is outside any section: expected [main], [mail] or '
+                          "[server NAME] first" % e.line.strip(), path, e.lineno) from None
+    except configparser.ParsingError as e:
+        lineno = e.errors[0][0]
+        line = text.splitlines()[lineno - 1].strip()
+        raise ConfigError('invalid line "%s": expected KEY = VALUE' % line, path, lineno) \
+            from None
+    except configparser.Error as e:
+        raise ConfigError(str(e).splitlines()[0], path) from None
+    sections = _scan(text, parser)
+    # cross-check with what configparser read; they must agree
+    for sec in sections:
+        for key in sec.keys.values():
+            joined = "\n".join(t for _l, t in key.values).rstrip()
+            try:
+                got = parser.get(sec.header, key.name)
+            except configparser.Error:
+                got = None
+            if got != joined:  # pragma: no cover - would be a bug in _scan
+                raise ConfigError("internal error reading key %r" % key.name, path, key.line,
+                                  key.name)
+    return sections
+
+
+def _occurrences(key):
+    """[(line, text)] of the non-empty value lines of `key`."""
+    return [(line, t) for line, t in key.values if t]
+
+
+def _section_label(kind, name):
+    return "[server %s]" % name if kind == "server" else "[%s]" % kind
+
+
+def _allowed_label(contexts):
+    labels = [x for c, x in (("main", "[main]"), ("mail", "[mail]"),
+                             ("server", "[server NAME]")) if c in contexts]
+    return " or ".join(labels)
+
+
+def _parse_key(key, kind, label, path, folder):
+    """Parse one key of a section -> (Directive, value). Raises ConfigError."""
+    d = DIRECTIVES.get(key.name)
+    if d is None:
+        raise ConfigError('unknown directive "%s" in %s' % (key.name, label), path, key.line,
+                          key.name)
+    if kind not in d.contexts:
+        raise ConfigError('"%s" directive is not allowed in %s, only in %s'
+                          % (key.name, label, _allowed_label(d.contexts)),
+                          path, key.line, key.name)
+    occ = _occurrences(key)
+    if not occ:
+        raise ConfigError('invalid number of arguments in "%s" directive' % key.name,
+                          path, key.line, key.name)
+    if not d.multi and len(occ) > 1:
+        raise ConfigError('"%s" directive is duplicate' % key.name, path, occ[1][0], key.name)
+    values = []
+    for line, text in occ:
+        ctx = _Ctx(key.name, path, line, folder, text)
+        try:
+            args = split_tokens(text)
+            lo, hi = d.nargs
+            if len(args) < lo or (hi is not None and len(args) > hi):
+                raise Invalid('invalid number of arguments in "%s" directive' % key.name)
+            value = d.parse(args, ctx)
+        except Invalid as e:
+            raise ConfigError(str(e), path, line, key.name) from None
+        if d.multi:
+            values.extend(value)
+        else:
+            values = value
+    if not d.implemented:
+        raise ConfigError('"%s" is not supported yet' % key.name, path, key.line, key.name)
+    return d, values
+
+
+def load(path):
+    """Read and check the INI configuration at `path` -> Config. Raises ConfigError."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    sections = _read(path)
+    cfg = Config(path)
+
+    main_sec, mail_sec, server_secs = None, None, []
+    names = {}
+    for sec in sections:
+        header = sec.header.strip()
+        if header == "main":
+            main_sec = sec
+        elif header == "mail":
+            mail_sec = sec
+        elif header.split(None, 1)[:1] == ["server"]:
+            parts = header.split(None, 1)
+            if len(parts) < 2:
+                raise ConfigError("[server] needs a name: expected [server NAME]", path, sec.line)
+            name = parts[1].strip()
+            if name in names:
+                raise ConfigError('duplicate server name "%s" (first at line %d)'
+                                  % (name, names[name]), path, sec.line)
+            names[name] = sec.line
+            server_secs.append((name, sec))
+        else:
+            raise ConfigError("unknown section [%s]: expected [main], [mail] or [server NAME]"
+                              % sec.header, path, sec.line)
+
+    # [main]
+    where = {}
+    if main_sec is not None:
+        for key in main_sec.keys.values():
+            d, value = _parse_key(key, "main", "[main]", path, folder)
+            setattr(cfg.main, d.name, value)
+            where[d.name] = (path, key.line)
+    cfg.main._where = where
+
+    # [mail]
+    mail_values = {}
+    if mail_sec is not None:
+        for key in mail_sec.keys.values():
+            d, value = _parse_key(key, "mail", "[mail]", path, folder)
+            mail_values[d.name] = (value, key.line)
+
+    if not server_secs:
+        raise ConfigError("no [server NAME] section is defined", path)
+
+    defaults = {}
+    seen_listen = {}
+    for name, sec in server_secs:
+        label = _section_label("server", name)
+        s = ServerConf(name, path, sec.line)
+        own = {}
+        for key in sec.keys.values():
+            d, value = _parse_key(key, "server", label, path, folder)
+            own[d.name] = (value, key.line)
+        for dname in SERVER_KEYS:
+            if dname in own:
+                value, line = own[dname]
+                s._where[dname] = (path, line)
+            elif dname in mail_values:
+                value, line = mail_values[dname]
+                value = _copy(value)
+                s._where[dname] = (path, line)
+            else:
+                if dname not in defaults:
+                    defaults[dname] = _default_value(DIRECTIVES[dname], folder)
+                value = _copy(defaults[dname])
+            setattr(s, dname, value)
+        _check_server(s, own, seen_listen)
+        _check_tls(s)                       # ssl checks, TLS context (tls.py)
+        cfg.servers.append(s)
+    return cfg
+
+
+def _check_tls(s):
+    """nginx's ssl load-time checks (ngx_mail_ssl_merge_conf) and the server's TLS context
+    (built once)."""
+    from .. import tls
+    tls.check_server(s)
+
+
+def _copy(value):
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def _check_server(s, own, seen_listen):
+    path = s.file
+    if not s.listen:
+        raise ConfigError('no "listen" is defined for server "%s"' % s.name, path, s.line,
+                          "listen")
+    for li in s.listen:
+        k = (li.host, li.port)
+        if k in seen_listen:
+            raise ConfigError('duplicate "%s" address and port pair' % li.address_text(),
+                              path, li.line, "listen")
+        seen_listen[k] = li
+    if s.protocol is None:
+        for li in s.listen:
+            if li.port in PROTOCOL_PORTS:
+                s.protocol = PROTOCOL_PORTS[li.port]
+                s._where["protocol"] = (path, li.line)
+                break
+        else:
+            raise ConfigError('unknown mail protocol for server "%s": set "protocol"' % s.name,
+                              path, s.line, "protocol")
+        if s.protocol not in IMPLEMENTED_PROTOCOLS:
+            raise ConfigError('protocol "%s" is not supported yet (guessed from the port of '
+                              '"listen %s"; set "protocol" to pop3 for a POP3 server)'
+                              % (s.protocol, s.listen[0].text),
+                              path, s.where("protocol")[1], "protocol")
+    elif s.protocol not in IMPLEMENTED_PROTOCOLS:
+        raise ConfigError('protocol "%s" is not supported yet' % s.protocol, path,
+                          s.where("protocol")[1], "protocol")
+    if s.auth_http is None and s.proxy_pass is None:
+        raise ConfigError('no "auth_http" or "proxy_pass" is defined for server "%s"' % s.name,
+                          path, s.line, "auth_http")
+    if s.auth_http is not None and s.proxy_pass is not None:
+        af, al = s.where("auth_http")
+        raise ConfigError('"proxy_pass" and "auth_http" (set at line %d) cannot both be used in '
+                          'server "%s": proxy_pass routes every user to one backend without an '
+                          "auth service" % (al, s.name), path, s.where("proxy_pass")[1],
+                          "proxy_pass")
+    if s.protocol == "smtp" and "none" in (s.smtp_auth or []) and not s.xclient \
+            and s.proxy_protocol == "off":
+        # Unauthenticated mail: the backend decides whether to relay (the auth service sees
+        # only MAIL FROM and the first RCPT TO, proxy_pass nothing), so it must see the real
+        # client, never the proxy's trusted address (an open relay).
+        raise ConfigError('"smtp_auth none" needs "xclient on" (or "proxy_protocol" to the '
+                          "backend): otherwise the backend sees the proxy's address for "
+                          "clients nobody authenticated and relays for anyone who reaches the "
+                          "proxy; set \"xclient on\" and allow the proxy in the backend's "
+                          "XCLIENT hosts (Postfix: smtpd_authorized_xclient_hosts)",
+                          path, s.where("xclient")[1] or s.where("smtp_auth")[1] or s.line,
+                          "xclient")
+    if s.proxy_pass is not None:
+        key = "%s_auth" % s.protocol
+        methods = getattr(s, key, None) or []
+        bad = [m for m in methods if m in _NEEDS_AUTH_SERVICE]
+        if bad:
+            raise ConfigError('"%s %s" cannot be used with "proxy_pass": %s needs the password '
+                              "(Auth-Pass) or certificate check from an auth service; use "
+                              '"auth_http" or remove %s' % (key, " ".join(bad), " and ".join(bad),
+                                                            " and ".join(bad)),
+                              path, s.where(key)[1] or s.where("proxy_pass")[1], key)
+        if s.protocol == "smtp" and not s.proxy_smtp_auth:
+            # AUTH PLAIN/LOGIN are always accepted; without an auth service only the backend
+            # can check the password, so it must get it (else XCLIENT LOGIN= would vouch for
+            # an unchecked user).
+            raise ConfigError('"proxy_pass" in an SMTP server needs "proxy_smtp_auth on": '
+                              "without an auth service the backend must check the password",
+                              path, s.where("proxy_pass")[1], "proxy_pass")
