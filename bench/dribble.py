@@ -637,11 +637,7 @@ def main(argv=None):
     return 0
 
 
-def _terminate(signo, frame):
-    raise KeyboardInterrupt
-
-
 if __name__ == '__main__':
     mp.set_start_method('fork')
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, run._terminate)
     sys.exit(main())

@@ -180,6 +180,21 @@ def raise_nofile(needed):
     return soft
 
 
+_REFUSALS = {"limit_conn_per_ip": "too many connections from the client's address",
+             "limit_prelogin": "too many sessions before login",
+             "worker_connections": "worker_connections are not enough",
+             "threads": "no handler thread could be started"}
+
+
+def refusal_text(reason, limit, held, tls):
+    """The log line's text of a refusal (the caller adds client and server): what was over
+    its limit, the lines LogThrottle held back, and whether the greeting was left out."""
+    return "%s (%s %d%s)%s" % (
+        _REFUSALS[reason], reason, limit,
+        "; %d more not logged since the last line" % held if held else "",
+        ", closing without greeting on a TLS port" if tls else "")
+
+
 class LogThrottle:
     """At most one log line per key (a limit and an address) and `interval`: one address
     reconnecting thousands of times a second must not fill the disk.  Lines held back are

@@ -409,14 +409,8 @@ class Listener(socketserver.ThreadingTCPServer):
         if held is None:
             log = None
         if log is not None and log.enabled("error"):
-            what = {"limit_conn_per_ip": "too many connections from the client's address",
-                    "limit_prelogin": "too many sessions before login",
-                    "worker_connections": "worker_connections are not enough",
-                    "threads": "no handler thread could be started"}[reason]
-            log.log("error", "%s (%s %d%s)%s, client: %s, server: %s"
-                    % (what, reason, adm.limit_of(reason) if adm else 0,
-                       "; %d more not logged since the last line" % held if held else "",
-                       ", closing without greeting on a TLS port" if tls else "",
+            log.log("error", "%s, client: %s, server: %s"
+                    % (limits.refusal_text(reason, adm.limit_of(reason) if adm else 0, held, tls),
                        ip, self.text))
         try:
             request.setblocking(False)

@@ -291,10 +291,7 @@ class Session:
             held = adm.lines.allow((reason, limits.address_key(self.client_ip)), time.monotonic())
             tls = self.listen is not None and getattr(self.listen, "ssl", False)
             if held is not None:
-                self.error("too many connections from the client's address (%s %d%s)%s"
-                           % (reason, adm.limit_of(reason),
-                              "; %d more not logged since the last line" % held if held else "",
-                              ", closing without greeting on a TLS port" if tls else ""))
+                self.error(limits.refusal_text(reason, adm.limit_of(reason), held, tls))
             if tls:             # as Listener.refuse: no handshake for a refused client
                 raise Close()
             self.send_close(self.busy_reply(self.conf))

@@ -39,6 +39,19 @@ SMTPLIB_MAIL, SMTPLIB_RCPT = (("mail from:", "rcpt to:") if sys.version_info >= 
 # ---------------------------------------------------------------------------------------------
 # small helpers
 
+class RecordingLog:
+    """An ErrorLog stand-in for in-process tests: every line kept as (level, message)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def enabled(self, level):
+        return True
+
+    def log(self, level, message, conn=None):
+        self.lines.append((level, message))
+
+
 def free_port(host="127.0.0.1"):
     """An ephemeral TCP port free on `host` right now (bound then released)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

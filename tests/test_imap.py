@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from harness import (CLOSE, Delay, ScriptedBackend, Setup, auth_fail, auth_ok, b64,
-                     big_message_chunks, free_port, server_block, unb64)
+from harness import (CLOSE, Delay, RecordingLog, ScriptedBackend, Setup, auth_fail, auth_ok,
+                     b64, big_message_chunks, free_port, server_block, unb64)
 
 GREETING = b"* OK IMAP4 ready\r\n"
 CAPS = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
@@ -813,20 +813,9 @@ def test_fetch_50mb_intact(imap_setup, backend_factory):
 
 # --- session level: STARTTLS modes (the `starttls` directive arrives with TLS) --------------------
 
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def enabled(self, level):
-        return True
-
-    def log(self, level, message, conn=None):
-        self.lines.append((level, message))
-
-
 class _Runtime:
     def __init__(self):
-        self.log = _Log()
+        self.log = RecordingLog()
 
     def log_for(self, conf):
         return self.log

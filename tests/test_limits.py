@@ -11,7 +11,7 @@ import pytest
 
 from mailproxy import limits
 from mailproxy.listeners import HandlerPool
-from harness import Pop3Backend, free_port, server_block, wait_for
+from harness import Pop3Backend, RecordingLog, free_port, server_block, wait_for
 
 BUSY = {
     "pop3": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
@@ -293,17 +293,6 @@ def test_dribbling_clients_cannot_grow_threads_past_the_cap(proxy_factory):
             s.close()
 
 
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def enabled(self, level):
-        return True
-
-    def log(self, level, message, conn=None):
-        self.lines.append("[%s] %s" % (level, message))
-
-
 class _NoThreads:
     def submit(self, *args):
         raise RuntimeError("can't start new thread")
@@ -325,7 +314,7 @@ def test_no_thread_to_be_had_is_said_not_silent():
     conf = SimpleNamespace(name="p", protocol="pop3", listen=[listen], timeout=5.0)
     bound, _ = listeners.bind_all([conf])
     (lst,) = bound.values()
-    log = _Log()
+    log = RecordingLog()
     lst.start(SimpleNamespace(log=log, admission=limits.Admission(), log_for=lambda c: log),
               poll_interval=0.05)
     lst.pool = _NoThreads()
@@ -333,10 +322,11 @@ def test_no_thread_to_be_had_is_said_not_silent():
         with connect(port) as s:
             assert first_line(s) == BUSY["pop3"]
         wait_for(lambda: len(log.lines) >= 2, 3, what="log lines")
-        assert "cannot start a handler thread (can't start new thread; 7 running)" in log.lines[0]
-        assert log.lines[0].startswith("[alert]")
-        assert "no handler thread could be started" in log.lines[1]
-        assert "client: 127.0.0.1, server: 127.0.0.1:%d" % port in log.lines[1]
+        lines = ["[%s] %s" % entry for entry in log.lines]
+        assert "cannot start a handler thread (can't start new thread; 7 running)" in lines[0]
+        assert lines[0].startswith("[alert]")
+        assert "no handler thread could be started" in lines[1]
+        assert "client: 127.0.0.1, server: 127.0.0.1:%d" % port in lines[1]
     finally:
         lst.stop_accepting()
 
