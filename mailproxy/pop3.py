@@ -1,8 +1,14 @@
-"""POP3: the client side before login (ngx_mail_pop3_handler.c) and the backend login."""
+"""POP3: the client side before login (ngx_mail_pop3_handler.c) and the backend login
+(ngx_mail_proxy_pop3_handler), as state machines without I/O (conversation.py)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
 
 from . import sasl
-from .clientio import Answered, BackendRejected, Refused, strip_eol
-from .session import Session
+from .clientio import BackendRejected, Refused, strip_eol
+from .conversation import (BackendLogin, BackendStartTLS, Conversation, LoggedIn, Peer,
+                           StartTLSRefused)
 
 OK = b"+OK\r\n"
 INVALID = b"-ERR invalid command\r\n"
@@ -12,10 +18,7 @@ BUFFER_SIZE = 128           # nginx's fixed POP3 command buffer
 COMMANDS = frozenset(("USER", "PASS", "APOP", "QUIT", "CAPA", "AUTH", "NOOP", "STLS"))
 
 
-Invalid = Refused     # `-ERR invalid command`, not counted in max_errors
-
-
-def parse_command(line):
+def parse_command(line: bytes) -> Optional[Tuple[str, List[bytes]]]:
     """(VERB, [args]) for a command line, or None for a parser error (as nginx's
     ngx_mail_pop3_parse_command)."""
     content = strip_eol(line)
@@ -37,46 +40,43 @@ def parse_command(line):
     return verb, args
 
 
-def sasl_mechanisms(methods):
-    """Enabled SASL mechanism names in nginx's fixed order ('plain' enables PLAIN and LOGIN)."""
-    mechs = []
-    if "plain" in methods:
-        mechs += ["PLAIN", "LOGIN"]
-    if "cram-md5" in methods:
-        mechs.append("CRAM-MD5")
-    if "external" in methods:
-        mechs.append("EXTERNAL")
-    return mechs
+class Pop3Conversation(Conversation):
+    """ngx_mail_pop3_auth_state: `state` is nginx's s->mail_state ("start" or "user", after a
+    USER command), `expect` the SASL step awaiting the client's next line."""
 
-
-class Pop3Session(Session):
     protocol = "pop3"
-    INTERNAL_ERROR = b"-ERR internal server error\r\n"
-    TEMP_FAILURE = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"   # RFC 3206
+    INVALID = INVALID
 
-    def client_buffer_size(self):
-        return getattr(self.conf, "pop3_client_buffer", None) or BUFFER_SIZE
-
-    # ---- greeting and line loop -----------------------------------------------------------
-
-    def greet(self):
+    def __init__(self, conf, tls=False):
+        super().__init__(conf, tls)
         self.state = "start"
+
+    def buffer_size(self) -> int:
+        return BUFFER_SIZE
+
+    def greeting(self):
         methods = self.conf.pop3_auth
         if "apop" in methods or "cram-md5" in methods:
             self.salt = sasl.make_salt(self.conf.server_name)
-            self.send(b"+OK POP3 ready " + self.salt + b"\r\n")
+            self.say(b"+OK POP3 ready " + self.salt + b"\r\n")
         else:
-            self.send(b"+OK POP3 ready\r\n")
+            self.say(b"+OK POP3 ready\r\n")
 
-    def too_long(self, data):
-        return INVALID
+    def reset(self):
+        self.state = "start"
+
+    def auth_failed_reply(self, result) -> bytes:
+        return b"-ERR " + result.message + b"\r\n"
 
     def handle_line(self, line):
+        expect, self.expect = self.expect, None
+        if expect is not None:
+            self._sasl_step(expect, line)
+            return
         parsed = parse_command(line)
         if parsed is None:
             self.state = "start"
             self.parse_error(INVALID)
-            return
         verb, args = parsed
         if self.state == "user" and verb not in ("PASS", "CAPA", "QUIT", "NOOP"):
             handler = None
@@ -84,164 +84,184 @@ class Pop3Session(Session):
             handler = None
         else:
             handler = getattr(self, "cmd_" + verb)
+        self._guarded(handler, args)
+
+    def _guarded(self, handler, *args):
         try:
             if handler is None:
-                raise Invalid()
-            handler(args)
-        except Invalid:
+                raise Refused()
+            handler(*args)
+        except Refused:
             self.state = "start"
-            self.send(INVALID)
+            self.say(INVALID)
         except sasl.SaslError as e:
-            self.info(str(e))
+            self.log("info", str(e))
             self.state = "start"
-            self.send(INVALID)
-        except Answered:
-            pass
+            self.say(INVALID)
 
-    def sasl_response(self):
-        """The next line as one SASL response token (after a `+ ` continuation)."""
-        content = strip_eol(self.next_line())
+    def _sasl_step(self, step, line):
+        """The line after a `+ ` continuation: its first token is the SASL response."""
+        content = strip_eol(line)
         if content is None:
             self.state = "start"
             self.parse_error(INVALID)
-            raise Answered()
-        return content.split(b" ", 1)[0]
+        self._guarded(step, content.split(b" ", 1)[0])
 
-    # ---- state helpers ----------------------------------------------------------------------
+    def challenge(self, text: bytes, step):
+        """Send a `+ ` continuation; the next line goes to `step`."""
+        self.say(b"+ " + text + b"\r\n")
+        self.expect = step
+        self.stop()
 
-    def starttls_blocks_auth(self):
-        return getattr(self.conf, "starttls", "off") == "only" and not self.tls
+    def starttls_blocks_auth(self) -> bool:
+        return self.conf.starttls == "only" and not self.tls
 
-    def capability_lines(self, stls):
+    def capability_lines(self, stls: bool) -> bytes:
         conf = self.conf
-        starttls = getattr(conf, "starttls", "off")
         lines = [b"+OK Capability list follows"]
-        if stls and starttls == "only" and not self.tls:
+        if stls and conf.starttls == "only" and not self.tls:
             lines += [c.encode() for c in conf.pop3_capabilities if c.upper() != "USER"]
             lines.append(b"STLS")
         else:
             lines += [c.encode() for c in conf.pop3_capabilities]
-            lines.append(" ".join(["SASL"] + sasl_mechanisms(conf.pop3_auth)).encode())
-            if stls and starttls == "on" and not self.tls:
+            lines.append(" ".join(["SASL"] + self.mechanisms(conf.pop3_auth)).encode())
+            if stls and conf.starttls == "on" and not self.tls:
                 lines.append(b"STLS")
         lines.append(b".")
         return b"\r\n".join(lines) + b"\r\n"
 
-    def start_auth(self, method, login, passwd):
+    def authenticate(self, method, login, passwd):
         self.state = "start"
-        super().start_auth(method, login, passwd)
-
-    def after_auth_wait(self):
-        self.state = "start"
-
-    def auth_failed_reply(self, result):
-        return b"-ERR " + result.message + b"\r\n"
+        super().authenticate(method, login, passwd)
 
     # ---- commands (ngx_mail_pop3_auth_state) ---------------------------------------------------
 
     def cmd_USER(self, args):
         if self.starttls_blocks_auth() or len(args) != 1:
-            raise Invalid()
+            raise Refused()
         if not sasl.check_credential(args[0]):
-            raise Invalid()
+            raise Refused()
         self.login = args[0]
         self.state = "user"
-        self.send(OK)
+        self.say(OK)
 
     def cmd_PASS(self, args):
         if len(args) != 1:
-            raise Invalid()
-        self.start_auth("plain", self.login, args[0])
+            raise Refused()
+        self.authenticate("plain", self.login, args[0])
 
     def cmd_APOP(self, args):
         if self.starttls_blocks_auth() or "apop" not in self.conf.pop3_auth or len(args) != 2:
-            raise Invalid()
-        self.start_auth("apop", args[0], args[1])
+            raise Refused()
+        self.authenticate("apop", args[0], args[1])
 
     def cmd_CAPA(self, args):
-        self.send(self.capability_lines(stls=self.state == "start"))
+        self.say(self.capability_lines(stls=self.state == "start"))
 
     def cmd_NOOP(self, args):
-        self.send(OK)
+        self.say(OK)
 
     def cmd_QUIT(self, args):
-        self.send_close(OK)
+        self.finish(OK)
 
     def cmd_STLS(self, args):
-        # As ngx_mail_pop3_stls: only when starttls is on/only and TLS is not active yet.
-        if self.tls or getattr(self.conf, "starttls", "off") not in ("on", "only"):
-            raise Invalid()
-        self.reader.discard()           # pipelined plaintext is never executed (CVE-2011-0411)
-        self.send(OK)
-        self.starttls_handshake()
+        # As ngx_mail_pop3_stls: only when starttls is on/only and TLS is not active yet;
+        # pipelined plaintext is never executed (CVE-2011-0411).
+        if self.tls or self.conf.starttls not in ("on", "only"):
+            raise Refused()
+        self.start_tls(OK)
 
     def cmd_AUTH(self, args):
         if self.starttls_blocks_auth():
-            raise Invalid()
+            raise Refused()
         methods = self.conf.pop3_auth
         if not args:
-            mechs = sasl_mechanisms(methods)
-            self.send(b"+OK methods supported:\r\n"
-                      + b"".join(m.encode() + b"\r\n" for m in mechs) + b".\r\n")
+            self.say(b"+OK methods supported:\r\n"
+                     + b"".join(m.encode() + b"\r\n" for m in self.mechanisms(methods))
+                     + b".\r\n")
             return
         if len(args) > 2:
-            raise Invalid()
+            raise Refused()
         mech = args[0].upper()
         initial = args[1] if len(args) == 2 else None
         if mech == b"PLAIN":
             if initial is None:
-                self.send(b"+ \r\n")
-                initial = self.sasl_response()
-            login, passwd = sasl.decode_plain(initial)
-            self.start_auth("plain", login, passwd)
+                self.challenge(b"", self.auth_plain)
+            self.auth_plain(initial)
         elif mech == b"LOGIN":
             if initial is None:
-                self.send(b"+ " + sasl.USERNAME_PROMPT + b"\r\n")
-                initial = self.sasl_response()
-            login = sasl.decode_login_username(initial)
-            self.send(b"+ " + sasl.PASSWORD_PROMPT + b"\r\n")
-            passwd = sasl.decode_login_password(self.sasl_response())
-            self.start_auth("plain", login, passwd)
+                self.challenge(sasl.USERNAME_PROMPT, self.auth_login_username)
+            self.auth_login_username(initial)
         elif mech == b"CRAM-MD5":
             if "cram-md5" not in methods or initial is not None:
-                raise Invalid()
+                raise Refused()
             if self.salt is None:
                 self.salt = sasl.make_salt(self.conf.server_name)
-            self.send(b"+ " + sasl.cram_md5_challenge(self.salt) + b"\r\n")
-            login, digest = sasl.decode_cram_md5(self.sasl_response())
-            self.start_auth("cram-md5", login, digest)
+            self.challenge(sasl.cram_md5_challenge(self.salt), self.auth_cram_md5)
         elif mech == b"EXTERNAL":
             if "external" not in methods:
-                raise Invalid()
+                raise Refused()
             if initial is None:
-                self.send(b"+ " + sasl.USERNAME_PROMPT + b"\r\n")
-                initial = self.sasl_response()
-            self.start_auth("external", sasl.decode_external(initial), b"")
+                self.challenge(sasl.USERNAME_PROMPT, self.auth_external)
+            self.auth_external(initial)
         else:
-            raise Invalid()
+            raise Refused()
 
-    # ---- backend login (ngx_mail_proxy_pop3_handler) --------------------------------------------
+    # ---- SASL steps (nginx's ngx_pop3_auth_* states) ---------------------------------------
 
-    def login_backend(self, conn, user, passwd):
-        # Only the exact "+OK" counts, at every step (ngx_mail_proxy_read_response); the last
-        # reply goes to the client.
-        self.backend_reply(conn, b"+OK")
-        self.backend_step(conn, b"USER " + user + b"\r\n", "sending user name to upstream", b"+OK")
-        return self.backend_step(conn, b"PASS " + passwd + b"\r\n", "sending password to upstream",
-                                 b"+OK")
+    def auth_plain(self, response):
+        login, passwd = sasl.decode_plain(response)
+        self.authenticate("plain", login, passwd)
 
-    # ---- TLS to the backend (proxy_ssl starttls) -------------------------------------------
+    def auth_login_username(self, response):
+        self.login = sasl.decode_login_username(response)
+        self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
 
-    def backend_starttls(self, conn):
-        """proxy_ssl starttls: greeting, STLS, +OK; returns the greeting (replayed later)."""
-        from . import backend
-        greeting = conn.read_reply()
-        if not greeting.startswith(b"+OK"):
-            raise BackendRejected(greeting)
-        self.action = "sending STLS to upstream"
-        conn.send(b"STLS\r\n")
-        self.action = "reading response from upstream"
-        reply = conn.read_reply()
+    def auth_login_password(self, response):
+        self.authenticate("plain", self.login, sasl.decode_login_password(response))
+
+    def auth_cram_md5(self, response):
+        login, digest = sasl.decode_cram_md5(response)
+        self.authenticate("cram-md5", login, digest)
+
+    def auth_external(self, response):
+        self.authenticate("external", sasl.decode_external(response), b"")
+
+    def backend_login(self, user, passwd, peer: Peer, starttls: bool) -> "Pop3Login":
+        return Pop3Login(user, passwd, starttls)
+
+
+class Pop3Login(BackendLogin):
+    """ngx_mail_proxy_pop3_handler: greeting, USER, PASS; only the exact "+OK" counts at every
+    step (ngx_mail_proxy_read_response), and the last reply goes to the client.  With
+    `proxy_ssl starttls`, STLS and the handshake come first."""
+
+    def __init__(self, user: bytes, passwd: bytes, starttls: bool = False):
+        super().__init__()
+        self.user, self.passwd, self.starttls = user, passwd, starttls
+
+    def on_greeting(self, reply):
         if not reply.startswith(b"+OK"):
-            raise backend.starttls_refused(reply)
-        return greeting
+            raise BackendRejected(reply)
+        if self.starttls:
+            return [self.send(b"STLS\r\n", "sending STLS to upstream", "stls")]
+        return [self.send_user()]
+
+    def on_stls(self, reply):
+        if not reply.startswith(b"+OK"):
+            raise StartTLSRefused(reply)
+        return [BackendStartTLS(), self.send_user()]
+
+    def send_user(self):
+        return self.send(b"USER " + self.user + b"\r\n", "sending user name to upstream", "user")
+
+    def on_user(self, reply):
+        if not reply.startswith(b"+OK"):
+            raise BackendRejected(reply)
+        return [self.send(b"PASS " + self.passwd + b"\r\n", "sending password to upstream",
+                          "pass")]
+
+    def on_pass(self, reply):
+        if not reply.startswith(b"+OK"):
+            raise BackendRejected(reply)
+        return [LoggedIn(reply)]

@@ -1,47 +1,49 @@
-"""One client connection before it is handed to the relay.
+"""One client connection before it is handed to the relay: the one place that does I/O.
 
-A `Session` subclass per protocol (pop3.py, imap.py, smtp.py) speaks the client side: it greets,
-reads commands with `LineReader` and dispatches them to `cmd_<VERB>` methods, collects
-credentials, and then calls `authenticate()`, which is shared: ask the auth service (or take the
-static `proxy_pass` route), connect to the backend, let the protocol replay the login
-(`login_backend`), and hand the socket pair to the process's relay.
+A `Session` runs in the listener's handler thread.  It reads the PROXY header and does the TLS
+handshake when the listen says so, then drives the protocol's `Conversation` (conversation.py;
+pop3.py, imap.py, smtp.py): client lines in, actions out (replies, log lines, STARTTLS,
+authenticate, close).  Authentication is shared: ask the auth service (or take the static
+`proxy_pass` route), connect to the backend, run the protocol's `BackendLogin` over it, and hand
+the socket pair to the process's relay.
 
-Control flow is plain blocking code in the listener's handler thread; `Close` unwinds it.
+Control flow is plain blocking code; `Close` unwinds it.
 """
 
 import errno as errno_mod
 import os
+import socket
 import time
 
-from . import auth_http, backend, ktimeout, limits, proxy_protocol, sasl
+from . import auth_http, backend, ktimeout, limits, proxy_protocol, resolver
 from . import tls                   # implicit TLS, STARTTLS
 from . import realip                # PROXY protocol header in, set_real_ip_from
 from .clientio import (BackendRejected, ClientClosed, ClientTimeout, Close, HandedOver,
-                       LineReader, LineTooLong, Refused)
+                       LineReader, LineTooLong)
+from .conversation import (Authenticate, BackendStartTLS, LoggedIn, LoginError, Log, Peer,
+                           ResolveClient, Reply, RestartTimer, StartTLS, StartTLSRefused,
+                           ToBackend, WaitQuiet, safe_credential)
+from .conversation import Close as CloseAction
 from .log import addr_text, sanitize
-
-
-def safe_credential(value):
-    """True when a login or password (or None) can be written into a protocol line as it is."""
-    return value is None or sasl.check_credential(value)
+from .protocols import PROTOCOLS
 
 
 class Session:
-    """State and shared flow of one client connection (one handler thread)."""
+    """State and I/O of one client connection (one handler thread), for any protocol.
 
-    protocol = None            # 'pop3' | 'imap' | 'smtp'
-    INTERNAL_ERROR = b""       # the protocol's internal-error reply, with CRLF
-    TEMP_FAILURE = b""         # greeting of a connection refused by a limit (limits.py)
+    Overridable (tests do): `run()`, `perform(actions)`, `authenticate()`,
+    `connect_and_login()`, `hand_over()`.
+    """
 
     # A client socket's timeout is set again only when it would overshoot the deadline by
     # more than this (a quick login costs no extra system call).
     ARM_SLACK = 0.25
 
-    @classmethod
-    def busy_reply(cls, conf):
+    @staticmethod
+    def busy_reply(conf):
         """The temporary-failure greeting sent instead of the greeting when a limit refuses
         the connection."""
-        return cls.TEMP_FAILURE
+        return PROTOCOLS[conf.protocol].busy_reply(conf)
 
     def __init__(self, sock, client_address, conf, listen, runtime, timeout_set=False,
                  ticket=None, accepted=None):
@@ -62,6 +64,9 @@ class Session:
         self.client_ip = client_address[0] if client_address else None
         self.client_port = client_address[1] if client_address else None
         self.server_text = self._server_text(listen)
+        self.protocol = conf.protocol
+        self.descriptor = PROTOCOLS[conf.protocol]
+        self.conv = self.descriptor.conversation_class()(conf)
         # Facts filled in by the PROXY-protocol and TLS steps (run, starttls_handshake).
         self.tls = False
         self.starttls_used = False
@@ -69,17 +74,11 @@ class Session:
         self.proxy_trusted = False      # the header came from a set_real_ip_from peer
         self.ssl_headers = []           # Auth-SSL-* (name, value) pairs
         self.tls_handshaked = False     # handshake done (close_notify on close)
-        # Credentials and auth state.
-        self.login = None               # bytes
-        self.passwd = None              # bytes
-        self.salt = None                # bytes, without CRLF
-        self.method = None              # Auth-Method
+        self.backend_ssl = None         # Auth-SSL-Backend (None: proxy_ssl)
         self.attempt = 0
-        self.errors = 0
         self.action = None              # the "while ..." part of log lines
         self.upstream = None
-        self.quit = False
-        self.reader = LineReader(sock, self.client_buffer_size(), conf.timeout, self.arm)
+        self.reader = LineReader(sock, self.conv.buffer_size(), conf.timeout, self.arm)
         # `timeout` bounds every client read and write: set once, kept by the kernel
         # (no settimeout per call; see ktimeout).  The accepted socket is blocking.
         if not timeout_set:
@@ -129,39 +128,6 @@ class Session:
         """A fresh `timeout` for the conversation (after a failed login with Auth-Wait)."""
         self.deadline = time.monotonic() + self.conf.timeout
 
-    # ---- overridables -------------------------------------------------------------------
-
-    def client_buffer_size(self):
-        raise NotImplementedError
-
-    def greet(self):
-        raise NotImplementedError
-
-    def handle_line(self, line):
-        """Parse and execute one command line (including its LF)."""
-        raise NotImplementedError
-
-    def too_long(self, data):
-        """The reply to a command that did not fit in the buffer (then the session closes)."""
-        raise NotImplementedError
-
-    def auth_failed_reply(self, result):
-        """The reply to an Auth-Status failure (bytes with CRLF)."""
-        raise NotImplementedError
-
-    def after_auth_wait(self):
-        """Return to the pre-auth state after a failure with Auth-Wait."""
-
-    def login_backend(self, conn, user, passwd):
-        """Replay the login on BackendConn `conn`; return the reply owed to the client.
-
-        Raises BackendRejected for a refusal, backend.BackendError for transport trouble.
-        """
-        raise NotImplementedError
-
-    def auth_request_extra(self, req):
-        """Protocol-specific fields of the auth request (SMTP: Client-Host, Auth-SMTP-*)."""
-
     # ---- logging --------------------------------------------------------------------------
 
     @staticmethod
@@ -175,8 +141,8 @@ class Session:
         if self.starttls_used:
             parts.append(" using starttls")
         parts += [", server: ", self.server_text]
-        if self.login is not None:
-            parts += [', login: "', sanitize(self.login, 128), '"']
+        if self.conv.login is not None:
+            parts += [', login: "', sanitize(self.conv.login, 128), '"']
         if self.upstream:
             parts += [", upstream: ", self.upstream]
         return "".join(parts)
@@ -221,15 +187,35 @@ class Session:
         raise Close()
 
     def internal_error(self):
-        self.send_close(self.INTERNAL_ERROR)
+        self.send_close(self.descriptor.internal_error)
 
-    def parse_error(self, reply):
-        """A command rejected by the parser: counts towards max_errors (ngx_mail_read_command)."""
-        self.errors += 1
-        if self.errors >= self.conf.max_errors:
-            self.info("client sent too many invalid commands")
-            self.send_close(reply)
-        self.send(reply)
+    def perform(self, actions):
+        """Carry out what the conversation asked for, in order."""
+        for act in actions:
+            kind = type(act)
+            if kind is Reply:
+                self.send(act.data)
+            elif kind is Log:
+                self.logmsg(act.level, act.message)
+            elif kind is CloseAction:
+                raise Close()
+            elif kind is StartTLS:
+                self.reader.discard()       # pipelined plaintext is never executed
+                self.send(act.reply)
+                self.starttls_handshake()
+                self.perform(self.conv.tls_started())
+            elif kind is Authenticate:
+                self.authenticate()
+            elif kind is ResolveClient:
+                self.perform(self.conv.resolved(self.resolve_client()))
+            elif kind is WaitQuiet:
+                self.perform(self.wait_quiet(act.seconds))
+            elif kind is RestartTimer:
+                # nginx arms `timeout` at the SMTP greeting (ngx_mail_smtp_greeting): the
+                # client name lookup and the greeting delay are not the client's time
+                self.rearm()
+            else:
+                raise TypeError("unknown action %r" % (act,))
 
     # ---- main loop --------------------------------------------------------------------------
 
@@ -248,11 +234,12 @@ class Session:
             # implicit TLS: the handshake right after accept (ngx_mail_ssl_init_connection)
             if self.listen is not None and getattr(self.listen, "ssl", False):
                 tls.handshake(self, deadline=self.deadline)
+                self.conv.tls = True
             self.action = "sending client greeting line"
-            self.greet()
-            while not self.quit:
+            self.perform(self.conv.start())
+            while True:
                 self.action = "in auth state"
-                self.handle_line(self.next_line())
+                self.perform(self.conv.receive(self.next_input()))
         except HandedOver:
             handed = True
         except Close:
@@ -265,7 +252,7 @@ class Session:
             self.logmsg("alert", "internal error: %s: %s" % (type(e).__name__, sanitize(str(e))))
             try:
                 self.sock.settimeout(1.0)
-                self.sock.sendall(self.INTERNAL_ERROR)
+                self.sock.sendall(self.descriptor.internal_error)
             except OSError:
                 pass
         finally:
@@ -296,13 +283,17 @@ class Session:
                 raise Close()
             self.send_close(self.busy_reply(self.conf))
 
-    def next_line(self):
-        """The next client line; a command too long for the buffer is answered and closes."""
+    def next_input(self):
+        """The next client line (or the bytes of an IMAP literal, as the conversation asks);
+        a command too long for the buffer is answered and closes."""
+        kind, size = self.conv.next_input()
         try:
-            return self.reader.readline()
+            if kind == "bytes":
+                return self.reader.read_exact(size)
+            return self.reader.readline(size)
         except LineTooLong as e:
-            self.info('client sent too long command "%s"' % sanitize(e.data, 1024))
-            self.send_close(self.too_long(e.data))
+            self.perform(self.conv.too_long(e.data))
+            raise Close() from None     # too_long() ends with Close: never reached
 
     def _peer_text(self):
         return addr_text(str(self.client_ip), self.client_port)
@@ -316,35 +307,28 @@ class Session:
 
     # ---- authentication, backend login, hand-over -----------------------------------------------
 
-    def start_auth(self, method, login, passwd):
-        """Credentials are complete: refuse CR, LF or NUL in them (nothing a client sends may
-        add a line towards the backend), then authenticate()."""
-        if not safe_credential(login) or not safe_credential(passwd):
-            raise Refused()
-        self.method, self.login, self.passwd = method, login, passwd
-        self.authenticate()
-
     def authenticate(self):
         """Credentials are complete: route the user, log in to the backend, start relaying.
 
         Returns only when the client may try again (auth failure with Auth-Wait); otherwise
         raises Close or HandedOver.
         """
-        conf = self.conf
+        conf, conv = self.conf, self.conv
         self.attempt += 1
         # The conversation's deadline stops here, as nginx deletes its timer in ngx_mail_auth:
         # the auth service and the backend login have their own; replies owed to the client
         # are bounded per write by `timeout`.
         self.deadline = None
-        user, passwd = self.login, self.passwd
+        user, passwd = conv.login, conv.passwd
         if conf.auth_http is not None:
             self.action = "in http auth state"
             req = auth_http.AuthRequest(
-                method=self.method, user=self.login or b"", passwd=self.passwd or b"",
-                salt=self.salt, protocol=self.protocol, attempt=self.attempt,
+                method=conv.method, user=conv.login or b"", passwd=conv.passwd or b"",
+                salt=conv.salt, protocol=self.protocol, attempt=self.attempt,
                 client_ip=self.client_ip or "", client_host=None, proxy=self.proxy_header,
                 ssl=self.ssl_headers, headers=conf.auth_http_header)
-            self.auth_request_extra(req)
+            for name, value in conv.auth_request_fields().items():
+                setattr(req, name, value)
             try:
                 res = auth_http.query(conf.auth_http, req, conf.auth_http_timeout,
                                       sleep=self.rt.shutting_down.wait)
@@ -355,15 +339,13 @@ class Session:
                 self.info('client login failed: "%s"' % sanitize(res.message))
                 if res.wait:                        # at most auth_http.MAX_AUTH_WAIT
                     if self.rt.shutting_down.wait(res.wait):
-                        self.send_close(self.auth_failed_reply(res))    # no retry on the way out
+                        self.perform(conv.auth_failed(res, retry=False))  # not on the way out
                     self.rearm()
-                    self.send(self.auth_failed_reply(res))
-                    self.login = self.passwd = None
-                    self.after_auth_wait()
+                    self.perform(conv.auth_failed(res, retry=True))
                     return
-                self.send_close(self.auth_failed_reply(res))
+                self.perform(conv.auth_failed(res, retry=False))
             if res.user is not None:
-                user = self.login = res.user
+                user = conv.login = res.user
             if res.passwd is not None:
                 passwd = res.passwd
             host, port = res.server, res.port
@@ -377,22 +359,52 @@ class Session:
             self.internal_error()
         self.connect_and_login(host, port, user, passwd)
 
+    def peer(self):
+        """The addresses a backend login may carry (XCLIENT, IMAP ID)."""
+        try:
+            name = self.sock.getsockname()
+            local = (name[0], name[1]) if isinstance(name, tuple) else None
+        except OSError:
+            local = None
+        hdr = self.proxy_header
+        proxied = None
+        if hdr and self.proxy_trusted and hdr[2] is not None:
+            proxied = (hdr[2], hdr[3])      # where the client went: set_real_ip_from peers only
+        return Peer(self.client_ip, self.client_port, local, proxied)
+
     def connect_and_login(self, host, port, user, passwd):
         conf = self.conf
         self.action = "connecting to upstream"
         conn = None
         try:
+            # proxy_ssl (or the auth service's Auth-SSL-Backend): implicit TLS, or the
+            # protocol's STARTTLS exchange then TLS, before the backend login
             sock = backend.connect(host, port, conf.timeout)
             conn = backend.BackendConn(sock, conf.proxy_buffer, conf.timeout, timeout_set=True)
             if conf.proxy_protocol != "off":
                 self.action = "sending PROXY protocol header to upstream"
                 conn.send(self.proxy_header_out(sock))
-            self.backend_tls(conn, host)        # ours: proxy_ssl on|starttls
-            self.action = "reading response from upstream"
-            reply = self.login_backend(conn, user, passwd)
+            mode = self.backend_ssl or conf.proxy_ssl
+            ctx = None
+            if mode in ("on", "starttls"):
+                try:
+                    ctx = backend.client_context(conf)
+                except backend.BackendTLSConfigError as e:
+                    raise backend.BackendError(str(e)) from None
+            tls_name = conf.proxy_ssl_name or host
+            if mode == "on":
+                self.action = "SSL handshaking to upstream"
+                conn.start_tls(ctx, tls_name)
+            login = self.conv.backend_login(user, passwd, self.peer(), mode == "starttls")
+            reply = self.login_backend(conn, login, ctx, tls_name)
         except backend.BackendError as e:
             if conn is not None:
                 conn.close()
+            self.error(str(e))
+            self.internal_error()
+        except LoginError as e:
+            conn.close()
+            self.action = e.action
             self.error(str(e))
             self.internal_error()
         except BackendRejected as e:
@@ -411,49 +423,63 @@ class Session:
         self.info("client logged in")
         self.hand_over(conn, reply)
 
-    # ---- TLS to the backend (proxy_ssl, Auth-SSL-Backend) -------------------------------------
+    def login_backend(self, conn, login, ctx, tls_name):
+        """Run the protocol's BackendLogin over `conn`; return the reply owed to the client.
 
-    def backend_tls(self, conn, host):
-        """proxy_ssl (or the auth service's Auth-SSL-Backend): implicit TLS, or the protocol's
-        STARTTLS exchange (`backend_starttls`) then TLS, before the backend login.  The greeting
-        read before STARTTLS is replayed to login_backend().  Raises backend.BackendError."""
-        mode = getattr(self, "backend_ssl", None) or getattr(self.conf, "proxy_ssl", "off")
-        if mode not in ("on", "starttls"):
-            return
+        Raises BackendRejected, LoginError or backend.BackendError."""
+        while True:
+            self.action = login.READING
+            reply = conn.read_reply(login.complete)
+            try:
+                actions = login.receive(reply)
+            except StartTLSRefused as e:
+                raise backend.starttls_refused(e.reply) from None
+            for act in actions:
+                kind = type(act)
+                if kind is ToBackend:
+                    self.action = act.action
+                    if act.discard:
+                        conn.discard()
+                    conn.send(act.data)
+                elif kind is BackendStartTLS:
+                    self.action = "SSL handshaking to upstream"
+                    conn.start_tls(ctx, tls_name)
+                elif kind is LoggedIn:
+                    return act.reply
+                else:
+                    raise TypeError("unknown backend action %r" % (act,))
+
+    # ---- the client's name (SMTP: Client-Host, XCLIENT NAME) ------------------------------
+
+    def resolve_client(self):
+        """resolver.py's answer for the client address; the error it reports is logged."""
+        conf = self.conf
+        self.action = "in resolving client address"
+        host, msg = resolver.client_name(self.client_ip, conf.resolver, conf.resolver_timeout)
+        if msg is not None:
+            self.action = msg.action
+            self.error(str(msg))
+        self.action = "sending client greeting line"
+        return host
+
+    def wait_quiet(self, delay):
+        """smtp_greeting_delay: wait for client input; the conversation's answer to either."""
+        self.action = "in delay pipelining state"
+        self.sock.settimeout(delay)
         try:
-            ctx = backend.client_context(self.conf)
-        except backend.BackendTLSConfigError as e:
-            raise backend.BackendError(str(e)) from None
-        name = getattr(self.conf, "proxy_ssl_name", None) or host
-        greeting = None
-        if mode == "starttls":
-            self.action = "reading response from upstream"
-            greeting = self.backend_starttls(conn)
-        self.action = "SSL handshaking to upstream"
-        conn.start_tls(ctx, name)
-        if greeting is not None:
-            conn.push_reply(greeting)
-
-    def backend_starttls(self, conn):
-        """Read the greeting, ask for TLS (STARTTLS/STLS) and read the go-ahead; return the
-        greeting.  Protocol modules implement it."""
-        raise backend.BackendError("STARTTLS to upstream is not available for %s"
-                                   % self.protocol)
-
-    def backend_reply(self, conn, ok_prefix=None, complete=None):
-        """Read one backend reply during the login; BackendRejected unless it starts with
-        `ok_prefix` (when given)."""
-        self.action = "reading response from upstream"
-        reply = conn.read_reply(complete)
-        if ok_prefix is not None and not reply.startswith(ok_prefix):
-            raise BackendRejected(reply)
-        return reply
-
-    def backend_step(self, conn, data, action, ok_prefix=None, complete=None):
-        """Send one login step (logged as `action`) and read its reply, as backend_reply."""
-        self.action = action
-        conn.send(data)
-        return self.backend_reply(conn, ok_prefix, complete)
+            data = self.sock.recv(self.reader.limit)
+        except socket.timeout:      # not TimeoutError: on Python 3.9 it is an OSError only
+            self.action = "sending client greeting line"
+            return self.conv.quiet()
+        except OSError as e:
+            self.info("recv() failed", err=e.errno or errno_mod.ECONNRESET)
+            raise Close() from None
+        finally:
+            self.restore_timeout()
+        if not data:
+            self.info("client closed connection")
+            raise Close()
+        return self.conv.talked_first(data)
 
     def proxy_header_out(self, backend_sock):
         """The PROXY header for the backend: the (real) client and our listening side."""

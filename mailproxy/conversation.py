@@ -1,0 +1,315 @@
+"""Protocol conversations without I/O: what a session feeds in and the actions it gets back.
+
+A protocol module (pop3.py, imap.py, smtp.py) holds two state machines, as nginx's
+ngx_mail_<proto>_auth_state and ngx_mail_proxy_<proto>_handler are:
+
+* a `Conversation`, the client side before login: `start()` for the greeting, `receive(line)`
+  for each client line, `too_long(data)`, `tls_started()`, `auth_failed(result, retry)`; each
+  returns a list of actions (`Reply`, `Log`, `Close`, `StartTLS`, `Authenticate`, and SMTP's
+  `ResolveClient` / `WaitQuiet` / `RestartTimer`);
+* a `BackendLogin`, the login replayed to the backend: `receive(reply)` for each backend reply
+  returns `ToBackend`, `BackendStartTLS` or `LoggedIn` actions and raises `BackendRejected` or
+  `LoginError`.
+
+session.py is the one place that performs the actions (sockets, auth service, relay); tests
+feed events and compare actions (tests/unit/).  A subclass overrides `greeting()`,
+`handle_line()`, the `cmd_<VERB>` methods it dispatches to, `too_long_reply()`,
+`auth_failed_reply()`, `auth_request_fields()` and `backend_login()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+from . import sasl
+from .clientio import Refused
+from .log import sanitize
+from .protocols import PROTOCOLS
+
+
+# ---- actions towards the client side -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reply:
+    """Send these bytes to the client."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Log:
+    """Log `message` at `level`; the session adds its context (client, server, login)."""
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """End the session after the actions before it."""
+
+
+CLOSE = Close()
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Drop pipelined client input, send `reply`, then the TLS handshake; the session then calls
+    `tls_started()` (ngx_mail_starttls_handler)."""
+    reply: bytes
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """Credentials are complete: ask the auth service (or take proxy_pass), then log in to the
+    backend with `backend_login()`, or call `auth_failed()`."""
+    method: str
+    login: Optional[bytes]
+    passwd: Optional[bytes]
+
+
+@dataclass(frozen=True)
+class ResolveClient:
+    """Look up the client's name (resolver.py); the session calls `resolved(host)`."""
+
+
+@dataclass(frozen=True)
+class WaitQuiet:
+    """Wait `seconds` for client input (smtp_greeting_delay); the session calls `quiet()`, or
+    `talked_first(data)` when the client sent something."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RestartTimer:
+    """Give the conversation a fresh `timeout` from now (ngx_mail_smtp_greeting)."""
+
+
+# ---- actions towards the backend --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToBackend:
+    """Send `data` to the backend (logged as `action`); `discard` drops what the backend sent
+    beyond the reply read so far (ngx_mail_proxy_smtp_handler resets its buffer)."""
+    data: bytes
+    action: str
+    discard: bool = False
+
+
+@dataclass(frozen=True)
+class BackendStartTLS:
+    """The backend agreed to STARTTLS/STLS: the TLS handshake now (proxy_ssl starttls)."""
+
+
+@dataclass(frozen=True)
+class LoggedIn:
+    """The backend accepted the login; `reply` is owed to the client before relaying."""
+    reply: bytes
+
+
+class LoginError(Exception):
+    """The backend login cannot go on; str() is the error-level log line (the client gets the
+    protocol's internal error)."""
+
+
+class StartTLSRefused(Exception):
+    """The backend did not agree to STARTTLS/STLS; `reply` is what it said."""
+
+    def __init__(self, reply):
+        super().__init__("upstream refused STARTTLS")
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where the client is and where it connected: the addresses a backend login may carry
+    (XCLIENT, IMAP ID).  `local` is our accepting address; `proxied_local` the destination a
+    trusted PROXY header named (set_real_ip_from), else None."""
+    ip: Optional[str]
+    port: Optional[int]
+    local: Optional[Tuple[str, int]] = None
+    proxied_local: Optional[Tuple[str, int]] = None
+
+
+# ---- the client side ------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Unwinds a command handler once its last action is queued (replaces the old Close and
+    Answered exceptions inside a conversation)."""
+
+
+class Conversation:
+    """One client's side of a protocol before login, as a state machine without I/O.
+
+    Subclasses set `protocol`, `INVALID` and override `greeting()`, `handle_line(line)`,
+    `too_long_reply(data)`, `auth_failed_reply(result)`; optionally `reset()` (back to the
+    state after the greeting), `auth_request_fields()`, `backend_login(...)`.
+    """
+
+    protocol = ""
+    INVALID = b""
+
+    def __init__(self, conf, tls: bool = False):
+        self.conf = conf
+        self.tls = tls                  # TLS is active (implicit TLS or after STARTTLS)
+        self.errors = 0                 # parser errors, for max_errors
+        self.login: Optional[bytes] = None
+        self.passwd: Optional[bytes] = None
+        self.salt: Optional[bytes] = None
+        self.method: Optional[str] = None
+        self.expect: Optional[Callable[[bytes], None]] = None  # the next line is a SASL response
+        self._out: List[object] = []
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def start(self) -> list:
+        """The greeting."""
+        return self._run(self.greeting)
+
+    def receive(self, line: bytes) -> list:
+        """One client line, with its LF."""
+        return self._run(self.handle_line, line)
+
+    def too_long(self, data: bytes) -> list:
+        """A command that did not fit in the client buffer: answered, then the session ends."""
+        self.log("info", 'client sent too long command "%s"' % sanitize(data, 1024))
+        self.say(self.too_long_reply(data))
+        self._out.append(CLOSE)
+        return self._take()
+
+    def tls_started(self) -> list:
+        """The STARTTLS handshake succeeded."""
+        self.tls = True
+        return self._take()
+
+    def auth_failed(self, result, retry: bool) -> list:
+        """The auth service refused the login; `retry`: Auth-Wait passed, the client may try
+        again (ngx_mail_auth_http_process_headers), else the session ends."""
+        self.say(self.auth_failed_reply(result))
+        if not retry:
+            self._out.append(CLOSE)
+            return self._take()
+        self.login = self.passwd = self.method = None
+        self.expect = None
+        self.reset()
+        return self._take()
+
+    def next_input(self) -> Tuple[str, Optional[int]]:
+        """What to read next: ("line", LIMIT) for a line of at most LIMIT bytes (None: the
+        whole client buffer), or ("bytes", N) for exactly N bytes (an IMAP literal)."""
+        return ("line", None)
+
+    def buffer_size(self) -> int:
+        """The client buffer: the longest command before login."""
+        raise NotImplementedError
+
+    # ---- overridables -------------------------------------------------------------------------
+
+    def greeting(self):
+        raise NotImplementedError
+
+    def handle_line(self, line: bytes):
+        raise NotImplementedError
+
+    def too_long_reply(self, data: bytes) -> bytes:
+        return self.INVALID
+
+    def auth_failed_reply(self, result) -> bytes:
+        raise NotImplementedError
+
+    def reset(self):
+        """Back to the state after the greeting (after a failed login with Auth-Wait)."""
+
+    def auth_request_fields(self) -> dict:
+        """Protocol fields of the auth request (AuthRequest attributes, e.g. SMTP's)."""
+        return {}
+
+    def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
+                      starttls: bool) -> "BackendLogin":
+        raise NotImplementedError
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+
+    def say(self, data: bytes):
+        if data:
+            self._out.append(Reply(data))
+
+    def log(self, level: str, message: str):
+        self._out.append(Log(level, message))
+
+    def finish(self, data: bytes = b""):
+        """Send `data`, then end the session."""
+        self.say(data)
+        self._out.append(CLOSE)
+        raise _Stop()
+
+    def stop(self):
+        """The command is answered: nothing more to do for this line."""
+        raise _Stop()
+
+    def parse_error(self, reply: bytes):
+        """A line rejected by the parser: counts towards max_errors (ngx_mail_read_command)."""
+        self.errors += 1
+        if self.errors >= self.conf.max_errors:
+            self.log("info", "client sent too many invalid commands")
+            self.finish(reply)
+        self.say(reply)
+        raise _Stop()
+
+    def start_tls(self, reply: bytes):
+        self._out.append(StartTLS(reply))
+        raise _Stop()
+
+    def authenticate(self, method: str, login: Optional[bytes], passwd: Optional[bytes]):
+        """Credentials are complete: refuse CR, LF or NUL in them (nothing a client sends may
+        add a line towards the backend), then ask for authentication."""
+        if not safe_credential(login) or not safe_credential(passwd):
+            raise Refused()
+        self.method, self.login, self.passwd = method, login, passwd
+        self._out.append(Authenticate(method, login, passwd))
+        raise _Stop()
+
+    def mechanisms(self, methods) -> List[str]:
+        """The enabled SASL mechanism words in the protocol's advertising order."""
+        return [word for name, word in PROTOCOLS[self.protocol].sasl_order if name in methods]
+
+    def _run(self, handler, *args) -> list:
+        try:
+            handler(*args)
+        except _Stop:
+            pass
+        return self._take()
+
+    def _take(self) -> list:
+        out, self._out = self._out, []
+        return out
+
+
+def safe_credential(value: Optional[bytes]) -> bool:
+    """True when a login or password (or None) can be written into a protocol line as it is."""
+    return value is None or sasl.check_credential(value)
+
+
+# ---- the backend login -----------------------------------------------------------------------
+
+class BackendLogin:
+    """The login replayed to a backend, as a state machine without I/O.
+
+    The session reads one backend reply at a time (with `complete` deciding when a reply is
+    whole; None means one line) and passes it to `receive()`, which returns the actions to
+    take before the next read.  `state` is the name of the step awaiting that reply.
+    """
+
+    READING = "reading response from upstream"
+
+    def __init__(self):
+        self.complete: Optional[Callable[[bytes], bool]] = None
+        self.state = "greeting"
+
+    def receive(self, reply: bytes) -> list:
+        return getattr(self, "on_" + self.state)(reply)
+
+    def send(self, data: bytes, action: str, state: str, complete=None, discard=False):
+        """The next step: send `data`, then await a reply in `state`."""
+        self.state = state
+        self.complete = complete
+        return ToBackend(data, action, discard)
