@@ -14,7 +14,7 @@ import time
 from . import ktimeout, resolver
 from .log import addr_text, errno_text
 
-__all__ = ['BackendError', 'connect', 'BackendConn', 'smtp_reply_complete',
+__all__ = ['BackendError', 'connect', 'BackendConn',
            'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
 
 _TIMEOUT_TEXT = 'upstream timed out (110: Connection timed out)'
@@ -110,14 +110,6 @@ def connect(host, port, timeout):
 
 
 # ------------------------------------------------------------------ replies
-
-def smtp_reply_complete(buf):
-    """True when the last line of `buf` (ending in CRLF) is not a `DDD-` continuation line."""
-    end = len(buf) - 2
-    start = buf.rfind(b'\n', 0, end) + 1
-    line = buf[start:end]
-    return not (len(line) >= 4 and line[3:4] == b'-')
-
 
 def _show(data, limit=LOG_LIMIT):
     """Backend bytes as safe one-line text for a log message, at most `limit` characters

@@ -107,8 +107,12 @@ class LoggedIn:
 
 
 class LoginError(Exception):
-    """The backend login cannot go on; str() is the error-level log line (the client gets the
-    protocol's internal error)."""
+    """The backend login cannot go on; str() is the error-level log line, `action` what the
+    proxy was doing (the client gets the protocol's internal error)."""
+
+    def __init__(self, message, action="reading response from upstream"):
+        super().__init__(message)
+        self.action = action
 
 
 class StartTLSRefused(Exception):
@@ -270,7 +274,7 @@ class Conversation:
 
     def mechanisms(self, methods) -> List[str]:
         """The enabled SASL mechanism words in the protocol's advertising order."""
-        return [word for name, word in PROTOCOLS[self.protocol].sasl_order if name in methods]
+        return PROTOCOLS[self.protocol].mechanisms(methods)
 
     def _run(self, handler, *args) -> list:
         try:

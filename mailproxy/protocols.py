@@ -32,6 +32,10 @@ class Protocol:
             return self.temp_failure
         return self.temp_failure % str(conf.server_name).encode("utf-8", "surrogateescape")
 
+    def mechanisms(self, methods) -> list:
+        """The SASL words advertised for the enabled `methods`, in nginx's order."""
+        return [word for name, word in self.sasl_order if name in methods]
+
     def conversation_class(self):
         module, name = self.conversation
         return getattr(importlib.import_module(module), name)

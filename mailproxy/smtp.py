@@ -13,14 +13,18 @@ HELO/EHLO replayed, then MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or not
 `235 2.0.0 OK` to the client except in none mode, where the backend's RCPT reply is the answer.
 """
 
-import base64
-import errno
-import socket
+from __future__ import annotations
 
-from . import backend, resolver, sasl
+import base64
+from typing import Optional
+
+from . import resolver, sasl
+from .clientio import BackendRejected, Refused, strip_eol
+from .conversation import (CLOSE, BackendLogin, BackendStartTLS, Conversation, LoggedIn,
+                           LoginError, Log, Peer, Reply, ResolveClient, RestartTimer,
+                           StartTLSRefused, WaitQuiet)
 from .log import sanitize
-from .clientio import Answered, BackendRejected, Close, Refused, strip_eol
-from .session import Session
+from .protocols import PROTOCOLS
 
 CRLF = b"\r\n"
 
@@ -36,7 +40,6 @@ INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
 AUTH_REQUIRED = b"530 5.7.1 Authentication required\r\n"
 BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
 AUTH_OK = b"235 2.0.0 OK\r\n"
-INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
 DEFAULT_ERROR_CODE = b"535 5.7.0"
 
 # The words ngx_mail_smtp_parse_command knows; any other word is a parser error.
@@ -129,18 +132,20 @@ def xclient_addr(ip):
     return ip.encode("ascii", "replace")
 
 
-def sasl_mechanisms(methods):
-    """The AUTH words for the enabled methods in nginx's fixed order ('none' adds nothing)."""
-    order = (("plain", "PLAIN"), ("login", "LOGIN"), ("cram-md5", "CRAM-MD5"),
-             ("external", "EXTERNAL"))
-    return [word for name, word in order if name in methods]
+def reply_complete(buf) -> bool:
+    """True when the last line of `buf` (ending in CRLF) is not a `DDD-` continuation line:
+    a whole (multi-line) SMTP reply from the backend."""
+    end = len(buf) - 2
+    start = buf.rfind(b"\n", 0, end) + 1
+    line = buf[start:end]
+    return not (len(line) >= 4 and line[3:4] == b"-")
 
 
-def ehlo_reply(name, capabilities, methods, starttls="off", tls=False):
+def ehlo_reply(name, capabilities, methods, starttls="off", tls=False) -> bytes:
     """The EHLO reply as bytes, composed as ngx_mail_smtp_merge_srv_conf does."""
     lines = [name]
     lines += list(capabilities)
-    mechs = sasl_mechanisms(methods)
+    mechs = PROTOCOLS["smtp"].mechanisms(methods)
     auth_line = ("AUTH " + " ".join(mechs)) if mechs else None
     if not tls and starttls == "only":
         lines.append("STARTTLS")
@@ -163,122 +168,87 @@ def rejected_text(data):
 
 
 # ------------------------------------------------------------------------------------------------
-# the session
+# the client side (ngx_mail_smtp_auth_state)
 
-Invalid = Refused     # `500 5.5.1 Invalid command`, not counted in max_errors
+class SmtpConversation(Conversation):
+    """The client side before login; `expect` is the SASL step awaiting the next line."""
 
-
-class SmtpSession(Session):
     protocol = "smtp"
-    INTERNAL_ERROR = INTERNAL_ERROR
+    INVALID = INVALID
 
-    @classmethod
-    def busy_reply(cls, conf):
-        name = str(conf.server_name).encode("utf-8", "surrogateescape")
-        return b"421 4.7.0 " + name + b" Too many connections, try again later\r\n"
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
+    def __init__(self, conf, tls=False):
+        super().__init__(conf, tls)
         self.host = resolver.UNAVAILABLE    # Client-Host / XCLIENT NAME
-        self.helo = None                    # bytes: the client's HELO/EHLO argument
+        self.helo: Optional[bytes] = None   # the client's HELO/EHLO argument
         self.esmtp = False                  # the client's last greeting was EHLO
-        self.smtp_from = None               # bytes: whole MAIL command (none mode)
-        self.smtp_to = None                 # bytes: whole RCPT command (none mode)
+        self.smtp_from: Optional[bytes] = None  # whole MAIL command (none mode)
+        self.smtp_to: Optional[bytes] = None    # whole RCPT command (none mode)
 
-    def client_buffer_size(self):
+    def buffer_size(self) -> int:
         return self.conf.smtp_client_buffer
 
-    def _name(self):
+    def _name(self) -> bytes:
         return str(self.conf.server_name).encode("utf-8", "surrogateescape")
 
-    # ---- before the greeting ----------------------------------------------------------------
+    # ---- before the greeting: the client's name, smtp_greeting_delay -----------------------
 
-    def resolve_client(self):
-        """Client-Host / XCLIENT NAME (resolver.py); without a resolver `[UNAVAILABLE]`."""
-        conf = self.conf
-        conf_resolver = getattr(conf, "resolver", None)
-        if conf_resolver is None:
-            self.host = resolver.UNAVAILABLE
-            return
-        self.action = "in resolving client address"
-        host, msg = resolver.client_name(self.client_ip, conf_resolver,
-                                         getattr(conf, "resolver_timeout", 30.0))
-        if msg is not None:
-            self.action = msg.action
-            self.error(str(msg))
+    def greeting(self):
+        if self.conf.resolver is None:
+            self._out += self.resolved(resolver.UNAVAILABLE)
+        else:
+            self._out.append(ResolveClient())
+
+    def resolved(self, host) -> list:
+        """The client's name is known (or `[UNAVAILABLE]`/`[TEMPUNAVAIL]`)."""
         self.host = host
-
-    def delay_greeting(self, delay):
-        """smtp_greeting_delay: a client that sends anything before the greeting is refused."""
-        self.action = "in delay pipelining state"
-        self.sock.settimeout(delay)
-        try:
-            data = self.sock.recv(self.client_buffer_size())
-        except socket.timeout:      # not TimeoutError: on Python 3.9 it is an OSError only
-            return
-        except OSError as e:
-            self.info("recv() failed", err=e.errno or errno.ECONNRESET)
-            raise Close() from None
-        finally:
-            self.restore_timeout()
-        if not data:
-            self.info("client closed connection")
-            raise Close()
-        self.info('client was rejected before greeting: "%s"' % rejected_text(data))
-        self.send_close(INVALID_PIPELINING)
-
-    def greet(self):
-        self.resolve_client()
-        delay = getattr(self.conf, "smtp_greeting_delay", 0) or 0
+        delay = self.conf.smtp_greeting_delay or 0
         if delay > 0:
-            self.delay_greeting(delay)
-        self.action = "sending client greeting line"
-        self.state = "start"
-        # nginx arms `timeout` at the greeting (ngx_mail_smtp_greeting, and again after the
-        # delay in ngx_mail_smtp_invalid_pipelining): the client name lookup and the delay
-        # are not the client's time
-        self.rearm()
-        self.send(b"220 " + self._name() + b" ESMTP ready\r\n")
+            return [WaitQuiet(delay)]
+        return self.quiet()
 
-    # ---- line loop ------------------------------------------------------------------------------
+    def quiet(self) -> list:
+        """The client waited for the greeting: send it (with a fresh `timeout`)."""
+        return [RestartTimer(), Reply(b"220 " + self._name() + b" ESMTP ready\r\n")]
 
-    def too_long(self, data):
-        return INVALID
+    def talked_first(self, data: bytes) -> list:
+        """The client sent `data` before the greeting delay ended: refused."""
+        return [Log("info", 'client was rejected before greeting: "%s"' % rejected_text(data)),
+                Reply(INVALID_PIPELINING), CLOSE]
+
+    # ---- line loop --------------------------------------------------------------------------------
 
     def handle_line(self, line):
+        expect, self.expect = self.expect, None
+        if expect is not None:
+            token = parse_sasl_response(line)
+            if token is None:
+                self.parse_error(INVALID)
+            self._guarded(expect, token)
+            return
         cmd = parse_command(line)
         if cmd is None:
             self.parse_error(INVALID)
-            return
+        self._guarded(getattr(self, "cmd_" + cmd.verb), cmd)
+
+    def _guarded(self, handler, arg):
         try:
-            getattr(self, "cmd_" + cmd.verb)(cmd)
-        except Invalid:
-            self.send(INVALID)
+            handler(arg)
+        except Refused:
+            self.say(INVALID)
         except sasl.SaslError as e:
-            self.info(str(e))
-            self.send(INVALID)
-        except Answered:
-            pass
-        finally:
-            self.state = "start"
+            self.log("info", str(e))
+            self.say(INVALID)
 
-    def sasl_response(self):
-        """The next line as one SASL response (after a 334 prompt)."""
-        token = parse_sasl_response(self.next_line())
-        if token is None:
-            self.parse_error(INVALID)
-            raise Answered()
-        return token
+    def challenge(self, data: bytes, step):
+        """Send a 334 continuation; the next line goes to `step`."""
+        self.say(data)
+        self.expect = step
+        self.stop()
 
-    # ---- helpers --------------------------------------------------------------------------------
+    def starttls_only(self) -> bool:
+        return self.conf.starttls == "only" and not self.tls
 
-    def starttls_only(self):
-        return getattr(self.conf, "starttls", "off") == "only" and not self.tls
-
-    def after_auth_wait(self):
-        self.state = "start"
-
-    def auth_failed_reply(self, result):
+    def auth_failed_reply(self, result) -> bytes:
         code = result.error_code
         if isinstance(code, str):
             code = code.encode("utf-8", "surrogateescape")
@@ -287,18 +257,18 @@ class SmtpSession(Session):
             message = message.encode("utf-8", "surrogateescape")
         return (code or DEFAULT_ERROR_CODE) + b" " + message + CRLF
 
-    def auth_request_extra(self, req):
-        req.client_host = self.host
+    def auth_request_fields(self) -> dict:
+        fields = {"client_host": self.host}
         if self.method == "none":
-            req.smtp_helo = self.helo or b""
-            req.smtp_from = self.smtp_from or b""
-            req.smtp_to = self.smtp_to or b""
+            fields.update(smtp_helo=self.helo or b"", smtp_from=self.smtp_from or b"",
+                          smtp_to=self.smtp_to or b"")
+        return fields
 
-    # ---- commands (ngx_mail_smtp_auth_state) --------------------------------------------------
+    # ---- commands -------------------------------------------------------------------------------
 
-    def _greeting(self, cmd):
+    def _greeting(self, cmd) -> bool:
         if len(cmd.args) != 1:
-            self.send(INVALID_ARGUMENT)
+            self.say(INVALID_ARGUMENT)
             return False
         self.helo = cmd.args[0]
         self.smtp_from = self.smtp_to = None
@@ -307,206 +277,226 @@ class SmtpSession(Session):
     def cmd_HELO(self, cmd):
         if self._greeting(cmd):
             self.esmtp = False
-            self.send(b"250 " + self._name() + CRLF)
+            self.say(b"250 " + self._name() + CRLF)
 
     def cmd_EHLO(self, cmd):
         if self._greeting(cmd):
             self.esmtp = True
             conf = self.conf
-            self.send(ehlo_reply(self._name(), conf.smtp_capabilities, conf.smtp_auth,
-                                 getattr(conf, "starttls", "off"), self.tls))
+            self.say(ehlo_reply(self._name(), conf.smtp_capabilities, conf.smtp_auth,
+                                conf.starttls, self.tls))
 
     def cmd_AUTH(self, cmd):
         if self.starttls_only():
-            raise Invalid()
+            raise Refused()
         args = cmd.args
         if not args:
-            self.send(INVALID_ARGUMENT)
+            self.say(INVALID_ARGUMENT)
             return
         methods = self.conf.smtp_auth
         mech = args[0].upper()
         if mech == b"LOGIN":
             if len(args) > 2:
-                raise Invalid()
+                raise Refused()
             if len(args) == 1:
-                self.state = "auth_login_username"
-                self.send(USERNAME)
-                login = sasl.decode_login_username(self.sasl_response())
-            else:
-                login = sasl.decode_login_username(args[1])
-            self.state = "auth_login_password"
-            self.send(PASSWORD)
-            passwd = sasl.decode_login_password(self.sasl_response())
-            self.start_auth("plain", login, passwd)
+                self.challenge(USERNAME, self.auth_login_username)
+            self.auth_login_username(args[1])
         elif mech == b"PLAIN":
             if len(args) > 2:
-                raise Invalid()
+                raise Refused()
             if len(args) == 1:
-                self.state = "auth_plain"
-                self.send(NEXT)
-                initial = self.sasl_response()
-            else:
-                initial = args[1]
-            login, passwd = sasl.decode_plain(initial)
-            self.start_auth("plain", login, passwd)
+                self.challenge(NEXT, self.auth_plain)
+            self.auth_plain(args[1])
         elif mech == b"CRAM-MD5":
             if len(args) != 1 or "cram-md5" not in methods:
-                raise Invalid()
+                raise Refused()
             if self.salt is None:
                 self.salt = sasl.make_salt(self.conf.server_name)
-            self.state = "auth_cram_md5"
-            self.send(b"334 " + sasl.cram_md5_challenge(self.salt) + CRLF)
-            login, digest = sasl.decode_cram_md5(self.sasl_response())
-            self.start_auth("cram-md5", login, digest)
+            self.challenge(b"334 " + sasl.cram_md5_challenge(self.salt) + CRLF,
+                           self.auth_cram_md5)
         elif mech == b"EXTERNAL":
             if len(args) > 2 or "external" not in methods:
-                raise Invalid()
+                raise Refused()
             if len(args) == 1:
-                self.state = "auth_external"
-                self.send(USERNAME)
-                initial = self.sasl_response()
-            else:
-                initial = args[1]
-            # no password: the auth service must send Auth-Pass for proxy_smtp_auth
-            self.start_auth("external", sasl.decode_external(initial), None)
+                self.challenge(USERNAME, self.auth_external)
+            self.auth_external(args[1])
         else:
-            raise Invalid()
+            raise Refused()
+
+    def auth_login_username(self, response):
+        self.login = sasl.decode_login_username(response)
+        self.challenge(PASSWORD, self.auth_login_password)
+
+    def auth_login_password(self, response):
+        self.authenticate("plain", self.login, sasl.decode_login_password(response))
+
+    def auth_plain(self, response):
+        login, passwd = sasl.decode_plain(response)
+        self.authenticate("plain", login, passwd)
+
+    def auth_cram_md5(self, response):
+        login, digest = sasl.decode_cram_md5(response)
+        self.authenticate("cram-md5", login, digest)
+
+    def auth_external(self, response):
+        # no password: the auth service must send Auth-Pass for proxy_smtp_auth
+        self.authenticate("external", sasl.decode_external(response), None)
 
     def cmd_MAIL(self, cmd):
         if "none" not in self.conf.smtp_auth:
             # log a copy: nginx's ngx_mail_smtp_log_rejected_command mangles the buffer itself
-            self.info('client was rejected: "%s"' % rejected_text(cmd.text + CRLF))
-            self.send(AUTH_REQUIRED)
+            self.log("info", 'client was rejected: "%s"' % rejected_text(cmd.text + CRLF))
+            self.say(AUTH_REQUIRED)
             return
         if self.smtp_from:
-            self.send(BAD_SEQUENCE)
+            self.say(BAD_SEQUENCE)
             return
         if not cmd.args:
-            self.send(INVALID_ARGUMENT)
+            self.say(INVALID_ARGUMENT)
             return
         self.smtp_from = cmd.text
         self.login = self.passwd = None        # 1.29.1: no stale credentials in none mode
-        self.send(OK)
+        self.say(OK)
 
     def cmd_RCPT(self, cmd):
         if not self.smtp_from:
-            self.send(BAD_SEQUENCE)
+            self.say(BAD_SEQUENCE)
             return
         if not cmd.args:
-            self.send(INVALID_ARGUMENT)
+            self.say(INVALID_ARGUMENT)
             return
         self.smtp_to = cmd.text
-        self.method = "none"
-        self.login = self.passwd = None
-        self.authenticate()
+        self.authenticate("none", None, None)
 
     def cmd_RSET(self, cmd):
         self.smtp_from = self.smtp_to = None
-        self.send(OK)
+        self.say(OK)
 
     def cmd_NOOP(self, cmd):
-        self.send(OK)
+        self.say(OK)
 
     def cmd_QUIT(self, cmd):
-        self.send_close(BYE)
+        self.finish(BYE)
 
     def cmd_STARTTLS(self, cmd):
         # As ngx_mail_smtp_starttls: only with `starttls on|only` and before TLS, else an
         # invalid command.
-        handshake = getattr(self, "starttls_handshake", None)
-        if (handshake is None or self.tls
-                or getattr(self.conf, "starttls", "off") not in ("on", "only")):
-            raise Invalid()
+        if self.tls or self.conf.starttls not in ("on", "only"):
+            raise Refused()
         # RFC 3207: forget what the client said before; drop pipelined input (CVE-2014-3556)
         self.helo = self.smtp_from = self.smtp_to = None
         # esmtp (the "client used EHLO" flag) is kept, as ngx_mail_smtp_starttls keeps s->esmtp
-        self.reader.discard()
-        self.send(START_TLS)
-        handshake()
+        self.start_tls(START_TLS)
 
     def cmd_VRFY(self, cmd):
-        raise Invalid()
+        raise Refused()
 
     cmd_EXPN = cmd_HELP = cmd_VRFY
 
-    # ---- backend login (ngx_mail_proxy_smtp_handler) ------------------------------------------
+    def backend_login(self, user, passwd, peer: Peer, starttls: bool) -> "SmtpLogin":
+        # CRAM-MD5 / EXTERNAL without Auth-Pass: nothing to log in with (the password
+        # passed on is the client's own digest, or none at all)
+        usable = passwd is not None and not (self.method == "cram-md5" and passwd is self.passwd)
+        return SmtpLogin(self.conf, self, user, passwd if usable else None, peer, starttls)
 
-    def _expect(self, conn, ok, action=None):
-        """Read one (multi-line) reply; BackendRejected unless ok(reply)."""
-        if action is not None:
-            self.action = action
-        reply = conn.read_reply(backend.smtp_reply_complete)
-        if not ok(reply):
-            raise BackendRejected(reply)
-        return reply
 
-    def _step(self, conn, line, action):
-        self.action = action
-        conn.discard()
-        conn.send(line)
-        self.action = "reading response from upstream"
+# ------------------------------------------------------------------------------------------------
+# the backend login (ngx_mail_proxy_smtp_handler)
 
-    def xclient_line(self, user):
-        conf = self.conf
-        parts = [b"XCLIENT ADDR=" + xclient_addr(self.client_ip)]
-        extended = getattr(conf, "xclient_extended", False)
-        if extended and self.client_port is not None:
-            parts.append(b"PORT=%d" % int(self.client_port))
-        if user and not conf.proxy_smtp_auth:
-            parts.append(b"LOGIN=" + xtext(user))
+class SmtpLogin(BackendLogin):
+    """Greeting, EHLO/HELO with server_name, XCLIENT, the client's HELO/EHLO replayed, then
+    MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or nothing.  `235 2.0.0 OK` goes to the
+    client, except in none mode where the backend's RCPT reply is the answer.  With
+    `proxy_smtp_auth starttls`, EHLO and STARTTLS first; EHLO is said again over TLS."""
+
+    def __init__(self, conf, conv: SmtpConversation, user, passwd, peer: Peer,
+                 starttls=False):
+        super().__init__()
+        self.complete = reply_complete
+        self.conf, self.user, self.passwd, self.peer = conf, user, passwd, peer
+        self.starttls = starttls
+        self.none = conv.method == "none"
+        self.esmtp, self.helo, self.host = conv.esmtp, conv.helo, conv.host
+        self.smtp_from, self.smtp_to = conv.smtp_from, conv.smtp_to
+        self.name = conv._name()
+
+    def step(self, line, action, state):
+        return self.send(line, action, state, reply_complete, discard=True)
+
+    def xclient_line(self) -> bytes:
+        conf, peer = self.conf, self.peer
+        parts = [b"XCLIENT ADDR=" + xclient_addr(peer.ip)]
+        if conf.xclient_extended and peer.port is not None:
+            parts.append(b"PORT=%d" % int(peer.port))
+        if self.user and not conf.proxy_smtp_auth:
+            parts.append(b"LOGIN=" + xtext(self.user))
         parts.append(b"NAME=" + str(self.host).encode("ascii", "replace"))
-        if extended:
-            try:
-                dest = self.sock.getsockname()
-            except OSError:
-                dest = None
-            if isinstance(dest, tuple) and len(dest) >= 2:
-                parts.append(b"DESTADDR=" + xclient_addr(dest[0]))
-                parts.append(b"DESTPORT=%d" % int(dest[1]))
+        if conf.xclient_extended and peer.local is not None:
+            parts.append(b"DESTADDR=" + xclient_addr(peer.local[0]))
+            parts.append(b"DESTPORT=%d" % int(peer.local[1]))
         return b" ".join(parts) + CRLF
 
-    def login_backend(self, conn, user, passwd):
-        conf = self.conf
-        none = self.method == "none"
-        self._expect(conn, lambda r: r.startswith(b"220"))
-        verb = b"EHLO " if (self.esmtp or conf.xclient) else b"HELO "
-        self._step(conn, verb + self._name() + CRLF, "sending HELO/EHLO to upstream")
-        self._expect(conn, lambda r: r.startswith(b"250"))
-        if conf.xclient:
-            self._step(conn, self.xclient_line(user), "sending XCLIENT to upstream")
-            self._expect(conn, lambda r: r[:3] in (b"220", b"250"))
-            if self.helo:
-                self._step(conn, (b"EHLO " if self.esmtp else b"HELO ") + self.helo + CRLF,
-                           "sending client HELO/EHLO to upstream")
-                self._expect(conn, lambda r: r.startswith(b"250"))
-        if none:
-            self._step(conn, self.smtp_from + CRLF, "sending MAIL FROM to upstream")
-            self._expect(conn, lambda r: r.startswith(b"250"))
-            self._step(conn, self.smtp_to + CRLF, "sending RCPT TO to upstream")
-            # whatever the backend says to RCPT is the client's answer
-            return self._expect(conn, lambda r: True)
-        if conf.proxy_smtp_auth:
-            self.action = "sending AUTH to upstream"
-            if passwd is None or (self.method == "cram-md5" and passwd is self.passwd):
-                # CRAM-MD5 / EXTERNAL without Auth-Pass: nothing to log in with
-                self.error("no password available")
-                self.internal_error()
-            self._step(conn, b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + passwd)
-                       + CRLF, "sending AUTH to upstream")
-            self._expect(conn, lambda r: r.startswith(b"235"))
-        return AUTH_OK
-
-
-    # ---- TLS to the backend (proxy_ssl starttls) -------------------------------------------
-
-    def backend_starttls(self, conn):
-        """proxy_ssl starttls: greeting, EHLO, STARTTLS, 220; returns the greeting (replayed,
-        so login_backend() says EHLO again over TLS, as RFC 3207 requires)."""
-        greeting = self._expect(conn, lambda r: r.startswith(b"220"))
-        self._step(conn, b"EHLO " + self._name() + CRLF, "sending HELO/EHLO to upstream")
-        self._expect(conn, lambda r: r.startswith(b"250"))
-        self._step(conn, b"STARTTLS" + CRLF, "sending STARTTLS to upstream")
-        reply = conn.read_reply(backend.smtp_reply_complete)
+    def on_greeting(self, reply):
         if not reply.startswith(b"220"):
-            raise backend.starttls_refused(reply)
-        return greeting
+            raise BackendRejected(reply)
+        if self.starttls:
+            return [self.step(b"EHLO " + self.name + CRLF, "sending HELO/EHLO to upstream",
+                              "tls_ehlo")]
+        return [self.say_helo()]
+
+    def on_tls_ehlo(self, reply):
+        if not reply.startswith(b"250"):
+            raise BackendRejected(reply)
+        return [self.step(b"STARTTLS" + CRLF, "sending STARTTLS to upstream", "starttls")]
+
+    def on_starttls(self, reply):
+        if not reply.startswith(b"220"):
+            raise StartTLSRefused(reply)
+        return [BackendStartTLS(), self.say_helo()]
+
+    def say_helo(self):
+        verb = b"EHLO " if (self.esmtp or self.conf.xclient) else b"HELO "
+        return self.step(verb + self.name + CRLF, "sending HELO/EHLO to upstream", "helo")
+
+    def on_helo(self, reply):
+        if not reply.startswith(b"250"):
+            raise BackendRejected(reply)
+        if self.conf.xclient:
+            return [self.step(self.xclient_line(), "sending XCLIENT to upstream", "xclient")]
+        return self.after_xclient()
+
+    def on_xclient(self, reply):
+        if reply[:3] not in (b"220", b"250"):
+            raise BackendRejected(reply)
+        if self.helo:
+            return [self.step((b"EHLO " if self.esmtp else b"HELO ") + self.helo + CRLF,
+                              "sending client HELO/EHLO to upstream", "client_helo")]
+        return self.after_xclient()
+
+    def on_client_helo(self, reply):
+        if not reply.startswith(b"250"):
+            raise BackendRejected(reply)
+        return self.after_xclient()
+
+    def after_xclient(self):
+        if self.none:
+            return [self.step(self.smtp_from + CRLF, "sending MAIL FROM to upstream", "from")]
+        if self.conf.proxy_smtp_auth:
+            if self.passwd is None:
+                raise LoginError("no password available", "sending AUTH to upstream")
+            line = b"AUTH PLAIN " + base64.b64encode(b"\0" + self.user + b"\0" + self.passwd)
+            return [self.step(line + CRLF, "sending AUTH to upstream", "auth")]
+        return [LoggedIn(AUTH_OK)]
+
+    def on_from(self, reply):
+        if not reply.startswith(b"250"):
+            raise BackendRejected(reply)
+        return [self.step(self.smtp_to + CRLF, "sending RCPT TO to upstream", "to")]
+
+    def on_to(self, reply):
+        return [LoggedIn(reply)]        # whatever the backend says to RCPT is the answer
+
+    def on_auth(self, reply):
+        if not reply.startswith(b"235"):
+            raise BackendRejected(reply)
+        return [LoggedIn(AUTH_OK)]

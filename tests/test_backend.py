@@ -9,7 +9,8 @@ import time
 import pytest
 
 from mailproxy import ktimeout
-from mailproxy.backend import (BackendConn, BackendError, connect, smtp_reply_complete,
+from mailproxy.smtp import reply_complete as smtp_reply_complete
+from mailproxy.backend import (BackendConn, BackendError, connect,
                                starttls_refused)
 
 
