@@ -10,13 +10,15 @@ The auth URL comes from config (`AuthURL`, duck-typed here): `uri`,
 address tuple for socket.connect; None for unix).
 """
 
+from __future__ import annotations
+
 import errno as _errno
 import os
 import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from . import ktimeout
 from .log import addr_text, sanitize
@@ -44,7 +46,7 @@ class AuthHttpError(Exception):
     number when one caused it.
     """
 
-    def __init__(self, message, errno=None):
+    def __init__(self, message: str, errno: Optional[int] = None) -> None:
         super().__init__(message)
         self.message = message
         self.errno = errno
@@ -93,7 +95,7 @@ def _esc_sub(m):
     return _ESC_MAP[m.group()]
 
 
-def escape(value):
+def escape(value: bytes) -> bytes:
     """nginx's NGX_ESCAPE_MAIL_AUTH: %XX (uppercase) for 0x00-0x20 and '%' only."""
     if _ESC_RE.search(value) is None:
         return value
@@ -121,7 +123,7 @@ def _safe(value):
     return value
 
 
-def build_request(url, req):
+def build_request(url: Any, req: AuthRequest) -> bytes:
     """The exact request of ngx_mail_auth_http_create_request (header order included)."""
     host = getattr(url, 'host_header', None)
     if not host:
@@ -343,7 +345,7 @@ def _parse(data, req, peer):
                       ssl_backend=ssl_backend)
 
 
-def parse_response(data, req, peer):
+def parse_response(data: bytes, req: AuthRequest, peer: str) -> AuthResult:
     """Parse a complete auth_http response (as ngx_mail_auth_http_process_headers).
 
     Returns AuthResult with status 'OK', 'FAIL' or 'WAIT' (query() handles
@@ -369,7 +371,7 @@ def _premature(peer):
 
 # --- exchange ----------------------------------------------------------------
 
-def peer_name(url):
+def peer_name(url: Any) -> str:
     """`ip:port`, `[v6]:port` or `unix:/path`, as nginx names the auth peer."""
     unix = getattr(url, 'unix', None)
     if unix:
@@ -453,7 +455,9 @@ def _exchange(url, request, req, peer, timeout):
         sock.close()
 
 
-def query(url, req, timeout, *, sleep=time.sleep, max_rounds=MAX_WAIT_ROUNDS):
+def query(url: Any, req: AuthRequest, timeout: Optional[float], *,
+          sleep: Callable[[float], Any] = time.sleep,
+          max_rounds: int = MAX_WAIT_ROUNDS) -> AuthResult:
     """Ask the auth service about `req`; returns AuthResult ('OK' or 'FAIL').
 
     `Auth-Status: WAIT` is handled here: sleep Auth-Wait seconds (0 when

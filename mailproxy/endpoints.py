@@ -5,9 +5,12 @@ selector cannot see).  relay.py's loop asks an endpoint, never assumes that read
 EVENT_READ or writing for EVENT_WRITE.
 """
 
+from __future__ import annotations
+
 import selectors
 import socket
 import ssl
+from typing import Optional
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -24,7 +27,7 @@ class PlainEndpoint:
 
     __slots__ = ('sock', 'fd', 'sess', 'mask', 'eof')
 
-    def __init__(self, sock, sess, nodelay=True):
+    def __init__(self, sock: socket.socket, sess: object, nodelay: bool = True) -> None:
         sock.setblocking(False)
         if nodelay and sock.family != socket.AF_UNIX:
             try:
@@ -37,28 +40,28 @@ class PlainEndpoint:
         self.mask = 0        # events currently registered with the selector (0: not registered)
         self.eof = None      # None while readable; else the end reason ('client closed', ...)
 
-    def recv(self, n):
+    def recv(self, n: int) -> Optional[bytes]:
         try:
             return self.sock.recv(n)
         except (BlockingIOError, InterruptedError):
             return None
 
-    def send(self, data):
+    def send(self, data: bytes) -> int:
         try:
             return self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             return 0
 
-    def pending(self):
+    def pending(self) -> int:
         return 0
 
-    def read_event(self):
+    def read_event(self) -> int:
         return EVENT_READ
 
-    def write_event(self):
+    def write_event(self) -> int:
         return EVENT_WRITE
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
@@ -82,13 +85,13 @@ class TLSEndpoint(PlainEndpoint):
 
     __slots__ = ('_rev', '_wev', 'failed')
 
-    def __init__(self, sock, sess, nodelay=True):
+    def __init__(self, sock: socket.socket, sess: object, nodelay: bool = True) -> None:
         PlainEndpoint.__init__(self, sock, sess, nodelay)
         self._rev = EVENT_READ      # what the next recv waits for
         self._wev = EVENT_WRITE     # what the next send waits for
         self.failed = False         # a TLS error: no close_notify then
 
-    def recv(self, n):
+    def recv(self, n: int) -> Optional[bytes]:
         try:
             data = self.sock.recv(n)
         except ssl.SSLWantReadError:
@@ -109,7 +112,7 @@ class TLSEndpoint(PlainEndpoint):
         self._rev = EVENT_READ
         return data
 
-    def send(self, data):
+    def send(self, data: bytes) -> int:
         try:
             n = self.sock.send(data)
         except ssl.SSLWantWriteError:
@@ -127,19 +130,19 @@ class TLSEndpoint(PlainEndpoint):
         self._wev = EVENT_WRITE
         return n
 
-    def pending(self):
+    def pending(self) -> int:
         try:
             return self.sock.pending()
         except (OSError, ValueError):
             return 0
 
-    def read_event(self):
+    def read_event(self) -> int:
         return self._rev
 
-    def write_event(self):
+    def write_event(self) -> int:
         return self._wev
 
-    def close(self):
+    def close(self) -> None:
         if not self.failed:
             try:
                 self.sock.unwrap()      # sends close_notify; on a non-blocking socket it
@@ -151,7 +154,7 @@ class TLSEndpoint(PlainEndpoint):
             pass
 
 
-def endpoint_for(sock, sess, nodelay=True):
+def endpoint_for(sock: socket.socket, sess: object, nodelay: bool = True) -> PlainEndpoint:
     """The endpoint class a socket needs: TLS for an `ssl.SSLSocket`, else plain.
 
     nodelay=False: the caller has set TCP_NODELAY already (no setsockopt here)."""

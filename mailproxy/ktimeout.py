@@ -13,8 +13,11 @@ deadline over several calls (a backend reply read in pieces, the auth_http excha
 remaining time again before a further call.
 """
 
+from __future__ import annotations
+
 import socket
 import struct
+from typing import Optional
 
 # struct timeval {time_t tv_sec; suseconds_t tv_usec;} (both C longs on Linux)
 _TIMEVAL = struct.Struct('@ll')
@@ -34,7 +37,8 @@ def _timeval(seconds):
     return _TIMEVAL.pack(sec, usec)
 
 
-def set(sock, seconds, recv=True, send=True):   # noqa: A001 (module-level name)
+def set(sock: socket.socket, seconds: Optional[float], recv: bool = True,   # noqa: A001
+        send: bool = True) -> None:
     """Bound each blocking recv (recv=True) and send/connect (send=True) by `seconds`.
 
     The socket must be in blocking mode (Python timeout None) for the limit to act; a socket
@@ -47,7 +51,7 @@ def set(sock, seconds, recv=True, send=True):   # noqa: A001 (module-level name)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-def get(sock, send=False):
+def get(sock: socket.socket, send: bool = False) -> Optional[float]:
     """The kernel's limit in seconds (None: none) for recv, or send when send=True."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO if send else socket.SO_RCVTIMEO,
                           _TIMEVAL.size)

@@ -11,15 +11,18 @@ will open, so that admitting it can never make a session the worker already hold
 want of a connection.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import resource     # at import: a worker may not read the stdlib's folder once it drops privileges
 import threading
+from typing import Any, Dict, Hashable, Optional, Tuple
 
 # What one session holds: its client connection and its backend connection.
 PER_SESSION = 2
 
 
-def address_key(ip):
+def address_key(ip: Optional[str]) -> Optional[str]:
     """The unit `limit_conn_per_ip` counts: an IPv4 address, or an IPv6 /64 (one site's
     network: a client may hold a whole /64 and use a new address per connection)."""
     try:
@@ -38,30 +41,31 @@ class Ticket:
 
     __slots__ = ("adm", "key", "prelogin", "released")
 
-    def __init__(self, adm, key):
+    def __init__(self, adm: Admission, key: Optional[str]) -> None:
         self.adm = adm
         self.key = key              # address_key counted, None when exempt
         self.prelogin = True
         self.released = False
 
-    def retarget(self, ip):
+    def retarget(self, ip: str) -> Optional[str]:
         """The session's real client address is now known (PROXY header from a trusted
         balancer): count it instead.  Returns None, or the reason it is over its limit
         (then the ticket is released)."""
         return self.adm._retarget(self, ip)
 
-    def logged_in(self):
+    def logged_in(self) -> None:
         """Handed over to the relay: no longer a pre-login session."""
         self.adm._logged_in(self)
 
-    def release(self):
+    def release(self) -> None:
         self.adm._release(self)
 
 
 class Admission:
     """Counts of one worker, shared by its listener threads, handler threads and relay."""
 
-    def __init__(self, worker_connections=0, limit_prelogin=0, limit_conn_per_ip=0):
+    def __init__(self, worker_connections: int = 0, limit_prelogin: int = 0,
+                 limit_conn_per_ip: int = 0) -> None:
         self.worker_connections = worker_connections    # 0: no limit
         self.limit_prelogin = limit_prelogin
         self.limit_conn_per_ip = limit_conn_per_ip
@@ -72,24 +76,25 @@ class Admission:
         self.lines = LogThrottle()  # refusal lines of this worker
 
     @classmethod
-    def from_config(cls, main):
+    def from_config(cls, main: Any) -> Admission:
         return cls(getattr(main, "worker_connections", 0) or 0,
                    getattr(main, "limit_prelogin", 0) or 0,
                    getattr(main, "limit_conn_per_ip", 0) or 0)
 
     # -- the accepting thread -------------------------------------------------------------
-    def full(self):
+    def full(self) -> bool:
         """No room for one more session: the listener stops accepting (as nginx when its
         free connections run out), leaving connections queued for other workers."""
         wc = self.worker_connections
         return bool(wc) and self.connections + PER_SESSION > wc
 
-    def wait_room(self, timeout):
+    def wait_room(self, timeout: Optional[float]) -> bool:
         """Wait until a session ends (or `timeout` seconds); True when there is room."""
         with self._cond:
             return self._cond.wait_for(lambda: not self.full(), timeout)
 
-    def admit(self, ip, exempt=False):
+    def admit(self, ip: Optional[str], exempt: bool = False
+              ) -> Tuple[Optional[Ticket], Optional[str]]:
         """(Ticket, None) for an admitted session, or (None, reason) when a limit refuses it.
 
         `exempt`: the peer is a trusted balancer (set_real_ip_from) whose PROXY header is not
@@ -110,7 +115,7 @@ class Admission:
                 self.per_ip[key] = self.per_ip.get(key, 0) + 1
             return Ticket(self, key), None
 
-    def limit_of(self, reason):
+    def limit_of(self, reason: str) -> int:
         return getattr(self, reason, 0)
 
     # -- tickets ------------------------------------------------------------------------------
@@ -160,13 +165,13 @@ class Admission:
                 self._uncount_ip(t.key)
             self._cond.notify_all()
 
-    def snapshot(self):
+    def snapshot(self) -> Dict[str, int]:
         with self._cond:
             return {"connections": self.connections, "prelogin": self.prelogin,
                     "addresses": len(self.per_ip)}
 
 
-def raise_nofile(needed):
+def raise_nofile(needed: int) -> int:
     """Raise this process's soft RLIMIT_NOFILE towards `needed` descriptors (at most the hard
     limit, which needs no privilege); the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -186,7 +191,7 @@ _REFUSALS = {"limit_conn_per_ip": "too many connections from the client's addres
              "threads": "no handler thread could be started"}
 
 
-def refusal_text(reason, limit, held, tls):
+def refusal_text(reason: str, limit: int, held: int, tls: bool) -> str:
     """The log line's text of a refusal (the caller adds client and server): what was over
     its limit, the lines LogThrottle held back, and whether the greeting was left out."""
     return "%s (%s %d%s)%s" % (
@@ -200,13 +205,13 @@ class LogThrottle:
     reconnecting thousands of times a second must not fill the disk.  Lines held back are
     counted into the next line for that key."""
 
-    def __init__(self, interval=1.0, max_keys=4096):
+    def __init__(self, interval: float = 1.0, max_keys: int = 4096) -> None:
         self.interval = interval
         self.max_keys = max_keys
         self._lock = threading.Lock()
         self._keys = {}             # key -> [time of the last line, lines held back since]
 
-    def allow(self, key, now):
+    def allow(self, key: Hashable, now: float) -> Optional[int]:
         """None when the line is to be held back, else how many were held back before it."""
         with self._lock:
             entry = self._keys.get(key)

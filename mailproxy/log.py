@@ -3,6 +3,8 @@
 Line shape: ``YYYY/MM/DD HH:MM:SS [level] PID#TID: *CONN message``.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import re
@@ -10,6 +12,7 @@ import socket
 import stat
 import threading
 import time
+from typing import Any, Iterable, Optional, Tuple, Union
 
 LEVELS = ("emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
 # nginx's severity numbers (also the syslog severities): emerg 0 ... debug 7
@@ -29,7 +32,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def severity(level):
+def severity(level: Union[str, int]) -> int:
     """Numeric severity of a level name (unknown names count as 'error')."""
     if isinstance(level, int):
         return level
@@ -61,7 +64,7 @@ _clock = _Clock()
 _LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
-def open_log_file(path):
+def open_log_file(path: str) -> Tuple[int, bool]:
     """(fd, created): a log file opened for appending, never through a symbolic link.
 
     A root master opens log files in folders the workers' user may own (nginx's Debian
@@ -98,20 +101,20 @@ def open_log_file(path):
 class FileTarget:
     """Appends whole lines with one write(2) each (O_APPEND: safe across threads and processes)."""
 
-    def __init__(self, path, level):
+    def __init__(self, path: str, level: Union[str, int]) -> None:
         self.path = path
         self.severity = severity(level)
         self._lock = threading.Lock()
         self.created = False        # True when this process created the file of `fd`
         self.fd, self.created = open_log_file(path)
 
-    def write(self, line, syslog_body, level):
+    def write(self, line: str, syslog_body: str, level: int) -> None:
         try:
             os.write(self.fd, line.encode("utf-8", "backslashreplace"))
         except OSError:
             pass
 
-    def reopen(self):
+    def reopen(self) -> None:
         fd, created = open_log_file(self.path)  # may raise: the caller reports, the old fd stays
         with self._lock:
             old = self.fd
@@ -128,7 +131,7 @@ class FileTarget:
                 return
         os.close(fd)
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             fd, self.fd = self.fd, -1
         if fd >= 0:
@@ -139,27 +142,29 @@ class FileTarget:
 
 
 class StderrTarget:
-    def __init__(self, level):
+    def __init__(self, level: Union[str, int]) -> None:
         self.path = "stderr"
         self.severity = severity(level)
 
-    def write(self, line, syslog_body, level):
+    def write(self, line: str, syslog_body: str, level: int) -> None:
         try:
             os.write(2, line.encode("utf-8", "backslashreplace"))
         except OSError:
             pass
 
-    def reopen(self):
+    def reopen(self) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
 class SyslogTarget:
     """One UDP datagram per line, RFC 3164 shape as nginx sends it."""
 
-    def __init__(self, server, level, facility="local7", tag="mailproxy", nohostname=False):
+    def __init__(self, server: Optional[Tuple[str, Union[int, str, None]]],
+                 level: Union[str, int], facility: Union[str, int] = "local7",
+                 tag: str = "mailproxy", nohostname: bool = False) -> None:
         self.path = "syslog"
         self.severity = severity(level)
         host, port = server if server else ("127.0.0.1", 514)
@@ -177,7 +182,7 @@ class SyslogTarget:
         self.sock = socket.socket(info[0], socket.SOCK_DGRAM)
         self.sock.setblocking(False)
 
-    def write(self, line, syslog_body, level):
+    def write(self, line: str, syslog_body: str, level: int) -> None:
         pri = self.facility * 8 + severity(level)
         _, stamp = _clock.stamps()
         if self.hostname:
@@ -189,17 +194,20 @@ class SyslogTarget:
         except OSError:
             pass
 
-    def reopen(self):
+    def reopen(self) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
 
 
-def make_target(t):
+Target = Union[FileTarget, StderrTarget, SyslogTarget]
+
+
+def make_target(t: Any) -> Target:
     """A target object from a config LogTarget (or anything with the same attributes)."""
     kind = getattr(t, "kind", "file")
     level = getattr(t, "level", None) or "error"
@@ -220,7 +228,7 @@ class ErrorLog:
     after that nothing raises into the caller.
     """
 
-    def __init__(self, targets, pid=None):
+    def __init__(self, targets: Optional[Iterable[Any]], pid: Optional[int] = None) -> None:
         self.pid = pid
         self.targets = []
         try:
@@ -231,11 +239,11 @@ class ErrorLog:
             raise
         self._min = max((t.severity for t in self.targets), default=-1)
 
-    def enabled(self, level):
+    def enabled(self, level: Union[str, int]) -> bool:
         """True when at least one target writes lines of this level."""
         return severity(level) <= self._min
 
-    def log(self, level, message, conn=None):
+    def log(self, level: Union[str, int], message: str, conn: object = None) -> None:
         sev = severity(level)
         if sev > self._min:
             return
@@ -255,28 +263,28 @@ class ErrorLog:
             pass
 
     # nginx-ish shorthands
-    def emerg(self, msg, conn=None):
+    def emerg(self, msg: str, conn: object = None) -> None:
         self.log("emerg", msg, conn)
 
-    def alert(self, msg, conn=None):
+    def alert(self, msg: str, conn: object = None) -> None:
         self.log("alert", msg, conn)
 
-    def error(self, msg, conn=None):
+    def error(self, msg: str, conn: object = None) -> None:
         self.log("error", msg, conn)
 
-    def warn(self, msg, conn=None):
+    def warn(self, msg: str, conn: object = None) -> None:
         self.log("warn", msg, conn)
 
-    def notice(self, msg, conn=None):
+    def notice(self, msg: str, conn: object = None) -> None:
         self.log("notice", msg, conn)
 
-    def info(self, msg, conn=None):
+    def info(self, msg: str, conn: object = None) -> None:
         self.log("info", msg, conn)
 
-    def debug(self, msg, conn=None):
+    def debug(self, msg: str, conn: object = None) -> None:
         self.log("debug", msg, conn)
 
-    def reopen(self):
+    def reopen(self) -> None:
         """Reopen file targets (USR1). A file that cannot be reopened keeps its old descriptor."""
         for t in self.targets:
             try:
@@ -285,7 +293,7 @@ class ErrorLog:
                 self.log("alert", 'open() "%s" failed (%d: %s)'
                          % (t.path, e.errno or 0, e.strerror or e))
 
-    def close(self):
+    def close(self) -> None:
         for t in self.targets:
             try:
                 t.close()
@@ -295,7 +303,7 @@ class ErrorLog:
         self._min = -1
 
 
-def stderr_log(level="notice"):
+def stderr_log(level: str = "notice") -> ErrorLog:
     """An ErrorLog writing to stderr only (before the configured logs exist)."""
     return ErrorLog([StderrTarget(level)])
 
@@ -323,14 +331,14 @@ def _escape(m):
     return "\\u%04x" % code
 
 
-def addr_text(host, port):
+def addr_text(host: str, port: Union[int, str]) -> str:
     """nginx's text of an address: `192.0.2.1:110`, `[2001:db8::1]:110`."""
     if ":" in host:
         return "[%s]:%s" % (host, port)
     return "%s:%s" % (host, port)
 
 
-def errno_text(exc):
+def errno_text(exc: BaseException) -> str:
     """nginx's text of a failed call's error: `104: Connection reset by peer` (the errno and
     its message), or the exception's own text when it has no errno."""
     code = getattr(exc, "errno", None)
@@ -339,7 +347,7 @@ def errno_text(exc):
     return str(exc)
 
 
-def sanitize(data, limit=256):
+def sanitize(data: object, limit: Optional[int] = 256) -> str:
     """Client-supplied bytes or text as one safe log fragment (see "Log lines" in README.md).
 
     Controls (CR, LF, NUL, ...), C1 controls, line/paragraph separators and bytes that

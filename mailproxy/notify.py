@@ -1,11 +1,13 @@
 """sd_notify(3): tell systemd about READY=1, RELOADING=1, STOPPING=1 (Type=notify)."""
 
+from __future__ import annotations
+
 import os
 import socket
 import time
 
 
-def notify(state):
+def notify(state: str) -> bool:
     """Send `state` to $NOTIFY_SOCKET (a path or an abstract '@name'); nothing when unset.
 
     Never raises: a missing or broken notification socket must not stop the proxy.

@@ -7,12 +7,15 @@ file open: a planted pid file naming another process, or a stale one whose pid w
 is refused (nginx's ngx_signal_process trusts any number in the file).
 """
 
+from __future__ import annotations
+
 import os
 import stat
 import tempfile
+from typing import Optional
 
 
-def write(path, pid):
+def write(path: str, pid: int) -> int:
     """Write `pid` to `path`; returns the descriptor the master keeps open (see `holder`)."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
@@ -30,7 +33,7 @@ def write(path, pid):
     return fd
 
 
-def read(path):
+def read(path: str) -> int:
     """The pid in `path`; OSError (never blocks on a FIFO, never through a symlink) or
     ValueError naming the file."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -45,7 +48,7 @@ def read(path):
     return int(text)
 
 
-def holder(pid, path):
+def holder(pid: int, path: str) -> bool:
     """True when process `pid` has the file at `path` open (the master keeps its pid file
     open for this: /proc/PID/fd/* on the same device and inode)."""
     try:
@@ -66,7 +69,7 @@ def holder(pid, path):
     return False
 
 
-def remove(path, fd, pid):
+def remove(path: str, fd: Optional[int], pid: int) -> None:
     """Remove `path` if it still names `pid` (a newer master may own it), close `fd`."""
     try:
         if read(path) == pid:

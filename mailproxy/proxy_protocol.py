@@ -13,8 +13,11 @@ Writing (the `proxy_protocol` directive towards backends, nginx's ngx_proxy_prot
 IPv4-mapped addresses, never nginx's mixed v1 line (README.md, Differences from nginx).
 """
 
+from __future__ import annotations
+
 import ipaddress
 import struct
+from typing import Iterable, Optional, Tuple, Union
 
 from .log import sanitize
 
@@ -25,7 +28,7 @@ SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _ADDR_CHARS = frozenset(b"0123456789abcdefABCDEF:.")
 
 
-def ip_text(ip):
+def ip_text(ip: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]) -> str:
     """nginx's text of an address: IPv4 dotted, IPv6 compressed, IPv4-mapped as ::ffff:a.b.c.d."""
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return "::ffff:" + str(ip.ipv4_mapped)
@@ -80,7 +83,12 @@ def _read_port(buf, p, sep):
     return value, p
 
 
-def parse(buf):
+Addresses = Tuple[str, int, str, int]      # client address and port, local address and port
+# an address as the writers take it: text (`[v6]` and a scope id allowed) or an ipaddress object
+Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address, None]
+
+
+def parse(buf: Union[bytes, bytearray, memoryview]) -> Tuple[int, Optional[Addresses]]:
     """Parse a PROXY header at the start of `buf` (what one read returned).
 
     Returns (length of the header, addresses) where addresses is (src_addr, src_port,
@@ -178,7 +186,8 @@ def _pair(client_ip, local_ip):
     return c, l
 
 
-def v1_header(client_ip, client_port, local_ip, local_port):
+def v1_header(client_ip: Address, client_port: int, local_ip: Address,
+              local_port: int) -> bytes:
     """`PROXY TCP4|TCP6 <client> <local> <cport> <lport>\\r\\n`, or `PROXY UNKNOWN\\r\\n`."""
     if client_ip is None or local_ip is None:
         return b'PROXY UNKNOWN\r\n'
@@ -188,7 +197,8 @@ def v1_header(client_ip, client_port, local_ip, local_port):
             % (proto, ip_text(c), ip_text(l), int(client_port), int(local_port))).encode('ascii')
 
 
-def v2_header(client_ip, client_port, local_ip, local_port, tlvs=()):
+def v2_header(client_ip: Address, client_port: int, local_ip: Address, local_port: int,
+              tlvs: Iterable[Tuple[int, bytes]] = ()) -> bytes:
     """Binary PROXY v2: PROXY command over TCP4/TCP6, or LOCAL/UNSPEC without a client address.
 
     tlvs: iterable of (type, bytes), appended in order.

@@ -23,14 +23,17 @@ for an `ssl.SSLSocket`, chosen automatically); endpoints holding bytes already d
 serviced on the next loop pass without waiting.
 """
 
+from __future__ import annotations
+
 import heapq
 import selectors
 import socket
 import threading
 import time
 import traceback
+from typing import Any, Callable, Optional, Union
 
-from .endpoints import endpoint_for
+from .endpoints import PlainEndpoint, endpoint_for
 from .log import errno_text
 
 EVENT_READ = selectors.EVENT_READ
@@ -54,7 +57,8 @@ class Stats:
 
     __slots__ = ('name', 'bytes_in', 'bytes_out', 'started', 'duration', 'reason')
 
-    def __init__(self, name, bytes_in, bytes_out, started, duration, reason):
+    def __init__(self, name: str, bytes_in: int, bytes_out: int, started: float,
+                 duration: float, reason: str) -> None:
         self.name = name
         self.bytes_in = bytes_in      # client -> backend, including the pipelined to_backend
         self.bytes_out = bytes_out    # backend -> client, including to_client
@@ -83,7 +87,9 @@ class _Session:
 class Relay:
     """One per process; see the module docstring."""
 
-    def __init__(self, log=None, endpoint_factory=None):
+    def __init__(self, log: Union[Callable[[str, str], Any], Any, None] = None,
+                 endpoint_factory: Optional[Callable[[socket.socket, Any], PlainEndpoint]]
+                 = None) -> None:
         # log: a callable log(level, message), or an object with such a .log method (ErrorLog)
         if log is not None and not callable(log) and callable(getattr(log, 'log', None)):
             log = log.log
@@ -113,7 +119,7 @@ class Relay:
 
     # ---------------------------------------------------------------- public, any thread
 
-    def start(self):
+    def start(self) -> None:
         with self._lock:
             if self._thread is not None:
                 return
@@ -123,9 +129,11 @@ class Relay:
             self._thread = threading.Thread(target=self._run, name='mailproxy-relay', daemon=True)
             self._thread.start()
 
-    def add(self, client_sock, backend_sock, *, to_backend=b'', to_client=b'',
-            client_buffer=4096, proxy_buffer=4096, proxy_timeout=86400.0,
-            on_done=None, name='', nodelay=True):
+    def add(self, client_sock: socket.socket, backend_sock: socket.socket, *,
+            to_backend: bytes = b'', to_client: bytes = b'', client_buffer: int = 4096,
+            proxy_buffer: int = 4096, proxy_timeout: float = 86400.0,
+            on_done: Optional[Callable[[Stats], Any]] = None, name: str = '',
+            nodelay: bool = True) -> None:
         """Hand a logged-in session to the relay (thread-safe).  The relay owns both sockets.
 
         nodelay=False: both sockets have TCP_NODELAY already (the relay does not set it)."""
@@ -145,13 +153,13 @@ class Relay:
                 pass
         self._call_done(on_done, Stats(name, 0, 0, args[-1], 0.0, 'shutdown'))
 
-    def count(self):
+    def count(self) -> int:
         """Sessions owned by the relay (including those handed over but not yet started)."""
         with self._lock:
             queued = sum(1 for kind, _ in self._cmds if kind == 'add')
         return self._live + queued
 
-    def close_all(self, reason='shutdown'):
+    def close_all(self, reason: str = 'shutdown') -> None:
         """End every session (thread-safe); each on_done gets `reason`."""
         with self._lock:
             self._cmds.append(('close_all', reason))
@@ -159,7 +167,7 @@ class Relay:
         if self._thread is None:
             self._process_commands(refuse=reason)
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout: float = 5.0) -> None:
         """End every session with 'shutdown' and end the relay thread."""
         with self._lock:
             self._stopped = True

@@ -27,6 +27,8 @@ With DNS servers each lookup (PTR, then forward) is bounded by `timeout`, as ngi
 `resolver_timeout` is; `resolver system` bounds both lookups together by `timeout`.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import random
 import selectors
@@ -34,6 +36,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from .log import sanitize
 
@@ -54,14 +57,19 @@ T_OTHER = 0             # parse_response's type for any other record (type 0 is 
 _HOST_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 
 
-def strerror(code):
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+Answer = Tuple[int, int, bytes]        # record type, TTL, data (names decoded, addresses raw)
+_T = TypeVar("_T")
+
+
+def strerror(code: int) -> str:
     return _STRERROR.get(code, "Unknown error")
 
 
 class LogMessage(str):
     """An error-level log message; `.action` is the `while ...` part that goes with it."""
 
-    def __new__(cls, text, action):
+    def __new__(cls, text: str, action: str) -> LogMessage:
         obj = super().__new__(cls, text)
         obj.action = action
         return obj
@@ -70,12 +78,12 @@ class LogMessage(str):
 class LookupFailed(Exception):
     """str(): `CODE: TEXT`, or `text` when given (a failure without an rcode of its own)."""
 
-    def __init__(self, code, text=None):
+    def __init__(self, code: int, text: Optional[str] = None) -> None:
         super().__init__(text or "%d: %s" % (code, strerror(code)))
         self.code = code
 
 
-def valid_host(name):
+def valid_host(name: Union[str, bytes]) -> bool:
     """nginx 1.29.7+: a PTR name must be non-empty and only `A-Z a-z 0-9 - .`."""
     if isinstance(name, str):
         try:
@@ -98,7 +106,8 @@ def _normalise(ip):
     return addr
 
 
-def client_name(ip, conf_resolver, timeout):
+def client_name(ip: Optional[str], conf_resolver: Any, timeout: float
+                ) -> Tuple[str, Optional[LogMessage]]:
     """(host or marker, LogMessage or None) for a client address."""
     if conf_resolver is None or conf_resolver == "off":
         return UNAVAILABLE, None
@@ -149,7 +158,7 @@ def _printable(text):
 _system_slots = threading.BoundedSemaphore(64)    # at most this many lookups hung at once
 
 
-def bounded(func, timeout):
+def bounded(func: Callable[[], _T], timeout: float) -> _T:
     """Run func() in a daemon thread; its result, its exception, or LookupFailed(TIMEDOUT)
     after `timeout` (also backend.py's name lookups)."""
     deadline = time.monotonic() + timeout
@@ -223,7 +232,7 @@ _clients = {}
 _clients_lock = threading.Lock()
 
 
-def client_for(conf):
+def client_for(conf: Any) -> DnsClient:
     """The shared DnsClient (with its cache) for a `resolver` configuration object."""
     servers = tuple((str(h), int(p)) for h, p in conf.servers)
     key = (servers, getattr(conf, "valid", None) or 0, getattr(conf, "ipv4", True),
@@ -235,12 +244,12 @@ def client_for(conf):
         return client
 
 
-def reverse_name(addr):
+def reverse_name(addr: IPAddress) -> str:
     """The in-addr.arpa / ip6.arpa name for an ipaddress object."""
     return addr.reverse_pointer
 
 
-def encode_name(name):
+def encode_name(name: str) -> bytes:
     out = bytearray()
     name = name.rstrip(".")
     if name:
@@ -256,7 +265,7 @@ def encode_name(name):
     return bytes(out)
 
 
-def build_query(ident, name, qtype):
+def build_query(ident: int, name: str, qtype: int) -> bytes:
     # RD set, as nginx sends it
     return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + encode_name(name) \
         + struct.pack("!HH", qtype, 1)
@@ -266,7 +275,7 @@ class BadResponse(Exception):
     pass
 
 
-def read_name(msg, off):
+def read_name(msg: bytes, off: int) -> Tuple[bytes, int]:
     """(labels as bytes joined by '.', offset after the name) with compression pointers."""
     labels = []
     end = None
@@ -301,7 +310,8 @@ def read_name(msg, off):
     return b".".join(labels), (end if end is not None else off)
 
 
-def parse_response(msg, ident, qname, qtype):
+def parse_response(msg: bytes, ident: int, qname: str, qtype: int
+                   ) -> Tuple[int, bool, List[Answer]]:
     """(rcode, truncated, answers) for a reply to our query, or raise BadResponse.
 
     answers: list of (type, ttl, data) where data is bytes (names decoded, addresses raw).
@@ -356,7 +366,8 @@ def parse_response(msg, ident, qname, qtype):
 class DnsClient:
     """PTR / A / AAAA lookups against fixed servers, with a positive-answer cache."""
 
-    def __init__(self, servers, valid=0, ipv4=True, ipv6=True, resend=None):
+    def __init__(self, servers: Iterable[Tuple[str, int]], valid: float = 0, ipv4: bool = True,
+                 ipv6: bool = True, resend: Optional[float] = None) -> None:
         self.servers = [(str(h), int(p)) for h, p in servers]
         self.valid = valid or 0
         self.ipv4 = ipv4
@@ -368,7 +379,7 @@ class DnsClient:
 
     # ---- public ----------------------------------------------------------------------------
 
-    def reverse(self, addr, timeout):
+    def reverse(self, addr: Union[IPAddress, str], timeout: float) -> str:
         """The PTR name (str) of an ipaddress object; LookupFailed on failure.
 
         An answer with a CNAME but no PTR (classless in-addr.arpa delegation, RFC 2317) is
@@ -392,7 +403,7 @@ class DnsClient:
             name = cnames[-1].decode("latin-1")
         raise LookupFailed(SERVFAIL, "no PTR type in DNS response")
 
-    def forward(self, name, timeout):
+    def forward(self, name: str, timeout: float) -> List[str]:
         """Addresses (str) of `name` from A (ipv4=on) and AAAA (ipv6=on); LookupFailed if none."""
         deadline = time.monotonic() + timeout
         qtypes = [t for t, on in ((T_A, self.ipv4), (T_AAAA, self.ipv6)) if on]
@@ -444,7 +455,7 @@ class DnsClient:
                 return []
         return []
 
-    def query(self, name, qtype, deadline):
+    def query(self, name: str, qtype: int, deadline: float) -> List[Answer]:
         """Answer records for (name, qtype), from the cache or the servers."""
         key = (name.lower().rstrip("."), qtype)
         now = time.monotonic()

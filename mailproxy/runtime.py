@@ -1,9 +1,17 @@
 """Process-wide pieces shared by every session: the current config, logs, the relay."""
 
+from __future__ import annotations
+
 import itertools
 import threading
+from typing import TYPE_CHECKING, Dict, Optional
 
 from . import limits
+
+if TYPE_CHECKING:      # annotations only
+    from .config import Config, ServerConf
+    from .log import ErrorLog
+    from .relay import Relay
 
 
 class Runtime:
@@ -12,7 +20,8 @@ class Runtime:
     Created once per (worker) process by supervisor.py; reload swaps `config` and `logs`.
     """
 
-    def __init__(self, config, log, relay, server_logs=None):
+    def __init__(self, config: Config, log: ErrorLog, relay: Relay,
+                 server_logs: Optional[Dict[int, ErrorLog]] = None) -> None:
         self.config = config
         self.log = log                      # main ErrorLog
         self.relay = relay                  # relay.Relay
@@ -22,11 +31,11 @@ class Runtime:
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
 
-    def next_conn_id(self):
+    def next_conn_id(self) -> int:
         """nginx's *N connection counter (also advanced for auth and backend connections)."""
         with self._ids_lock:
             return next(self._ids)
 
-    def log_for(self, server_conf):
+    def log_for(self, server_conf: ServerConf) -> ErrorLog:
         """The ErrorLog a session of this server writes to."""
         return self.server_logs.get(id(server_conf), self.log)

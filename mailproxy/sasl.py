@@ -8,10 +8,13 @@ are refused as well, so client-chosen bytes can never become an extra line
 towards a backend or an extra header towards the auth service.
 """
 
+from __future__ import annotations
+
 import base64
 import binascii
 import secrets
 import time
+from typing import Optional, Tuple
 
 __all__ = [
     'SaslError', 'decode_base64', 'decode_plain', 'decode_login_username',
@@ -35,7 +38,7 @@ class SaslError(Exception):
     """A client's SASL response was unusable; str() is nginx's log message."""
 
 
-def decode_base64(data):
+def decode_base64(data: bytes) -> Optional[bytes]:
     """Decode like nginx's ngx_decode_base64(); None when invalid.
 
     Only the bytes before the first '=' count (padding is optional and what
@@ -59,7 +62,7 @@ def decode_base64(data):
         return None
 
 
-def check_credential(value):
+def check_credential(value: bytes) -> bool:
     """True when `value` holds no CR, LF or NUL (safe for a backend line)."""
     return not (b'\r' in value or b'\n' in value or b'\x00' in value)
 
@@ -77,7 +80,7 @@ def _checked(value, what, mech):
     return value
 
 
-def decode_plain(b64):
+def decode_plain(b64: bytes) -> Tuple[bytes, bytes]:
     """AUTH PLAIN response: authzid NUL login NUL password -> (login, password)."""
     plain = _decode(b64, 'PLAIN')
     first = plain.find(b'\x00')
@@ -92,17 +95,17 @@ def decode_plain(b64):
     return login, password
 
 
-def decode_login_username(b64):
+def decode_login_username(b64: bytes) -> bytes:
     """AUTH LOGIN first response (or initial response) -> login."""
     return _checked(_decode(b64, 'LOGIN'), 'login', 'LOGIN')
 
 
-def decode_login_password(b64):
+def decode_login_password(b64: bytes) -> bytes:
     """AUTH LOGIN second response -> password."""
     return _checked(_decode(b64, 'LOGIN'), 'password', 'LOGIN')
 
 
-def decode_cram_md5(b64):
+def decode_cram_md5(b64: bytes) -> Tuple[bytes, bytes]:
     """AUTH CRAM-MD5 response: 'login SP digest' -> (login, digest).
 
     The digest is everything after the first space and must be exactly 32
@@ -119,24 +122,24 @@ def decode_cram_md5(b64):
     return login, digest
 
 
-def decode_external(b64):
+def decode_external(b64: bytes) -> bytes:
     """AUTH EXTERNAL response (authorization identity) -> login."""
     return _checked(_decode(b64, 'EXTERNAL'), 'login', 'EXTERNAL')
 
 
-def make_salt(server_name):
+def make_salt(server_name: str) -> bytes:
     """`<random.unixtime@server_name>` (no CRLF), as nginx's ngx_mail_salt()."""
     return ('<%d.%d@%s>' % (secrets.randbelow(2 ** 31), int(time.time()),
                             server_name)).encode('utf-8', 'surrogateescape')
 
 
-def cram_md5_challenge(salt):
+def cram_md5_challenge(salt: bytes) -> bytes:
     """The CRAM-MD5 challenge: base64 of the salt (without any CRLF)."""
     if salt.endswith(b'\r\n'):
         salt = salt[:-2]
     return base64.b64encode(salt)
 
 
-def encode_plain(login, password):
+def encode_plain(login: bytes, password: bytes) -> bytes:
     """base64(NUL login NUL password), for AUTH PLAIN towards a backend."""
     return base64.b64encode(b'\x00' + login + b'\x00' + password)

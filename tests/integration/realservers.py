@@ -7,8 +7,8 @@ ports, as a child of the test process, and stopped by pid.
   Dovecot(dir, users)        IMAP + POP3 (+ haproxy listeners, + auth socket for Postfix SASL)
   Postfix(dir, ...)          smtpd on a loopback port, virtual Maildir delivery into dir
   HAProxy(dir, cfg)          haproxy -f cfg (foreground)
-  Nginx(dir, conf)           nginx -c conf with `daemon off`
-  nginx_conf(config, ...)    our INI dict (servers/mail) -> nginx.conf text
+  Nginx(dir, config, ports)  nginx on our INI dict (servers/mail), translated by
+                             bench/nginx_conf.py, with `daemon off`
   versions()                 {program: version string} of what is installed
 """
 
@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from bench.nginx_conf import DEBIAN_MAIL_MODULE, nginx_conf
+from harness import ini
 
 CI = os.environ.get("CI") == "true"
 LOOPBACK = "127.0.0.1"
@@ -45,7 +48,7 @@ PROGRAMS = {
     "curl": "/usr/bin/curl",
     "openssl": "/usr/bin/openssl",
 }
-NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
+NGINX_MAIL_MODULE = DEBIAN_MAIL_MODULE
 
 
 def program(name):
@@ -459,59 +462,19 @@ class HAProxy(Child):
 # ---------------------------------------------------------------------------------------------
 # nginx
 
-# our keys that nginx does not have, or that only say what nginx does by default
-OUR_ONLY_KEYS = {"proxy_pass", "imap_client_id", "xclient_extended", "ssl_certificate_sni"}
-
-
-def _nginx_value(value):
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def _nginx_directives(values, indent):
-    out = []
-    for key, value in (values or {}).items():
-        if value is None or key in OUR_ONLY_KEYS:
-            continue
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for item in items:
-            out.append(f"{indent}{key} {_nginx_value(item)};")
-    return out
-
-
-def nginx_conf(config, dir, error_level="info"):
-    """nginx.conf text for our INI dict ({'servers': {name: {key: value}}, 'mail': {...}}):
-    the same servers in a mail {} block, with the process bits (pid, error_log) in `dir`.
-    Keys of ours that nginx lacks (proxy_pass, imap_client_id, ...) are left out."""
-    dir = Path(dir)
-    lines = [
-        f"load_module {NGINX_MAIL_MODULE};",
-        "daemon off;",
-        "master_process on;",
-        "worker_processes 1;",
-        f"pid {dir / 'nginx.pid'};",
-        f"error_log {dir / 'nginx-error.log'} {error_level};",
-        "events { worker_connections 256; }",
-        "mail {",
-    ]
-    lines += _nginx_directives(config.get("mail"), "    ")
-    for name, values in (config.get("servers") or {}).items():
-        lines.append(f"    server {{  # {name}")
-        lines += _nginx_directives(values, "        ")
-        lines.append("    }")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
 class Nginx(Child):
     def __init__(self, tmp, config, ports, error_level="info"):
-        """config: our INI dict; ports: the loopback ports to wait for."""
+        """config: our INI dict (harness.ini), written as mailproxy.ini and translated by
+        bench/nginx_conf.py; ports: the loopback ports to wait for."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf_path = self.dir / "nginx.conf"
-        self.conf_path.write_text(nginx_conf(config, self.dir, error_level))
+        self.ini_path = self.dir / "mailproxy.ini"
+        self.ini_path.write_text(ini(**config))
         self.log_path = self.dir / "nginx-error.log"
+        self.conf_path = self.dir / "nginx.conf"
+        self.conf_path.write_text(nginx_conf(self.ini_path, module=NGINX_MAIL_MODULE, main={
+            "worker_processes": 1, "pid": self.dir / "nginx.pid",
+            "error_log": f"{self.log_path} {error_level}", "worker_connections": 256}))
         self.log = LogWatch(self.log_path)
         self._spawn([program("nginx"), "-e", str(self.log_path), "-p", str(self.dir),
                      "-c", str(self.conf_path)], self.dir, "nginx.out")

@@ -1,5 +1,5 @@
 """nginx side by side: the same client conversations run against nginx's mail proxy (Debian's
-nginx-light + libnginx-mod-mail, configured from the same INI by realservers.nginx_conf) and
+nginx-light + libnginx-mod-mail, configured from the same INI by bench/nginx_conf.py) and
 against mailproxy, with the same auth_http service and the same scripted backends.
 
 Three transcripts are compared per case, byte for byte after normalising the random parts

@@ -1,0 +1,1 @@
+"""The benchmark and its helpers; bench/nginx_conf.py is shared with tests/integration."""
