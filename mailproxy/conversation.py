@@ -20,12 +20,39 @@ feed events and compare actions (tests/unit/).  A subclass overrides `greeting()
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Type
 
 from . import sasl
 from .clientio import Refused
 from .log import sanitize
-from .protocols import PROTOCOLS
+
+
+# ---- the descriptor -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Protocol:
+    """What the rest of the proxy needs to know of a protocol, as nginx's `ngx_mail_protocol_t`;
+    each protocol module defines its own (`PROTOCOL`), protocols.py lists them."""
+    name: str               # the `protocol` directive's value
+    ports: Tuple[int, ...]  # listen ports that imply it when `protocol` is not set
+    alpn: bytes             # its ALPN name (ngx_mail_ssl_alpn_select)
+    cert_error: bytes       # after the handshake: the certificate did not verify
+    no_cert: bytes          # after the handshake: a required certificate is missing
+    internal_error: bytes   # a failure of ours or of the auth service / backend
+    temp_failure: bytes     # instead of the greeting when a limit refuses (limits.py);
+                            # `%s` is the server_name where the protocol names itself
+    sasl_order: Tuple[Tuple[str, str], ...]   # (method, advertised word) in nginx's order
+    conversation: Type["Conversation"]        # the client side's state machine
+
+    def busy_reply(self, conf) -> bytes:
+        """The temporary-failure greeting for a connection a limit refuses."""
+        if b"%s" not in self.temp_failure:
+            return self.temp_failure
+        return self.temp_failure % str(conf.server_name).encode("utf-8", "surrogateescape")
+
+    def mechanisms(self, methods) -> List[str]:
+        """The SASL words advertised for the enabled `methods`, in nginx's order."""
+        return [word for name, word in self.sasl_order if name in methods]
 
 
 # ---- actions towards the client side -------------------------------------------------------
@@ -151,6 +178,7 @@ class Conversation:
 
     protocol = ""
     INVALID = b""
+    descriptor: Protocol        # set by the protocol module, next to its PROTOCOL
 
     def __init__(self, conf, tls: bool = False):
         self.conf = conf
@@ -274,7 +302,7 @@ class Conversation:
 
     def mechanisms(self, methods) -> List[str]:
         """The enabled SASL mechanism words in the protocol's advertising order."""
-        return PROTOCOLS[self.protocol].mechanisms(methods)
+        return self.descriptor.mechanisms(methods)
 
     def _run(self, handler, *args) -> list:
         try:

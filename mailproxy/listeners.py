@@ -14,7 +14,9 @@ import socketserver
 import threading
 import time
 
-from . import ktimeout, limits, protocols, realip
+from . import ktimeout, limits, realip
+from .protocols import PROTOCOLS
+from .session import Session
 from .log import addr_text, sanitize
 
 _RESOURCE_ERRORS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM}
@@ -155,8 +157,10 @@ def handler_pool():
 
 
 class Listener(socketserver.ThreadingTCPServer):
-    """One bound, listening address; serves connections with the protocol's Session class."""
+    """One bound, listening address; each connection runs a `session_class` (the one Session,
+    whatever the protocol; tests put a stub here)."""
 
+    session_class = Session
     daemon_threads = True
     pool = None                 # HandlerPool, set by start()
     _nodelay_inherited = False  # set by start()
@@ -320,7 +324,7 @@ class Listener(socketserver.ThreadingTCPServer):
         try:
             try:
                 conf, listen = routed or self.route(request)
-                cls = protocols.session_class(conf.protocol)
+                cls = self.session_class
                 t = self._timeout_inherited
                 session = cls(request, client_address, conf, listen, self.runtime,
                               timeout_set=t is not None and t == getattr(conf, "timeout", None),
@@ -401,7 +405,6 @@ class Listener(socketserver.ThreadingTCPServer):
         client.  On an implicit-TLS port the greeting would need a TLS handshake, the very cost
         the limit exists to avoid: there the connection is closed after the log line."""
         adm = getattr(self.runtime, "admission", None)
-        cls = protocols.session_class(conf.protocol)
         tls = bool(getattr(listen, "ssl", False))
         log = self.runtime.log_for(conf) if hasattr(self.runtime, "log_for") else None
         ip = client_address[0] if client_address else "-"
@@ -415,7 +418,7 @@ class Listener(socketserver.ThreadingTCPServer):
         try:
             request.setblocking(False)
             if not tls:
-                request.send(cls.busy_reply(conf))
+                request.send(PROTOCOLS[conf.protocol].busy_reply(conf))
             # read what the client sent already (a balancer's PROXY header): closing with
             # unread input sends a reset, which may destroy the greeting before it is read
             request.recv(4096)

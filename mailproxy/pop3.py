@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 from . import sasl
 from .clientio import BackendRejected, Refused, strip_eol
 from .conversation import (BackendLogin, BackendStartTLS, Conversation, LoggedIn, Peer,
-                           StartTLSRefused)
+                           Protocol, StartTLSRefused)
 
 OK = b"+OK\r\n"
 INVALID = b"-ERR invalid command\r\n"
@@ -265,3 +265,16 @@ class Pop3Login(BackendLogin):
         if not reply.startswith(b"+OK"):
             raise BackendRejected(reply)
         return [LoggedIn(reply)]
+
+
+PROTOCOL = Protocol(
+    "pop3", (110, 995), b"pop3",
+    cert_error=b"-ERR SSL certificate error\r\n",
+    no_cert=b"-ERR No required SSL certificate\r\n",
+    internal_error=b"-ERR internal server error\r\n",
+    temp_failure=b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",  # RFC 3206
+    # `pop3_auth plain` enables both (ngx_mail_pop3_merge_srv_conf)
+    sasl_order=(("plain", "PLAIN"), ("plain", "LOGIN"), ("cram-md5", "CRAM-MD5"),
+                ("external", "EXTERNAL")),
+    conversation=Pop3Conversation)
+Pop3Conversation.descriptor = PROTOCOL

@@ -66,7 +66,7 @@ class Session:
         self.server_text = self._server_text(listen)
         self.protocol = conf.protocol
         self.descriptor = PROTOCOLS[conf.protocol]
-        self.conv = self.descriptor.conversation_class()(conf)
+        self.conv = self.descriptor.conversation(conf)
         # Facts filled in by the PROXY-protocol and TLS steps (run, starttls_handshake).
         self.tls = False
         self.starttls_used = False

@@ -21,10 +21,9 @@ from typing import Optional
 from . import resolver, sasl
 from .clientio import BackendRejected, Refused, strip_eol
 from .conversation import (CLOSE, BackendLogin, BackendStartTLS, Conversation, LoggedIn,
-                           LoginError, Log, Peer, Reply, ResolveClient, RestartTimer,
+                           LoginError, Log, Peer, Protocol, Reply, ResolveClient, RestartTimer,
                            StartTLSRefused, WaitQuiet)
 from .log import sanitize
-from .protocols import PROTOCOLS
 
 CRLF = b"\r\n"
 
@@ -145,7 +144,7 @@ def ehlo_reply(name, capabilities, methods, starttls="off", tls=False) -> bytes:
     """The EHLO reply as bytes, composed as ngx_mail_smtp_merge_srv_conf does."""
     lines = [name]
     lines += list(capabilities)
-    mechs = PROTOCOLS["smtp"].mechanisms(methods)
+    mechs = PROTOCOL.mechanisms(methods)
     auth_line = ("AUTH " + " ".join(mechs)) if mechs else None
     if not tls and starttls == "only":
         lines.append("STARTTLS")
@@ -500,3 +499,15 @@ class SmtpLogin(BackendLogin):
         if not reply.startswith(b"235"):
             raise BackendRejected(reply)
         return [LoggedIn(AUTH_OK)]
+
+
+PROTOCOL = Protocol(
+    "smtp", (25, 465, 587), b"smtp",
+    cert_error=b"421 4.7.1 SSL certificate error\r\n",
+    no_cert=b"421 4.7.1 No required SSL certificate\r\n",
+    internal_error=b"451 4.3.2 Internal server error\r\n",
+    temp_failure=b"421 4.7.0 %s Too many connections, try again later\r\n",
+    sasl_order=(("plain", "PLAIN"), ("login", "LOGIN"), ("cram-md5", "CRAM-MD5"),
+                ("external", "EXTERNAL")),
+    conversation=SmtpConversation)
+SmtpConversation.descriptor = PROTOCOL

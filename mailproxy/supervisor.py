@@ -202,13 +202,12 @@ class Master:
 
     @staticmethod
     def _preload():
-        """Import the session classes now: shared by forked workers, errors found early.
+        """Import the session and every protocol module now: shared by forked workers, errors
+        found early.
 
         All three protocols, whatever the configuration serves: a reload may add one, and `-t`
         (which calls this too) must fail on a Python that cannot import a module of the proxy."""
-        from . import protocols
-        for proto in ("imap", "pop3", "smtp"):
-            protocols.session_class(proto)
+        from . import protocols, session  # noqa: F401  (every protocol module, via protocols)
         from . import limits, listeners, log, notify, pidfile, relay, runtime  # noqa: F401
 
     def _write_pid(self, path):

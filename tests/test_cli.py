@@ -609,8 +609,8 @@ def _listen(host, port, **kw):
 
 @pytest.fixture
 def stub_sessions(monkeypatch):
-    from mailproxy import protocols
-    monkeypatch.setattr(protocols, "session_class", lambda proto: _EchoSession)
+    from mailproxy import listeners
+    monkeypatch.setattr(listeners.Listener, "session_class", _EchoSession)
 
 
 def test_wildcard_and_specific_share_one_socket(stub_sessions):
