@@ -73,9 +73,7 @@ class Admission:
 
     @classmethod
     def from_config(cls, main):
-        return cls(getattr(main, "worker_connections", 0) or 0,
-                   getattr(main, "limit_prelogin", 0) or 0,
-                   getattr(main, "limit_conn_per_ip", 0) or 0)
+        return cls(main.worker_connections, main.limit_prelogin, main.limit_conn_per_ip)
 
     # -- the accepting thread -------------------------------------------------------------
     def full(self):

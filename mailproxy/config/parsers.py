@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .syntax import Invalid, _TIME_HINT, parse_size, parse_time
-from .types import (AuthURL, DEFAULT_BACKLOG, LEVELS, LISTEN_PARAMS_IMPLEMENTED, Listen, LogTarget,
+from .types import (AuthURL, DEFAULT_BACKLOG, LEVELS, Listen, LogTarget,
                     Resolver, SYSLOG_FACILITIES)
 
 
@@ -22,7 +22,6 @@ class Directive:
     default: Any                     # token text, '' (empty), None (unset) or callable -> text
     parse: Callable                  # (args, ctx) -> value (multi: list of items per occurrence)
     multi: bool = False              # repeatable: one continuation line per occurrence
-    implemented: bool = False
     nargs: tuple = (1, 1)            # (min, max or None)
     fmt: Optional[Callable] = None   # value -> list of value lines (dump)
 
@@ -301,11 +300,7 @@ def p_listen(args, ctx):
                 sndbuf=None, ipv6only=True, so_keepalive=None, multipath=False, bind=False)
     for a in args[1:]:
         name, eq, val = a.partition("=")
-        if not eq and name in ("ssl", "proxy_protocol"):
-            if not LISTEN_PARAMS_IMPLEMENTED[name]:
-                raise Invalid('"listen ... %s" is not supported yet' % name)
-            opts[name] = True
-        elif not eq and name in ("bind", "multipath"):
+        if not eq and name in ("ssl", "proxy_protocol", "bind", "multipath"):
             opts[name] = True
         elif eq and name == "backlog":
             if not val.isdigit() or int(val) < 1:
