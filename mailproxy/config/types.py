@@ -28,7 +28,7 @@ class LogTarget:
     kind: str                       # 'file' | 'stderr' | 'syslog'
     path: Optional[str] = None      # absolute, for 'file'
     level: str = "error"
-    server: Optional[tuple] = None  # (host, port) for 'syslog'
+    server: Optional[tuple[str, int]] = None    # (host, port) for 'syslog'
     facility: str = "local7"
     tag: str = "mailproxy"
     nohostname: bool = False
@@ -45,14 +45,14 @@ class Listen:
     rcvbuf: Optional[int] = None
     sndbuf: Optional[int] = None
     ipv6only: bool = True
-    so_keepalive: Any = None        # None | True | False | (idle, intvl, cnt)
+    so_keepalive: Union[None, bool, tuple] = None   # or (idle s, intvl s, cnt), any None
     multipath: bool = False
     bind: bool = False
     text: str = ""
     file: Optional[str] = None
     line: Optional[int] = None
 
-    def address_text(self):
+    def address_text(self) -> str:
         return _addr_text(self.host, self.port)
 
 
@@ -70,7 +70,7 @@ class AuthURL:
 
 @dataclass
 class Resolver:
-    servers: list                   # [(ip, port)]
+    servers: list[tuple[str, int]]
     valid: Optional[float] = None
     ipv4: bool = True
     ipv6: bool = True
@@ -81,9 +81,9 @@ class Resolver:
 class MainConf:
     pid: Optional[str] = None
     daemon: bool = False
-    error_log: list = field(default_factory=lambda: [LogTarget("stderr")])
+    error_log: list[LogTarget] = field(default_factory=lambda: [LogTarget("stderr")])
     worker_processes: int = 1
-    user: Optional[tuple] = None
+    user: Optional[tuple[str, Optional[str]]] = None     # (user, group)
     worker_shutdown_timeout: Optional[float] = None    # None: no limit, as nginx
     worker_connections: int = 16384
     limit_prelogin: int = 1000
