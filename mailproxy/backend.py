@@ -281,10 +281,8 @@ _ctx_lock = threading.Lock()
 
 
 def _settings(conf):
-    return (bool(getattr(conf, 'proxy_ssl_verify', True)),
-            getattr(conf, 'proxy_ssl_trusted_certificate', None),
-            getattr(conf, 'proxy_ssl_certificate', None),
-            getattr(conf, 'proxy_ssl_certificate_key', None))
+    return (conf.proxy_ssl_verify, conf.proxy_ssl_trusted_certificate,
+            conf.proxy_ssl_certificate, conf.proxy_ssl_certificate_key)
 
 
 def _build_context(settings):
@@ -324,11 +322,11 @@ def _build_context(settings):
 
 def client_context(conf, _shared=None):
     """The client SSLContext for backends of server `conf` (built once, then kept on conf)."""
-    ctx = getattr(conf, '_proxy_ssl_context', None)
+    ctx = conf._proxy_ssl_context
     if ctx is not None:
         return ctx
     with _ctx_lock:
-        ctx = getattr(conf, '_proxy_ssl_context', None)
+        ctx = conf._proxy_ssl_context
         if ctx is None:
             settings = _settings(conf)
             ctx = _shared.get(settings) if _shared is not None else None
@@ -349,8 +347,8 @@ def prepare_client_contexts(cfg):
     unusable setting.
     """
     shared = {}
-    for conf in getattr(cfg, 'servers', ()):
-        if getattr(conf, 'proxy_ssl', 'off') == 'off' and getattr(conf, 'auth_http', None) is None:
+    for conf in cfg.servers:
+        if conf.proxy_ssl == 'off' and conf.auth_http is None:
             continue
         try:
             client_context(conf, shared)
@@ -358,7 +356,7 @@ def prepare_client_contexts(cfg):
             where = (None, None)
             for key in ('proxy_ssl_certificate_key', 'proxy_ssl_certificate',
                         'proxy_ssl_trusted_certificate'):
-                w = conf.where(key) if hasattr(conf, 'where') else (None, None)
+                w = conf.where(key)
                 if key in str(exc) and w[0]:
                     where = w
                     break

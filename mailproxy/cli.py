@@ -83,39 +83,15 @@ def parse_args(argv):
 def _features():
     lines = ["Python %s (%s)" % (sys.version.split()[0], sys.executable or "python3")]
     try:
-        from . import config
+        from .protocols import PROTOCOLS
     except Exception as e:      # a broken build still answers -V
-        lines.append("configuration module unavailable: %s" % e)
-        return lines
-    protos = getattr(config, "IMPLEMENTED_PROTOCOLS", None)
-    if protos is not None:
-        allp = ("pop3", "imap", "smtp")
-        line = "protocols: " + ", ".join(p for p in allp if p in protos)
-        missing = [p for p in allp if p not in protos]
-        if missing:
-            line += " (not yet: %s)" % ", ".join(missing)
-        lines.append(line)
-    directives = getattr(config, "DIRECTIVES", None)
-    if directives:
-        items = directives.items() if hasattr(directives, "items") else \
-            ((getattr(d, "name", str(d)), d) for d in directives)
-        pending = sorted(name for name, d in items
-                         if not _implemented(d))
-        lines.append("directives not supported yet: " + (", ".join(pending) if pending else "none"))
+        lines.append("protocol table unavailable: %s" % e)
+    else:
+        lines.append("protocols: " + ", ".join(PROTOCOLS))
     lines.append("listeners: IPv4, IPv6%s" % (
         ", multipath (MPTCP)" if sys.platform.startswith("linux") else ""))
     lines.append("logging: file, stderr, syslog (UDP); systemd notify (Type=notify)")
     return lines
-
-
-def _implemented(d):
-    for attr in ("implemented", "supported"):
-        v = getattr(d, attr, None)
-        if v is None and isinstance(d, dict):
-            v = d.get(attr)
-        if v is not None:
-            return bool(v)
-    return True
 
 
 def main(argv=None):
@@ -184,7 +160,7 @@ def main(argv=None):
 
 
 def send_signal(cfg, path, name):
-    pidfile = getattr(cfg.main, "pid", None)
+    pidfile = cfg.main.pid
     if not pidfile:
         _err("[error] no pid file is configured in %s ([main] pid), cannot send \"%s\""
              % (path, name))

@@ -255,7 +255,7 @@ class Listener(socketserver.ThreadingTCPServer):
         except OSError:
             pass
         default, specific = self.routes
-        timeouts = {getattr(conf, "timeout", None) for conf, _ in [default] + list(specific.values())}
+        timeouts = {conf.timeout for conf, _ in [default] + list(specific.values())}
         if len(timeouts) == 1 and None not in timeouts:
             try:
                 ktimeout.set(self.socket, timeouts.pop())
@@ -327,7 +327,7 @@ class Listener(socketserver.ThreadingTCPServer):
                 cls = self.session_class
                 t = self._timeout_inherited
                 session = cls(request, client_address, conf, listen, self.runtime,
-                              timeout_set=t is not None and t == getattr(conf, "timeout", None),
+                              timeout_set=t is not None and t == conf.timeout,
                               ticket=ticket, accepted=accepted)
             except Exception as e:
                 self._log("alert", "cannot start session on %s: %s: %s"
@@ -376,7 +376,7 @@ class Listener(socketserver.ThreadingTCPServer):
             conf, listen = routed
             ip = client_address[0] if client_address else None
             exempt = bool(getattr(listen, "proxy_protocol", False)
-                          and getattr(conf, "set_real_ip_from", None)
+                          and conf.set_real_ip_from
                           and realip.trusted(conf, ip, self.address_family))
             ticket, reason = adm.admit(ip, exempt)
             if ticket is None:

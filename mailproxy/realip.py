@@ -44,11 +44,11 @@ _nets_lock = threading.Lock()
 
 def _networks(conf):
     """(networks, unix allowed) from conf.set_real_ip_from, parsed once per ServerConf."""
-    cached = getattr(conf, "_realip_networks", None)
+    cached = conf._realip_networks
     if cached is not None:
         return cached
     nets, unix = [], False
-    for entry in getattr(conf, "set_real_ip_from", None) or ():
+    for entry in conf.set_real_ip_from:
         if entry == "unix:":
             unix = True
             continue
@@ -58,10 +58,7 @@ def _networks(conf):
             continue
     cached = (tuple(nets), unix)
     with _nets_lock:
-        try:
-            conf._realip_networks = cached
-        except AttributeError:
-            pass
+        conf._realip_networks = cached
     return cached
 
 
@@ -120,7 +117,7 @@ def read_header(sess):
         sess.proxy_header = addrs
         src, sport = addrs[0], addrs[1]
         family = getattr(sock, "family", None)
-        if getattr(sess.conf, "set_real_ip_from", None) and trusted(sess.conf, sess.client_ip,
+        if sess.conf.set_real_ip_from and trusted(sess.conf, sess.client_ip,
                                                                     family):
             try:
                 ip = ipaddress.ip_address(src)

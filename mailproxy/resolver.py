@@ -235,8 +235,7 @@ _clients_lock = threading.Lock()
 def client_for(conf: Any) -> DnsClient:
     """The shared DnsClient (with its cache) for a `resolver` configuration object."""
     servers = tuple((str(h), int(p)) for h, p in conf.servers)
-    key = (servers, getattr(conf, "valid", None) or 0, getattr(conf, "ipv4", True),
-           getattr(conf, "ipv6", True))
+    key = (servers, conf.valid or 0, conf.ipv4, conf.ipv6)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:

@@ -46,7 +46,7 @@ def _build_logs(cfg):
         opened.append(main_log)
         server_logs = {}
         for conf in cfg.servers:
-            targets = getattr(conf, "error_log", None)
+            targets = conf.error_log
             if targets:
                 lg = _open_log(ErrorLog, targets)
                 opened.append(lg)
@@ -101,7 +101,7 @@ def _chown_logs(logs, user):
 
 def _resolve_user(cfg, log):
     """(uid, gid, name) to switch workers to, or None."""
-    user = getattr(cfg.main, "user", None)
+    user = cfg.main.user
     if not user:
         return None
     if os.geteuid() != 0:
@@ -154,7 +154,7 @@ class Master:
         from . import notify as nmod
         self.lmod, self.notify = lmod, nmod.notify
         cfg = self.cfg
-        if getattr(cfg.main, "daemon", False):
+        if cfg.main.daemon:
             return self._fatal('"daemon on" is not supported: mailproxy always runs in the '
                                'foreground (use systemd or another supervisor)')
         try:
@@ -178,7 +178,7 @@ class Master:
         except lmod.ListenError as e:
             return self._fatal(str(e))
         try:
-            self._write_pid(getattr(cfg.main, "pid", None))
+            self._write_pid(cfg.main.pid)
         except OSError as e:
             self._close_listeners()
             return self._fatal('open() "%s" failed (%d: %s)' % (cfg.main.pid, e.errno or 0,
@@ -195,10 +195,7 @@ class Master:
             self._remove_pid()
 
     def _nworkers(self):
-        try:
-            return max(1, int(getattr(self.cfg.main, "worker_processes", 1) or 1))
-        except (TypeError, ValueError):
-            return os.cpu_count() or 1
+        return self.cfg.main.worker_processes       # at least 1, "auto" resolved at load
 
     @staticmethod
     def _preload():
@@ -393,7 +390,7 @@ class Master:
             self.log.log("emerg", str(e))
             self.log.log("alert", "reload failed: the old configuration stays in use")
             return
-        if getattr(cfg.main, "daemon", False):
+        if cfg.main.daemon:
             self.log.log("emerg", '"daemon on" is not supported')
             return
         try:
@@ -418,7 +415,7 @@ class Master:
         self.cfg, self.log, self.server_logs, self.user = cfg, log, server_logs, user
         _chown_logs([log] + list(server_logs.values()), user)
         self.listeners = bound
-        new_pid = getattr(cfg.main, "pid", None)
+        new_pid = cfg.main.pid
         if new_pid != self.pidfile:
             old_path = self.pidfile
             try:
@@ -536,7 +533,7 @@ class Worker:
             t.start()
         for t in stoppers:
             t.join(2.0)
-        limit = getattr(self.cfg.main, "worker_shutdown_timeout", None)
+        limit = self.cfg.main.worker_shutdown_timeout
         deadline = time.monotonic() + limit if limit else None
         while True:
             busy = sum(lst.active() for lst in self.listeners) + self._relay_count()

@@ -115,7 +115,7 @@ def check_server(conf):
 
 def server_tls(conf):
     """The ServerTLS built at load (built now if the conf did not come from config.load)."""
-    st = getattr(conf, "_tls", None)
+    st = conf._tls
     if st is None:
         st = check_server(conf)
         if st is None:
@@ -483,7 +483,7 @@ def _ssl_headers(session, st, sock, peer):
             if serial:
                 headers.append(("Auth-SSL-Serial", serial))
             headers.append(("Auth-SSL-Fingerprint", hashlib.sha1(der).hexdigest()))
-            if getattr(conf, "auth_http_pass_client_cert", False):
+            if conf.auth_http_pass_client_cert:
                 headers.append(("Auth-SSL-Cert", ssl.DER_cert_to_PEM_cert(der)))
     name = getattr(sock, "_mailproxy_sni", None)
     if name:

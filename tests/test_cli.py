@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from mailproxy.config import server_defaults
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = [sys.executable, str(REPO / "mailproxy.py")]
 MODULE = [sys.executable, "-m", "mailproxy"]
@@ -251,8 +253,9 @@ def test_version_and_features():
     lines = r.stderr.splitlines()
     assert lines[0] == "mailproxy version: mailproxy/%s" % __version__
     assert any(x.startswith("Python 3.") for x in lines)
-    assert any(x.startswith("protocols: ") and "pop3" in x for x in lines)
-    assert any(x.startswith("directives not supported yet: ") for x in lines)
+    assert "protocols: pop3, imap, smtp" in lines
+    # every directive of the table is supported: no line lists pending ones
+    assert not any("not supported yet" in x for x in lines)
 
 
 def test_help_and_bad_options():
@@ -616,12 +619,10 @@ def stub_sessions(monkeypatch):
 def test_wildcard_and_specific_share_one_socket(stub_sessions):
     from mailproxy import listeners
     port = free_port()
-    wild = SimpleNamespace(name="wild", protocol="pop3",
-                           listen=[_listen("", port, backlog=2048)])
-    spec = SimpleNamespace(name="spec", protocol="pop3",
-                           listen=[_listen("127.0.0.1", port)])
+    wild = server_defaults("pop3", name="wild", listen=[_listen("", port, backlog=2048)])
+    spec = server_defaults("pop3", name="spec", listen=[_listen("127.0.0.1", port)])
     other_port = free_port()
-    alone = SimpleNamespace(name="alone", protocol="pop3",
+    alone = server_defaults("pop3", name="alone",
                             listen=[_listen("127.0.0.1", other_port,
                                             so_keepalive=(30, 10, 3), rcvbuf=65536)])
     bound, removed = listeners.bind_all([wild, spec, alone])
@@ -641,8 +642,7 @@ def test_wildcard_and_specific_share_one_socket(stub_sessions):
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
         # reload: swap routes without rebinding, drop the other port
-        spec2 = SimpleNamespace(name="spec2", protocol="pop3",
-                                listen=[_listen("127.0.0.1", port)])
+        spec2 = server_defaults("pop3", name="spec2", listen=[_listen("127.0.0.1", port)])
         again, removed = listeners.bind_all([wild, spec2], bound)
         assert again[next(iter(k for k in again))] is by_port[port]
         assert removed == [by_port[other_port]]
@@ -658,7 +658,7 @@ def test_bind_error_message(stub_sessions):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        conf = SimpleNamespace(name="x", protocol="pop3", listen=[_listen("127.0.0.1", port)])
+        conf = server_defaults("pop3", name="x", listen=[_listen("127.0.0.1", port)])
         with pytest.raises(listeners.ListenError) as e:
             listeners.bind_all([conf])
         assert str(e.value) == "bind() to 127.0.0.1:%d failed (98: Address already in use)" % port
@@ -672,7 +672,7 @@ def test_ipv6_listener(stub_sessions):
         port = free_port("::1")
     except OSError:
         pytest.skip("no ::1")
-    conf = SimpleNamespace(name="six", protocol="pop3", listen=[_listen("::1", port)])
+    conf = server_defaults("pop3", name="six", listen=[_listen("::1", port)])
     bound, _ = listeners.bind_all([conf])
     try:
         for lst in bound.values():

@@ -164,8 +164,65 @@ def test_defaults(tmp_path):
     assert (li.text, li.file, li.line) == ("127.0.0.1:1110", cfg.path, 2)
     # every directive of every context is an attribute
     for name, d in config.DIRECTIVES.items():
-        if "server" in d.contexts:
+        if "server" in d.contexts and name not in config.REMOVED:
             assert hasattr(s, name), name
+
+
+def _conforms(value, tp):
+    """isinstance for the annotations ServerConf uses (Optional, Union, list[X], tuple[X, ...])."""
+    import typing
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_conforms(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is typing.Any:
+        return True
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is tuple:
+        return (isinstance(value, tuple) and len(value) == len(args)
+                and all(_conforms(v, a) for v, a in zip(value, args)))
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _check_types(conf):
+    import typing
+    hints = typing.get_type_hints(config.ServerConf)
+    for name in config.DIRECTIVE_FIELDS:
+        assert _conforms(getattr(conf, name), hints[name]), (name, getattr(conf, name))
+
+
+def test_server_conf_is_the_table():
+    """ServerConf has one typed field per server-level directive of the table, in its order,
+    and its annotations hold for the table's defaults."""
+    import dataclasses
+    assert dataclasses.is_dataclass(config.ServerConf)
+    assert list(config.DIRECTIVE_FIELDS) == config.SERVER_KEYS
+    assert [f.name for f in dataclasses.fields(config.ServerConf)][:3] == ["name", "file", "line"]
+    for proto in ("pop3", "imap", "smtp"):
+        _check_types(config.server_defaults(proto))
+
+
+def test_server_defaults():
+    """A complete ServerConf at the table's defaults, for code that needs one without a file."""
+    s = config.server_defaults("imap", timeout=5.0, auth_http_header=[("X-A", "b")])
+    assert (s.name, s.file, s.line, s.protocol) == ("imap", None, None, "imap")
+    assert s.timeout == 5.0 and s.auth_http_header == [("X-A", "b")]
+    assert s.imap_auth == ["plain"] and s.proxy_buffer == 65536 and s.listen == []
+    assert s.server_name == socket.gethostname() and s.where("timeout") == (None, None)
+    assert s._tls is None and s._proxy_ssl_context is None and s._realip_networks is None
+    assert config.server_defaults("pop3", name="p").name == "p"
+    # no list shared between two servers
+    a, b = config.server_defaults("smtp"), config.server_defaults("smtp")
+    a.smtp_auth.append("none")
+    assert b.smtp_auth == ["plain", "login"]
+    with pytest.raises(TypeError):
+        config.server_defaults("pop3", no_such_directive=1)
+    # identity, as a loaded server: usable as a dict key and never equal to another
+    assert a != b and len({a, b}) == 2
 
 
 def test_main_section(tmp_path):
@@ -338,11 +395,7 @@ def test_listen_forms_and_params(tmp_path):
 
 @pytest.mark.parametrize("value,message", [
     ("unix:/tmp/x.sock", "unix: listen sockets are not supported"),
-    ("127.0.0.1:1110 ssl", '"listen ... ssl" is not supported yet'
-     if not config.LISTEN_PARAMS_IMPLEMENTED["ssl"]     # implemented: then a cert is needed
-     else 'no "ssl_certificate" is defined for the "listen ... ssl" directive'),
-    *([("127.0.0.1:1110 proxy_protocol", '"listen ... proxy_protocol" is not supported yet')]
-      if not config.LISTEN_PARAMS_IMPLEMENTED["proxy_protocol"] else []),
+    ("127.0.0.1:1110 ssl", 'no "ssl_certificate" is defined for the "listen ... ssl" directive'),
     ("127.0.0.1:1110 foo", 'invalid parameter "foo"'),
     ("127.0.0.1:1110 backlog=x", 'invalid backlog "x"'),
     ("127.0.0.1:1110 backlog=0", 'invalid backlog "0"'),
@@ -416,24 +469,15 @@ def test_protocol_guessed_from_later_listen(tmp_path):
 def test_protocol_guessed(tmp_path, port, proto):
     text = server(protocol=None, listen="127.0.0.1:%d" % port,
                   proxy_smtp_auth="on" if proto == "smtp" else None)
-    if proto in config.IMPLEMENTED_PROTOCOLS:
-        cfg = load(tmp_path, text)
-        assert cfg.servers[0].protocol == proto
-        assert cfg.servers[0].where("protocol") == (cfg.path, 2)
-        return
-    err = error(tmp_path, text)
-    assert err.message.startswith('protocol "%s" is not supported yet' % proto)
-    assert err.line == 2 and err.key == "protocol"
+    cfg = load(tmp_path, text)
+    assert cfg.servers[0].protocol == proto
+    assert cfg.servers[0].where("protocol") == (cfg.path, 2)
 
 
 @pytest.mark.parametrize("proto", ["imap", "smtp"])
 def test_protocol_explicit(tmp_path, proto):
-    if proto in config.IMPLEMENTED_PROTOCOLS:
-        text = server(protocol=proto, proxy_smtp_auth="on" if proto == "smtp" else None)
-        assert load(tmp_path, text).servers[0].protocol == proto
-        return
-    err = error(tmp_path, server(protocol=proto))
-    assert err.message == 'protocol "%s" is not supported yet' % proto and err.line == 3
+    text = server(protocol=proto, proxy_smtp_auth="on" if proto == "smtp" else None)
+    assert load(tmp_path, text).servers[0].protocol == proto
 
 
 def test_protocol_unknown(tmp_path):
@@ -626,48 +670,7 @@ def test_no_servers(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# every directive: value-checked first, then "not supported yet" unless implemented (all are
-# but `ssl`, whose parser refuses it first)
-
-UNSUPPORTED = {
-    "resolver": "off", "resolver_timeout": "30s", "proxy_smtp_auth": "off", "xclient": "on",
-    "auth_http_pass_client_cert": "off", "starttls": "off", "ssl_certificate": "cert.pem",
-    "ssl_certificate_key": "key.pem", "ssl_password_file": "pw", "ssl_certificate_compression":
-    "off", "ssl_ciphers": "HIGH:!aNULL:!MD5", "ssl_prefer_server_ciphers": "off",
-    "ssl_protocols": "TLSv1.2 TLSv1.3", "ssl_dhparam": "dh.pem", "ssl_ecdh_curve": "auto",
-    "ssl_session_cache": "none", "ssl_session_timeout": "5m", "ssl_session_tickets": "on",
-    "ssl_session_ticket_key": "t.key", "ssl_verify_client": "off", "ssl_verify_depth": "1",
-    "ssl_client_certificate": "ca.pem", "ssl_trusted_certificate": "ca.pem", "ssl_crl": "crl",
-    "ssl_conf_command": "Options X", "set_real_ip_from": "10.0.0.0/8",
-    "imap_auth": "plain", "imap_capabilities": "IMAP4 IMAP4rev1 UIDPLUS",
-    "imap_client_buffer": "4k", "smtp_auth": "plain login", "smtp_capabilities": "PIPELINING",
-    "smtp_client_buffer": "4k", "smtp_greeting_delay": "0", "imap_client_id": "off",
-    "xclient_extended": "off", "ssl_certificate_sni": "a.example c.pem k.pem",
-    "proxy_ssl": "off", "proxy_ssl_verify": "on", "proxy_ssl_trusted_certificate": "ca.pem",
-    "proxy_ssl_name": "backend", "proxy_ssl_certificate": "c.pem",
-    "proxy_ssl_certificate_key": "k.pem",
-}
-
-
-NOT_IMPLEMENTED = sorted(n for n, d in config.DIRECTIVES.items() if not d.implemented and n != "ssl")
-
-
-def test_unsupported_table_is_complete():
-    """Every directive not implemented yet has a sample value here (so it is tested below)."""
-    assert set(NOT_IMPLEMENTED) <= set(UNSUPPORTED)
-    assert "pop3" in config.IMPLEMENTED_PROTOCOLS
-
-
-@pytest.mark.parametrize("name", NOT_IMPLEMENTED)
-def test_not_supported_yet(tmp_path, name):
-    for section in ("[mail]\n", server()):
-        text = section + "%s = %s\n" % (name, UNSUPPORTED[name])
-        if section.startswith("[mail]"):
-            text += server()
-        err = error(tmp_path, text)
-        assert err.message == '"%s" is not supported yet' % name
-        assert err.line == text.splitlines().index("%s = %s" % (name, UNSUPPORTED[name])) + 1
-
+# each directive's value checks (`ssl`: refused with what replaces it)
 
 @pytest.mark.parametrize("name,value,message", [
     ("resolver", "off system", 'invalid value "off"'),
@@ -690,15 +693,13 @@ def test_not_supported_yet(tmp_path, name):
     ("ssl", "on", 'the "ssl" directive was removed in nginx 1.25.1'),
     ("ssl", "off", 'the "ssl" directive was removed in nginx 1.25.1'),
 ])
-def test_unsupported_values_checked_first(tmp_path, name, value, message):
+def test_values_checked(tmp_path, name, value, message):
     err = error(tmp_path, "[mail]\n%s = %s\n" % (name, value) + server())
     assert message in err.message and err.line == 2 and err.key == name
 
 
-def test_later_directive_parsers(tmp_path, monkeypatch):
+def test_directive_value_shapes(tmp_path, monkeypatch):
     """The parsed value shapes the rest of mailproxy relies on."""
-    for name in UNSUPPORTED:
-        monkeypatch.setattr(config.DIRECTIVES[name], "implemented", True)
     # value shapes only: the certificate files named here do not exist, so no TLS context
     monkeypatch.setattr(config.loader, "_check_tls", lambda s: None)
     text = server(**{
@@ -728,6 +729,7 @@ def test_later_directive_parsers(tmp_path, monkeypatch):
     assert s.ssl_verify_depth == 3 and s.proxy_ssl == "starttls"
     assert s.proxy_ssl_trusted_certificate == str(tmp_path / "ca.pem")
     assert s.imap_client_id is True and s.smtp_greeting_delay == 2.0
+    _check_types(s)
     s = load(tmp_path, server(resolver="system")).servers[0]
     assert s.resolver == "system"
 
@@ -831,10 +833,9 @@ def test_sample_config_documents_every_directive():
         text = f.read()
     keys = set(re.findall(r"^#?([a-z0-9_]+) =", text, re.M))
     assert set(config.DIRECTIVES) <= keys, set(config.DIRECTIVES) - keys
-    # every unimplemented directive appears only commented out
-    for name, d in config.DIRECTIVES.items():
-        if not d.implemented:
-            assert not re.search(r"^%s =" % name, text, re.M), name
+    # a removed directive appears only commented out
+    for name in config.REMOVED:
+        assert not re.search(r"^%s =" % name, text, re.M), name
 
 
 def test_smtp_proxy_pass_needs_proxy_smtp_auth(tmp_path):

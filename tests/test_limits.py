@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mailproxy import limits
+from mailproxy.config import server_defaults
 from mailproxy.listeners import HandlerPool
 from harness import Pop3Backend, RecordingLog, free_port, server_block, wait_for
 
@@ -311,7 +312,7 @@ def test_no_thread_to_be_had_is_said_not_silent():
                              proxy_protocol=False, backlog=16, rcvbuf=None, sndbuf=None,
                              ipv6only=True, so_keepalive=None, multipath=False, bind=False,
                              text="127.0.0.1:%d" % port)
-    conf = SimpleNamespace(name="p", protocol="pop3", listen=[listen], timeout=5.0)
+    conf = server_defaults("pop3", name="p", listen=[listen], timeout=5.0)
     bound, _ = listeners.bind_all([conf])
     (lst,) = bound.values()
     log = RecordingLog()

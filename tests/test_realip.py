@@ -14,18 +14,13 @@ from harness import LineClient, Pop3Backend, free_port, server_block
 from test_imap import ImapBackend
 from test_smtp import SmtpBackend
 
-from mailproxy import realip
+from mailproxy import config, realip
 from mailproxy.proxy_protocol import v2_header
 from test_proxy_protocol import v2
 
 
 # ---------------------------------------------------------------------------------------------
 # set_real_ip_from
-
-class _Conf:
-    def __init__(self, entries):
-        self.set_real_ip_from = entries
-
 
 @pytest.mark.parametrize("entries,peer,family,expect", [
     (["127.0.0.1"], "127.0.0.1", socket.AF_INET, True),
@@ -39,7 +34,8 @@ class _Conf:
     (["unix:"], "127.0.0.1", socket.AF_INET, False),
 ])
 def test_trusted(entries, peer, family, expect):
-    assert realip.trusted(_Conf(entries), peer, family) is expect
+    assert realip.trusted(config.server_defaults("pop3", set_real_ip_from=entries), peer,
+                          family) is expect
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,22 +16,22 @@ A repeatable directive (listen, auth_http_header, ...) is one key with one
 continuation line per occurrence.  Every problem raises ``ConfigError`` carrying
 the file and line of the offending key or continuation line.
 
-``DIRECTIVES`` is the table of every known directive.  Its ``implemented`` field
-is True for all but ``ssl``, whose entry exists only so that its parser can say
-that nginx 1.25.1 removed it and what replaces it; the loader refuses a directive
-that is not implemented, and ``-T`` leaves it out.
+``DIRECTIVES`` is the table of every known directive (table.py): contexts, default, parser
+and formatter.  ``ServerConf`` (types.py) is a dataclass with one typed field per server-level
+directive of that table, always holding the effective value; ``server_defaults(protocol,
+**overrides)`` builds one at the table's defaults.  ``ssl`` is known only to be refused with
+what replaces it (nginx 1.25.1 removed it).
 """
 
 from .syntax import (Invalid, split_tokens, quote_token, join_tokens, parse_time, format_time,
     parse_size, format_size)  # noqa: F401
-from .types import (IMPLEMENTED_PROTOCOLS, LISTEN_PARAMS_IMPLEMENTED, LEVELS, SYSLOG_FACILITIES,
-    PROTOCOL_PORTS, DEFAULT_BACKLOG, LogTarget, Listen, AuthURL, Resolver, MainConf)  # noqa: F401
+from .types import (LEVELS, SYSLOG_FACILITIES, PROTOCOL_PORTS, DEFAULT_BACKLOG, LogTarget, Listen,
+    AuthURL, Resolver, MainConf, ServerConf, DIRECTIVE_FIELDS)  # noqa: F401
 from .parsers import (Directive)  # noqa: F401
-from .table import (DIRECTIVES, MAIN_KEYS, SERVER_KEYS)  # noqa: F401
-from .loader import (ServerConf, Config, load)  # noqa: F401
+from .table import (DIRECTIVES, MAIN_KEYS, SERVER_KEYS, REMOVED)  # noqa: F401
+from .loader import (Config, load, server_defaults)  # noqa: F401
 from ..errors import ConfigError  # noqa: F401
 
-__all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "Listen", "AuthURL",
-           "LogTarget", "Resolver", "Directive", "DIRECTIVES", "IMPLEMENTED_PROTOCOLS",
-           "LISTEN_PARAMS_IMPLEMENTED", "split_tokens", "quote_token", "parse_time",
-           "parse_size", "format_time", "format_size"]
+__all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "server_defaults", "Listen",
+           "AuthURL", "LogTarget", "Resolver", "Directive", "DIRECTIVES", "split_tokens",
+           "quote_token", "parse_time", "parse_size", "format_time", "format_size"]

@@ -1,49 +1,51 @@
 """Formatting of each directive's value for `-T` (tokens that load again).
 """
 
+from typing import Any
+
 from .syntax import format_size, format_time, join_tokens, quote_token
 from .types import DEFAULT_BACKLOG, _addr_text
 
 
 # formatting of each value for dump
 
-def f_time(v):
+def f_time(v: Any) -> list[str]:
     return [format_time(v)]
 
 
-def f_opt_time(v):
+def f_opt_time(v: Any) -> list[str]:
     return [] if v is None else [format_time(v)]
 
 
-def f_size(v):
+def f_size(v: Any) -> list[str]:
     return [format_size(v)]
 
 
-def f_flag(v):
+def f_flag(v: Any) -> list[str]:
     return ["on" if v else "off"]
 
 
-def f_token(v):
+def f_token(v: Any) -> list[str]:
     return [quote_token(v)]
 
 
-def f_num(v):
+def f_num(v: Any) -> list[str]:
     return [str(v)]
 
 
-def f_words(v):
+def f_words(v: Any) -> list[str]:
     return [join_tokens(v)] if v else []
 
 
-def f_each_token(v):
+def f_each_token(v: Any) -> list[str]:
     return [quote_token(x) for x in v]
 
 
-def f_each_tuple(v):
+def f_each_tuple(v: Any) -> list[str]:
     return [join_tokens(x) for x in v]
 
 
-def f_listen(v):
+def f_listen(v: Any) -> list[str]:
     out = []
     for li in v:
         parts = [li.address_text()]
@@ -75,7 +77,7 @@ def f_listen(v):
     return out
 
 
-def f_error_log(v):
+def f_error_log(v: Any) -> list[str]:
     out = []
     for t in v or []:
         if t.kind == "stderr":
@@ -95,7 +97,7 @@ def f_error_log(v):
     return out
 
 
-def f_auth_http(v):
+def f_auth_http(v: Any) -> list[str]:
     if v is None:
         return []
     if v.unix is not None:
@@ -103,11 +105,11 @@ def f_auth_http(v):
     return [quote_token("http://%s%s" % (_addr_text(v.host, v.port), v.uri))]
 
 
-def f_proxy_pass(v):
+def f_proxy_pass(v: Any) -> list[str]:
     return [] if v is None else [quote_token(_addr_text(*v))]
 
 
-def f_resolver(v):
+def f_resolver(v: Any) -> list[str]:
     if v is None:
         return ["off"]
     if v == "system":
@@ -124,13 +126,13 @@ def f_resolver(v):
     return [join_tokens(parts)]
 
 
-def f_pid(v):
+def f_pid(v: Any) -> list[str]:
     return [] if v is None else [quote_token(v)]
 
 
-def f_user(v):
+def f_user(v: Any) -> list[str]:
     return [] if v is None else [join_tokens([x for x in v if x is not None])]
 
 
-def f_opt_token(v):
+def f_opt_token(v: Any) -> list[str]:
     return [] if v is None else [quote_token(v)]

@@ -6,44 +6,27 @@ import configparser
 import io
 import os
 import re
+from typing import Optional
 
 from ..errors import ConfigError
 from .syntax import Invalid, split_tokens
-from .types import IMPLEMENTED_PROTOCOLS, MainConf, PROTOCOL_PORTS
+from .types import MainConf, PROTOCOL_PORTS, ServerConf
 from .parsers import _Ctx
 from .table import DIRECTIVES, MAIN_KEYS, SERVER_KEYS, _NEEDS_AUTH_SERVICE, _default_value
 
 
 # configuration objects
 
-class ServerConf:
-    """One [server NAME] section: one attribute per directive, with the effective value."""
-
-    def __init__(self, name, file, line):
-        self.name = name
-        self.file = file
-        self.line = line
-        self._where = {}
-
-    def where(self, key):
-        """(file, line) where the effective value of `key` was set, or (None, None)."""
-        return self._where.get(key, (None, None))
-
-    def values(self):
-        """{directive: effective value} for every server-level directive."""
-        return {k: getattr(self, k) for k in SERVER_KEYS}
-
-    def __repr__(self):
-        return "<ServerConf %r %s:%s>" % (self.name, self.file, self.line)
-
-
 class Config:
-    def __init__(self, path):
+    """The whole file: `path` (absolute), `main` ([main]) and `servers` (one per [server NAME],
+    in file order)."""
+
+    def __init__(self, path: str):
         self.path = path
         self.main = MainConf()
-        self.servers = []
+        self.servers: list[ServerConf] = []
 
-    def dump(self):
+    def dump(self) -> str:
         """The effective configuration as INI text that load() accepts again."""
         out = ["# mailproxy effective configuration of %s" % self.path, "", "[main]"]
         for name in MAIN_KEYS:
@@ -53,10 +36,7 @@ class Config:
         for s in self.servers:
             out += ["", "[server %s]" % s.name]
             for name in SERVER_KEYS:
-                d = DIRECTIVES[name]
-                if not d.implemented:
-                    continue  # at their default: setting them would fail the start
-                out.extend(_dump_key(name, d.fmt(getattr(s, name))))
+                out.extend(_dump_key(name, DIRECTIVES[name].fmt(getattr(s, name))))
         return "\n".join(out) + "\n"
 
 
@@ -221,12 +201,10 @@ def _parse_key(key, kind, label, path, folder):
             values.extend(value)
         else:
             values = value
-    if not d.implemented:
-        raise ConfigError('"%s" is not supported yet' % key.name, path, key.line, key.name)
     return d, values
 
 
-def load(path):
+def load(path: str) -> Config:
     """Read and check the INI configuration at `path` -> Config. Raises ConfigError."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
@@ -278,28 +256,40 @@ def load(path):
     seen_listen = {}
     for name, sec in server_secs:
         label = _section_label("server", name)
-        s = ServerConf(name, path, sec.line)
         own = {}
         for key in sec.keys.values():
             d, value = _parse_key(key, "server", label, path, folder)
             own[d.name] = (value, key.line)
+        values, where = {}, {}
         for dname in SERVER_KEYS:
             if dname in own:
                 value, line = own[dname]
-                s._where[dname] = (path, line)
+                where[dname] = (path, line)
             elif dname in mail_values:
                 value, line = mail_values[dname]
                 value = _copy(value)
-                s._where[dname] = (path, line)
+                where[dname] = (path, line)
             else:
                 if dname not in defaults:
                     defaults[dname] = _default_value(DIRECTIVES[dname], folder)
                 value = _copy(defaults[dname])
-            setattr(s, dname, value)
+            values[dname] = value
+        s = ServerConf(name=name, file=path, line=sec.line, _where=where, **values)
         _check_server(s, own, seen_listen)
         _check_tls(s)                       # ssl checks, TLS context (tls.py)
         cfg.servers.append(s)
     return cfg
+
+
+def server_defaults(protocol: str, name: Optional[str] = None, **overrides) -> ServerConf:
+    """A ServerConf with every directive at the table's default, `protocol` set and
+    `overrides` applied (for tests and tools; not checked as load() checks a server).
+    An unknown directive in `overrides` raises TypeError."""
+    folder = os.getcwd()
+    values = {d: _default_value(DIRECTIVES[d], folder) for d in SERVER_KEYS}
+    values["protocol"] = protocol
+    values.update(overrides)
+    return ServerConf(name=protocol if name is None else name, file=None, line=None, **values)
 
 
 def _check_tls(s):
@@ -335,14 +325,6 @@ def _check_server(s, own, seen_listen):
         else:
             raise ConfigError('unknown mail protocol for server "%s": set "protocol"' % s.name,
                               path, s.line, "protocol")
-        if s.protocol not in IMPLEMENTED_PROTOCOLS:
-            raise ConfigError('protocol "%s" is not supported yet (guessed from the port of '
-                              '"listen %s"; set "protocol" to pop3 for a POP3 server)'
-                              % (s.protocol, s.listen[0].text),
-                              path, s.where("protocol")[1], "protocol")
-    elif s.protocol not in IMPLEMENTED_PROTOCOLS:
-        raise ConfigError('protocol "%s" is not supported yet' % s.protocol, path,
-                          s.where("protocol")[1], "protocol")
     if s.auth_http is None and s.proxy_pass is None:
         raise ConfigError('no "auth_http" or "proxy_pass" is defined for server "%s"' % s.name,
                           path, s.line, "auth_http")
@@ -352,7 +334,7 @@ def _check_server(s, own, seen_listen):
                           'server "%s": proxy_pass routes every user to one backend without an '
                           "auth service" % (al, s.name), path, s.where("proxy_pass")[1],
                           "proxy_pass")
-    if s.protocol == "smtp" and "none" in (s.smtp_auth or []) and not s.xclient \
+    if s.protocol == "smtp" and "none" in s.smtp_auth and not s.xclient \
             and s.proxy_protocol == "off":
         # Unauthenticated mail: the backend decides whether to relay (the auth service sees
         # only MAIL FROM and the first RCPT TO, proxy_pass nothing), so it must see the real
@@ -366,7 +348,7 @@ def _check_server(s, own, seen_listen):
                           "xclient")
     if s.proxy_pass is not None:
         key = "%s_auth" % s.protocol
-        methods = getattr(s, key, None) or []
+        methods = getattr(s, key)
         bad = [m for m in methods if m in _NEEDS_AUTH_SERVICE]
         if bad:
             raise ConfigError('"%s %s" cannot be used with "proxy_pass": %s needs the password '

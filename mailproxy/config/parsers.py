@@ -6,10 +6,10 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from .syntax import Invalid, _TIME_HINT, parse_size, parse_time
-from .types import (AuthURL, DEFAULT_BACKLOG, LEVELS, LISTEN_PARAMS_IMPLEMENTED, Listen, LogTarget,
+from .types import (AuthURL, DEFAULT_BACKLOG, LEVELS, Listen, LogTarget,
                     Resolver, SYSLOG_FACILITIES)
 
 
@@ -20,39 +20,43 @@ class Directive:
     name: str
     contexts: frozenset              # of 'main', 'mail', 'server'
     default: Any                     # token text, '' (empty), None (unset) or callable -> text
-    parse: Callable                  # (args, ctx) -> value (multi: list of items per occurrence)
+    parse: "Parser"                  # (args, ctx) -> value (multi: list of items per occurrence)
     multi: bool = False              # repeatable: one continuation line per occurrence
-    implemented: bool = False
     nargs: tuple = (1, 1)            # (min, max or None)
-    fmt: Optional[Callable] = None   # value -> list of value lines (dump)
+    fmt: Optional[Callable[[Any], list[str]]] = None   # value -> its value lines (dump)
 
 
 class _Ctx:
     """What a value parser may need: where the value is and the config folder."""
 
-    def __init__(self, key, file, line, folder, text=""):
+    def __init__(self, key: str, file: Optional[str], line: Optional[int], folder: str,
+                 text: str = ""):
         self.key, self.file, self.line, self.folder = key, file, line, folder
         self.text = text  # the value line as written
 
-    def bad(self, value, expected):
+    def bad(self, value: str, expected: str) -> Invalid:
         return Invalid('invalid value "%s" in "%s": expected %s' % (value, self.key, expected))
 
-    def path(self, p):
+    def path(self, p: str) -> str:
         if not p:
             raise Invalid('empty path in "%s"' % self.key)
         return os.path.normpath(os.path.join(self.folder, p))
 
 
+# a directive's value parser: (its arguments, where they are) -> the typed value
+Parser = Callable[[list[str], _Ctx], Any]
+
+
 # -- simple parsers --------------------------------------------------------------------------
 
-def p_time(args, ctx):
+def p_time(args: list[str], ctx: _Ctx) -> float:
     v = parse_time(args[0])
     if v is None:
         raise ctx.bad(args[0], _TIME_HINT)
     return v
 
 
-def p_size(min_value=0):
+def p_size(min_value: int = 0) -> Parser:
     def parse(args, ctx):
         v = parse_size(args[0])
         if v is None:
@@ -63,13 +67,13 @@ def p_size(min_value=0):
     return parse
 
 
-def p_flag(args, ctx):
+def p_flag(args: list[str], ctx: _Ctx) -> bool:
     if args[0] not in ("on", "off"):
         raise ctx.bad(args[0], '"on" or "off"')
     return args[0] == "on"
 
 
-def p_num(min_value=0):
+def p_num(min_value: int = 0) -> Parser:
     def parse(args, ctx):
         if not args[0].isdigit() or int(args[0]) < min_value:
             raise ctx.bad(args[0], "a whole number of at least %d" % min_value)
@@ -77,7 +81,7 @@ def p_num(min_value=0):
     return parse
 
 
-def p_enum(*choices):
+def p_enum(*choices: str) -> Parser:
     def parse(args, ctx):
         if args[0] not in choices:
             raise ctx.bad(args[0], "one of " + ", ".join(choices))
@@ -85,17 +89,17 @@ def p_enum(*choices):
     return parse
 
 
-def p_str(args, ctx):
+def p_str(args: list[str], ctx: _Ctx) -> str:
     if not args[0]:
         raise ctx.bad(args[0], "a non-empty value")
     return args[0]
 
 
-def p_words(args, ctx):
+def p_words(args: list[str], ctx: _Ctx) -> list[str]:
     return list(args)
 
 
-def p_methods(*choices):
+def p_methods(*choices: str) -> Parser:
     def parse(args, ctx):
         out = []
         for a in args:
@@ -108,11 +112,11 @@ def p_methods(*choices):
     return parse
 
 
-def p_path(args, ctx):
+def p_path(args: list[str], ctx: _Ctx) -> str:
     return ctx.path(args[0])
 
 
-def p_path_list(prefixes=("data:",)):
+def p_path_list(prefixes: tuple = ("data:",)) -> Parser:
     def parse(args, ctx):
         a = args[0]
         if any(a.startswith(p) for p in prefixes):
@@ -121,14 +125,14 @@ def p_path_list(prefixes=("data:",)):
     return parse
 
 
-def p_pairs(args, ctx):
+def p_pairs(args: list[str], ctx: _Ctx) -> list[tuple[str, str]]:
     return [tuple(args)]
 
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]+\Z")
 
 
-def p_auth_http_header(args, ctx):
+def p_auth_http_header(args: list[str], ctx: _Ctx) -> list[tuple[str, str]]:
     name, value = args
     if not _HEADER_NAME.match(name):
         raise ctx.bad(name, "a header name of letters, digits and '-'")
@@ -138,17 +142,17 @@ def p_auth_http_header(args, ctx):
     return [(name, value)]
 
 
-def p_sni(args, ctx):
+def p_sni(args: list[str], ctx: _Ctx) -> list[tuple[str, str, str]]:
     name, cert, key = args
     return [(name.lower(), ctx.path(cert), ctx.path(key))]
 
 
-def p_ssl_removed(args, ctx):
+def p_ssl_removed(args: list[str], ctx: _Ctx) -> NoReturn:
     raise Invalid('the "ssl" directive was removed in nginx 1.25.1: use "listen ... ssl" '
                   "for implicit TLS, or \"starttls\"")
 
 
-def p_ssl_protocols(args, ctx):
+def p_ssl_protocols(args: list[str], ctx: _Ctx) -> list[str]:
     allowed = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
     for a in args:
         if a not in allowed:
@@ -156,7 +160,7 @@ def p_ssl_protocols(args, ctx):
     return list(args)
 
 
-def p_session_cache(args, ctx):
+def p_session_cache(args: list[str], ctx: _Ctx) -> list[str]:
     for a in args:
         if a in ("off", "none"):
             if len(args) != 1:
@@ -179,20 +183,20 @@ def p_session_cache(args, ctx):
 
 # -- [main] ----------------------------------------------------------------------------------
 
-def p_pid(args, ctx):
+def p_pid(args: list[str], ctx: _Ctx) -> Optional[str]:
     if args[0] == "off":
         return None
     return ctx.path(args[0])
 
 
-def p_daemon(args, ctx):
+def p_daemon(args: list[str], ctx: _Ctx) -> bool:
     if p_flag(args, ctx):
         raise Invalid('"daemon on" is not supported: mailproxy always runs in the foreground; '
                       "run it under a supervisor such as systemd (see packaging/mailproxy.service)")
     return False
 
 
-def p_worker_processes(args, ctx):
+def p_worker_processes(args: list[str], ctx: _Ctx) -> int:
     if args[0] == "auto":
         return os.cpu_count() or 1
     if not args[0].isdigit() or int(args[0]) < 1:
@@ -200,7 +204,7 @@ def p_worker_processes(args, ctx):
     return int(args[0])
 
 
-def p_user(args, ctx):
+def p_user(args: list[str], ctx: _Ctx) -> tuple[str, Optional[str]]:
     for a in args:
         if not a:
             raise ctx.bad(a, "a user name and an optional group name")
@@ -273,7 +277,7 @@ def _resolve(host, port, ctx, what):
     return out
 
 
-def p_listen(args, ctx):
+def p_listen(args: list[str], ctx: _Ctx) -> list[Listen]:
     addr = args[0]
     if addr.startswith("unix:"):
         raise Invalid("unix: listen sockets are not supported")
@@ -301,11 +305,7 @@ def p_listen(args, ctx):
                 sndbuf=None, ipv6only=True, so_keepalive=None, multipath=False, bind=False)
     for a in args[1:]:
         name, eq, val = a.partition("=")
-        if not eq and name in ("ssl", "proxy_protocol"):
-            if not LISTEN_PARAMS_IMPLEMENTED[name]:
-                raise Invalid('"listen ... %s" is not supported yet' % name)
-            opts[name] = True
-        elif not eq and name in ("bind", "multipath"):
+        if not eq and name in ("ssl", "proxy_protocol", "bind", "multipath"):
             opts[name] = True
         elif eq and name == "backlog":
             if not val.isdigit() or int(val) < 1:
@@ -358,7 +358,7 @@ def _parse_keepalive(val):
     return tuple(out)
 
 
-def p_proxy_pass(args, ctx):
+def p_proxy_pass(args: list[str], ctx: _Ctx) -> tuple[str, int]:
     host, port = _split_host_port(args[0], ctx, "proxy_pass")
     if _literal_ip(host) is None:
         if args[0].startswith("[") or not _HOSTNAME.match(host):
@@ -368,7 +368,7 @@ def p_proxy_pass(args, ctx):
     return (host, port)
 
 
-def p_auth_http(args, ctx):
+def p_auth_http(args: list[str], ctx: _Ctx) -> AuthURL:
     text = args[0]
     if text.lower().startswith("https://"):
         raise Invalid('https is not supported in "auth_http" "%s"' % text)
@@ -402,7 +402,7 @@ def p_auth_http(args, ctx):
                    host_header=host, family=fam, sockaddr=sa)
 
 
-def p_realip(args, ctx):
+def p_realip(args: list[str], ctx: _Ctx) -> list[str]:
     a = args[0]
     if a == "unix:":
         return ["unix:"]
@@ -417,7 +417,7 @@ def p_realip(args, ctx):
     return [ip for _fam, ip, _sa in _resolve(a, None, ctx, a)]
 
 
-def p_resolver(args, ctx):
+def p_resolver(args: list[str], ctx: _Ctx) -> Union[None, str, Resolver]:
     if args == ["off"]:
         return None
     if args == ["system"]:
@@ -460,7 +460,7 @@ def p_resolver(args, ctx):
     return Resolver(servers=servers, **opts)
 
 
-def p_error_log(args, ctx):
+def p_error_log(args: list[str], ctx: _Ctx) -> list[LogTarget]:
     target = args[0]
     level = "error"
     if len(args) > 1:

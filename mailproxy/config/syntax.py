@@ -3,6 +3,7 @@
 
 import os
 import re
+from typing import Iterable, Optional
 
 
 
@@ -19,7 +20,7 @@ class Invalid(Exception):
 _ESCAPES = {'"': '"', "'": "'", "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
 
 
-def split_tokens(text):
+def split_tokens(text: str) -> list[str]:
     """Split `text` into arguments like nginx's configuration tokenizer.
 
     Whitespace separates tokens; a token starting with ``"`` or ``'`` runs to the
@@ -96,7 +97,7 @@ def split_tokens(text):
 _SAFE_TOKEN = re.compile(r"""[^\s"'\\{}]+\Z""")
 
 
-def quote_token(token):
+def quote_token(token: str) -> str:
     """`token` in nginx token syntax, quoted only when needed (inverse of split_tokens)."""
     token = str(token)
     if (_SAFE_TOKEN.match(token) and token[0] not in "#;" and not token.endswith(";")):
@@ -117,7 +118,7 @@ def quote_token(token):
     return "".join(out)
 
 
-def join_tokens(tokens):
+def join_tokens(tokens: Iterable[str]) -> str:
     return " ".join(quote_token(t) for t in tokens)
 
 
@@ -130,7 +131,7 @@ _TIME_RE = re.compile(r"(\d+)(ms|[yMwdhms])?")
 _TIME_HINT = "a time such as 60s, 500ms or 1h30m"
 
 
-def parse_time(text):
+def parse_time(text: str) -> Optional[float]:
     """nginx time (``500ms``, ``60s``, ``1h30m``, ``1d``, bare seconds) -> float s, or None."""
     if not text:
         return None
@@ -157,7 +158,7 @@ def parse_time(text):
     return round(total, 3)
 
 
-def format_time(seconds):
+def format_time(seconds: float) -> str:
     """float seconds -> the shortest exact nginx time text."""
     ms = int(round(seconds * 1000))
     if ms % 1000:
@@ -175,7 +176,7 @@ def format_time(seconds):
 _SIZE_RE = re.compile(r"(\d+)([kKmMgG]?)\Z")
 
 
-def parse_size(text):
+def parse_size(text: str) -> Optional[int]:
     """nginx size (``8k``, ``1m``, ``1g``, bytes) -> int, or None."""
     mo = _SIZE_RE.match(text)
     if not mo:
@@ -184,7 +185,7 @@ def parse_size(text):
     return int(mo.group(1)) * mult
 
 
-def format_size(n):
+def format_size(n: int) -> str:
     for unit, size in (("g", 1024 ** 3), ("m", 1024 ** 2), ("k", 1024)):
         if n and n % size == 0:
             return "%d%s" % (n // size, unit)

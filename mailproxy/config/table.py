@@ -24,124 +24,130 @@ _ALL = frozenset({"main", "mail", "server"})
 _ANY = (1, None)
 
 
-def _d(name, contexts, default, parse, implemented=False, multi=False, nargs=(1, 1), fmt=None):
-    return Directive(name, contexts, default, parse, multi, implemented, nargs, fmt)
+def _d(name, contexts, default, parse, multi=False, nargs=(1, 1), fmt=None):
+    return Directive(name, contexts, default, parse, multi, nargs, fmt)
 
 
 _TABLE = [
     # [main]
-    _d("pid", _MAIN, None, p_pid, True, fmt=f_pid),
-    _d("daemon", _MAIN, "off", p_daemon, True, fmt=f_flag),
-    _d("error_log", _ALL, None, p_error_log, True, multi=True, nargs=(1, 2), fmt=f_error_log),
-    _d("worker_processes", _MAIN, "1", p_worker_processes, True, fmt=f_num),
-    _d("user", _MAIN, None, p_user, True, nargs=(1, 2), fmt=f_user),
+    _d("pid", _MAIN, None, p_pid, fmt=f_pid),
+    _d("daemon", _MAIN, "off", p_daemon, fmt=f_flag),
+    _d("error_log", _ALL, None, p_error_log, multi=True, nargs=(1, 2), fmt=f_error_log),
+    _d("worker_processes", _MAIN, "1", p_worker_processes, fmt=f_num),
+    _d("user", _MAIN, None, p_user, nargs=(1, 2), fmt=f_user),
     # no default, as nginx: a graceful stop or reload never cuts sessions unless this is set
-    _d("worker_shutdown_timeout", _MAIN, None, p_time, True, fmt=f_opt_time),
+    _d("worker_shutdown_timeout", _MAIN, None, p_time, fmt=f_opt_time),
     # nginx's events { worker_connections }: client and backend sides, each session two
-    _d("worker_connections", _MAIN, "16384", p_num(2), True, fmt=f_num),
+    _d("worker_connections", _MAIN, "16384", p_num(2), fmt=f_num),
     # ours: pre-login sessions per worker (each holds a handler thread), sessions per client
     # address (IPv6 per /64; 0 = off)
-    _d("limit_prelogin", _MAIN, "1000", p_num(0), True, fmt=f_num),
-    _d("limit_conn_per_ip", _MAIN, "0", p_num(0), True, fmt=f_num),
+    _d("limit_prelogin", _MAIN, "1000", p_num(0), fmt=f_num),
+    _d("limit_conn_per_ip", _MAIN, "0", p_num(0), fmt=f_num),
     # ngx_mail_core_module
-    _d("listen", _S, "", p_listen, True, multi=True, nargs=_ANY, fmt=f_listen),
-    _d("protocol", _S, None, p_enum("pop3", "imap", "smtp"), True, fmt=f_opt_token),
-    _d("server_name", _MS, socket.gethostname, p_str, True, fmt=f_token),
-    _d("timeout", _MS, "60s", p_time, True, fmt=f_time),
-    _d("resolver", _MS, "off", p_resolver, True, nargs=_ANY, fmt=f_resolver),
-    _d("resolver_timeout", _MS, "30s", p_time, True, fmt=f_time),
-    _d("max_errors", _MS, "5", p_num(0), True, fmt=f_num),
+    _d("listen", _S, "", p_listen, multi=True, nargs=_ANY, fmt=f_listen),
+    _d("protocol", _S, None, p_enum("pop3", "imap", "smtp"), fmt=f_opt_token),
+    _d("server_name", _MS, socket.gethostname, p_str, fmt=f_token),
+    _d("timeout", _MS, "60s", p_time, fmt=f_time),
+    _d("resolver", _MS, "off", p_resolver, nargs=_ANY, fmt=f_resolver),
+    _d("resolver_timeout", _MS, "30s", p_time, fmt=f_time),
+    _d("max_errors", _MS, "5", p_num(0), fmt=f_num),
     # ngx_mail_proxy_module
-    _d("proxy", _MS, "off", p_flag, True, fmt=f_flag),
+    _d("proxy", _MS, "off", p_flag, fmt=f_flag),
     # 64k, not nginx's one page: see README "Differences from nginx" (buffers exist only while
     # data flows, so idle sessions hold none either way)
-    _d("proxy_buffer", _MS, "64k", p_size(1), True, fmt=f_size),
-    _d("proxy_pass_error_message", _MS, "off", p_flag, True, fmt=f_flag),
-    _d("proxy_protocol", _MS, "off", p_enum("off", "on", "v2"), True, fmt=f_token),
-    _d("proxy_smtp_auth", _MS, "off", p_flag, True, fmt=f_flag),
-    _d("proxy_timeout", _MS, "24h", p_time, True, fmt=f_time),
-    _d("xclient", _MS, "on", p_flag, True, fmt=f_flag),
+    _d("proxy_buffer", _MS, "64k", p_size(1), fmt=f_size),
+    _d("proxy_pass_error_message", _MS, "off", p_flag, fmt=f_flag),
+    _d("proxy_protocol", _MS, "off", p_enum("off", "on", "v2"), fmt=f_token),
+    _d("proxy_smtp_auth", _MS, "off", p_flag, fmt=f_flag),
+    _d("proxy_timeout", _MS, "24h", p_time, fmt=f_time),
+    _d("xclient", _MS, "on", p_flag, fmt=f_flag),
     # ngx_mail_auth_http_module
-    _d("auth_http", _MS, None, p_auth_http, True, fmt=f_auth_http),
-    _d("auth_http_header", _MS, "", p_auth_http_header, True, multi=True, nargs=(2, 2),
+    _d("auth_http", _MS, None, p_auth_http, fmt=f_auth_http),
+    _d("auth_http_header", _MS, "", p_auth_http_header, multi=True, nargs=(2, 2),
        fmt=f_each_tuple),
-    _d("auth_http_pass_client_cert", _MS, "off", p_flag, implemented=True, fmt=f_flag),
-    _d("auth_http_timeout", _MS, "60s", p_time, True, fmt=f_time),
+    _d("auth_http_pass_client_cert", _MS, "off", p_flag, fmt=f_flag),
+    _d("auth_http_timeout", _MS, "60s", p_time, fmt=f_time),
     # ngx_mail_ssl_module
-    _d("ssl", _MS, None, p_ssl_removed, fmt=f_opt_token),
-    _d("starttls", _MS, "off", p_enum("off", "on", "only"), implemented=True, fmt=f_token),
-    _d("ssl_certificate", _MS, "", p_path_list(("data:",)), implemented=True,
+    _d("starttls", _MS, "off", p_enum("off", "on", "only"), fmt=f_token),
+    _d("ssl_certificate", _MS, "", p_path_list(("data:",)),
        multi=True, fmt=f_each_token),
     _d("ssl_certificate_key", _MS, "", p_path_list(("data:", "engine:", "store:")),
-       implemented=True, multi=True, fmt=f_each_token),
-    _d("ssl_password_file", _MS, None, p_path, implemented=True, fmt=f_opt_token),
-    _d("ssl_certificate_compression", _MS, "off", p_flag, implemented=True, fmt=f_flag),
-    _d("ssl_ciphers", _MS, "HIGH:!aNULL:!MD5", p_str, implemented=True, fmt=f_token),
-    _d("ssl_prefer_server_ciphers", _MS, "off", p_flag, implemented=True, fmt=f_flag),
-    _d("ssl_protocols", _MS, "TLSv1.2 TLSv1.3", p_ssl_protocols, implemented=True,
+       multi=True, fmt=f_each_token),
+    _d("ssl_password_file", _MS, None, p_path, fmt=f_opt_token),
+    _d("ssl_certificate_compression", _MS, "off", p_flag, fmt=f_flag),
+    _d("ssl_ciphers", _MS, "HIGH:!aNULL:!MD5", p_str, fmt=f_token),
+    _d("ssl_prefer_server_ciphers", _MS, "off", p_flag, fmt=f_flag),
+    _d("ssl_protocols", _MS, "TLSv1.2 TLSv1.3", p_ssl_protocols,
        nargs=_ANY, fmt=f_words),
-    _d("ssl_dhparam", _MS, None, p_path, implemented=True, fmt=f_opt_token),
-    _d("ssl_ecdh_curve", _MS, "auto", p_str, implemented=True, fmt=f_token),
-    _d("ssl_session_cache", _MS, "none", p_session_cache, implemented=True,
+    _d("ssl_dhparam", _MS, None, p_path, fmt=f_opt_token),
+    _d("ssl_ecdh_curve", _MS, "auto", p_str, fmt=f_token),
+    _d("ssl_session_cache", _MS, "none", p_session_cache,
        nargs=_ANY, fmt=f_words),
-    _d("ssl_session_timeout", _MS, "5m", p_time, implemented=True, fmt=f_time),
-    _d("ssl_session_tickets", _MS, "on", p_flag, implemented=True, fmt=f_flag),
-    _d("ssl_session_ticket_key", _MS, "", p_path_list(()), implemented=True,
+    _d("ssl_session_timeout", _MS, "5m", p_time, fmt=f_time),
+    _d("ssl_session_tickets", _MS, "on", p_flag, fmt=f_flag),
+    _d("ssl_session_ticket_key", _MS, "", p_path_list(()),
        multi=True, fmt=f_each_token),
     _d("ssl_verify_client", _MS, "off", p_enum("off", "on", "optional", "optional_no_ca"),
-       implemented=True, fmt=f_token),
-    _d("ssl_verify_depth", _MS, "1", p_num(0), implemented=True, fmt=f_num),
-    _d("ssl_client_certificate", _MS, None, p_path, implemented=True, fmt=f_opt_token),
-    _d("ssl_trusted_certificate", _MS, None, p_path, implemented=True, fmt=f_opt_token),
-    _d("ssl_crl", _MS, None, p_path, implemented=True, fmt=f_opt_token),
-    _d("ssl_conf_command", _MS, "", p_pairs, implemented=True,
+       fmt=f_token),
+    _d("ssl_verify_depth", _MS, "1", p_num(0), fmt=f_num),
+    _d("ssl_client_certificate", _MS, None, p_path, fmt=f_opt_token),
+    _d("ssl_trusted_certificate", _MS, None, p_path, fmt=f_opt_token),
+    _d("ssl_crl", _MS, None, p_path, fmt=f_opt_token),
+    _d("ssl_conf_command", _MS, "", p_pairs,
        multi=True, nargs=(2, 2), fmt=f_each_tuple),
     # ngx_mail_realip_module
-    _d("set_real_ip_from", _MS, "", p_realip, implemented=True, multi=True,
+    _d("set_real_ip_from", _MS, "", p_realip, multi=True,
        fmt=f_each_token),
     # ngx_mail_imap_module
-    _d("imap_auth", _MS, "plain", p_methods("plain", "login", "cram-md5", "external"), True,
+    _d("imap_auth", _MS, "plain", p_methods("plain", "login", "cram-md5", "external"),
        nargs=_ANY, fmt=f_words),
-    _d("imap_capabilities", _MS, "IMAP4 IMAP4rev1 UIDPLUS", p_words, True, nargs=_ANY,
+    _d("imap_capabilities", _MS, "IMAP4 IMAP4rev1 UIDPLUS", p_words, nargs=_ANY,
        fmt=f_words),
-    _d("imap_client_buffer", _MS, _page_size, p_size(1), True, fmt=f_size),
+    _d("imap_client_buffer", _MS, _page_size, p_size(1), fmt=f_size),
     # ngx_mail_pop3_module
-    _d("pop3_auth", _MS, "plain", p_methods("plain", "apop", "cram-md5", "external"), True,
+    _d("pop3_auth", _MS, "plain", p_methods("plain", "apop", "cram-md5", "external"),
        nargs=_ANY, fmt=f_words),
-    _d("pop3_capabilities", _MS, "TOP USER UIDL", p_words, True, nargs=_ANY, fmt=f_words),
+    _d("pop3_capabilities", _MS, "TOP USER UIDL", p_words, nargs=_ANY, fmt=f_words),
     # ngx_mail_smtp_module
     _d("smtp_auth", _MS, "plain login",
-       p_methods("plain", "login", "cram-md5", "external", "none"), True,
+       p_methods("plain", "login", "cram-md5", "external", "none"),
        nargs=_ANY, fmt=f_words),
-    _d("smtp_capabilities", _MS, "", p_words, True, nargs=_ANY, fmt=f_words),
-    _d("smtp_client_buffer", _MS, _page_size, p_size(1), True, fmt=f_size),
-    _d("smtp_greeting_delay", _MS, "0", p_time, True, fmt=f_time),
+    _d("smtp_capabilities", _MS, "", p_words, nargs=_ANY, fmt=f_words),
+    _d("smtp_client_buffer", _MS, _page_size, p_size(1), fmt=f_size),
+    _d("smtp_greeting_delay", _MS, "0", p_time, fmt=f_time),
     # our additions
-    _d("proxy_pass", _S, None, p_proxy_pass, True, fmt=f_proxy_pass),
-    _d("imap_client_id", _MS, "off", p_flag, True, fmt=f_flag),
-    _d("xclient_extended", _MS, "off", p_flag, True, fmt=f_flag),
-    _d("ssl_certificate_sni", _MS, "", p_sni, implemented=True,
+    _d("proxy_pass", _S, None, p_proxy_pass, fmt=f_proxy_pass),
+    _d("imap_client_id", _MS, "off", p_flag, fmt=f_flag),
+    _d("xclient_extended", _MS, "off", p_flag, fmt=f_flag),
+    _d("ssl_certificate_sni", _MS, "", p_sni,
        multi=True, nargs=(3, 3), fmt=f_each_tuple),
     # TLS to backends (contexts built at start-up by backend.prepare_client_contexts)
-    _d("proxy_ssl", _MS, "off", p_enum("off", "on", "starttls"), True, fmt=f_token),
-    _d("proxy_ssl_verify", _MS, "on", p_flag, True, fmt=f_flag),
-    _d("proxy_ssl_trusted_certificate", _MS, None, p_path, True, fmt=f_opt_token),
-    _d("proxy_ssl_name", _MS, None, p_str, True, fmt=f_opt_token),
-    _d("proxy_ssl_certificate", _MS, None, p_path, True, fmt=f_opt_token),
-    _d("proxy_ssl_certificate_key", _MS, None, p_path, True, fmt=f_opt_token),
+    _d("proxy_ssl", _MS, "off", p_enum("off", "on", "starttls"), fmt=f_token),
+    _d("proxy_ssl_verify", _MS, "on", p_flag, fmt=f_flag),
+    _d("proxy_ssl_trusted_certificate", _MS, None, p_path, fmt=f_opt_token),
+    _d("proxy_ssl_name", _MS, None, p_str, fmt=f_opt_token),
+    _d("proxy_ssl_certificate", _MS, None, p_path, fmt=f_opt_token),
+    _d("proxy_ssl_certificate_key", _MS, None, p_path, fmt=f_opt_token),
 ]
 
-DIRECTIVES = {d.name: d for d in _TABLE}
+# Known only to be refused with what replaces them (their parser always raises): in DIRECTIVES,
+# so the loader's context and argument checks see them, but neither dumped nor a ServerConf field.
+_REMOVED = [
+    _d("ssl", _MS, None, p_ssl_removed),      # nginx 1.25.1 removed it
+]
+
+DIRECTIVES = {d.name: d for d in _TABLE + _REMOVED}
 
 MAIN_KEYS = [d.name for d in _TABLE if "main" in d.contexts]
 SERVER_KEYS = [d.name for d in _TABLE if "server" in d.contexts]
+REMOVED = frozenset(d.name for d in _REMOVED)
 
 # pop3_auth/imap_auth/smtp_auth methods that need Auth-Pass from an auth service
 _NEEDS_AUTH_SERVICE = {"apop", "cram-md5", "external"}
 
 
-def _default_value(d, folder):
-    """The parsed default of directive `d`."""
+def _default_value(d: Directive, folder: str):
+    """The parsed default of directive `d` (paths relative to `folder`)."""
     default = d.default() if callable(d.default) else d.default
     if default is None:
         return None

@@ -2,17 +2,12 @@
 """
 
 import socket
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
 
 from ..log import addr_text
-from ..protocols import PORTS, PROTOCOLS
+from ..protocols import PORTS
 
-
-IMPLEMENTED_PROTOCOLS = set(PROTOCOLS)
-
-# `listen` flags accepted (p_listen refuses one set to False as not supported yet); both are.
-LISTEN_PARAMS_IMPLEMENTED = {"ssl": True, "proxy_protocol": True}   # implicit TLS, PROXY in
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 
@@ -33,7 +28,7 @@ class LogTarget:
     kind: str                       # 'file' | 'stderr' | 'syslog'
     path: Optional[str] = None      # absolute, for 'file'
     level: str = "error"
-    server: Optional[tuple] = None  # (host, port) for 'syslog'
+    server: Optional[tuple[str, int]] = None    # (host, port) for 'syslog'
     facility: str = "local7"
     tag: str = "mailproxy"
     nohostname: bool = False
@@ -50,14 +45,14 @@ class Listen:
     rcvbuf: Optional[int] = None
     sndbuf: Optional[int] = None
     ipv6only: bool = True
-    so_keepalive: Any = None        # None | True | False | (idle, intvl, cnt)
+    so_keepalive: Union[None, bool, tuple] = None   # or (idle s, intvl s, cnt), any None
     multipath: bool = False
     bind: bool = False
     text: str = ""
     file: Optional[str] = None
     line: Optional[int] = None
 
-    def address_text(self):
+    def address_text(self) -> str:
         return _addr_text(self.host, self.port)
 
 
@@ -75,7 +70,7 @@ class AuthURL:
 
 @dataclass
 class Resolver:
-    servers: list                   # [(ip, port)]
+    servers: list[tuple[str, int]]
     valid: Optional[float] = None
     ipv4: bool = True
     ipv6: bool = True
@@ -86,17 +81,115 @@ class Resolver:
 class MainConf:
     pid: Optional[str] = None
     daemon: bool = False
-    error_log: list = field(default_factory=lambda: [LogTarget("stderr")])
+    error_log: list[LogTarget] = field(default_factory=lambda: [LogTarget("stderr")])
     worker_processes: int = 1
-    user: Optional[tuple] = None
+    user: Optional[tuple[str, Optional[str]]] = None     # (user, group)
     worker_shutdown_timeout: Optional[float] = None    # None: no limit, as nginx
     worker_connections: int = 16384
     limit_prelogin: int = 1000
     limit_conn_per_ip: int = 0
     _where: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def where(self, key):
+    def where(self, key: str) -> tuple:
         return self._where.get(key, (None, None))
+
+
+# eq=False: identity, as before (servers are looked up by id() and compared with `is`)
+@dataclass(eq=False)
+class ServerConf:
+    """One [server NAME] section: one field per server-level directive of the table (table.py)
+    holding its effective value (own, inherited from [mail], or the table's default).
+
+    The table is the one source of which directives exist, their defaults and parsers; this
+    class only names them with their parsed types, in the table's order.  The loader builds it
+    with every directive as a keyword, so a directive added to the table without its field here
+    (or the reverse) fails every load; tests/test_config.py also checks every default against
+    these types.  `config.server_defaults()` builds one at the defaults (for tests).
+    """
+    name: str
+    file: Optional[str]
+    line: Optional[int]
+    # the directives (table.py's SERVER_KEYS order)
+    error_log: Optional[list[LogTarget]]
+    listen: list[Listen]
+    protocol: str                               # resolved from the listen port when unset
+    server_name: str
+    timeout: float
+    resolver: Union[None, str, Resolver]        # None (off), "system" or the DNS servers
+    resolver_timeout: float
+    max_errors: int
+    proxy: bool
+    proxy_buffer: int
+    proxy_pass_error_message: bool
+    proxy_protocol: str                         # 'off' | 'on' | 'v2'
+    proxy_smtp_auth: bool
+    proxy_timeout: float
+    xclient: bool
+    auth_http: Optional[AuthURL]
+    auth_http_header: list[tuple[str, str]]
+    auth_http_pass_client_cert: bool
+    auth_http_timeout: float
+    starttls: str                               # 'off' | 'on' | 'only'
+    ssl_certificate: list[str]
+    ssl_certificate_key: list[str]
+    ssl_password_file: Optional[str]
+    ssl_certificate_compression: bool
+    ssl_ciphers: str
+    ssl_prefer_server_ciphers: bool
+    ssl_protocols: list[str]
+    ssl_dhparam: Optional[str]
+    ssl_ecdh_curve: str
+    ssl_session_cache: list[str]
+    ssl_session_timeout: float
+    ssl_session_tickets: bool
+    ssl_session_ticket_key: list[str]
+    ssl_verify_client: str                      # 'off' | 'on' | 'optional' | 'optional_no_ca'
+    ssl_verify_depth: int
+    ssl_client_certificate: Optional[str]
+    ssl_trusted_certificate: Optional[str]
+    ssl_crl: Optional[str]
+    ssl_conf_command: list[tuple[str, str]]
+    set_real_ip_from: list[str]
+    imap_auth: list[str]
+    imap_capabilities: list[str]
+    imap_client_buffer: int
+    pop3_auth: list[str]
+    pop3_capabilities: list[str]
+    smtp_auth: list[str]
+    smtp_capabilities: list[str]
+    smtp_client_buffer: int
+    smtp_greeting_delay: float
+    proxy_pass: Optional[tuple[str, int]]
+    imap_client_id: bool
+    xclient_extended: bool
+    ssl_certificate_sni: list[tuple[str, str, str]]
+    proxy_ssl: str                              # 'off' | 'on' | 'starttls'
+    proxy_ssl_verify: bool
+    proxy_ssl_trusted_certificate: Optional[str]
+    proxy_ssl_name: Optional[str]
+    proxy_ssl_certificate: Optional[str]
+    proxy_ssl_certificate_key: Optional[str]
+    # where each directive was set, and what other modules build once per server and keep here
+    _where: dict = field(default_factory=dict)
+    _tls: Any = None                    # tls.ServerTLS (tls.check_server)
+    _proxy_ssl_context: Any = None      # backend.client_context
+    _realip_networks: Any = None        # realip._networks
+
+    def where(self, key: str) -> tuple:
+        """(file, line) where the effective value of `key` was set, or (None, None)."""
+        return self._where.get(key, (None, None))
+
+    def values(self) -> dict:
+        """{directive: effective value} for every server-level directive."""
+        return {k: getattr(self, k) for k in DIRECTIVE_FIELDS}
+
+    def __repr__(self):
+        return "<ServerConf %r %s:%s>" % (self.name, self.file, self.line)
+
+
+# ServerConf's directive fields, in order (neither the section's name/file/line nor the caches)
+DIRECTIVE_FIELDS = tuple(f.name for f in fields(ServerConf)
+                         if f.name not in ("name", "file", "line") and not f.name.startswith("_"))
 
 
 def _addr_text(host, port):

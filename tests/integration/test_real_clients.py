@@ -8,7 +8,6 @@ import subprocess
 import pytest
 
 from harness import AuthServer, free_port, server_block
-from mailproxy import config as mp_config
 from realservers import CLIENT_IP, USERS, HAProxy, need, program, wait_port
 from test_real_dovecot import dovecot_responder, unique_message
 
@@ -189,11 +188,6 @@ def test_curl_smtp_mx_flow_without_auth(start, postfix):
 # ---------------------------------------------------------------------------------------------
 # HAProxy in front of two mailproxy instances
 
-PROXY_PROTOCOL_LISTEN = mp_config.LISTEN_PARAMS_IMPLEMENTED.get("proxy_protocol", False)
-
-
-@pytest.mark.xfail(not PROXY_PROTOCOL_LISTEN, strict=True,
-                   reason="listen ... proxy_protocol is not implemented yet (issue 5)")
 def test_haproxy_send_proxy_v2_to_two_mailproxies(proxy_factory, auth, dovecot, dovecot_log,
                                                   workdir, children, imap_from):
     need("haproxy")
