@@ -76,15 +76,8 @@ class Admission:
         self.lines = LogThrottle()  # refusal lines of this worker
 
     @classmethod
-<<<<<<< HEAD
     def from_config(cls, main: Any) -> Admission:
-        return cls(getattr(main, "worker_connections", 0) or 0,
-                   getattr(main, "limit_prelogin", 0) or 0,
-                   getattr(main, "limit_conn_per_ip", 0) or 0)
-=======
-    def from_config(cls, main):
         return cls(main.worker_connections, main.limit_prelogin, main.limit_conn_per_ip)
->>>>>>> h-config
 
     # -- the accepting thread -------------------------------------------------------------
     def full(self) -> bool:
