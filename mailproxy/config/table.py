@@ -122,7 +122,7 @@ _TABLE = [
     _d("xclient_extended", _MS, "off", p_flag, True, fmt=f_flag),
     _d("ssl_certificate_sni", _MS, "", p_sni, implemented=True,
        multi=True, nargs=(3, 3), fmt=f_each_tuple),
-    # TLS to backends (contexts built at start-up by backend.prepare_client_contexts)
+    # TLS to backends (contexts built at start and on reload by tls_contexts.prepare)
     _d("proxy_ssl", _MS, "off", p_enum("off", "on", "starttls"), True, fmt=f_token),
     _d("proxy_ssl_verify", _MS, "on", p_flag, True, fmt=f_flag),
     _d("proxy_ssl_trusted_certificate", _MS, None, p_path, True, fmt=f_opt_token),
