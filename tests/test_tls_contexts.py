@@ -212,3 +212,48 @@ def test_handshake_refused_certificate_returns_the_protocol_line(tmp_path, pki):
         if got and not isinstance(got[0], Exception):
             got[0].close()
         theirs.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the same step on reload (HUP), in a real master
+
+def _served_cert(port, pki):
+    ctx = client_ctx(pki)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="mail.test") as s:
+            return s.getpeercert(binary_form=True)
+
+
+def _der(path):
+    with open(path) as f:
+        return ssl.PEM_cert_to_DER_cert(f.read())
+
+
+def test_reload_builds_the_contexts_as_the_start(proxy_factory, tmp_path, pki):
+    import signal
+    from harness import free_port
+    port = free_port()
+
+    def conf(cert, key):
+        return {"main": {"worker_processes": "1"},
+                "servers": {"p": tls_block(pki, port, ssl_certificate=cert,
+                                           ssl_certificate_key=key)}}
+
+    p = proxy_factory(conf(*pki.server_rsa))
+    assert _served_cert(port, pki) == _der(pki.server_rsa[0])
+    missing = str(tmp_path / "missing.pem")
+    p.write_config(conf(missing, pki.server_rsa[1]))
+    p.signal(signal.SIGHUP)
+    p.wait_log("reload failed")
+    line = line_of(str(p.conf_path), "ssl_certificate")
+    emerg = [ln for ln in p.log_lines() if "[emerg]" in ln]
+    assert len(emerg) == 1 and emerg[0].endswith(
+        ': cannot load certificate "%s": BIO_new_file() failed (2: No such file or directory) '
+        "in %s:%d" % (missing, p.conf_path, line))
+    assert _served_cert(port, pki) == _der(pki.server_rsa[0])      # the old contexts stay
+    p.write_config(conf(*pki.server_ec))
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while _served_cert(port, pki) != _der(pki.server_ec[0]):
+        assert time.monotonic() < deadline, "the reloaded certificate is never served"
+        time.sleep(0.05)
