@@ -15,7 +15,7 @@ from . import ktimeout, resolver
 from .log import addr_text, errno_text
 
 __all__ = ['BackendError', 'connect', 'BackendConn',
-           'client_context', 'prepare_client_contexts', 'BackendTLSConfigError']
+           'client_context', 'BackendTLSConfigError']
 
 _TIMEOUT_TEXT = 'upstream timed out (110: Connection timed out)'
 # backend text in a log line is cut here: proxy_buffer may be large (nginx's whole error line
@@ -264,7 +264,12 @@ def starttls_refused(reply):
 # ------------------------------------------------------------------ TLS contexts (proxy_ssl_*)
 
 class BackendTLSConfigError(Exception):
-    """A proxy_ssl_* setting that cannot be used; str() names the directive and the file."""
+    """A proxy_ssl_* setting that cannot be used; `key` is the directive to blame
+    (tls_contexts.prepare turns it into a ConfigError at its file:line)."""
+
+    def __init__(self, message, key):
+        super().__init__(message)
+        self.key = key
 
 
 def _ssl_text(exc):
@@ -298,7 +303,7 @@ def _build_context(settings):
             except (OSError, ssl.SSLError) as exc:
                 raise BackendTLSConfigError(
                     'cannot load "proxy_ssl_trusted_certificate" "%s" (%s)'
-                    % (trusted, _ssl_text(exc))) from None
+                    % (trusted, _ssl_text(exc)), 'proxy_ssl_trusted_certificate') from None
         else:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
@@ -307,21 +312,24 @@ def _build_context(settings):
     if cert or key:
         if not cert:
             raise BackendTLSConfigError('no "proxy_ssl_certificate" is defined for '
-                                        '"proxy_ssl_certificate_key" "%s"' % key)
+                                        '"proxy_ssl_certificate_key" "%s"' % key,
+                                        'proxy_ssl_certificate_key')
         if not key:
             raise BackendTLSConfigError('no "proxy_ssl_certificate_key" is defined for '
-                                        '"proxy_ssl_certificate" "%s"' % cert)
+                                        '"proxy_ssl_certificate" "%s"' % cert,
+                                        'proxy_ssl_certificate')
         try:
             ctx.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise BackendTLSConfigError(
                 'cannot load "proxy_ssl_certificate" "%s" with key "%s" (%s)'
-                % (cert, key, _ssl_text(exc))) from None
+                % (cert, key, _ssl_text(exc)), 'proxy_ssl_certificate') from None
     return ctx
 
 
 def client_context(conf, _shared=None):
-    """The client SSLContext for backends of server `conf` (built once, then kept on conf)."""
+    """The client SSLContext for backends of server `conf`: built at start and on reload by
+    tls_contexts.prepare (`_shared`: one context per distinct settings), then kept on conf."""
     ctx = conf._proxy_ssl_context
     if ctx is not None:
         return ctx
@@ -336,30 +344,3 @@ def client_context(conf, _shared=None):
                     _shared[settings] = ctx
             conf._proxy_ssl_context = ctx
     return ctx
-
-
-def prepare_client_contexts(cfg):
-    """Build the backend TLS contexts of every server that may need one, at start-up
-    (proxy_ssl on/starttls, or an auth service that may ask per user with Auth-SSL-Backend).
-
-    Servers with the same settings share one context; a reload builds new ones (the files
-    are read again).  Raises BackendTLSConfigError with `... in FILE:LINE` for the first
-    unusable setting.
-    """
-    shared = {}
-    for conf in cfg.servers:
-        if conf.proxy_ssl == 'off' and conf.auth_http is None:
-            continue
-        try:
-            client_context(conf, shared)
-        except BackendTLSConfigError as exc:
-            where = (None, None)
-            for key in ('proxy_ssl_certificate_key', 'proxy_ssl_certificate',
-                        'proxy_ssl_trusted_certificate'):
-                w = conf.where(key)
-                if key in str(exc) and w[0]:
-                    where = w
-                    break
-            if where[0]:
-                raise BackendTLSConfigError('%s in %s:%s' % (exc, where[0], where[1])) from None
-            raise

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from . import __version__
-from .supervisor import NAME, Master, err as _err
+from .supervisor import NAME, Master, err as _err, load_config
 
 DEFAULT_CONF = "/etc/mailproxy.ini"
 
@@ -115,25 +115,16 @@ def main(argv=None):
             return 0
     path = os.path.abspath(opts["conf"] or DEFAULT_CONF)
 
-    from . import config as configmod
+    from .errors import ConfigError
     try:
-        cfg = configmod.load(path)
-    except configmod.ConfigError as e:
+        cfg = load_config(path)     # the configuration and every TLS context, as a reload
+    except ConfigError as e:
         _err("[emerg] %s" % e)
         if opts["test"]:
             _err("configuration file %s test failed" % path)
         return 1
     except OSError as e:
         _err('[emerg] open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror or e))
-        if opts["test"]:
-            _err("configuration file %s test failed" % path)
-        return 1
-    # backend TLS (proxy_ssl) client contexts, built once here so that -t checks them too
-    from . import backend as backendmod
-    try:
-        backendmod.prepare_client_contexts(cfg)
-    except backendmod.BackendTLSConfigError as e:
-        _err("[emerg] %s" % e)
         if opts["test"]:
             _err("configuration file %s test failed" % path)
         return 1

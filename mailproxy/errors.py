@@ -1,5 +1,5 @@
-"""The configuration error, apart from the config package so that the modules it calls while
-loading (tls.py builds the TLS contexts) can raise it without importing the package back."""
+"""The configuration error, apart from the config package so that the modules that build the
+TLS contexts after loading (tls.py, tls_contexts.py) raise it without importing the package."""
 
 
 class ConfigError(Exception):

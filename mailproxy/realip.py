@@ -12,13 +12,17 @@ As nginx's ngx_mail_proxy_protocol_handler (ngx_proxy_protocol_read) and ngx_mai
   ClientHello or a first command sent in the same packet stays for the session;
 * a broken header logs its message `while reading PROXY protocol` (error) and closes the
   connection without a word;
-* the addresses of a header that carries them become `session.proxy_header` (auth_http's
-  `Proxy-Protocol-Addr/Port/Server-Addr/Server-Port`), trusted or not;
+* the addresses of a header that carries them are returned (`ProxyHeader.addrs`, the
+  session's `proxy_header`: auth_http's `Proxy-Protocol-Addr/Port/Server-Addr/Server-Port`),
+  trusted or not;
 * realip: when the TCP peer matches `set_real_ip_from` (addresses, CIDRs, `unix:`) and the
-  source parses as an IP address, the session's client address and port become the header's
-  (Client-IP, XCLIENT ADDR, the PROXY header to the backend, log lines).  Otherwise the peer
-  stays, silently.  The `client ... connected to ...` line was written before and shows the
-  real TCP peer.
+  source parses as an IP address, the header is trusted (`ProxyHeader.client`): the session's
+  client address and port become the header's (Client-IP, XCLIENT ADDR, the PROXY header to
+  the backend, log lines).  Otherwise the peer stays, silently.  The `client ... connected to
+  ...` line was written before and shows the real TCP peer.
+
+`read_header` takes the socket and returns; the session applies the result
+(Session.apply_proxy_header).
 
 Deviation: a client that closes (or resets) before sending anything is logged as `client
 closed connection while reading PROXY protocol` (info), where nginx logs `broken header: ""`.
@@ -27,12 +31,13 @@ closed connection while reading PROXY protocol` (info), where nginx logs `broken
 import ipaddress
 import socket
 import threading
+from typing import NamedTuple, Optional, Tuple
 
 from .clientio import ClientClosed, ClientTimeout, Close
 from .ktimeout import TIMEOUT_ERRORS
 from .proxy_protocol import BrokenHeader, ip_text, parse
 
-__all__ = ["read_header", "trusted", "PEEK_SIZE"]
+__all__ = ["read_header", "ProxyHeader", "trusted", "PEEK_SIZE"]
 
 PEEK_SIZE = 4096
 
@@ -79,14 +84,27 @@ def trusted(conf, peer_ip, family=None):
 
 # ---------------------------------------------------------------------------------- session
 
-def read_header(sess):
-    """Read and apply the PROXY header of session `sess` (called first thing in Session.run).
+class ProxyHeader(NamedTuple):
+    """A PROXY header read by `read_header`.
 
-    Returns normally when the session may go on; raises the session's Close (after the log
-    line), ClientTimeout or ClientClosed otherwise.
+    addrs: (src_ip, src_port, dst_ip, dst_port) as received, None for a header without
+    addresses (v1 UNKNOWN, v2 LOCAL or a family without addresses); client: (ip text, port)
+    that stands for the client from now on when the header is trusted, else None."""
+    addrs: Optional[tuple]
+    client: Optional[Tuple[str, int]]
+
+    @property
+    def trusted(self) -> bool:
+        return self.client is not None
+
+
+def read_header(sock, conf, peer_ip, log) -> ProxyHeader:
+    """Read the PROXY header on `sock`, the connection from `peer_ip` to server `conf` (the
+    first thing in Session.run); the caller applies the returned ProxyHeader.
+
+    Raises ClientTimeout or ClientClosed; a broken header is logged (`log("error", message)`,
+    the session's logger) and raises Close.
     """
-    sock = sess.sock
-    sess.action = "reading PROXY protocol"
     # the session's `timeout` is already on the socket (Session.__init__, ktimeout)
     try:
         data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
@@ -99,7 +117,7 @@ def read_header(sess):
     try:
         size, addrs = parse(data)
     except BrokenHeader as e:
-        sess.error(str(e))
+        log("error", str(e))
         raise Close() from None
     # consume exactly the header: what follows (a ClientHello, a command) stays queued
     got = 0
@@ -113,19 +131,14 @@ def read_header(sess):
         raise ClientTimeout() from None
     except OSError as e:
         raise ClientClosed("recv() failed", e.errno) from None
+    client = None
     if addrs is not None:
-        sess.proxy_header = addrs
-        src, sport = addrs[0], addrs[1]
         family = getattr(sock, "family", None)
-        if sess.conf.set_real_ip_from and trusted(sess.conf, sess.client_ip,
-                                                                    family):
+        if conf.set_real_ip_from and trusted(conf, peer_ip, family):
             try:
-                ip = ipaddress.ip_address(src)
+                ip = ipaddress.ip_address(addrs[0])
             except ValueError:
                 ip = None
             if ip is not None:
-                sess.client_ip = ip_text(ip)
-                sess.client_port = sport
-                # only a trusted header's addresses stand for the client (imap.py's ID fields)
-                sess.proxy_trusted = True
-    sess.action = None
+                client = (ip_text(ip), addrs[1])
+    return ProxyHeader(addrs, client)

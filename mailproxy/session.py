@@ -228,13 +228,16 @@ class Session:
             # A load balancer's PROXY protocol header comes before anything else, TLS included
             # (ngx_mail_proxy_protocol_handler); may replace client_ip/client_port
             # (set_real_ip_from)
-            if self.listen is not None and getattr(self.listen, "proxy_protocol", False):
-                realip.read_header(self)
+            if self.listen is not None and self.listen.proxy_protocol:
+                self.action = "reading PROXY protocol"
+                self.apply_proxy_header(realip.read_header(self.sock, self.conf, self.client_ip,
+                                                           self.logmsg))
                 self.recount()
             # implicit TLS: the handshake right after accept (ngx_mail_ssl_init_connection)
-            if self.listen is not None and getattr(self.listen, "ssl", False):
-                tls.handshake(self, deadline=self.deadline)
-                self.conv.tls = True
+            if self.listen is not None and self.listen.ssl:
+                self.action = "SSL handshaking"
+                self.apply_handshake(tls.handshake(self.sock, self.conf, self.logmsg,
+                                                   self.deadline))
             self.action = "sending client greeting line"
             self.perform(self.conv.start())
             while True:
@@ -276,7 +279,7 @@ class Session:
             adm = self.rt.admission
             self.action = None
             held = adm.lines.allow((reason, limits.address_key(self.client_ip)), time.monotonic())
-            tls = self.listen is not None and getattr(self.listen, "ssl", False)
+            tls = self.listen is not None and self.listen.ssl
             if held is not None:
                 self.error(limits.refusal_text(reason, adm.limit_of(reason), held, tls))
             if tls:             # as Listener.refuse: no handshake for a refused client
@@ -303,7 +306,32 @@ class Session:
     def starttls_handshake(self):
         """After the positive STARTTLS/STLS reply (pipelined input already discarded)."""
         self.starttls_used = True       # nginx sets s->starttls before the handshake
-        tls.handshake(self, starttls=True, deadline=self.deadline)
+        self.action = "SSL handshaking"
+        self.apply_handshake(tls.handshake(self.sock, self.conf, self.logmsg, self.deadline))
+
+    def apply_handshake(self, result):
+        """Take over what tls.handshake returned: its socket (the SSLSocket even after a
+        failure), then the Auth-SSL-* headers, or the refused certificate's line and close."""
+        self.sock = self.reader.sock = result.sock
+        self.tls_handshaked = result.done
+        if result.reply is not None:
+            self.send_close(result.reply)
+        if not result.ok:
+            raise Close()
+        self.tls = self.conv.tls = True
+        self.ssl_headers = result.headers
+        self.action = None
+
+    def apply_proxy_header(self, header):
+        """Take over what realip.read_header returned: the header's addresses, and for a
+        trusted peer (set_real_ip_from) the client's address and port."""
+        if header.addrs is not None:
+            self.proxy_header = header.addrs
+        if header.trusted:
+            self.client_ip, self.client_port = header.client
+            # only a trusted header's addresses stand for the client (imap.py's ID fields)
+            self.proxy_trusted = True
+        self.action = None
 
     # ---- authentication, backend login, hand-over -----------------------------------------------
 

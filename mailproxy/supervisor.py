@@ -66,9 +66,19 @@ def _open_log(ErrorLog, targets):
         raise OSError(e.errno, 'open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror))
 
 
+def load_config(path):
+    """The configuration at `path` with every TLS context built (tls_contexts.prepare): the
+    one way a configuration is read, by the command line (`-t`, start, `-s`) and by a reload.
+    Raises ConfigError (file:line) or OSError (the file cannot be read)."""
+    from . import config, tls_contexts
+    cfg = config.load(path)
+    tls_contexts.prepare(cfg)
+    return cfg
+
+
 def _warn_native_tls(cfg, log):
     """Without the native OpenSSL layer, the directives that need it are start errors
-    (tls.check_server); the one thing left weaker, with no directive, is said here: a client
+    (tls.build_server); the one thing left weaker, with no directive, is said here: a client
     proposing another protocol by ALPN is not refused."""
     tls_servers = [s for s in cfg.servers if s.starttls != "off"
                    or any(getattr(li, "ssl", False) for li in s.listen)]
@@ -372,22 +382,15 @@ class Master:
             self.notify("READY=1")
 
     def _apply_reload(self):
-        from . import config as configmod
+        from .errors import ConfigError
         try:
-            cfg = configmod.load(self.path)
-        except configmod.ConfigError as e:
+            cfg = load_config(self.path)        # as at start: the TLS contexts built anew
+        except ConfigError as e:
             self.log.log("emerg", str(e))
             self.log.log("alert", "reload failed: the old configuration stays in use")
             return
         except Exception as e:
             self.log.log("emerg", "cannot read %s: %s" % (self.path, e))
-            self.log.log("alert", "reload failed: the old configuration stays in use")
-            return
-        try:                                    # backend TLS client contexts, as main() at start
-            from . import backend as backendmod
-            backendmod.prepare_client_contexts(cfg)
-        except Exception as e:
-            self.log.log("emerg", str(e))
             self.log.log("alert", "reload failed: the old configuration stays in use")
             return
         if cfg.main.daemon:

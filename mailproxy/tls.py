@@ -1,11 +1,14 @@
 """TLS towards clients: contexts, implicit TLS, STARTTLS/STLS, client certificates
 (ngx_mail_ssl_module.c; ngx_mail_ssl_handshake_handler and ngx_mail_verify_cert).
 
-One `ServerTLS` per server block is built while the configuration loads (`check_server`, called
-from config.load, so `-t` finds a bad certificate, key or CA file) and cached on the ServerConf:
-sessions never build contexts. `handshake(session)` upgrades a session's socket in place (the
-session's socket becomes a blocking `ssl.SSLSocket` with timeouts), checks the client certificate
-like nginx's ngx_mail_verify_cert, and fills `session.ssl_headers` for auth_http.
+One `ServerTLS` per server block is built at start and on reload (`build_server`, called by
+tls_contexts.prepare, so `-t` finds a bad certificate, key or CA file) and kept on the
+ServerConf: sessions never build contexts.  The values were checked by the config loader
+(config/loader.py `_check_tls`); what needs a file or OpenSSL is checked here.
+`handshake(sock, conf, log)` runs the server handshake on a client socket and returns a
+`Handshake`: the socket the session holds from then on (a blocking `ssl.SSLSocket` with
+timeouts), the client-certificate verdict as nginx's ngx_mail_verify_cert gives it, and the
+Auth-SSL-* headers for auth_http.  The session applies it (Session.apply_handshake).
 
 Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth or session-cache knobs;
 tls_native.py reaches them in the OpenSSL library `_ssl` uses, after validating every pointer.
@@ -22,7 +25,6 @@ import tempfile
 import time
 import warnings
 
-from .clientio import Close
 from .errors import ConfigError
 from .protocols import PROTOCOLS
 from .tls_native import Native, PointerError, native, native_error
@@ -65,38 +67,17 @@ def _err(conf, key, message):
     return ConfigError(message, f or conf.file, line or conf.line, key)
 
 
-def _tls_mode(conf):
-    """('listen ... ssl', Listen) / ('starttls', None) / (None, None)."""
-    for li in conf.listen:
-        if getattr(li, "ssl", False):
-            return "listen ... ssl", li
-    if conf.starttls != "off":
-        return "starttls", None
-    return None, None
+def uses_tls(conf):
+    """True for a server with `listen ... ssl` or `starttls`."""
+    return conf.starttls != "off" or any(getattr(li, "ssl", False) for li in conf.listen)
 
 
-def check_server(conf):
-    """Config-load hook: nginx's ssl merge checks and the context, cached on `conf`.
+def build_server(conf):
+    """The ServerTLS of server `conf` (None without TLS), for tls_contexts.prepare.
 
-    Raises ConfigError (file:line) for anything nginx would refuse or Python cannot do."""
-    conf._tls = None
-    mode, listen = _tls_mode(conf)
-    if mode is None:
+    Raises ConfigError (file:line) for a file that cannot be used or what Python cannot do."""
+    if not uses_tls(conf):
         return None
-    if listen is not None:
-        where, wkey = (listen.file, listen.line), "listen"
-    else:
-        where, wkey = conf.where("starttls"), "starttls"
-    if not conf.ssl_certificate:
-        raise ConfigError('no "ssl_certificate" is defined for the "%s" directive' % mode,
-                          where[0] or conf.file, where[1] or conf.line, wkey)
-    if not conf.ssl_certificate_key:
-        raise ConfigError('no "ssl_certificate_key" is defined for the "%s" directive' % mode,
-                          where[0] or conf.file, where[1] or conf.line, wkey)
-    if len(conf.ssl_certificate_key) < len(conf.ssl_certificate):
-        raise ConfigError('no "ssl_certificate_key" is defined for certificate "%s" and the "%s" '
-                          "directive" % (conf.ssl_certificate[-1], mode),
-                          where[0] or conf.file, where[1] or conf.line, wkey)
     st = ServerTLS(conf)
     st.native = native()
     pairs = list(zip(conf.ssl_certificate, conf.ssl_certificate_key))
@@ -109,17 +90,14 @@ def check_server(conf):
     st.sni = exact + wild
     if st.sni:
         st.context.sni_callback = _make_sni_callback(st)
-    conf._tls = st
     return st
 
 
 def server_tls(conf):
-    """The ServerTLS built at load (built now if the conf did not come from config.load)."""
+    """The ServerTLS that tls_contexts.prepare built for `conf`."""
     st = conf._tls
     if st is None:
-        st = check_server(conf)
-        if st is None:
-            raise RuntimeError("TLS is not configured for server %r" % conf.name)
+        raise RuntimeError("no TLS context prepared for server %r" % conf.name)
     return st
 
 
@@ -145,12 +123,7 @@ def _build_context(conf, st, pairs, cert_key):
     # behaviour on every version (with it, TLSv1.3 stateful resumption failed now and then)
     ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     # -- protocols
-    protos = conf.ssl_protocols
-    bad = [p for p in protos if p in ("SSLv2", "SSLv3")]
-    if bad:
-        raise _err(conf, "ssl_protocols", '"ssl_protocols %s" is not supported: SSLv2 and SSLv3 '
-                   "are insecure and the OpenSSL behind Python's ssl module cannot enable them; "
-                   "use TLSv1.2 TLSv1.3" % " ".join(protos))
+    protos = conf.ssl_protocols           # SSLv2 and SSLv3 refused by the loader
     order = sorted(protos, key=_PROTOCOL_ORDER.index)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -174,9 +147,6 @@ def _build_context(conf, st, pairs, cert_key):
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     else:
         ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-    if conf.ssl_certificate_compression:
-        raise _err(conf, "ssl_certificate_compression", '"ssl_certificate_compression on" is not '
-                   "supported: Python's ssl module cannot enable TLS certificate compression")
     # -- certificates
     passwords = _passwords(conf)
     for cert, key in pairs:
@@ -184,10 +154,6 @@ def _build_context(conf, st, pairs, cert_key):
     # -- client certificates
     verify = conf.ssl_verify_client
     if verify != "off":
-        if verify != "optional_no_ca" and not conf.ssl_client_certificate \
-                and not conf.ssl_trusted_certificate:
-            raise _err(conf, "ssl_verify_client",
-                       "no ssl_client_certificate or ssl_trusted_certificate for ssl_verify_client")
         for key in ("ssl_client_certificate", "ssl_trusted_certificate"):
             path = getattr(conf, key)
             if path:
@@ -230,16 +196,8 @@ def _build_context(conf, st, pairs, cert_key):
     # -- sessions
     if not conf.ssl_session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
-    if conf.ssl_session_ticket_key:
-        raise _err(conf, "ssl_session_ticket_key", '"ssl_session_ticket_key" is not supported: '
-                   "Python's ssl module cannot set ticket keys (each process uses a random key); "
-                   'remove it, or use "ssl_session_tickets off"')
-    cache = conf.ssl_session_cache
+    cache = conf.ssl_session_cache        # no shared: (refused by the loader)
     size = None
-    if any(a.startswith("shared:") for a in cache):
-        raise _err(conf, "ssl_session_cache", '"ssl_session_cache shared:..." is not supported: '
-                   "mailproxy cannot share TLS sessions between worker processes; use "
-                   '"builtin[:size]" (per process) or "none"')
     if cache == ["off"]:
         mode = Native.SSL_SESS_CACHE_OFF
     elif cache == ["none"]:
@@ -306,9 +264,6 @@ def _materialize(value, stack):
 
 
 def _load_pair(conf, ctx, cert, key, passwords, cert_key):
-    if key.startswith(("engine:", "store:")):
-        raise _err(conf, "ssl_certificate_key", '"ssl_certificate_key %s" is not supported: '
-                   "Python's ssl module loads keys from files only" % key)
     temps = []
     try:
         cpath, kpath = _materialize(cert, temps), _materialize(key, temps)
@@ -360,28 +315,46 @@ def _make_sni_callback(st):
 # ---------------------------------------------------------------------------------------------
 # sessions
 
-def handshake(session, starttls=False, deadline=None):
-    """Run the server handshake on session.sock (implicit TLS or after STARTTLS/STLS).
+class Handshake:
+    """What a server handshake leaves for the session to apply (Session.apply_handshake).
 
-    On success the session's socket is the SSLSocket, `session.tls` is True and
-    `session.ssl_headers` holds the Auth-SSL-* pairs. A failed or stalled handshake is logged at
-    info and closes; a refused client certificate gets the protocol's line, then closes.
-    `deadline` (time.monotonic()) bounds the whole handshake; by default `timeout` from now.
+    sock: the socket the session holds from now on (the SSLSocket once wrapped, whether the
+    handshake succeeded or not); done: the handshake completed (close_notify before closing);
+    headers: the Auth-SSL-* pairs, None when the session must close; reply: for a refused
+    client certificate, the protocol's line to send before closing (ngx_mail_verify_cert)."""
+
+    __slots__ = ("sock", "done", "headers", "reply")
+
+    def __init__(self, sock, done=False, headers=None, reply=None):
+        self.sock = sock
+        self.done = done
+        self.headers = headers
+        self.reply = reply
+
+    @property
+    def ok(self):
+        return self.headers is not None
+
+
+def handshake(sock, conf, log, deadline=None):
+    """Run the server handshake on `sock` (implicit TLS or after STARTTLS/STLS); returns a
+    Handshake.
+
+    A failed or stalled handshake is logged at info (`log(level, message, err=None)`, the
+    session's logger) and comes back not ok; so does a refused client certificate, with the
+    protocol's line to send.  `deadline` (time.monotonic()) bounds the whole handshake; by
+    default `timeout` from now.
     """
-    conf = session.conf
     st = server_tls(conf)
-    raw = session.sock
-    session.action = "SSL handshaking"
     if deadline is None:
         deadline = time.monotonic() + conf.timeout
     try:
-        sock = st.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        sock = st.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     except OSError as e:
-        session.info("SSL setup failed: %s" % e)
-        raise Close() from None
-    session.sock = sock
-    session.reader.sock = sock
+        log("info", "SSL setup failed: %s" % e)
+        return Handshake(sock)
     sock.setblocking(False)
+    failed = Handshake(sock)
     # poll(2), never select(2): descriptors above 1023 are common here; poll needs
     # no descriptor of its own (epoll would cost one per handshake, and fail at the fd limit)
     with selectors.PollSelector() as sel:
@@ -395,18 +368,18 @@ def handshake(session, starttls=False, deadline=None):
             except ssl.SSLWantWriteError:
                 want = selectors.EVENT_WRITE
             except ssl.SSLError as e:
-                session.info("SSL_do_handshake() failed (SSL: %s)" % _ssl_text(e))
-                raise Close() from None
+                log("info", "SSL_do_handshake() failed (SSL: %s)" % _ssl_text(e))
+                return failed
             except OSError as e:
                 if e.errno in (None, 0):
-                    session.info("peer closed connection in SSL handshake")
+                    log("info", "peer closed connection in SSL handshake")
                 else:
-                    session.info("SSL_do_handshake() failed", err=e.errno)
-                raise Close() from None
+                    log("info", "SSL_do_handshake() failed", err=e.errno)
+                return failed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                session.info("client timed out", err=errno_mod.ETIMEDOUT)
-                raise Close() from None
+                log("info", "client timed out", err=errno_mod.ETIMEDOUT)
+                return failed
             try:
                 if not registered:
                     sel.register(sock, want)
@@ -416,24 +389,23 @@ def handshake(session, starttls=False, deadline=None):
                 sel.select(remaining)
             except (OSError, ValueError) as e:    # never expected: say so, do not just close
                 errno = getattr(e, "errno", None)
-                session.error("%s() failed%s" % (type(sel).__name__,
-                                                  "" if errno else " (%s)" % e), err=errno)
-                raise Close() from None
+                log("error", "%s() failed%s" % (type(sel).__name__,
+                                                 "" if errno else " (%s)" % e), err=errno)
+                return failed
     sock.setblocking(True)
     sock.settimeout(conf.timeout)
-    session.tls_handshaked = True
     peer = None
-    if st.verify != "off":      # check_server made sure the native layer is there
+    if st.verify != "off":      # build_server made sure the native layer is there
         try:
             p = st.native.ssl_ptr(sock)
             peer = st.native.verify_result(p) + st.native.peer_dns(p)
         except PointerError as e:
-            session.error("client SSL certificate cannot be checked: %s" % e)
-            raise Close() from None
-    _check_client_cert(session, st, sock, peer)
-    session.tls = True
-    session.ssl_headers = _ssl_headers(session, st, sock, peer)
-    session.action = None
+            log("error", "client SSL certificate cannot be checked: %s" % e)
+            return Handshake(sock, done=True)
+    reply = _check_client_cert(log, st, sock, peer)
+    if reply is not None:
+        return Handshake(sock, done=True, reply=reply)
+    return Handshake(sock, done=True, headers=_ssl_headers(conf, st, sock, peer))
 
 
 def _ssl_text(e):
@@ -442,25 +414,24 @@ def _ssl_text(e):
     return "%s%s" % ("" if not lib else "%s: " % lib, text)
 
 
-def _check_client_cert(session, st, sock, peer):
-    """ngx_mail_verify_cert: the protocol's error line and close, or return.
+def _check_client_cert(log, st, sock, peer):
+    """ngx_mail_verify_cert: the protocol's error line (the session sends it and closes), or
+    None for an accepted client.
 
     peer: (verify code, its text, subject, issuer) from the native layer."""
     if st.verify == "off":
-        return
+        return None
     rc, text = peer[0], peer[1]
     if rc != 0 and not (st.verify == "optional_no_ca" and rc in _OPTIONAL_NO_CA_ERRORS):
-        session.info("client SSL certificate verify error: (%d:%s)" % (rc, text))
-        session.send(PROTOCOLS[session.protocol].cert_error)
-        raise Close()
+        log("info", "client SSL certificate verify error: (%d:%s)" % (rc, text))
+        return PROTOCOLS[st.protocol].cert_error
     if st.verify == "on" and sock.getpeercert(binary_form=True) is None:
-        session.info("client sent no required SSL certificate")
-        session.send(PROTOCOLS[session.protocol].no_cert)
-        raise Close()
+        log("info", "client sent no required SSL certificate")
+        return PROTOCOLS[st.protocol].no_cert
+    return None
 
 
-def _ssl_headers(session, st, sock, peer):
-    conf = session.conf
+def _ssl_headers(conf, st, sock, peer):
     headers = [("Auth-SSL", "on")]
     version = sock.version()
     if version:

@@ -39,6 +39,55 @@ def test_trusted(entries, peer, family, expect):
 
 
 # ---------------------------------------------------------------------------------------------
+# read_header on a socket pair: what it returns for the session to apply
+
+class _Log(list):
+    def __call__(self, level, message, err=None):
+        self.append((level, message))
+
+
+@pytest.mark.parametrize("entries,trusted", [
+    (["unix:"], True),                  # a socket pair is AF_UNIX: `unix:` trusts it
+    (["127.0.0.1"], False),
+    ([], False),
+])
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP4 192.0.2.1 198.51.100.2 5555 110\r\n",
+    v2_header("192.0.2.1", 5555, "198.51.100.2", 110),
+], ids=["v1", "v2"])
+def test_read_header_returns_the_header(entries, trusted, header):
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(header + b"USER alice\r\n")
+        log = _Log()
+        got = realip.read_header(ours, _Conf(entries), None, log)
+        assert got.addrs == ("192.0.2.1", 5555, "198.51.100.2", 110)
+        assert got.trusted is trusted
+        assert got.client == (("192.0.2.1", 5555) if trusted else None)
+        assert log == []
+        assert ours.recv(64) == b"USER alice\r\n"      # only the header was consumed
+
+
+def test_read_header_without_addresses():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"PROXY UNKNOWN\r\n")
+        got = realip.read_header(ours, _Conf(["unix:"]), None, _Log())
+        assert got == realip.ProxyHeader(None, None) and not got.trusted
+
+
+def test_read_header_broken_is_logged_then_closes():
+    from mailproxy.clientio import Close
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"PROXY FOO\r\n")
+        log = _Log()
+        with pytest.raises(Close):
+            realip.read_header(ours, _Conf(["unix:"]), None, log)
+        assert log == [("error", 'broken header: "PROXY FOO"')]
+
+
+# ---------------------------------------------------------------------------------------------
 # end to end
 
 HDR_V1 = b"PROXY TCP4 203.0.113.7 198.51.100.2 40000 25\r\n"

@@ -20,6 +20,7 @@ import pytest
 from certs import pki  # noqa: F401  (session fixture)
 from harness import REPO, Pop3Backend, b64, free_port, ini
 from mailproxy import config
+from mailproxy.supervisor import load_config
 
 try:
     from test_imap import ImapBackend
@@ -571,7 +572,7 @@ def _conf_error(tmp_path, **directives):
     path = tmp_path / "tls.ini"
     path.write_text(ini(servers={"p": block}))
     with pytest.raises(config.ConfigError) as ei:
-        config.load(str(path))
+        load_config(str(path))          # the values, then the files and contexts
     return ei.value
 
 
@@ -623,7 +624,7 @@ def test_config_accepts_what_python_can_honour(tmp_path, pki):
              "ssl_protocols": "TLSv1.2 TLSv1.3"}
     path = tmp_path / "ok.ini"
     path.write_text(ini(servers={"p": block}))
-    cfg = config.load(str(path))
+    cfg = load_config(str(path))
     from mailproxy import tls
     ctx = tls.server_context(cfg.servers[0])
     assert ctx.options & ssl.OP_NO_TICKET

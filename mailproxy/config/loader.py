@@ -276,7 +276,7 @@ def load(path: str) -> Config:
             values[dname] = value
         s = ServerConf(name=name, file=path, line=sec.line, _where=where, **values)
         _check_server(s, own, seen_listen)
-        _check_tls(s)                       # ssl checks, TLS context (tls.py)
+        _check_tls(s)                       # ssl values (contexts: tls_contexts.py)
         cfg.servers.append(s)
     return cfg
 
@@ -293,10 +293,58 @@ def server_defaults(protocol: str, name: Optional[str] = None, **overrides) -> S
 
 
 def _check_tls(s):
-    """nginx's ssl load-time checks (ngx_mail_ssl_merge_conf) and the server's TLS context
-    (built once)."""
-    from .. import tls
-    tls.check_server(s)
+    """nginx's ssl checks while merging (ngx_mail_ssl_merge_conf) and the values Python's ssl
+    module cannot honour; values only: the files are read and the contexts built at start and
+    on reload (tls_contexts.prepare)."""
+    for li in s.listen:
+        if li.ssl:
+            mode, (f, line), wkey = "listen ... ssl", (li.file, li.line), "listen"
+            break
+    else:
+        if s.starttls == "off":
+            return
+        mode, (f, line), wkey = "starttls", s.where("starttls"), "starttls"
+    f, line = f or s.file, line or s.line
+    if not s.ssl_certificate:
+        raise ConfigError('no "ssl_certificate" is defined for the "%s" directive' % mode,
+                          f, line, wkey)
+    if not s.ssl_certificate_key:
+        raise ConfigError('no "ssl_certificate_key" is defined for the "%s" directive' % mode,
+                          f, line, wkey)
+    if len(s.ssl_certificate_key) < len(s.ssl_certificate):
+        raise ConfigError('no "ssl_certificate_key" is defined for certificate "%s" and the "%s" '
+                          "directive" % (s.ssl_certificate[-1], mode), f, line, wkey)
+
+    def err(key, message):
+        kf, kline = s.where(key)
+        return ConfigError(message, kf or s.file, kline or s.line, key)
+
+    protos = s.ssl_protocols
+    if any(p in ("SSLv2", "SSLv3") for p in protos):
+        raise err("ssl_protocols", '"ssl_protocols %s" is not supported: SSLv2 and SSLv3 are '
+                  "insecure and the OpenSSL behind Python's ssl module cannot enable them; use "
+                  "TLSv1.2 TLSv1.3" % " ".join(protos))
+    if s.ssl_certificate_compression:
+        raise err("ssl_certificate_compression", '"ssl_certificate_compression on" is not '
+                  "supported: Python's ssl module cannot enable TLS certificate compression")
+    keys = list(s.ssl_certificate_key[:len(s.ssl_certificate)])
+    keys += [key for _name, _cert, key in s.ssl_certificate_sni or ()]
+    for key in keys:
+        if key.startswith(("engine:", "store:")):
+            raise err("ssl_certificate_key", '"ssl_certificate_key %s" is not supported: '
+                      "Python's ssl module loads keys from files only" % key)
+    if s.ssl_verify_client not in ("off", "optional_no_ca") and not s.ssl_client_certificate \
+            and not s.ssl_trusted_certificate:
+        raise err("ssl_verify_client",
+                  "no ssl_client_certificate or ssl_trusted_certificate for ssl_verify_client")
+    if s.ssl_session_ticket_key:
+        raise err("ssl_session_ticket_key", '"ssl_session_ticket_key" is not supported: '
+                  "Python's ssl module cannot set ticket keys (each process uses a random key); "
+                  'remove it, or use "ssl_session_tickets off"')
+    if any(a.startswith("shared:") for a in s.ssl_session_cache):
+        raise err("ssl_session_cache", '"ssl_session_cache shared:..." is not supported: '
+                  "mailproxy cannot share TLS sessions between worker processes; use "
+                  '"builtin[:size]" (per process) or "none"')
 
 
 def _copy(value):

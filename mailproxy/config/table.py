@@ -121,7 +121,7 @@ _TABLE = [
     _d("xclient_extended", _MS, "off", p_flag, fmt=f_flag),
     _d("ssl_certificate_sni", _MS, "", p_sni,
        multi=True, nargs=(3, 3), fmt=f_each_tuple),
-    # TLS to backends (contexts built at start-up by backend.prepare_client_contexts)
+    # TLS to backends (contexts built at start-up by tls_contexts.prepare (at start and on reload))
     _d("proxy_ssl", _MS, "off", p_enum("off", "on", "starttls"), fmt=f_token),
     _d("proxy_ssl_verify", _MS, "on", p_flag, fmt=f_flag),
     _d("proxy_ssl_trusted_certificate", _MS, None, p_path, fmt=f_opt_token),

@@ -1,0 +1,33 @@
+"""Every TLS context of a configuration, built in one step at start and on reload.
+
+The config loader checks values only; `prepare(cfg)` then reads the certificate, key and CA
+files and builds the contexts of every server: the client-facing one (tls.build_server, for
+`listen ... ssl` and `starttls`) and the one towards backends (backend.client_context, for
+`proxy_ssl` and for an auth service that may ask for it per user with Auth-SSL-Backend).
+cli.py (`-t` and start) and the master's reload (supervisor.load_config both times) call it
+the same way, as nginx loads the files while it reads the configuration
+(ngx_mail_ssl_merge_conf); sessions only use what it built.
+"""
+
+from . import backend, tls
+from .errors import ConfigError
+
+__all__ = ["prepare"]
+
+
+def prepare(cfg) -> None:
+    """Build and keep on each ServerConf its TLS contexts (`_tls`, `_proxy_ssl_context`).
+
+    Raises ConfigError (`MESSAGE in FILE:LINE`, with the directive as `key`) for the first
+    file or setting that cannot be used: client-facing contexts first, then backend ones."""
+    for conf in cfg.servers:
+        conf._tls = tls.build_server(conf)
+    shared = {}             # servers with the same proxy_ssl_* settings share one context
+    for conf in cfg.servers:
+        if conf.proxy_ssl == "off" and conf.auth_http is None:
+            continue
+        try:
+            backend.client_context(conf, shared)
+        except backend.BackendTLSConfigError as e:
+            f, line = conf.where(e.key)
+            raise ConfigError(str(e), f or conf.file, line or conf.line, e.key) from None
