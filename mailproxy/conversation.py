@@ -189,6 +189,7 @@ class Conversation:
         self.salt: Optional[bytes] = None
         self.method: Optional[str] = None
         self.expect: Optional[Callable[[bytes], None]] = None  # the next line is a SASL response
+        self.sasl_user: Optional[bytes] = None   # AUTH LOGIN's user name, before the password
         self._out: List[object] = []
 
     # ---- events -------------------------------------------------------------------------------

@@ -214,11 +214,12 @@ class Pop3Conversation(Conversation):
         self.authenticate("plain", login, passwd)
 
     def auth_login_username(self, response):
-        self.login = sasl.decode_login_username(response)
+        # kept apart until the password comes: log lines name a login only once it is whole
+        self.sasl_user = sasl.decode_login_username(response)
         self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
 
     def auth_login_password(self, response):
-        self.authenticate("plain", self.login, sasl.decode_login_password(response))
+        self.authenticate("plain", self.sasl_user, sasl.decode_login_password(response))
 
     def auth_cram_md5(self, response):
         login, digest = sasl.decode_cram_md5(response)

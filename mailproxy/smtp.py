@@ -323,11 +323,12 @@ class SmtpConversation(Conversation):
             raise Refused()
 
     def auth_login_username(self, response):
-        self.login = sasl.decode_login_username(response)
+        # kept apart until the password comes: log lines name a login only once it is whole
+        self.sasl_user = sasl.decode_login_username(response)
         self.challenge(PASSWORD, self.auth_login_password)
 
     def auth_login_password(self, response):
-        self.authenticate("plain", self.login, sasl.decode_login_password(response))
+        self.authenticate("plain", self.sasl_user, sasl.decode_login_password(response))
 
     def auth_plain(self, response):
         login, passwd = sasl.decode_plain(response)
