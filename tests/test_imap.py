@@ -825,18 +825,18 @@ class _Runtime:
 
 
 def run_session(starttls, tls=False, **conf):
-    """An ImapSession on a socketpair in a thread; returns (LineClient-like socket, thread)."""
+    """An IMAP Session on a socketpair in a thread; returns (LineClient-like socket, thread)."""
     import threading
     from types import SimpleNamespace
-    from mailproxy.imap import ImapSession
-    values = dict(timeout=2.0, max_errors=5, imap_auth=["plain"], imap_client_id=False,
-                  imap_capabilities=["IMAP4", "IMAP4rev1", "UIDPLUS"], imap_client_buffer=4096,
-                  starttls=starttls, server_name="mx.test", auth_http=None, proxy_pass=None)
+    from mailproxy.session import Session
+    values = dict(protocol="imap", timeout=2.0, max_errors=5, imap_auth=["plain"],
+                  imap_client_id=False, imap_capabilities=["IMAP4", "IMAP4rev1", "UIDPLUS"],
+                  imap_client_buffer=4096, starttls=starttls, server_name="mx.test",
+                  auth_http=None, proxy_pass=None)
     values.update(conf)
     ours, theirs = socket.socketpair()
-    session = ImapSession(theirs, ("127.0.0.1", 40000), SimpleNamespace(**values), None,
-                          _Runtime())
-    session.tls = tls
+    session = Session(theirs, ("127.0.0.1", 40000), SimpleNamespace(**values), None, _Runtime())
+    session.conv.tls = tls
     t = threading.Thread(target=session.run, daemon=True)
     t.start()
     ours.settimeout(3)
