@@ -87,9 +87,6 @@ def backend_id_complete(buf: bytes) -> bool:
     return buf.startswith(BACKEND_ID_TAG) or (b"\n" + BACKEND_ID_TAG) in buf
 
 
-Invalid = Refused     # `<tag>BAD invalid command`, not counted in max_errors
-
-
 class _NeedMore(Exception):
     """The command goes on beyond the inputs received so far: `kind` and `size` are what to
     read next (next_input)."""
@@ -108,14 +105,14 @@ class _Replay:
     def __init__(self, conv, parts):
         self.conv = conv
         self.parts = parts
-        self.next = 1
+        self.index = 1
         self.literals = 0
 
     def _take(self, kind, size):
-        if self.next >= len(self.parts):
+        if self.index >= len(self.parts):
             raise _NeedMore(kind, size)
-        self.next += 1
-        return self.parts[self.next - 1]
+        self.index += 1
+        return self.parts[self.index - 1]
 
     def readline(self, limit):
         return self._take("line", limit)
@@ -182,9 +179,10 @@ class ImapConversation(Conversation):
         except _NeedMore as e:
             self.wanted = (e.kind, e.size)
             self.stop()
-        except TooLong as e:
+        except TooLong as e:            # a literal beyond the budget, refused before `+ OK`
             self.parts = []
-            self._out += Conversation.too_long(self, e.data)
+            actions = self.too_long(e.data)     # takes what is queued: queue it again
+            self._out = actions
             self.stop()
         except ParseError as e:
             self.parts, self.continued = [], 0
