@@ -1,29 +1,21 @@
-"""IMAP: the client side before login (ngx_mail_imap_handler.c) and the backend login.
+"""IMAP: the client side before login (ngx_mail_imap_handler.c) and the backend login
+(ngx_mail_proxy_imap_handler), as state machines without I/O (conversation.py).
 
-The command parser is a pure piece (`parse_command`, `parse_sasl_line`, `tag_of`): it reads from
-any object with `readline()`, `read_exact(n)` and `continue_literal()`, so it can be tested
-without sockets. It follows nginx's ngx_mail_imap_parse_command, with these corrections:
-
-* an unterminated quoted string is a syntax error of its own line (nginx cuts it at the line
-  end and leaks the "inside quotes" state into the next command);
-* a tag must have at least one character (nginx takes a line starting with a space as an empty
-  tag); `{}` / `{+}` (no digits) are syntax errors, and `{0}` is an empty literal (nginx takes
-  one byte for it); only one CR may precede the LF after a literal announcement;
-* a synchronising literal that cannot fit in `imap_client_buffer` is refused at once as a too
-  long command, before `+ OK` (nginx says `+ OK`, lets the client send, then refuses);
-* `ID` is parsed (a parenthesised list of strings, or NIL) and answered, as our addition.
-
-Commands are bounded as a whole (line, literals, continuation lines) by `imap_client_buffer`,
-so no command ever holds more than that in memory.
+The command parser is imap_parse.py.  A command with literals arrives in several inputs (the
+line, each literal's bytes, the line after it); the conversation keeps them and parses the
+command again over them until it is whole, asking the session for what the parser lacks.
 """
 
-import re
+from __future__ import annotations
+
 import secrets
+from typing import List, Optional, Tuple
 
 from . import sasl
-from .log import sanitize
-from .clientio import Answered, BackendRejected, LineTooLong, Refused
-from .session import Session
+from .clientio import BackendRejected, Refused
+from .conversation import (BackendLogin, BackendStartTLS, Conversation, LoggedIn, Peer,
+                           Protocol, StartTLSRefused)
+from .imap_parse import ParseError, TooLong, parse_command, parse_sasl_line, tag_of
 
 CRLF = b"\r\n"
 GREETING = b"* OK IMAP4 ready\r\n"
@@ -32,294 +24,27 @@ BAD = b"BAD invalid command\r\n"
 UNTAGGED = b"* "
 BYE = b"* BYE\r\n"
 LITERAL_CONTINUE = b"+ OK\r\n"
-PLAIN_CONTINUE = b"+ \r\n"
 ID_REPLY = b"* ID NIL\r\n"
-PAGE_SIZE = 4096            # nginx's default imap_client_buffer (one memory page)
-
-MAX_TAG = 32                # tag characters (since nginx 1.21.0)
-MAX_ARGS = 3                # arguments per command (nginx's args array check)
-
-# Command words ngx_mail_imap_parse_command knows, and ID (ours); any other is a parser error.
-COMMANDS = frozenset(("NOOP", "LOGIN", "LOGOUT", "STARTTLS", "CAPABILITY", "AUTHENTICATE", "ID"))
 
 # Dovecot-style ID fields sent to the backend with `imap_client_id on` (our addition).
 BACKEND_ID_TAG = b"mailproxy-id "
-
-_TAG_RE = re.compile(rb"[A-Za-z0-9._-]{1,%d} " % MAX_TAG)
-_WORD_RE = re.compile(rb"[A-Za-z]+")
-_SPACES_RE = re.compile(rb" *")
-_ATOM_RE = re.compile(rb"[^ \r\n]+")
-_LIST_ATOM_RE = re.compile(rb"[^ ()\r\n\"{]+")
-_QUOTED_RE = re.compile(rb'"((?:[^"\\\r\n]|\\[^\r\n])*)"')
-_UNESCAPE_RE = re.compile(rb"\\(.)", re.S)
-_LITERAL_RE = re.compile(rb"\{([0-9]+)(\+?)\}\r?\n\Z")
-_MAX_DIGITS = 18            # longer literal lengths are "too long" without converting them
+BACKEND_STARTTLS_TAG = b"mpTLS "        # proxy_ssl starttls
 
 
-class ParseError(Exception):
-    """A command rejected by the parser (counts towards max_errors).
-
-    `tag` is the tag with its space when the tag was complete and valid, else None (the reply
-    is then untagged). `close` is the {N+} safety rule: the line ended in a non-synchronising
-    literal announcement, whose bytes would otherwise be executed as commands.
-    """
-
-    def __init__(self, tag, close=False, why=""):
-        super().__init__(why or "invalid command")
-        self.tag = tag
-        self.close = close
-
-
-class TooLong(Exception):
-    """The command does not fit in the client buffer: answered, then the session closes."""
-
-    def __init__(self, tag, data):
-        super().__init__("too long command")
-        self.tag = tag
-        self.data = data
-
-
-class Command:
-    """One parsed command: tag (bytes with its space), verb (upper-case str), args (bytes)."""
-
-    __slots__ = ("tag", "verb", "args", "size")
-
-    def __init__(self, tag, verb, args, size):
-        self.tag = tag
-        self.verb = verb
-        self.args = args            # ID: the list items, None standing for NIL
-        self.size = size            # bytes the command took from the client
-
-    def __repr__(self):
-        return "Command(%r, %r, %r)" % (self.tag, self.verb, self.args)
-
-
-def ends_with_nonsync_literal(line):
-    """nginx's safety check on a skipped line: does it end in `+}` (before CR LF / LF)?"""
-    if line.endswith(b"\n"):
-        line = line[:-1]
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    return line.endswith(b"+}")
-
-
-def tag_of(data):
-    """The tag (with its space) at the start of `data` if it is complete and valid, else None."""
-    m = _TAG_RE.match(data)
-    return m.group() if m else None
-
-
-class _Scanner:
-    """One command being parsed: the current line segment, position, and byte budget."""
-
-    def __init__(self, line, io, limit):
-        self.io = io
-        self.limit = limit
-        self.line = line
-        self.pos = 0
-        self.used = len(line)
-        self.tag = None
-        self.seen = [line]          # the command's segments so far (for the too-long log)
-        if self.used > limit:
-            raise TooLong(tag_of(line), line)
-
-    # ---- errors ------------------------------------------------------------------------------
-
-    def invalid(self, why=""):
-        raise ParseError(self.tag, ends_with_nonsync_literal(self.line), why)
-
-    def too_long(self, data=None):
-        if data is None:
-            data = b"".join(self.seen)
-        raise TooLong(self.tag, data)
-
-    # ---- small scanning steps ------------------------------------------------------------------
-
-    def peek(self):
-        line, pos = self.line, self.pos
-        return line[pos:pos + 1]
-
-    def skip_spaces(self):
-        self.pos = _SPACES_RE.match(self.line, self.pos).end()
-
-    def at_end(self):
-        """True at the line end (CR LF or LF); a CR followed by anything else is invalid."""
-        c = self.peek()
-        if c == b"\n":
-            return True
-        if c == b"\r":
-            if self.line[self.pos + 1:self.pos + 2] == b"\n":
-                return True
-            self.invalid("CR not followed by LF")
-        return False
-
-    def quoted(self):
-        m = _QUOTED_RE.match(self.line, self.pos)
-        if m is None:
-            # unterminated (or a backslash before the line end): a syntax error of this line
-            self.invalid("unterminated quoted string")
-        self.pos = m.end()
-        value = m.group(1)
-        if b"\\" in value:
-            value = _UNESCAPE_RE.sub(rb"\1", value)
-        return value
-
-    def literal(self, followers):
-        """`{n}` / `{n+}` ending the line: the n bytes that follow, verbatim.
-
-        Afterwards the scanner is on the next segment, whose first byte must be in `followers`
-        (or the line end).
-        """
-        m = _LITERAL_RE.match(self.line, self.pos)
-        if m is None:
-            self.invalid("bad literal")
-        digits, plus = m.group(1), m.group(2)
-        room = self.limit - self.used - 1           # at least the LF must follow the data
-        n = int(digits) if len(digits) <= _MAX_DIGITS else room + 1
-        if n > room:
-            self.too_long()
-        if not plus:
-            self.io.continue_literal()
-        try:
-            data = self.io.read_exact(n) if n else b""
-            self.used += n
-            self.seen.append(data)
-            line = self.io.readline(self.limit - self.used)
-        except LineTooLong as e:
-            self.seen.append(e.data)
-            self.too_long()
-        self.used += len(line)
-        self.seen.append(line)
-        self.line, self.pos = line, 0
-        if self.used > self.limit:
-            self.too_long()
-        c = line[:1]
-        if c not in followers and c not in (b"\r", b"\n"):
-            self.invalid("bad character after literal")
-        return data
-
-    # ---- the grammar -----------------------------------------------------------------------------
-
-    def command(self):
-        m = _TAG_RE.match(self.line)
-        if m is None:
-            self.invalid("bad tag")
-        self.tag = m.group()
-        self.pos = m.end()
-        self.skip_spaces()
-        m = _WORD_RE.match(self.line, self.pos)
-        if m is None:
-            self.invalid("bad command word")
-        self.pos = m.end()
-        if self.peek() not in (b" ", b"\r", b"\n"):
-            self.invalid("bad command word")
-        verb = m.group().upper().decode("ascii")
-        if verb not in COMMANDS:
-            self.invalid("unknown command")
-        if verb == "ID":
-            args = self.id_params()
-        else:
-            args = self.arguments()
-        return Command(self.tag, verb, args, self.used)
-
-    def arguments(self):
-        """Up to three atoms, quoted strings or literals, separated by spaces."""
-        args = []
-        while True:
-            self.skip_spaces()
-            if self.at_end():
-                return args
-            if len(args) >= MAX_ARGS:
-                self.invalid("too many arguments")
-            c = self.peek()
-            if c == b'"':
-                args.append(self.quoted())
-            elif c == b"{":
-                args.append(self.literal((b" ",)))
-            else:
-                m = _ATOM_RE.match(self.line, self.pos)
-                self.pos = m.end()
-                args.append(m.group())
-
-    def id_params(self):
-        """`ID NIL` or `ID (string nstring ...)`: the items (None for NIL) or None for NIL."""
-        if self.peek() != b" ":
-            self.invalid("ID without arguments")
-        self.skip_spaces()
-        if self.peek() == b"(":
-            self.pos += 1
-            items = []
-            while True:
-                self.skip_spaces()
-                c = self.peek()
-                if c == b")":
-                    self.pos += 1
-                    break
-                if c == b'"':
-                    items.append(self.quoted())
-                elif c == b"{":
-                    items.append(self.literal((b" ", b")")))
-                else:
-                    m = _LIST_ATOM_RE.match(self.line, self.pos)
-                    if m is None or m.group().upper() != b"NIL":
-                        self.invalid("bad ID list item")
-                    self.pos = m.end()
-                    items.append(None)
-            args = items
-        else:
-            m = _ATOM_RE.match(self.line, self.pos)
-            if m is None or m.group().upper() != b"NIL":
-                self.invalid("bad ID argument")
-            self.pos = m.end()
-            args = None
-        self.skip_spaces()
-        if not self.at_end():
-            self.invalid("junk after ID arguments")
-        return args
-
-
-def parse_command(line, io, limit):
-    """Parse one command starting with `line` (a line including its LF, at most `limit` bytes).
-
-    `io` supplies the rest of a command with literals: `continue_literal()` is called before the
-    bytes of a synchronising literal are awaited (the session sends `+ OK`), `read_exact(n)` and
-    `readline(limit)` return client bytes (and raise clientio.LineTooLong when no LF comes
-    within `limit` bytes).
-    Returns a Command; raises ParseError or TooLong.
-    """
-    return _Scanner(line, io, limit).command()
-
-
-def parse_sasl_line(line, tag=None):
-    """An AUTHENTICATE continuation line -> its first token (the base64 response).
-
-    Raises ParseError (with `tag`) for a CR that does not end the line.
-    """
-    content = line[:-1] if line.endswith(b"\n") else line
-    if content.endswith(b"\r"):
-        content = content[:-1]
-    if b"\r" in content:
-        raise ParseError(tag, ends_with_nonsync_literal(line), "CR not followed by LF")
-    return content.split(b" ", 1)[0]
-
-
-def capability_line(capabilities, methods, starttls="off", tls=False):
+def capability_line(capabilities, methods, starttls: str = "off", tls: bool = False) -> bytes:
     """`* CAPABILITY ...` with CRLF (the lines ngx_mail_imap_merge_srv_conf builds)."""
     words = [b"* CAPABILITY"] + [c.encode("utf-8", "surrogateescape") if isinstance(c, str)
                                  else bytes(c) for c in capabilities]
     if not tls and starttls == "only":
         words.append(b"STARTTLS LOGINDISABLED")
     else:
-        for method, name in (("plain", b"AUTH=PLAIN"), ("login", b"AUTH=LOGIN"),
-                             ("cram-md5", b"AUTH=CRAM-MD5"), ("external", b"AUTH=EXTERNAL")):
-            if method in methods:
-                words.append(name)
+        words += [word.encode() for word in PROTOCOL.mechanisms(methods)]
         if not tls and starttls == "on":
             words.append(b"STARTTLS")
     return b" ".join(words) + CRLF
 
 
-def backend_login_complete(buf):
+def backend_login_complete(buf: bytes) -> bool:
     """read_reply() completion for the final LOGIN reply: one untagged line may come first."""
     if buf.startswith(b"* "):
         i = buf.find(CRLF, 2)
@@ -327,7 +52,7 @@ def backend_login_complete(buf):
     return True
 
 
-def check_login_reply(buf, tag):
+def check_login_reply(buf: bytes, tag: bytes) -> None:
     """Raise BackendRejected unless `buf` is `<tag>OK...` (after at most one untagged line).
 
     The logged text starts after the untagged line and after the tag when it matched, as
@@ -349,222 +74,255 @@ def _quote(value):
     return '"%s"' % value
 
 
-def backend_id_command(fields):
+def backend_id_command(fields) -> bytes:
     """`<tag>ID ("k" "v" ...)` CRLF from [(key, value)] pairs."""
     items = " ".join("%s %s" % (_quote(k), _quote(v)) for k, v in fields)
     return BACKEND_ID_TAG + ("ID (%s)" % items).encode("ascii", "replace") + CRLF
 
 
-def backend_id_complete(buf):
+def backend_id_complete(buf: bytes) -> bool:
     return buf.startswith(BACKEND_ID_TAG) or (b"\n" + BACKEND_ID_TAG) in buf
 
 
-Invalid = Refused     # `<tag>BAD invalid command`, not counted in max_errors
+class _NeedMore(Exception):
+    """The command goes on beyond the inputs received so far: `kind` and `size` are what to
+    read next (next_input)."""
+
+    def __init__(self, kind, size):
+        super().__init__(kind)
+        self.kind = kind
+        self.size = size
 
 
-class _ClientIO:
-    """What the parser reads literals and continuation segments through."""
+class _Replay:
+    """The parser's io over the inputs of the command so far (the first line excepted); past
+    them it raises _NeedMore.  `continue_literal()` answers `+ OK` once per literal, however
+    often the command is parsed again."""
 
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, conv, parts):
+        self.conv = conv
+        self.parts = parts
+        self.index = 1
+        self.literals = 0
+
+    def _take(self, kind, size):
+        if self.index >= len(self.parts):
+            raise _NeedMore(kind, size)
+        self.index += 1
+        return self.parts[self.index - 1]
 
     def readline(self, limit):
-        return self.session.reader.readline(limit)
+        return self._take("line", limit)
 
     def read_exact(self, n):
-        return self.session.reader.read_exact(n)
+        return self._take("bytes", n)
 
     def continue_literal(self):
-        self.session.send(LITERAL_CONTINUE)
+        self.literals += 1
+        if self.literals > self.conv.continued:
+            self.conv.continued = self.literals
+            self.conv.say(LITERAL_CONTINUE)
 
 
-class ImapSession(Session):
+class ImapConversation(Conversation):
+    """ngx_mail_imap_auth_state: `tag` is the current command's tag (with its space), kept
+    through its SASL steps and the authentication; `parts` the inputs of a command awaiting a
+    literal or the line after one."""
+
     protocol = "imap"
-    INTERNAL_ERROR = b"* BAD internal server error\r\n"
-    TEMP_FAILURE = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"  # RFC 5530
 
-    def client_buffer_size(self):
-        return getattr(self.conf, "imap_client_buffer", None) or PAGE_SIZE
+    def __init__(self, conf, tls: bool = False):
+        super().__init__(conf, tls)
+        self.tag: Optional[bytes] = None
+        self.parts: List[bytes] = []
+        self.wanted: Tuple[str, Optional[int]] = ("line", None)
+        self.continued = 0              # `+ OK` said for this command's literals
+        self.user: Optional[bytes] = None   # AUTHENTICATE LOGIN's user name, until the password
+        self.session_id: Optional[str] = None
 
-    # ---- greeting and command loop ------------------------------------------------------------
+    def buffer_size(self) -> int:
+        return self.conf.imap_client_buffer
 
-    def greet(self):
-        self.tag = None
-        self.session_id = None
-        self.io = _ClientIO(self)
-        self.send(GREETING)
+    def next_input(self) -> Tuple[str, Optional[int]]:
+        # after a literal announcement: its bytes, then the rest of the command's budget
+        return self.wanted if self.parts else ("line", None)
 
-    def too_long(self, data):
-        # The first line of a command, or an AUTHENTICATE continuation line (tag kept).
-        return (self.tag or tag_of(data) or UNTAGGED) + BAD
+    def greeting(self):
+        self.say(GREETING)
 
-    def reply(self, data):
-        """`<tag>data`, or `* data` when there is no tag."""
-        return (self.tag or UNTAGGED) + data
+    def too_long(self, data: bytes) -> list:
+        # a command with literals is logged whole, as far as it came
+        data, self.parts = b"".join(self.parts) + data, []
+        return super().too_long(data)
 
-    def handle_line(self, line):
-        self.tag = None
-        try:
-            cmd = parse_command(line, self.io, self.client_buffer_size())
-        except TooLong as e:
-            self.info('client sent too long command "%s"' % sanitize(e.data, 1024))
-            self.send_close((e.tag or UNTAGGED) + BAD)
-        except ParseError as e:
-            self.reject(e)
+    def too_long_reply(self, data: bytes) -> bytes:
+        # an AUTHENTICATE continuation line keeps its command's tag, a command its own
+        return ((self.tag if self.expect is not None else tag_of(data)) or UNTAGGED) + BAD
+
+    def auth_failed_reply(self, result) -> bytes:
+        return (self.tag or UNTAGGED) + b"NO " + result.message + CRLF
+
+    def reset(self):
+        self.user = None
+
+    def handle_line(self, data):
+        expect, self.expect = self.expect, None
+        if expect is not None:
+            self._sasl_step(expect, data)
             return
-        self.tag = cmd.tag
+        self.parts.append(data)
         try:
-            getattr(self, "cmd_" + cmd.verb)(cmd.args)
-        except Invalid:
-            self.send(self.tag + BAD)
-        except sasl.SaslError as e:
-            self.info(str(e))
-            self.send(self.tag + BAD)
-        except Answered:
-            pass
-        self.tag = None
+            cmd = parse_command(self.parts[0], _Replay(self, self.parts), self.buffer_size())
+        except _NeedMore as e:
+            self.wanted = (e.kind, e.size)
+            self.stop()
+        except TooLong as e:            # a literal beyond the budget, refused before `+ OK`
+            self.parts = []
+            actions = self.too_long(e.data)     # takes what is queued: queue it again
+            self._out = actions
+            self.stop()
+        except ParseError as e:
+            self.parts, self.continued = [], 0
+            self.reject(e)
+        self.parts, self.continued = [], 0
+        self.tag = cmd.tag
+        self._guarded(getattr(self, "cmd_" + cmd.verb), cmd.args)
 
-    def reject(self, e):
+    def _guarded(self, handler, *args):
+        try:
+            handler(*args)
+        except Refused:
+            self.say(self.tag + BAD)
+        except sasl.SaslError as e:
+            self.log("info", str(e))
+            self.say(self.tag + BAD)
+
+    def reject(self, e: ParseError):
         """Answer a parser error: counted for max_errors; the {N+} rule closes at once."""
         reply = (e.tag or UNTAGGED) + BAD
         if e.close:
             self.errors += 1
             if self.errors >= self.conf.max_errors:
-                self.info("client sent too many invalid commands")
-            self.send_close(reply)
+                self.log("info", "client sent too many invalid commands")
+            self.finish(reply)
         self.parse_error(reply)
 
-    def sasl_response(self):
-        """The next line as one SASL response token (after a `+ ...` continuation)."""
+    def _sasl_step(self, step, line):
+        """The line after a `+ ...` continuation: one SASL response token."""
         try:
-            return parse_sasl_line(self.next_line(), self.tag)
+            response = parse_sasl_line(line, self.tag)
         except ParseError as e:
             self.reject(e)
-            raise Answered() from None
+        self._guarded(step, response)
 
-    # ---- state helpers ----------------------------------------------------------------------
+    def challenge(self, data: bytes, step):
+        """Send a `+ ...` continuation; the next line goes to `step`."""
+        self.say(b"+ " + data + CRLF)
+        self.expect = step
+        self.stop()
 
-    def starttls_mode(self):
-        return getattr(self.conf, "starttls", "off") or "off"
-
-    def starttls_blocks_auth(self):
-        return self.starttls_mode() == "only" and not self.tls
-
-    def methods(self):
-        return getattr(self.conf, "imap_auth", None) or ["plain"]
-
-    def after_auth_wait(self):
-        self.method = None
-
-    def auth_failed_reply(self, result):
-        return self.reply(b"NO " + result.message + CRLF)
+    def starttls_blocks_auth(self) -> bool:
+        return self.conf.starttls == "only" and not self.tls
 
     # ---- commands (ngx_mail_imap_auth_state) ----------------------------------------------------
 
     def cmd_CAPABILITY(self, args):
         conf = self.conf
-        caps = getattr(conf, "imap_capabilities", None)
-        if caps is None:
-            caps = ["IMAP4", "IMAP4rev1", "UIDPLUS"]
-        self.send(capability_line(caps, self.methods(), self.starttls_mode(), self.tls)
-                  + self.tag + OK)
+        self.say(capability_line(conf.imap_capabilities, conf.imap_auth, conf.starttls,
+                                 self.tls) + self.tag + OK)
 
     def cmd_NOOP(self, args):
-        self.send(self.tag + OK)
+        self.say(self.tag + OK)
 
     def cmd_LOGOUT(self, args):
-        self.send_close(BYE + self.tag + OK)
+        self.finish(BYE + self.tag + OK)
 
     def cmd_ID(self, args):
         # Our addition: nginx refuses ID before login, which breaks clients that send it first.
-        self.send(ID_REPLY + self.tag + OK)
+        self.say(ID_REPLY + self.tag + OK)
 
     def cmd_STARTTLS(self, args):
-        # As ngx_mail_imap_starttls: only when starttls is on/only and TLS is not active yet.
-        if self.tls or self.starttls_mode() not in ("on", "only"):
-            raise Invalid()
-        self.reader.discard()           # pipelined plaintext is never executed (CVE-2011-0411)
-        self.send(self.tag + OK)
-        self.starttls_handshake()
+        # As ngx_mail_imap_starttls: only when starttls is on/only and TLS is not active yet;
+        # pipelined plaintext is never executed (CVE-2011-0411).
+        if self.tls or self.conf.starttls not in ("on", "only"):
+            raise Refused()
+        self.start_tls(self.tag + OK)
 
     def cmd_LOGIN(self, args):
         if self.starttls_blocks_auth() or len(args) != 2 or not args[0]:
-            raise Invalid()
-        self.start_auth("plain", args[0], args[1])
+            raise Refused()
+        self.authenticate("plain", args[0], args[1])
 
     def cmd_AUTHENTICATE(self, args):
         if self.starttls_blocks_auth() or not args:
-            raise Invalid()
+            raise Refused()
         mech = args[0].upper()
         n = len(args)
-        methods = self.methods()
+        methods = self.conf.imap_auth
         if mech == b"LOGIN":
             if n == 1:
-                self.send(b"+ " + sasl.USERNAME_PROMPT + CRLF)
-                try:
-                    login = sasl.decode_login_username(self.sasl_response())
-                except sasl.SaslError as e:
-                    # nginx quirk: ngx_mail_imap_auth_state sends this one untagged, without `*`.
-                    self.info(str(e))
-                    self.send(BAD)
-                    raise Answered() from None
-            elif n == 2:
-                login = sasl.decode_login_username(args[1])
-            else:
-                raise Invalid()
-            self.send(b"+ " + sasl.PASSWORD_PROMPT + CRLF)
-            passwd = sasl.decode_login_password(self.sasl_response())
-            self.start_auth("plain", login, passwd)
+                self.challenge(sasl.USERNAME_PROMPT, self.auth_login_username)
+            if n != 2:
+                raise Refused()
+            self.user = sasl.decode_login_username(args[1])
+            self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
         elif mech == b"PLAIN":
             if n == 1:
-                self.send(PLAIN_CONTINUE)
-                initial = self.sasl_response()
-            elif n == 2:
-                initial = args[1]
-            else:
-                raise Invalid()
-            login, passwd = sasl.decode_plain(initial)
-            self.start_auth("plain", login, passwd)
+                self.challenge(b"", self.auth_plain)        # `+ ` and CRLF
+            if n != 2:
+                raise Refused()
+            self.auth_plain(args[1])
         elif mech == b"CRAM-MD5":
             if "cram-md5" not in methods or n != 1:
-                raise Invalid()
+                raise Refused()
             if self.salt is None:
                 self.salt = sasl.make_salt(self.conf.server_name)
-            self.send(b"+ " + sasl.cram_md5_challenge(self.salt) + CRLF)
-            login, digest = sasl.decode_cram_md5(self.sasl_response())
-            self.start_auth("cram-md5", login, digest)
+            self.challenge(sasl.cram_md5_challenge(self.salt), self.auth_cram_md5)
         elif mech == b"EXTERNAL":
             # nginx accepts EXTERNAL with an initial response even when disabled; we do not.
             if "external" not in methods or n > 2:
-                raise Invalid()
+                raise Refused()
             if n == 1:
-                self.send(b"+ " + sasl.USERNAME_PROMPT + CRLF)
-                initial = self.sasl_response()
-            else:
-                initial = args[1]
-            self.start_auth("external", sasl.decode_external(initial), b"")
+                self.challenge(sasl.USERNAME_PROMPT, self.auth_external)
+            self.auth_external(args[1])
         else:
-            raise Invalid()
+            raise Refused()
 
-    # ---- backend login (ngx_mail_proxy_imap_handler) --------------------------------------------
+    # ---- SASL steps -------------------------------------------------------------------------
 
-    def backend_id_fields(self):
-        """Dovecot's ID fields: who the client is and where it connected (our addition)."""
-        fields = []
-        if self.client_ip is not None:
-            fields += [("x-originating-ip", self.client_ip),
-                       ("x-originating-port", self.client_port)]
-        local = None
-        hdr = self.proxy_header
-        if hdr and getattr(self, "proxy_trusted", False) and hdr[2] is not None:
-            local = (hdr[2], hdr[3])    # where the client went: set_real_ip_from peers only
-        else:
-            try:
-                name = self.sock.getsockname()
-                if isinstance(name, tuple):
-                    local = (name[0], name[1])
-            except OSError:
-                pass
+    def auth_login_username(self, response):
+        try:
+            self.user = sasl.decode_login_username(response)
+        except sasl.SaslError as e:
+            # nginx quirk: ngx_mail_imap_auth_state sends this one untagged, without `*`.
+            self.log("info", str(e))
+            self.say(BAD)
+            self.stop()
+        self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
+
+    def auth_login_password(self, response):
+        self.authenticate("plain", self.user, sasl.decode_login_password(response))
+
+    def auth_plain(self, response):
+        login, passwd = sasl.decode_plain(response)
+        self.authenticate("plain", login, passwd)
+
+    def auth_cram_md5(self, response):
+        login, digest = sasl.decode_cram_md5(response)
+        self.authenticate("cram-md5", login, digest)
+
+    def auth_external(self, response):
+        self.authenticate("external", sasl.decode_external(response), b"")
+
+    # ---- backend login --------------------------------------------------------------------------
+
+    def backend_id_fields(self, peer: Peer) -> List[Tuple[str, object]]:
+        """Dovecot's ID fields: who the client is and where it connected (our addition); the
+        session id is one per client connection."""
+        fields: List[Tuple[str, object]] = []
+        if peer.ip is not None:
+            fields += [("x-originating-ip", peer.ip), ("x-originating-port", peer.port)]
+        local = peer.proxied_local or peer.local
         if local is not None:
             fields += [("x-connected-ip", local[0]), ("x-connected-port", local[1])]
         if self.session_id is None:
@@ -572,39 +330,81 @@ class ImapSession(Session):
         fields.append(("x-session-id", self.session_id))
         return fields
 
-    def login_backend(self, conn, user, passwd):
-        tag = self.tag
-        self.backend_reply(conn, b"* OK")
-        if getattr(self.conf, "imap_client_id", False):
-            # whatever it answers (NO/BAD too)
-            self.backend_step(conn, backend_id_command(self.backend_id_fields()),
-                              "sending ID command to upstream", complete=backend_id_complete)
-        # LOGIN with synchronising literals: each "+" continuation before the next part
-        self.backend_step(conn, tag + b"LOGIN {%d}\r\n" % len(user),
-                          "sending LOGIN command to upstream", b"+")
-        self.backend_step(conn, user + b" {%d}\r\n" % len(passwd),
-                          "sending user name to upstream", b"+")
-        reply = self.backend_step(conn, passwd + CRLF, "sending password to upstream",
-                                  complete=backend_login_complete)
-        check_login_reply(reply, tag)
-        return reply
+    def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
+                      starttls: bool) -> "ImapLogin":
+        fields = self.backend_id_fields(peer) if self.conf.imap_client_id else None
+        return ImapLogin(self.tag, user, passwd, fields, starttls)
 
-    # ---- TLS to the backend (proxy_ssl starttls) -------------------------------------------
 
-    BACKEND_STARTTLS_TAG = b"mpTLS "
+class ImapLogin(BackendLogin):
+    """ngx_mail_proxy_imap_handler: greeting `* OK`, then (ours) the ID command whose answer is
+    ignored, then LOGIN with synchronising literals (each `+` before the next part) under the
+    client's tag; the final reply goes to the client.  With `proxy_ssl starttls`,
+    `mpTLS STARTTLS` and the handshake come right after the greeting."""
 
-    def backend_starttls(self, conn):
-        """proxy_ssl starttls: greeting, `mpTLS STARTTLS`, tagged OK; returns the greeting."""
-        from . import backend
-        tag = self.BACKEND_STARTTLS_TAG
-        greeting = conn.read_reply()
-        if not greeting.startswith(b"* OK"):
-            raise BackendRejected(greeting)
-        self.action = "sending STARTTLS to upstream"
-        conn.send(tag + b"STARTTLS" + CRLF)
-        self.action = "reading response from upstream"
-        reply = conn.read_reply(lambda buf: buf.startswith(tag) or (b"\n" + tag) in buf)
+    def __init__(self, tag: bytes, user: bytes, passwd: bytes,
+                 id_fields: Optional[list] = None, starttls: bool = False):
+        super().__init__()
+        self.tag, self.user, self.passwd = tag, user, passwd
+        self.id_fields = id_fields
+        self.starttls = starttls
+
+    def on_greeting(self, reply):
+        if not reply.startswith(b"* OK"):
+            raise BackendRejected(reply)
+        if self.starttls:
+            return [self.send(BACKEND_STARTTLS_TAG + b"STARTTLS" + CRLF,
+                              "sending STARTTLS to upstream", "starttls", _starttls_complete)]
+        return [self.send_id_or_login()]
+
+    def on_starttls(self, reply):
+        tag = BACKEND_STARTTLS_TAG
         i = 0 if reply.startswith(tag) else reply.find(b"\n" + tag) + 1
         if not reply.startswith(tag + b"OK", i):
-            raise backend.starttls_refused(reply[i:])
-        return greeting
+            raise StartTLSRefused(reply[i:])
+        return [BackendStartTLS(), self.send_id_or_login()]
+
+    def send_id_or_login(self):
+        if self.id_fields is not None:
+            return self.send(backend_id_command(self.id_fields), "sending ID command to upstream",
+                             "id", backend_id_complete)
+        return self.send_login()
+
+    def on_id(self, reply):
+        return [self.send_login()]          # whatever it answers (NO/BAD too)
+
+    def send_login(self):
+        return self.send(self.tag + b"LOGIN {%d}\r\n" % len(self.user),
+                         "sending LOGIN command to upstream", "login")
+
+    def on_login(self, reply):
+        if not reply.startswith(b"+"):
+            raise BackendRejected(reply)
+        return [self.send(self.user + b" {%d}\r\n" % len(self.passwd),
+                          "sending user name to upstream", "user")]
+
+    def on_user(self, reply):
+        if not reply.startswith(b"+"):
+            raise BackendRejected(reply)
+        return [self.send(self.passwd + CRLF, "sending password to upstream", "passwd",
+                          backend_login_complete)]
+
+    def on_passwd(self, reply):
+        check_login_reply(reply, self.tag)
+        return [LoggedIn(reply)]
+
+
+def _starttls_complete(buf):
+    return buf.startswith(BACKEND_STARTTLS_TAG) or (b"\n" + BACKEND_STARTTLS_TAG) in buf
+
+
+PROTOCOL = Protocol(
+    "imap", (143, 993), b"imap",
+    cert_error=b"* BYE SSL certificate error\r\n",
+    no_cert=b"* BYE No required SSL certificate\r\n",
+    internal_error=b"* BAD internal server error\r\n",
+    temp_failure=b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",  # RFC 5530
+    sasl_order=(("plain", "AUTH=PLAIN"), ("login", "AUTH=LOGIN"), ("cram-md5", "AUTH=CRAM-MD5"),
+                ("external", "AUTH=EXTERNAL")),
+    conversation=ImapConversation)
+ImapConversation.descriptor = PROTOCOL

@@ -825,18 +825,19 @@ class _Runtime:
 
 
 def run_session(starttls, tls=False, **conf):
-    """An ImapSession on a socketpair in a thread; returns (LineClient-like socket, thread)."""
+    """An IMAP Session on a socketpair in a thread; returns (LineClient-like socket, thread)."""
     import threading
     from mailproxy.config import server_defaults
-    from mailproxy.imap import ImapSession
-    values = dict(timeout=2.0, max_errors=5, imap_auth=["plain"], imap_client_id=False,
-                  imap_capabilities=["IMAP4", "IMAP4rev1", "UIDPLUS"], imap_client_buffer=4096,
-                  starttls=starttls, server_name="mx.test", auth_http=None, proxy_pass=None)
+    from mailproxy.session import Session
+    values = dict(timeout=2.0, max_errors=5, imap_auth=["plain"],
+                  imap_client_id=False, imap_capabilities=["IMAP4", "IMAP4rev1", "UIDPLUS"],
+                  imap_client_buffer=4096, starttls=starttls, server_name="mx.test",
+                  auth_http=None, proxy_pass=None)
     values.update(conf)
     ours, theirs = socket.socketpair()
-    session = ImapSession(theirs, ("127.0.0.1", 40000), server_defaults("imap", **values), None,
-                          _Runtime())
-    session.tls = tls
+    session = Session(theirs, ("127.0.0.1", 40000), server_defaults("imap", **values), None,
+                      _Runtime())
+    session.conv.tls = tls
     t = threading.Thread(target=session.run, daemon=True)
     t.start()
     ours.settimeout(3)

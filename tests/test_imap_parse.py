@@ -1,13 +1,15 @@
-"""The IMAP command parser and the pure helpers of mailproxy.imap (no sockets)."""
+"""The IMAP command parser (mailproxy.imap_parse) and the pure helpers of mailproxy.imap
+(no sockets)."""
 
 import random
 
 import pytest
 
-from mailproxy import imap
-from mailproxy.imap import (Command, ParseError, TooLong, backend_id_command,
-                            backend_login_complete, capability_line, check_login_reply,
-                            ends_with_nonsync_literal, parse_command, parse_sasl_line, tag_of)
+from mailproxy import imap, imap_parse
+from mailproxy.imap import (backend_id_command, backend_login_complete, capability_line,
+                            check_login_reply)
+from mailproxy.imap_parse import (Command, ParseError, TooLong, ends_with_nonsync_literal,
+                                  parse_command, parse_sasl_line, tag_of)
 from mailproxy.clientio import BackendRejected, LineTooLong
 
 
@@ -521,4 +523,4 @@ def test_fuzz():
             continue
         assert isinstance(cmd, Command)
         assert cmd.size <= limit
-        assert cmd.verb in imap.COMMANDS
+        assert cmd.verb in imap_parse.COMMANDS
