@@ -1,0 +1,130 @@
+"""Helpers for the unit layer (not a test module), in the spirit of mitmproxy's playbooks: feed
+a conversation events and compare the actions it returns, exactly.
+
+    conv = started(conf("pop3"))                       # greeting taken
+    assert conv.receive(b"USER bob\\r\\n") == reply(b"+OK\\r\\n")
+    play(conv, [(b"PASS x\\r\\n", [Authenticate("plain", b"bob", b"x")])])
+
+`make_conf` builds a real ServerConf through config.load without touching a socket (the
+`conf` fixture in conftest.py wraps it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List, Sequence, Tuple
+
+from mailproxy import config
+from mailproxy.auth_http import AuthResult
+from mailproxy.config.parsers import _Ctx
+from mailproxy.conversation import CLOSE, Log, Reply
+
+SERVER_NAME = "mx.example.test"
+
+
+class IOInUnitTest(BaseException):
+    """A unit test reached for the network or a process (conftest.py's guard).  A
+    BaseException, so that neither `except OSError` nor `except Exception` in the code under
+    test can swallow it."""
+
+PORTS = {"pop3": 110, "imap": 143, "smtp": 25}
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+def make_conf(folder, protocol: str = "pop3", **directives):
+    """A complete ServerConf for `protocol` as config.load builds it, with `directives`
+    (nginx names) on top.
+
+    The base file routes through `auth_http unix:...` (no name lookup at load) and names the
+    server `mx.example.test`.  A str value is parsed by the directive's own parser, as if
+    written in the file, but without the loader's cross-checks, so `starttls="on"` needs no
+    certificate (no TLS context is built: conversations only read the mode); multi-line
+    directives take one occurrence per line.  Any other value is set as it is.
+    """
+    folder = Path(folder)
+    path = folder / ("unit-%s.ini" % protocol)
+    path.write_text("[server unit]\n"
+                    "listen = 127.0.0.1:%d\n"
+                    "protocol = %s\n"
+                    "server_name = %s\n"
+                    "auth_http = unix:%s:/auth\n"
+                    % (PORTS[protocol], protocol, SERVER_NAME, folder / "auth.sock"))
+    server = config.load(str(path)).servers[0]
+    for name, value in directives.items():
+        if name not in config.DIRECTIVES:
+            raise KeyError("unknown directive %r" % name)
+        if isinstance(value, str):
+            value = parse_directive(name, value, str(path))
+        setattr(server, name, value)
+    return server
+
+
+def parse_directive(name: str, text: str, file: str = "unit.ini"):
+    """`text` (nginx tokens) through directive `name`'s parser, as the loader does."""
+    d = config.DIRECTIVES[name]
+    lines = text.split("\n") if d.multi else [text]
+    values: list = []
+    for i, line in enumerate(lines, 1):
+        args = config.split_tokens(line)
+        lo, hi = d.nargs
+        assert lo <= len(args) and (hi is None or len(args) <= hi), (name, text)
+        value = d.parse(args, _Ctx(name, file, i, str(Path(file).parent), line))
+        if not d.multi:
+            return value
+        values.extend(value)
+    return values
+
+
+def auth_fail(message: bytes = b"Invalid login or password", **fields) -> AuthResult:
+    """What the auth service answers for a refused login (Auth-Status: message)."""
+    return AuthResult("FAIL", message=message, **fields)
+
+
+# ---- reading actions ----------------------------------------------------------------------
+
+def replies(actions: Iterable) -> List[bytes]:
+    """The bytes of every Reply, in order."""
+    return [a.data for a in actions if type(a) is Reply]
+
+
+def only(actions: Iterable, *types) -> list:
+    """The actions of these types, in order."""
+    return [a for a in actions if isinstance(a, types)]
+
+
+def logs(actions: Iterable) -> List[Tuple[str, str]]:
+    """(level, message) of every Log action."""
+    return [(a.level, a.message) for a in actions if type(a) is Log]
+
+
+def reply(*data: bytes) -> list:
+    """The actions of a plain answer: one Reply per argument."""
+    return [Reply(d) for d in data]
+
+
+def closing(*data: bytes) -> list:
+    """Replies, then the session ends."""
+    return reply(*data) + [CLOSE]
+
+
+# ---- driving ------------------------------------------------------------------------------
+
+def started(conf, tls: bool = False, cls=None):
+    """A conversation of conf.protocol past its greeting (which must be Reply actions only)."""
+    if cls is None:
+        from mailproxy.protocols import PROTOCOLS
+        cls = PROTOCOLS[conf.protocol].conversation_class()
+    conv = cls(conf, tls=tls)
+    greeting = conv.start()
+    assert greeting and all(type(a) is Reply for a in greeting), greeting
+    return conv
+
+
+def play(machine, steps: Sequence[Tuple[bytes, list]]):
+    """Feed each input to `machine.receive` and assert the actions it returns, step by step
+    (the step's index and input are in the failure message)."""
+    for i, (data, expected) in enumerate(steps):
+        got = machine.receive(data)
+        assert got == expected, "step %d, input %r:\n  got      %r\n  expected %r" % (
+            i, data, got, expected)
