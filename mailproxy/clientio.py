@@ -1,8 +1,8 @@
 """Client input before login and the exceptions that steer a conversation.
 
 `LineReader` reads the client's command lines with nginx's buffer rules; the exceptions end
-(`Close`, `ClientClosed`, `ClientTimeout`), redirect (`HandedOver`) or answer (`Answered`,
-`Refused`, `LineTooLong`, `BackendRejected`) a command.  Kept apart from session.py so that
+(`Close`, `ClientClosed`, `ClientTimeout`), redirect (`HandedOver`) or answer
+(`Refused`, `LineTooLong`, `BackendRejected`) a command.  Kept apart from session.py so that
 realip.py and tls.py can raise them without importing the session.
 """
 
@@ -22,10 +22,6 @@ def strip_eol(line):
     if b"\r" in line:
         return None
     return line
-
-
-class Answered(Exception):
-    """The command ended with its reply already sent (e.g. a bad SASL response line)."""
 
 
 class Refused(Exception):

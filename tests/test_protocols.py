@@ -3,10 +3,9 @@
 from mailproxy import protocols
 
 
-def test_each_descriptor_names_its_session_class():
+def test_each_descriptor_names_its_conversation():
     for name, proto in protocols.PROTOCOLS.items():
-        cls = protocols.session_class(name)
-        assert cls.protocol == name and proto.alpn == name.encode()
+        assert proto.conversation.protocol == name and proto.alpn == name.encode()
         assert proto.cert_error.endswith(b"SSL certificate error\r\n")
         assert proto.no_cert.endswith(b"No required SSL certificate\r\n")
 

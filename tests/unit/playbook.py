@@ -114,7 +114,7 @@ def started(conf, tls: bool = False, cls=None):
     """A conversation of conf.protocol past its greeting (which must be Reply actions only)."""
     if cls is None:
         from mailproxy.protocols import PROTOCOLS
-        cls = PROTOCOLS[conf.protocol].conversation_class()
+        cls = PROTOCOLS[conf.protocol].conversation
     conv = cls(conf, tls=tls)
     greeting = conv.start()
     assert greeting and all(type(a) is Reply for a in greeting), greeting

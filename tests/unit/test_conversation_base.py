@@ -8,7 +8,7 @@ from mailproxy.clientio import Refused
 from mailproxy.conversation import (CLOSE, Authenticate, BackendLogin, Conversation, Log, Reply,
                                     StartTLS, ToBackend, safe_credential)
 from mailproxy.pop3 import Pop3Conversation
-from mailproxy.protocols import PORTS, PROTOCOLS, session_class
+from mailproxy.protocols import PORTS, PROTOCOLS
 from playbook import closing, reply
 
 BAD = b"BAD\r\n"
@@ -164,6 +164,7 @@ def test_defaults(echo):
 def test_mechanisms_in_the_protocols_order(echo, protocol, methods, words):
     conv = echo()
     conv.protocol = protocol
+    conv.descriptor = PROTOCOLS[protocol]
     assert conv.mechanisms(methods) == words
 
 
@@ -229,7 +230,14 @@ def test_ports_imply_protocols():
                      25: "smtp", 465: "smtp", 587: "smtp"}
 
 
-def test_pop3_descriptor_names_its_conversation():
-    assert PROTOCOLS["pop3"].conversation_class() is Pop3Conversation
+def test_each_descriptor_names_its_conversation():
+    from mailproxy.imap import ImapConversation
+    from mailproxy.smtp import SmtpConversation
+    assert PROTOCOLS["pop3"].conversation is Pop3Conversation
+    assert PROTOCOLS["imap"].conversation is ImapConversation
+    assert PROTOCOLS["smtp"].conversation is SmtpConversation
+    for name, proto in PROTOCOLS.items():
+        assert proto.conversation.protocol == name and proto.conversation.descriptor is proto
+    from mailproxy.listeners import Listener
     from mailproxy.session import Session
-    assert session_class("pop3") is Session
+    assert Listener.session_class is Session

@@ -455,7 +455,7 @@ def test_a_sasl_response_is_not_a_command(pop3):
     say(conv, "AUTH LOGIN")
     # "QUIT" is taken as the base64 username, not as a command
     assert say(conv, "QUIT") == reply(b"+ UGFzc3dvcmQ6\r\n")
-    assert conv.login == base64.b64decode(b"QUIT")
+    assert conv.sasl_user == base64.b64decode(b"QUIT")
 
 
 # ---- parser errors, max_errors, unknown commands -------------------------------------------

@@ -336,7 +336,7 @@ def test_auth_bad_response_after_prompt(make_conv, start, response, message):
     conv.receive(start + b"\r\n")
     acts = conv.receive(line(response))
     if message is None:
-        assert acts == [Reply(PASSWORD)] and conv.login == b""
+        assert acts == [Reply(PASSWORD)] and conv.sasl_user == b""
         return
     assert acts == bad(message)
     assert conv.errors == 0 and conv.expect is None
