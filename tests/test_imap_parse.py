@@ -5,10 +5,10 @@ import random
 import pytest
 
 from mailproxy import imap
+from mailproxy.clientio import BackendRejected, LineTooLong
 from mailproxy.imap import (Command, ParseError, TooLong, backend_id_command,
                             backend_login_complete, capability_line, check_login_reply,
                             ends_with_nonsync_literal, parse_command, parse_sasl_line, tag_of)
-from mailproxy.clientio import BackendRejected, LineTooLong
 
 
 class FakeIO:

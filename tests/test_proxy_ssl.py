@@ -11,19 +11,16 @@ import subprocess
 
 import pytest
 
-from harness import REPO, ScriptedBackend, auth_ok, proxy_command
-from test_relay_tls import make_certs
+from tests.support.auth import auth_ok
+from tests.support.backends import ScriptedBackend
+from tests.support.common import REPO
+from tests.support.process import proxy_command
 
 INTERNAL = {
     "pop3": b"-ERR internal server error\r\n",
     "imap": b"* BAD internal server error\r\n",
     "smtp": b"451 4.3.2 Internal server error\r\n",
 }
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("proxy-ssl-certs"))
 
 
 def server_context(certs, require_client_cert=False):

@@ -2,14 +2,14 @@
 protocol limits, handshake timeout, configuration errors (nginx's ngx_mail_ssl_module).
 
 Clients are the standard library's (poplib/imaplib/smtplib with an ssl.SSLContext) and raw
-sockets wrapped by hand where byte-exact checks matter. Certificates come from tests/certs.py.
+sockets wrapped by hand where byte-exact checks matter. Certificates come from
+tests/support/certs.py.
 """
 
 import hashlib
 import imaplib
 import poplib
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
@@ -17,15 +17,10 @@ import time
 
 import pytest
 
-from certs import pki  # noqa: F401  (session fixture)
-from harness import REPO, Pop3Backend, b64, free_port, ini
 from mailproxy import config
-
-try:
-    from test_imap import ImapBackend
-    from test_smtp import SmtpBackend
-except ImportError:            # pragma: no cover - the suites are part of the repository
-    ImapBackend = SmtpBackend = None
+from tests.support.common import REPO, b64
+from tests.support.process import ini
+from tests.support.tls import TLSLines, client_ctx, readline_raw, start_tls_proxy
 
 CRLF = b"\r\n"
 
@@ -33,74 +28,14 @@ CRLF = b"\r\n"
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-class TLSSetup:
-    def __init__(self, proxy, port, auth, backend):
-        self.proxy, self.port, self.auth, self.backend = proxy, port, auth, backend
-        self.host = "127.0.0.1"
-
-    def raw(self, timeout=5.0):
-        s = socket.create_connection((self.host, self.port), timeout=timeout)
-        return s
-
-
 @pytest.fixture
 def tls_setup(proxy_factory, auth_server, backend_factory, pki):
-    """start(protocol, ssl=True, **directives) -> TLSSetup with the RSA server certificate."""
+    """start(protocol, ssl_listen=True, backend=None, **directives) -> TLSSetup with the RSA
+    server certificate."""
     def start(protocol, ssl_listen=True, backend=None, **directives):
-        if backend is None:
-            backend = {"pop3": lambda: backend_factory(Pop3Backend, users={"alice": "secret"}),
-                       "imap": lambda: backend_factory(ImapBackend),
-                       "smtp": lambda: backend_factory(SmtpBackend)}[protocol]()
-        port = free_port()
-        auth_server.route_to(backend.port, server=backend.host)
-        block = {"listen": "127.0.0.1:%d%s" % (port, " ssl" if ssl_listen else ""),
-                 "protocol": protocol, "auth_http": auth_server.url, "timeout": "2s",
-                 "ssl_certificate": pki.server_rsa[0], "ssl_certificate_key": pki.server_rsa[1]}
-        block.update(directives)
-        proxy = proxy_factory({"servers": {protocol: block}})
-        return TLSSetup(proxy, port, auth_server, backend)
+        return start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol,
+                               implicit=ssl_listen, backend=backend, timeout="2s", **directives)
     return start
-
-
-def client_ctx(pki, cert=None, **kw):
-    ctx = ssl.create_default_context(cafile=pki.ca)
-    if cert is not None:
-        ctx.load_cert_chain(*cert)
-    for k, v in kw.items():
-        setattr(ctx, k, v)
-    return ctx
-
-
-class TLSLines:
-    """A raw line client over an SSLSocket (byte-exact replies)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-
-    def readline(self, timeout=5.0):
-        self.sock.settimeout(timeout)
-        while b"\n" not in self.buf:
-            try:
-                data = self.sock.recv(65536)
-            except (ssl.SSLError, ConnectionError):
-                data = b""
-            if not data:
-                rest, self.buf = self.buf, b""
-                return rest
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def cmd(self, line):
-        self.send(line + CRLF)
-        return self.readline()
-
-    def closed(self, timeout=3.0):
-        return self.readline(timeout) == b""
 
 
 def tls_connect(setup, pki, cert=None, server_hostname="mail.test", ctx=None, timeout=5.0):
@@ -112,18 +47,6 @@ def tls_connect(setup, pki, cert=None, server_hostname="mail.test", ctx=None, ti
 def raw_starttls(sock, pki, cert=None, server_hostname="mail.test"):
     ctx = client_ctx(pki, cert)
     return TLSLines(ctx.wrap_socket(sock, server_hostname=server_hostname))
-
-
-def readline_raw(sock, timeout=5.0):
-    """One line from a plain socket, byte by byte (nothing beyond it is consumed)."""
-    sock.settimeout(timeout)
-    out = b""
-    while not out.endswith(b"\n"):
-        c = sock.recv(1)
-        if not c:
-            break
-        out += c
-    return out
 
 
 def ssl_headers(req):
