@@ -5,12 +5,19 @@ an unexpected error fails the test in teardown; the helpers live in tests/suppor
 import pytest
 
 from tests.support.auth import AuthServer
-from tests.support.common import fail_on_errors
+from tests.support.common import close_all_tracked, fail_on_errors
 from tests.support.mailbackends import Pop3Backend
 from tests.support.process import ProxyProcess, Setup, free_port, server_block
 
 # fixtures kept with their helpers: pki and certs (certs.py), the relay's (relaying.py), dns
 pytest_plugins = ["tests.support.certs", "tests.support.relaying", "tests.support.dns"]
+
+
+@pytest.fixture(autouse=True)
+def close_tracked():
+    """Closes the clients the support helpers handed to the test (see common.track)."""
+    yield
+    close_all_tracked()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import socket
 
-from tests.support.common import as_line, to_bytes
+from tests.support.common import as_line, to_bytes, track
 
 
 class LineClient:
@@ -11,7 +11,7 @@ class LineClient:
     def __init__(self, host, port, timeout=5.0, family=None):
         if family is None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock = track(socket.socket(family, socket.SOCK_STREAM))
         self.sock.settimeout(timeout)
         self.sock.connect((host, port))
         self.timeout = timeout

@@ -71,6 +71,26 @@ def as_line(data):
     return data
 
 
+_opened = []
+
+
+def track(resource, close=None):
+    """Register a client-side resource (socket, line client, poplib/imaplib/smtplib object) the
+    helper that made it hands to a test; the autouse fixture `close_tracked` closes it after the
+    test, so a test that stops midway (or does not close) leaves no socket open."""
+    _opened.append(close or resource.close)
+    return resource
+
+
+def close_all_tracked():
+    while _opened:
+        close = _opened.pop()
+        try:
+            close()
+        except OSError:
+            pass
+
+
 def fail_on_errors(fake, what):
     """Fail the test if `fake` (an auth service, backend or DNS server) recorded an error it did
     not expect: an exception in a handler thread or a request it could not parse. A test that

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.support.clients import LineClient
-from tests.support.common import REPO, wait_for
+from tests.support.common import REPO, track, wait_for
 
 
 def free_port(host="127.0.0.1"):
@@ -159,6 +159,7 @@ class ProxyProcess:
                     self.pid = int(text)
                     return self
             if self.proc.poll() is not None:
+                self.stop()                    # closes the output files
                 raise AssertionError(f"mailproxy exited with {self.proc.returncode} before writing "
                                      f"its pid file\n{self.diagnostics()}")
             time.sleep(0.01)
@@ -257,12 +258,13 @@ class Setup:
 
     def pop3(self, timeout=5.0):
         import poplib
-        return poplib.POP3(self.host, self.port, timeout=timeout)
+        return track(poplib.POP3(self.host, self.port, timeout=timeout))
 
     def imap(self, timeout=5.0):
         import imaplib
-        return imaplib.IMAP4(self.host, self.port, timeout=timeout)
+        m = imaplib.IMAP4(self.host, self.port, timeout=timeout)
+        return track(m, m.shutdown)           # IMAP4.close() is the CLOSE command
 
     def smtp(self, timeout=5.0):
         import smtplib
-        return smtplib.SMTP(self.host, self.port, timeout=timeout)
+        return track(smtplib.SMTP(self.host, self.port, timeout=timeout))

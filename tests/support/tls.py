@@ -5,7 +5,7 @@ over an SSLSocket (TLSLines), and a byte-by-byte line reader for plain sockets."
 import socket
 import ssl
 
-from tests.support.common import CRLF
+from tests.support.common import CRLF, track
 from tests.support.mailbackends import ImapBackend, Pop3Backend, SmtpBackend
 from tests.support.process import free_port
 
@@ -16,7 +16,7 @@ class TLSSetup:
         self.host = "127.0.0.1"
 
     def raw(self, timeout=5.0):
-        return socket.create_connection((self.host, self.port), timeout=timeout)
+        return track(socket.create_connection((self.host, self.port), timeout=timeout))
 
 
 def start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol, implicit=True,
@@ -52,7 +52,7 @@ class TLSLines:
     """A byte-exact line client over an SSLSocket."""
 
     def __init__(self, sock):
-        self.sock = sock
+        self.sock = track(sock)
         self.buf = b""
 
     def readline(self, timeout=5.0):
