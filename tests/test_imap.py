@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.auth import Delay, auth_fail, auth_ok
 from tests.support.backends import ScriptedBackend
-from tests.support.common import CLOSE, RecordingLog, b64, unb64
+from tests.support.common import CLOSE, RecordingLog, b64, track, unb64
 from tests.support.mailbackends import ImapBackend, big_message_chunks
 from tests.support.process import Setup, free_port, server_block
 
@@ -61,7 +61,8 @@ def imap_setup(proxy_factory, auth_server, imap_backend):
 
 
 def client(st, timeout=5.0):
-    return imaplib.IMAP4(st.host, st.port, timeout=timeout)
+    m = imaplib.IMAP4(st.host, st.port, timeout=timeout)
+    return track(m, m.shutdown)
 
 
 def read_closed(c):

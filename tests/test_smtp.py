@@ -13,7 +13,7 @@ import pytest
 from mailproxy.resolver import T_A, T_AAAA, T_PTR
 from tests.support.auth import auth_fail, auth_ok
 from tests.support.clients import LineClient
-from tests.support.common import CRLF, SMTPLIB_MAIL, SMTPLIB_RCPT, b64
+from tests.support.common import CRLF, SMTPLIB_MAIL, SMTPLIB_RCPT, b64, track
 from tests.support.mailbackends import SmtpBackend, big_message_chunks, big_message_digest
 from tests.support.process import free_port, server_block
 
@@ -55,7 +55,7 @@ def setup(proxy_factory, auth_server, smtp_backend):
 
 
 def client(s, **kw):
-    return smtplib.SMTP(s.host, s.port, local_hostname="client.example", timeout=5, **kw)
+    return track(smtplib.SMTP(s.host, s.port, local_hostname="client.example", timeout=5, **kw))
 
 
 def raw(s):
