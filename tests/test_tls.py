@@ -14,11 +14,12 @@ import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from mailproxy import config
-from tests.support.common import REPO, b64
+from tests.support.common import REPO, b64, track
 from tests.support.process import ini
 from tests.support.tls import TLSLines, client_ctx, readline_raw, start_tls_proxy
 
@@ -34,7 +35,7 @@ def tls_setup(proxy_factory, auth_server, backend_factory, pki):
     server certificate."""
     def start(protocol, ssl_listen=True, backend=None, **directives):
         return start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol,
-                               implicit=ssl_listen, backend=backend, timeout="2s", **directives)
+                               implicit=ssl_listen, backend=backend, **directives)
     return start
 
 
@@ -62,7 +63,7 @@ def auth_escape(text):
 
 def test_implicit_tls_pop3(tls_setup, pki):
     s = tls_setup("pop3")
-    p = poplib.POP3_SSL(s.host, s.port, context=client_ctx(pki), timeout=5)
+    p = track(poplib.POP3_SSL(s.host, s.port, context=client_ctx(pki), timeout=5))
     assert p.getwelcome() == b"+OK POP3 ready"
     resp, caps, _ = p._longcmd("CAPA")
     assert caps == [b"TOP", b"USER", b"UIDL", b"SASL PLAIN LOGIN"]     # no STLS on TLS
@@ -87,6 +88,7 @@ def test_implicit_tls_stls_refused(tls_setup, pki):
 def test_implicit_tls_imap(tls_setup, pki):
     s = tls_setup("imap", starttls="on")
     m = imaplib.IMAP4_SSL(s.host, s.port, ssl_context=client_ctx(pki), timeout=5)
+    track(m, m.shutdown)
     assert m.welcome == b"* OK IMAP4 ready"
     typ, data = m.capability()
     assert data == [b"IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN"]
@@ -101,7 +103,7 @@ def test_implicit_tls_imap(tls_setup, pki):
 
 def test_implicit_tls_smtp(tls_setup, pki):
     s = tls_setup("smtp", starttls="on", server_name="mx.test")
-    c = smtplib.SMTP_SSL(s.host, s.port, context=client_ctx(pki), timeout=5)
+    c = track(smtplib.SMTP_SSL(s.host, s.port, context=client_ctx(pki), timeout=5))
     code, text = c.ehlo("client.test")
     assert code == 250 and text == b"mx.test\nAUTH PLAIN LOGIN"
     assert c.docmd("STARTTLS") == (500, b"5.5.1 Invalid command")
@@ -120,7 +122,7 @@ def test_implicit_tls_ecdsa_and_rsa_certificates(tls_setup, pki):
         ctx.set_ciphers(cipher)
         c = tls_connect(s, pki, ctx=ctx)
         der = c.sock.getpeercert(binary_form=True)
-        own = open(pki.server_ec[0] if want == "EC" else pki.server_rsa[0]).read()
+        own = Path(pki.server_ec[0] if want == "EC" else pki.server_rsa[0]).read_text()
         assert der == ssl.PEM_cert_to_DER_cert(own)
         assert c.readline() == b"+OK POP3 ready\r\n"
         c.sock.close()
@@ -188,7 +190,7 @@ def test_alpn(tls_setup, pki):
 
 def test_pop3_stls(tls_setup, pki):
     s = tls_setup("pop3", ssl_listen=False, starttls="on")
-    p = poplib.POP3(s.host, s.port, timeout=5)
+    p = track(poplib.POP3(s.host, s.port, timeout=5))
     assert p._longcmd("CAPA")[1] == [b"TOP", b"USER", b"UIDL", b"SASL PLAIN LOGIN", b"STLS"]
     assert p.stls(client_ctx(pki)) == b"+OK"
     assert p._longcmd("CAPA")[1] == [b"TOP", b"USER", b"UIDL", b"SASL PLAIN LOGIN"]
@@ -203,7 +205,7 @@ def test_pop3_stls(tls_setup, pki):
 
 def test_pop3_starttls_only(tls_setup, pki):
     s = tls_setup("pop3", ssl_listen=False, starttls="only")
-    p = poplib.POP3(s.host, s.port, timeout=5)
+    p = track(poplib.POP3(s.host, s.port, timeout=5))
     assert p._longcmd("CAPA")[1] == [b"TOP", b"UIDL", b"STLS"]
     for cmd in ("USER alice", "AUTH", "AUTH PLAIN " + b64("\0alice\0secret"), "APOP a b"):
         with pytest.raises(poplib.error_proto, match="invalid command"):
@@ -239,6 +241,7 @@ def test_pop3_stls_injection_defence(tls_setup, pki):
 def test_imap_starttls(tls_setup, pki):
     s = tls_setup("imap", ssl_listen=False, starttls="on")
     m = imaplib.IMAP4(s.host, s.port, timeout=5)
+    track(m, m.shutdown)
     assert m.capability()[1] == [b"IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN STARTTLS"]
     assert m.starttls(client_ctx(pki))[0] == "OK"
     assert m.capability()[1] == [b"IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN"]
@@ -280,7 +283,7 @@ def test_imap_starttls_injection_defence(tls_setup, pki):
 def test_smtp_starttls(tls_setup, pki):
     s = tls_setup("smtp", ssl_listen=False, starttls="on", server_name="mx.test",
                   smtp_capabilities="PIPELINING")
-    c = smtplib.SMTP(s.host, s.port, timeout=5)
+    c = track(smtplib.SMTP(s.host, s.port, timeout=5))
     code, text = c.ehlo("client.test")
     assert text == b"mx.test\nPIPELINING\nAUTH PLAIN LOGIN\nSTARTTLS"
     assert c.starttls(context=client_ctx(pki))[0] == 220
@@ -355,7 +358,7 @@ def test_client_cert_valid_headers(tls_setup, pki):
     assert c.cmd(b"USER alice") == b"+OK\r\n"
     c.send(b"PASS secret\r\n")
     req = s.auth.wait_requests(1)[0]
-    pem = open(pki.client[0]).read()
+    pem = Path(pki.client[0]).read_text()
     der = ssl.PEM_cert_to_DER_cert(pem)
     assert ssl_headers(req) == [
         ("Auth-SSL", "on"), ("Auth-SSL-Protocol", "TLSv1.3"),

@@ -52,8 +52,9 @@ def tls(proxy_factory, auth_server, backend_factory, pki):
     One server block with the RSA server certificate: `listen ... ssl` when `implicit`, else a
     plain listener (pass starttls=...). auth_http routes everyone to the (default) backend."""
     def start(protocol, implicit=True, backend=None, **directives):
+        directives.setdefault("timeout", "3s")
         return start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol,
-                               implicit=implicit, backend=backend, timeout="3s", **directives)
+                               implicit=implicit, backend=backend, **directives)
     return start
 
 

@@ -20,7 +20,7 @@ class TLSSetup:
 
 
 def start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol, implicit=True,
-                    backend=None, timeout="2s", **directives):
+                    backend=None, **directives):
     """One server block with the RSA server certificate: `listen ... ssl` when `implicit`, else a
     plain listener (pass starttls=...). auth_http routes everyone to the backend (by default a
     fresh Pop3Backend, ImapBackend or SmtpBackend for `protocol`)."""
@@ -31,7 +31,8 @@ def start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol, 
     port = free_port()
     auth_server.route_to(backend.port, server=backend.host)
     block = {"listen": "127.0.0.1:%d%s" % (port, " ssl" if implicit else ""),
-             "protocol": protocol, "auth_http": auth_server.url, "timeout": timeout,
+             "protocol": protocol, "auth_http": auth_server.url,
+             "timeout": directives.pop("timeout", "2s"),
              "ssl_certificate": pki.server_rsa[0], "ssl_certificate_key": pki.server_rsa[1]}
     block.update(directives)
     proxy = proxy_factory({"servers": {protocol: block}})
