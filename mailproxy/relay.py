@@ -248,6 +248,8 @@ class Relay:
                 sel.close()
             except Exception:
                 pass
+            self._wake_r.close()        # the relay never starts again (start() runs once)
+            self._wake_w.close()
 
     def _service_ready(self, now):
         """Read what TLS endpoints decrypted already: the selector reports nothing for it."""

@@ -1,10 +1,23 @@
 """Fixtures for the end-to-end tests: every process, server and backend started here is stopped
-in teardown (only what the test started)."""
+in teardown (only what the test started). A fake (auth service, backend, DNS server) that met
+an unexpected error fails the test in teardown; the helpers live in tests/support."""
 
 import pytest
 
-from harness import (AuthServer, Pop3Backend, ProxyProcess, Setup, free_port,
-                     server_block)
+from tests.support.auth import AuthServer
+from tests.support.common import close_all_tracked, fail_on_errors
+from tests.support.mailbackends import Pop3Backend
+from tests.support.process import ProxyProcess, Setup, free_port, server_block
+
+# fixtures kept with their helpers: pki and certs (certs.py), the relay's (relaying.py), dns
+pytest_plugins = ["tests.support.certs", "tests.support.relaying", "tests.support.dns"]
+
+
+@pytest.fixture(autouse=True)
+def close_tracked():
+    """Closes the clients the support helpers handed to the test (see common.track)."""
+    yield
+    close_all_tracked()
 
 
 @pytest.fixture
@@ -12,6 +25,7 @@ def auth_server():
     srv = AuthServer()
     yield srv
     srv.stop()
+    fail_on_errors(srv, "the auth service")
 
 
 @pytest.fixture
@@ -19,20 +33,25 @@ def unix_auth_server(tmp_path):
     srv = AuthServer(unix_path=str(tmp_path / "auth.sock"))
     yield srv
     srv.stop()
+    fail_on_errors(srv, "the auth service")
 
 
 @pytest.fixture
 def backend_factory():
-    """make(cls=Pop3Backend, **kw) -> a started backend (ScriptedBackend subclass or handler)."""
+    """make(cls=Pop3Backend, *args, expect_errors=False, **kw) -> a started backend
+    (ScriptedBackend subclass or handler); `expect_errors` lets its handler fail on purpose."""
     made = []
 
-    def make(cls=Pop3Backend, *args, **kw):
+    def make(cls=Pop3Backend, *args, expect_errors=False, **kw):
         b = cls(*args, **kw)
+        b.expect_errors = expect_errors
         made.append(b)
         return b
     yield make
     for b in made:
         b.stop()
+    for b in made:
+        fail_on_errors(b, f"the backend {type(b).__name__} on port {b.port}")
 
 
 @pytest.fixture

@@ -6,7 +6,10 @@ import time
 
 import pytest
 
-from harness import (CLOSE, HANG, RESET, Delay, Pop3Backend, auth_fail, auth_ok, free_port)
+from tests.support.auth import Delay, auth_fail, auth_ok
+from tests.support.common import CLOSE, HANG, RESET
+from tests.support.mailbackends import Pop3Backend
+from tests.support.process import free_port
 
 OK_LOGGED_IN = b"+OK logged in\r\n"
 INTERNAL = b"-ERR internal server error\r\n"
@@ -309,7 +312,7 @@ def test_proxy_pass_backend_refuses(pop3_setup, pop3_backend, pass_error_message
 
 
 def test_proxy_pass_sasl_plain(pop3_setup, pop3_backend):
-    from harness import b64
+    from tests.support.common import b64
     st = pop3_setup(auth=False, proxy_pass=f"127.0.0.1:{pop3_backend.port}")
     c = st.connect()
     assert c.cmd("AUTH PLAIN " + b64("\0alice\0secret")) == OK_LOGGED_IN

@@ -10,8 +10,11 @@ import time
 
 import pytest
 
-from harness import (CLOSE, Delay, RecordingLog, ScriptedBackend, Setup, auth_fail, auth_ok,
-                     b64, big_message_chunks, free_port, server_block, unb64)
+from tests.support.auth import Delay, auth_fail, auth_ok
+from tests.support.backends import ScriptedBackend
+from tests.support.common import CLOSE, RecordingLog, b64, track, unb64
+from tests.support.mailbackends import ImapBackend, big_message_chunks
+from tests.support.process import Setup, free_port, server_block
 
 GREETING = b"* OK IMAP4 ready\r\n"
 CAPS = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
@@ -26,96 +29,6 @@ def bad(tag="*"):
 
 def ok(tag):
     return tag.encode() + b" OK completed\r\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# a scripted IMAP backend
-
-class ImapBackend(ScriptedBackend):
-    """An IMAP server that logs users in with LOGIN (literals or atoms) and records everything.
-
-    users:        {login: password} (bytes)
-    greeting:     first line
-    continuation: the reply to a literal announcement (e.g. b"+ OK"); a tagged refusal is
-                  sent as `<tag><text>` when it does not start with "+"
-    untagged:     an untagged line sent right before the tagged LOGIN OK
-    login_ok / refuse: tagged texts for a good / bad password
-    id_reply:     lines answering an ID command (`{tag}` replaced by its tag)
-    big_size:     size of the body that `FETCH 1 (BODY[])` returns as one literal
-    """
-
-    def __init__(self, users=None, greeting=b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.",
-                 continuation=b"+ OK", untagged=None, login_ok=LOGGED_IN, refuse=REFUSED,
-                 id_reply=(b'* ID ("name" "fake")', b"{tag}OK ID completed."), big_size=None,
-                 host="127.0.0.1"):
-        self.users = dict(users if users is not None else {b"alice": b"secret"})
-        self.greeting = greeting
-        self.continuation = continuation
-        self.untagged = untagged
-        self.login_ok = login_ok
-        self.refuse = refuse
-        self.id_reply = id_reply
-        self.big_size = big_size
-        super().__init__(None, host=host)
-
-    def _literal(self, conn, tag, announce):
-        """`{n}` at the end of `announce`: continue, return the n bytes, or None."""
-        m = re.search(rb"\{(\d+)\}$", announce)
-        if not m:
-            return None
-        if self.continuation.startswith(b"+"):
-            conn.sendline(self.continuation)
-        else:
-            conn.sendline(tag + self.continuation)
-            return None
-        return conn.read_exact(int(m.group(1)))
-
-    def handle(self, conn):
-        conn.sendline(self.greeting)
-        authed = False
-        while True:
-            line = conn.readline()
-            if line is None:
-                return
-            text = line.rstrip(b"\r\n")
-            tag, _, rest = text.partition(b" ")
-            tag += b" "
-            verb, _, arg = rest.partition(b" ")
-            verb = verb.upper()
-            if verb == b"LOGIN" and not authed:
-                user = self._literal(conn, tag, arg)
-                if user is None:
-                    return
-                tail = conn.readline()
-                password = self._literal(conn, tag, tail.rstrip(b"\r\n"))
-                if password is None:
-                    return
-                conn.readline()
-                conn.data["login"] = (user, password)
-                if self.users.get(user) == password:
-                    authed = True
-                    if self.untagged:
-                        conn.sendline(self.untagged)
-                    conn.sendline(tag + self.login_ok)
-                else:
-                    conn.sendline(tag + self.refuse)
-            elif verb == b"ID":
-                for r in self.id_reply:
-                    conn.sendline(r.replace(b"{tag}", tag))
-            elif verb == b"LOGOUT":
-                conn.send(b"* BYE Logging out\r\n" + tag + b"OK Logout completed.\r\n")
-                conn.close()
-                return
-            elif not authed:
-                conn.sendline(tag + b"NO not authenticated")
-            elif verb == b"FETCH" and self.big_size:
-                conn.send(b"* 1 FETCH (BODY[] {%d}\r\n" % self.big_size)
-                for chunk in big_message_chunks(self.big_size):
-                    if not conn.send(chunk):
-                        return
-                conn.send(b")\r\n" + tag + b"OK Fetch completed.\r\n")
-            else:
-                conn.sendline(tag + b"OK " + verb + b" completed.")
 
 
 def backend_transcript(user=b"alice", password=b"secret", tag=b"a1 "):
@@ -148,7 +61,8 @@ def imap_setup(proxy_factory, auth_server, imap_backend):
 
 
 def client(st, timeout=5.0):
-    return imaplib.IMAP4(st.host, st.port, timeout=timeout)
+    m = imaplib.IMAP4(st.host, st.port, timeout=timeout)
+    return track(m, m.shutdown)
 
 
 def read_closed(c):

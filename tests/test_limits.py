@@ -12,7 +12,9 @@ import pytest
 from mailproxy import limits
 from mailproxy.config import server_defaults
 from mailproxy.listeners import HandlerPool
-from harness import Pop3Backend, RecordingLog, free_port, server_block, wait_for
+from tests.support.common import RecordingLog, wait_for
+from tests.support.mailbackends import Pop3Backend
+from tests.support.process import free_port, server_block
 
 BUSY = {
     "pop3": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",

@@ -6,7 +6,9 @@ import base64
 import re
 from urllib.parse import unquote
 
-from harness import LineClient, auth_fail, auth_ok, free_port, server_block
+from tests.support.auth import auth_fail, auth_ok
+from tests.support.clients import LineClient
+from tests.support.process import free_port, server_block
 
 HOSTILE = 'admin", client: 198.51.100.77, server: x, login: "admin'
 FORGED = "198.51.100.77"

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from harness import (Pop3Backend, b64, big_message_chunks, free_port, unb64)
+from tests.support.common import b64, unb64
+from tests.support.mailbackends import Pop3Backend, big_message_chunks
+from tests.support.process import free_port
 
 OK_LOGGED_IN = b"+OK logged in\r\n"
 INVALID = b"-ERR invalid command\r\n"
@@ -544,7 +546,7 @@ def test_pipelined_commands_answered_in_order(pop3_setup, auth_server, pop3_back
 def test_pipelined_bytes_after_pass_forwarded_in_order(pop3_setup, auth_server, pop3_backend):
     # the auth server answers slowly: the client's next commands arrive during authentication
     st = pop3_setup()
-    from harness import Delay, auth_ok
+    from tests.support.auth import Delay, auth_ok
     auth_server.set_respond(lambda req: Delay(0.3, auth_ok(pop3_backend.port)))
     c = st.connect()
     assert c.cmd("USER alice") == b"+OK\r\n"
@@ -645,7 +647,8 @@ def test_idle_client_before_login_times_out(pop3_setup, auth_server):
 def test_zipapp_end_to_end(tmp_path, proxy_factory, auth_server, pop3_backend):
     import subprocess
     import sys
-    from harness import REPO, server_block
+    from tests.support.common import REPO
+    from tests.support.process import server_block
     pyz = tmp_path / "mailproxy.pyz"
     subprocess.run([sys.executable, str(REPO / "packaging" / "build.py"), "--output", str(pyz)],
                    check=True, cwd=str(REPO), timeout=60, capture_output=True)
@@ -653,7 +656,7 @@ def test_zipapp_end_to_end(tmp_path, proxy_factory, auth_server, pop3_backend):
     auth_server.route_to(pop3_backend.port)
     proxy_factory({"servers": {"pop": server_block("pop3", port, auth_http=auth_server.url)}},
                   command=[sys.executable, str(pyz)])
-    from harness import LineClient
+    from tests.support.clients import LineClient
     c = LineClient("127.0.0.1", port)
     assert c.readline() == b"+OK POP3 ready\r\n"
     assert login_userpass(c) == OK_LOGGED_IN

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from harness import (Pop3Backend, Read, ScriptedBackend, Sleep, free_port, script)
+from tests.support.backends import Read, ScriptedBackend, Sleep, script
+from tests.support.mailbackends import Pop3Backend
+from tests.support.process import free_port
 
 OK_LOGGED_IN = b"+OK logged in\r\n"
 INTERNAL = b"-ERR internal server error\r\n"

@@ -8,15 +8,7 @@ import pytest
 from mailproxy import backend, proxy_protocol, realip
 from mailproxy.proxy_protocol import SIGNATURE as SIG
 from mailproxy.proxy_protocol import BrokenHeader, parse, v1_header, v2_header
-
-
-def v2(command=0x21, fam=0x11, body=b"", length=None):
-    return SIG + bytes([command, fam]) + struct.pack("!H", len(body) if length is None
-                                                     else length) + body
-
-
-def tlv(t, value):
-    return struct.pack("!BH", t, len(value)) + value
+from tests.support.proxyproto import tlv, v2
 
 
 # ---------------------------------------------------------------------------------------------

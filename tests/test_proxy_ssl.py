@@ -11,19 +11,16 @@ import subprocess
 
 import pytest
 
-from harness import REPO, ScriptedBackend, auth_ok, proxy_command
-from test_relay_tls import make_certs
+from tests.support.auth import auth_ok
+from tests.support.backends import ScriptedBackend
+from tests.support.common import REPO
+from tests.support.process import proxy_command
 
 INTERNAL = {
     "pop3": b"-ERR internal server error\r\n",
     "imap": b"* BAD internal server error\r\n",
     "smtp": b"451 4.3.2 Internal server error\r\n",
 }
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("proxy-ssl-certs"))
 
 
 def server_context(certs, require_client_cert=False):
@@ -176,9 +173,11 @@ AFTER = {"pop3": ("STAT", b"+OK echo STAT tls=TLSv1.3\r\n"),
 
 
 def start(mail_setup, backend_factory, certs, protocol, mode, backend_ctx=None,
-          refuse_starttls=False, backend_mode=None, **directives):
+          refuse_starttls=False, backend_mode=None, expect_errors=False, **directives):
+    """expect_errors: the backend's handshake is meant to fail (its handler raises)."""
     be = backend_factory(TlsBackend, protocol, backend_mode or mode,
-                         backend_ctx or server_context(certs), refuse_starttls=refuse_starttls)
+                         backend_ctx or server_context(certs), refuse_starttls=refuse_starttls,
+                         expect_errors=expect_errors)
     directives.setdefault("proxy_ssl_trusted_certificate", certs["ca"])
     if mode is not None:
         directives.setdefault("proxy_ssl", mode)
@@ -256,7 +255,7 @@ def test_client_certificate_to_backend(mail_setup, backend_factory, certs):
 @pytest.mark.parametrize("mode", ["on", "starttls"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_wrong_ca_is_internal_error(mail_setup, backend_factory, certs, protocol, mode):
-    be, setup = start(mail_setup, backend_factory, certs, protocol, mode,
+    be, setup = start(mail_setup, backend_factory, certs, protocol, mode, expect_errors=True,
                       proxy_ssl_trusted_certificate=certs["otherca"])
     c, reply = login(setup, protocol)
     assert reply == INTERNAL[protocol]
@@ -271,7 +270,7 @@ def test_wrong_ca_is_internal_error(mail_setup, backend_factory, certs, protocol
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_wrong_name_is_internal_error(mail_setup, backend_factory, certs, protocol):
     be, setup = start(mail_setup, backend_factory, certs, protocol, "starttls",
-                      proxy_ssl_name="wrong.test")
+                      expect_errors=True, proxy_ssl_name="wrong.test")
     c, reply = login(setup, protocol)
     assert reply == INTERNAL[protocol]
     line = setup.proxy.wait_log('upstream SSL certificate does not match "wrong.test"')

@@ -10,13 +10,12 @@ import time
 
 import pytest
 
-from harness import LineClient, Pop3Backend, free_port, server_block
-from test_imap import ImapBackend
-from test_smtp import SmtpBackend
-
 from mailproxy import config, realip
 from mailproxy.proxy_protocol import v2_header
-from test_proxy_protocol import v2
+from tests.support.clients import LineClient
+from tests.support.mailbackends import ImapBackend, Pop3Backend, SmtpBackend
+from tests.support.process import free_port, server_block
+from tests.support.proxyproto import v2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +344,7 @@ def _tls_client_hello_with_header(sock, header, ctx):
 
 
 @pytest.mark.parametrize("header", [HDR_V1, HDR_V2], ids=["v1", "v2"])
-def test_proxy_header_before_implicit_tls(pp_setup, auth_server, tmp_path_factory, header):
-    from test_relay_tls import make_certs
-    certs = make_certs(tmp_path_factory.mktemp("realip-certs"))
+def test_proxy_header_before_implicit_tls(pp_setup, auth_server, certs, header):
     proxy, port, _ = pp_setup("pop3", listen_extra="ssl proxy_protocol",
                               ssl_certificate=certs["server"],
                               ssl_certificate_key=certs["server_key"])

@@ -12,106 +12,13 @@ import tracemalloc
 import pytest
 
 from mailproxy.relay import Relay
-
-MB = 1024 * 1024
-
-
-class Listener:
-    """A loopback listener that hands out connected socket pairs."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(('127.0.0.1', 0))
-        self.sock.listen(4096)
-        self.addr = self.sock.getsockname()
-
-    def pair(self):
-        a = socket.create_connection(self.addr)
-        b, _ = self.sock.accept()
-        return a, b
-
-    def close(self):
-        self.sock.close()
-
-
-class Done:
-    """on_done recorder."""
-
-    def __init__(self):
-        self.calls = []
-        self.event = threading.Event()
-
-    def __call__(self, stats):
-        self.calls.append(stats)
-        self.event.set()
-
-    def wait(self, timeout=10):
-        assert self.event.wait(timeout), 'on_done not called'
-        return self.calls[0]
-
-
-@pytest.fixture
-def lis():
-    lst = Listener()
-    yield lst
-    lst.close()
-
-
-@pytest.fixture
-def relay():
-    logged = []
-    r = Relay(log=lambda level, msg: logged.append((level, msg)))
-    r.logged = logged
-    r.start()
-    yield r
-    r.stop()
-
-
-def session(relay, lis, **kw):
-    """(test client, test backend, Done); the relay holds the middle sockets."""
-    client, proxy_c = lis.pair()
-    proxy_b, backend = lis.pair()
-    done = Done()
-    relay.add(proxy_c, proxy_b, on_done=done, **kw)
-    return client, backend, done
-
-
-def recv_exact(sock, n, timeout=10):
-    sock.settimeout(timeout)
-    out = bytearray()
-    while len(out) < n:
-        data = sock.recv(n - len(out))
-        if not data:
-            break
-        out += data
-    return bytes(out)
-
-
-def recv_until_eof(sock, timeout=10):
-    sock.settimeout(timeout)
-    out = bytearray()
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return bytes(out)
-        out += data
-
-
-def stream(seed, total, block=MB):
-    """Deterministic pseudo-random stream of `total` bytes in chunks."""
-    base = hashlib.sha256(seed).digest() * (block // 32)
-    sent = 0
-    i = 0
-    while sent < total:
-        chunk = (i.to_bytes(4, 'big') + base)[:min(block, total - sent)]
-        yield chunk
-        sent += len(chunk)
-        i += 1
+from tests.support.relaying import (MB, Done, plain_session as session, recv_exact, recv_until_eof,
+                                    stream)
 
 
 def sender(sock, seed, total, digest_box):
     h = hashlib.sha256()
-    for chunk in stream(seed, total):
+    for chunk in stream(seed, total, MB):
         sock.sendall(chunk)
         h.update(chunk)
     digest_box.append(h.hexdigest())

@@ -5,7 +5,7 @@ import signal
 import time
 
 from mailproxy import config
-from harness import Pop3Backend, Setup, free_port, server_block
+from tests.support.process import Setup, free_port, server_block
 
 
 def test_worker_shutdown_timeout_default_is_no_limit(tmp_path):

@@ -10,101 +10,15 @@ import time
 
 import pytest
 
-from harness import (CRLF, SMTPLIB_MAIL, SMTPLIB_RCPT, LineClient, ScriptedBackend, auth_fail,
-                     auth_ok, b64, big_message_chunks, big_message_digest, free_port,
-                     server_block)
-from test_resolver import DnsServer
-
 from mailproxy.resolver import T_A, T_AAAA, T_PTR
+from tests.support.auth import auth_fail, auth_ok
+from tests.support.clients import LineClient
+from tests.support.common import CRLF, SMTPLIB_MAIL, SMTPLIB_RCPT, b64, track
+from tests.support.mailbackends import SmtpBackend, big_message_chunks, big_message_digest
+from tests.support.process import free_port, server_block
 
 NAME = "mx.proxy.test"
 INTERNAL = b"451 4.3.2 Internal server error\r\n"
-
-
-# ------------------------------------------------------------------------------------------------
-# a scripted SMTP backend
-
-class SmtpBackend(ScriptedBackend):
-    """A recording SMTP server (Postfix-like: XCLIENT resets the session, which then expects
-    EHLO again). `replies` overrides the reply to a verb (b'XCLIENT', b'AUTH', b'RCPT', ...,
-    or 'greeting'): a line, a list of lines, or callable(conn, line) -> line(s).
-    DATA bodies are hashed, not stored: conn.data['messages'] = [(size, sha256)]."""
-
-    def __init__(self, replies=None, **kw):
-        self.replies = dict(replies or {})
-        super().__init__(None, **kw)
-
-    def _reply(self, conn, key, line, default):
-        r = self.replies.get(key, default)
-        if callable(r):
-            r = r(conn, line)
-        if r is None:
-            return
-        for ln in (r if isinstance(r, list) else [r]):
-            conn.sendline(ln)
-
-    def handle(self, conn):
-        conn.data["messages"] = []
-        self._reply(conn, "greeting", None, "220 backend.test ESMTP Postfix")
-        while True:
-            line = conn.readline()
-            if line is None:
-                return
-            text = line.rstrip(b"\r\n")
-            verb = text.split(b" ", 1)[0].upper()
-            if verb == b"EHLO":
-                self._reply(conn, verb, text, ["250-backend.test", "250-PIPELINING",
-                                               "250-XCLIENT ADDR LOGIN NAME", "250 8BITMIME"])
-            elif verb == b"HELO":
-                self._reply(conn, verb, text, "250 backend.test")
-            elif verb == b"XCLIENT":
-                self._reply(conn, verb, text, "220 backend.test ESMTP Postfix")
-            elif verb == b"AUTH":
-                self._reply(conn, verb, text, "235 2.7.0 Authentication successful")
-            elif verb == b"MAIL":
-                self._reply(conn, verb, text, "250 2.1.0 Ok")
-            elif verb == b"RCPT":
-                self._reply(conn, verb, text, "250 2.1.5 Ok")
-            elif verb == b"DATA":
-                conn.sendline("354 End data with <CR><LF>.<CR><LF>")
-                size, digest = self._read_data(conn)
-                conn.data["messages"].append((size, digest))
-                conn.sendline("250 2.0.0 Ok: queued as ABC123")
-            elif verb == b"QUIT":
-                conn.sendline("221 2.0.0 Bye")
-                conn.close()
-                return
-            elif verb in (b"RSET", b"NOOP"):
-                conn.sendline("250 2.0.0 Ok")
-            else:
-                conn.sendline("502 5.5.2 Error: command not recognized")
-
-    @staticmethod
-    def _read_data(conn):
-        """Read a DATA body up to CRLF.CRLF without splitting it into lines (it may be big):
-        (size, sha256 hex) of the body (with the CRLF of its last line)."""
-        h = hashlib.sha256()
-        size = 0
-        buf = b"\r\n" + bytes(conn._buf)     # the DATA line's CRLF precedes the body
-        conn._buf.clear()
-        hashed = 2                            # buf[:hashed] is not (or already) counted
-        while True:
-            i = buf.find(b"\r\n.\r\n")
-            if i >= 0:
-                end = max(i + 2, hashed)
-                h.update(buf[hashed:end])
-                size += end - hashed
-                conn._buf += buf[i + 5:]
-                return size, h.hexdigest()
-            cut = max(hashed, len(buf) - 4)    # the last 4 bytes may start the terminator
-            h.update(buf[hashed:cut])
-            size += cut - hashed
-            conn.sock.settimeout(10)
-            data = conn.sock.recv(1 << 20)
-            if not data:
-                return size, h.hexdigest()
-            buf = buf[cut:] + data
-            hashed = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,7 +55,7 @@ def setup(proxy_factory, auth_server, smtp_backend):
 
 
 def client(s, **kw):
-    return smtplib.SMTP(s.host, s.port, local_hostname="client.example", timeout=5, **kw)
+    return track(smtplib.SMTP(s.host, s.port, local_hostname="client.example", timeout=5, **kw))
 
 
 def raw(s):
@@ -496,19 +410,6 @@ def test_multiline_greeting_and_ehlo(setup, backend_factory):
 
 # ------------------------------------------------------------------------------------------------
 # NAME= from the resolver
-
-@pytest.fixture
-def dns():
-    made = []
-
-    def make(zone, **kw):
-        srv = DnsServer(zone, **kw)
-        made.append(srv)
-        return srv
-    yield make
-    for srv in made:
-        srv.stop()
-
 
 PTR = "1.0.0.127.in-addr.arpa"
 

@@ -2,31 +2,27 @@
 protocol limits, handshake timeout, configuration errors (nginx's ngx_mail_ssl_module).
 
 Clients are the standard library's (poplib/imaplib/smtplib with an ssl.SSLContext) and raw
-sockets wrapped by hand where byte-exact checks matter. Certificates come from tests/certs.py.
+sockets wrapped by hand where byte-exact checks matter. Certificates come from
+tests/support/certs.py.
 """
 
 import hashlib
 import imaplib
 import poplib
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from certs import pki  # noqa: F401  (session fixture)
-from harness import REPO, Pop3Backend, b64, free_port, ini
 from mailproxy import config
 from mailproxy.supervisor import load_config
-
-try:
-    from test_imap import ImapBackend
-    from test_smtp import SmtpBackend
-except ImportError:            # pragma: no cover - the suites are part of the repository
-    ImapBackend = SmtpBackend = None
+from tests.support.common import REPO, b64, track
+from tests.support.process import ini
+from tests.support.tls import TLSLines, client_ctx, readline_raw, start_tls_proxy
 
 CRLF = b"\r\n"
 
@@ -34,74 +30,14 @@ CRLF = b"\r\n"
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-class TLSSetup:
-    def __init__(self, proxy, port, auth, backend):
-        self.proxy, self.port, self.auth, self.backend = proxy, port, auth, backend
-        self.host = "127.0.0.1"
-
-    def raw(self, timeout=5.0):
-        s = socket.create_connection((self.host, self.port), timeout=timeout)
-        return s
-
-
 @pytest.fixture
 def tls_setup(proxy_factory, auth_server, backend_factory, pki):
-    """start(protocol, ssl=True, **directives) -> TLSSetup with the RSA server certificate."""
+    """start(protocol, ssl_listen=True, backend=None, **directives) -> TLSSetup with the RSA
+    server certificate."""
     def start(protocol, ssl_listen=True, backend=None, **directives):
-        if backend is None:
-            backend = {"pop3": lambda: backend_factory(Pop3Backend, users={"alice": "secret"}),
-                       "imap": lambda: backend_factory(ImapBackend),
-                       "smtp": lambda: backend_factory(SmtpBackend)}[protocol]()
-        port = free_port()
-        auth_server.route_to(backend.port, server=backend.host)
-        block = {"listen": "127.0.0.1:%d%s" % (port, " ssl" if ssl_listen else ""),
-                 "protocol": protocol, "auth_http": auth_server.url, "timeout": "2s",
-                 "ssl_certificate": pki.server_rsa[0], "ssl_certificate_key": pki.server_rsa[1]}
-        block.update(directives)
-        proxy = proxy_factory({"servers": {protocol: block}})
-        return TLSSetup(proxy, port, auth_server, backend)
+        return start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol,
+                               implicit=ssl_listen, backend=backend, **directives)
     return start
-
-
-def client_ctx(pki, cert=None, **kw):
-    ctx = ssl.create_default_context(cafile=pki.ca)
-    if cert is not None:
-        ctx.load_cert_chain(*cert)
-    for k, v in kw.items():
-        setattr(ctx, k, v)
-    return ctx
-
-
-class TLSLines:
-    """A raw line client over an SSLSocket (byte-exact replies)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-
-    def readline(self, timeout=5.0):
-        self.sock.settimeout(timeout)
-        while b"\n" not in self.buf:
-            try:
-                data = self.sock.recv(65536)
-            except (ssl.SSLError, ConnectionError):
-                data = b""
-            if not data:
-                rest, self.buf = self.buf, b""
-                return rest
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def cmd(self, line):
-        self.send(line + CRLF)
-        return self.readline()
-
-    def closed(self, timeout=3.0):
-        return self.readline(timeout) == b""
 
 
 def tls_connect(setup, pki, cert=None, server_hostname="mail.test", ctx=None, timeout=5.0):
@@ -113,18 +49,6 @@ def tls_connect(setup, pki, cert=None, server_hostname="mail.test", ctx=None, ti
 def raw_starttls(sock, pki, cert=None, server_hostname="mail.test"):
     ctx = client_ctx(pki, cert)
     return TLSLines(ctx.wrap_socket(sock, server_hostname=server_hostname))
-
-
-def readline_raw(sock, timeout=5.0):
-    """One line from a plain socket, byte by byte (nothing beyond it is consumed)."""
-    sock.settimeout(timeout)
-    out = b""
-    while not out.endswith(b"\n"):
-        c = sock.recv(1)
-        if not c:
-            break
-        out += c
-    return out
 
 
 def ssl_headers(req):
@@ -140,7 +64,7 @@ def auth_escape(text):
 
 def test_implicit_tls_pop3(tls_setup, pki):
     s = tls_setup("pop3")
-    p = poplib.POP3_SSL(s.host, s.port, context=client_ctx(pki), timeout=5)
+    p = track(poplib.POP3_SSL(s.host, s.port, context=client_ctx(pki), timeout=5))
     assert p.getwelcome() == b"+OK POP3 ready"
     resp, caps, _ = p._longcmd("CAPA")
     assert caps == [b"TOP", b"USER", b"UIDL", b"SASL PLAIN LOGIN"]     # no STLS on TLS
@@ -165,6 +89,7 @@ def test_implicit_tls_stls_refused(tls_setup, pki):
 def test_implicit_tls_imap(tls_setup, pki):
     s = tls_setup("imap", starttls="on")
     m = imaplib.IMAP4_SSL(s.host, s.port, ssl_context=client_ctx(pki), timeout=5)
+    track(m, m.shutdown)
     assert m.welcome == b"* OK IMAP4 ready"
     typ, data = m.capability()
     assert data == [b"IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN"]
@@ -179,7 +104,7 @@ def test_implicit_tls_imap(tls_setup, pki):
 
 def test_implicit_tls_smtp(tls_setup, pki):
     s = tls_setup("smtp", starttls="on", server_name="mx.test")
-    c = smtplib.SMTP_SSL(s.host, s.port, context=client_ctx(pki), timeout=5)
+    c = track(smtplib.SMTP_SSL(s.host, s.port, context=client_ctx(pki), timeout=5))
     code, text = c.ehlo("client.test")
     assert code == 250 and text == b"mx.test\nAUTH PLAIN LOGIN"
     assert c.docmd("STARTTLS") == (500, b"5.5.1 Invalid command")
@@ -198,7 +123,7 @@ def test_implicit_tls_ecdsa_and_rsa_certificates(tls_setup, pki):
         ctx.set_ciphers(cipher)
         c = tls_connect(s, pki, ctx=ctx)
         der = c.sock.getpeercert(binary_form=True)
-        own = open(pki.server_ec[0] if want == "EC" else pki.server_rsa[0]).read()
+        own = Path(pki.server_ec[0] if want == "EC" else pki.server_rsa[0]).read_text()
         assert der == ssl.PEM_cert_to_DER_cert(own)
         assert c.readline() == b"+OK POP3 ready\r\n"
         c.sock.close()
@@ -266,7 +191,7 @@ def test_alpn(tls_setup, pki):
 
 def test_pop3_stls(tls_setup, pki):
     s = tls_setup("pop3", ssl_listen=False, starttls="on")
-    p = poplib.POP3(s.host, s.port, timeout=5)
+    p = track(poplib.POP3(s.host, s.port, timeout=5))
     assert p._longcmd("CAPA")[1] == [b"TOP", b"USER", b"UIDL", b"SASL PLAIN LOGIN", b"STLS"]
     assert p.stls(client_ctx(pki)) == b"+OK"
     assert p._longcmd("CAPA")[1] == [b"TOP", b"USER", b"UIDL", b"SASL PLAIN LOGIN"]
@@ -281,7 +206,7 @@ def test_pop3_stls(tls_setup, pki):
 
 def test_pop3_starttls_only(tls_setup, pki):
     s = tls_setup("pop3", ssl_listen=False, starttls="only")
-    p = poplib.POP3(s.host, s.port, timeout=5)
+    p = track(poplib.POP3(s.host, s.port, timeout=5))
     assert p._longcmd("CAPA")[1] == [b"TOP", b"UIDL", b"STLS"]
     for cmd in ("USER alice", "AUTH", "AUTH PLAIN " + b64("\0alice\0secret"), "APOP a b"):
         with pytest.raises(poplib.error_proto, match="invalid command"):
@@ -317,6 +242,7 @@ def test_pop3_stls_injection_defence(tls_setup, pki):
 def test_imap_starttls(tls_setup, pki):
     s = tls_setup("imap", ssl_listen=False, starttls="on")
     m = imaplib.IMAP4(s.host, s.port, timeout=5)
+    track(m, m.shutdown)
     assert m.capability()[1] == [b"IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN STARTTLS"]
     assert m.starttls(client_ctx(pki))[0] == "OK"
     assert m.capability()[1] == [b"IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN"]
@@ -358,7 +284,7 @@ def test_imap_starttls_injection_defence(tls_setup, pki):
 def test_smtp_starttls(tls_setup, pki):
     s = tls_setup("smtp", ssl_listen=False, starttls="on", server_name="mx.test",
                   smtp_capabilities="PIPELINING")
-    c = smtplib.SMTP(s.host, s.port, timeout=5)
+    c = track(smtplib.SMTP(s.host, s.port, timeout=5))
     code, text = c.ehlo("client.test")
     assert text == b"mx.test\nPIPELINING\nAUTH PLAIN LOGIN\nSTARTTLS"
     assert c.starttls(context=client_ctx(pki))[0] == 220
@@ -433,7 +359,7 @@ def test_client_cert_valid_headers(tls_setup, pki):
     assert c.cmd(b"USER alice") == b"+OK\r\n"
     c.send(b"PASS secret\r\n")
     req = s.auth.wait_requests(1)[0]
-    pem = open(pki.client[0]).read()
+    pem = Path(pki.client[0]).read_text()
     der = ssl.PEM_cert_to_DER_cert(pem)
     assert ssl_headers(req) == [
         ("Auth-SSL", "on"), ("Auth-SSL-Protocol", "TLSv1.3"),

@@ -10,8 +10,8 @@
   `ssl_session_tickets`;
 - every `ssl_verify_client` mode against no certificate, a valid one and one from another CA.
 
-Certificates come from tests/certs.py (`pki`); what a test needs beyond it (an intermediate CA,
-DH parameters) is made with `openssl` in the test's own tmp dir.
+Certificates come from tests/support/certs.py (`pki`, and `issue` for the chains through
+intermediate CAs); DH parameters are made with `openssl` in the test's own tmp dir.
 """
 
 import base64
@@ -20,7 +20,6 @@ import imaplib
 import os
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 import threading
@@ -29,11 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from certs import pki  # noqa: F401  (session fixture)
-from harness import (REPO, SMTPLIB_MAIL, SMTPLIB_RCPT, Pop3Backend, ProxyProcess,
-                     big_message_chunks, big_message_digest, free_port)
-from test_imap import ImapBackend
-from test_smtp import SmtpBackend
+from tests.support.certs import issue
+from tests.support.common import REPO, SMTPLIB_MAIL, SMTPLIB_RCPT
+from tests.support.mailbackends import ImapBackend, big_message_chunks, big_message_digest
+from tests.support.process import ProxyProcess, free_port
+from tests.support.tls import TLSLines, client_ctx, start_tls_proxy
 
 CRLF = b"\r\n"
 BIG = 5 * 1024 * 1024
@@ -46,79 +45,17 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-class TLSSetup:
-    def __init__(self, proxy, port, auth, backend):
-        self.proxy, self.port, self.auth, self.backend = proxy, port, auth, backend
-        self.host = "127.0.0.1"
-
-    def raw(self, timeout=5.0):
-        return socket.create_connection((self.host, self.port), timeout=timeout)
-
-
 @pytest.fixture
-def tls(proxy_factory, auth_server, backend_factory, pki):  # noqa: F811
+def tls(proxy_factory, auth_server, backend_factory, pki):
     """start(protocol, implicit=True, backend=None, **directives) -> TLSSetup.
 
     One server block with the RSA server certificate: `listen ... ssl` when `implicit`, else a
     plain listener (pass starttls=...). auth_http routes everyone to the (default) backend."""
     def start(protocol, implicit=True, backend=None, **directives):
-        if backend is None:
-            backend = {"pop3": lambda: backend_factory(Pop3Backend, users={"alice": "secret"}),
-                       "imap": lambda: backend_factory(ImapBackend),
-                       "smtp": lambda: backend_factory(SmtpBackend)}[protocol]()
-        port = free_port()
-        auth_server.route_to(backend.port, server=backend.host)
-        block = {"listen": "127.0.0.1:%d%s" % (port, " ssl" if implicit else ""),
-                 "protocol": protocol, "auth_http": auth_server.url, "timeout": "3s",
-                 "ssl_certificate": pki.server_rsa[0], "ssl_certificate_key": pki.server_rsa[1]}
-        block.update(directives)
-        proxy = proxy_factory({"servers": {protocol: block}})
-        return TLSSetup(proxy, port, auth_server, backend)
+        directives.setdefault("timeout", "3s")
+        return start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol,
+                               implicit=implicit, backend=backend, **directives)
     return start
-
-
-def client_ctx(pki, cert=None, **attrs):  # noqa: F811
-    ctx = ssl.create_default_context(cafile=pki.ca)
-    if cert is not None:
-        ctx.load_cert_chain(*cert)
-    for k, v in attrs.items():
-        setattr(ctx, k, v)
-    return ctx
-
-
-class TLSLines:
-    """A byte-exact line client over an SSLSocket."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-
-    def readline(self, timeout=5.0):
-        self.sock.settimeout(timeout)
-        while b"\n" not in self.buf:
-            try:
-                data = self.sock.recv(65536)
-            except (ssl.SSLError, ConnectionError):
-                data = b""
-            if not data:
-                rest, self.buf = self.buf, b""
-                return rest
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def cmd(self, line):
-        self.sock.sendall(line + CRLF)
-        return self.readline()
-
-    def closed(self, timeout=3.0):
-        return self.readline(timeout) == b""
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def tls_connect(setup, ctx, server_hostname="mail.test", session=None):
@@ -219,7 +156,7 @@ class SClient:
 
 
 @pytest.fixture
-def s_client(pki):  # noqa: F811
+def s_client(pki):
     """start(port, *extra_args) -> SClient, verifying the server against the test CA; every
     started s_client is ended in teardown."""
     started = []
@@ -318,7 +255,7 @@ def test_openssl_s_client_refused_before_tls_under_only(tls, s_client):
 # 2. the TLS relay after login: IMAP and SMTP, implicit TLS and STARTTLS
 
 @pytest.mark.parametrize("mode", ["implicit", "starttls"])
-def test_imap_relay_over_tls(tls, backend_factory, pki, mode):  # noqa: F811
+def test_imap_relay_over_tls(tls, backend_factory, pki, mode):
     backend = backend_factory(ImapBackend, big_size=BIG)
     implicit = mode == "implicit"
     s = tls("imap", implicit=implicit, starttls="off" if implicit else "on", backend=backend)
@@ -368,7 +305,7 @@ def _smtp_send_big(smtp, size):
 
 
 @pytest.mark.parametrize("mode", ["implicit", "starttls"])
-def test_smtp_relay_over_tls(tls, pki, mode):  # noqa: F811
+def test_smtp_relay_over_tls(tls, pki, mode):
     implicit = mode == "implicit"
     s = tls("smtp", implicit=implicit, starttls="off" if implicit else "on",
             server_name="mx.test")
@@ -415,19 +352,8 @@ _LEAF_EXT = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherme
              "extendedKeyUsage=clientAuth\n")
 
 
-def _issue(d, name, subject, issuer_pem, issuer_key, ext, serial):
-    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-out", name + ".key", cwd=d)
-    openssl("req", "-new", "-key", name + ".key", "-subj", subject, "-out", name + ".csr", cwd=d)
-    (d / (name + ".ext")).write_text(ext)
-    openssl("x509", "-req", "-in", name + ".csr", "-CA", issuer_pem, "-CAkey", issuer_key,
-            "-set_serial", serial, "-days", "3650", "-sha256", "-extfile", name + ".ext",
-            "-out", name + ".pem", cwd=d)
-    return str(d / (name + ".pem")), str(d / (name + ".key"))
-
-
 @pytest.fixture(scope="module")
-def chains(tmp_path_factory, pki):  # noqa: F811
+def chains(tmp_path_factory, pki):
     """{'direct': the pki client pair (issued by the CA), 'one': (chain_pem, key) of a client
     certificate under one intermediate CA, 'two': under two}; chain_pem holds the leaf then its
     intermediates, all sent by the client. Made with `openssl` in this module's tmp dir."""
@@ -435,11 +361,11 @@ def chains(tmp_path_factory, pki):  # noqa: F811
         pytest.skip("the openssl command is needed")
     d = tmp_path_factory.mktemp("chains")
     ca_key = str(Path(pki.ca).with_name("ca.key"))
-    i1 = _issue(d, "inter1", "/O=Test Org/CN=Test Intermediate CA", pki.ca, ca_key, _CA_EXT,
+    i1 = issue(d, "inter1", "/O=Test Org/CN=Test Intermediate CA", pki.ca, ca_key, _CA_EXT,
                 "0x7001")
-    i2 = _issue(d, "inter2", "/O=Test Org/CN=Test Sub CA", i1[0], i1[1], _CA_EXT, "0x7002")
-    leaf1 = _issue(d, "leaf1", "/CN=chained.test", i1[0], i1[1], _LEAF_EXT, "0x7003")
-    leaf2 = _issue(d, "leaf2", "/CN=deep.test", i2[0], i2[1], _LEAF_EXT, "0x7004")
+    i2 = issue(d, "inter2", "/O=Test Org/CN=Test Sub CA", i1[0], i1[1], _CA_EXT, "0x7002")
+    leaf1 = issue(d, "leaf1", "/CN=chained.test", i1[0], i1[1], _LEAF_EXT, "0x7003")
+    leaf2 = issue(d, "leaf2", "/CN=deep.test", i2[0], i2[1], _LEAF_EXT, "0x7004")
     out = {"direct": pki.client}
     for name, leaf, inters in (("one", leaf1, [i1]), ("two", leaf2, [i2, i1])):
         chain = d / (name + "-chain.pem")
@@ -459,7 +385,7 @@ DEPTH_TABLE = {
 
 
 @pytest.mark.parametrize("depth", list(DEPTH_TABLE))
-def test_verify_depth(tls, pki, chains, depth):  # noqa: F811
+def test_verify_depth(tls, pki, chains, depth):
     s = tls("pop3", ssl_verify_client="on", ssl_client_certificate=pki.ca,
             ssl_verify_depth=depth)
     results = {}
@@ -482,7 +408,7 @@ def test_verify_depth(tls, pki, chains, depth):  # noqa: F811
         assert "[info]" in s.proxy.wait_log(DEPTH_ERROR)
 
 
-def test_verify_depth_headers_of_a_chained_certificate(tls, pki, chains):  # noqa: F811
+def test_verify_depth_headers_of_a_chained_certificate(tls, pki, chains):
     s = tls("pop3", ssl_verify_client="on", ssl_client_certificate=pki.ca, ssl_verify_depth=2)
     c = tls_connect(s, client_ctx(pki, chains["two"]))
     assert c.readline() == b"+OK POP3 ready\r\n"
@@ -498,7 +424,7 @@ def test_verify_depth_headers_of_a_chained_certificate(tls, pki, chains):  # noq
     ("imap", b"* BYE SSL certificate error\r\n"),
     ("smtp", b"421 4.7.1 SSL certificate error\r\n"),
 ])
-def test_verify_depth_error_lines(tls, pki, chains, protocol, reply):  # noqa: F811
+def test_verify_depth_error_lines(tls, pki, chains, protocol, reply):
     """depth 1 (the default) with two intermediates: the protocol's certificate error line;
     depth 2 lets the same client in."""
     s = tls(protocol, ssl_verify_client="on", ssl_client_certificate=pki.ca)
@@ -529,13 +455,13 @@ def dhparam(tmp_path_factory):
     return str(d / "dh.pem")
 
 
-def _dhe_ctx(pki):  # noqa: F811
+def _dhe_ctx(pki):
     ctx = client_ctx(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
     ctx.set_ciphers(DHE_CIPHER)
     return ctx
 
 
-def test_dhparam_enables_dhe(tls, pki, dhparam):  # noqa: F811
+def test_dhparam_enables_dhe(tls, pki, dhparam):
     s = tls("pop3", ssl_dhparam=dhparam)
     c = tls_connect(s, _dhe_ctx(pki))
     assert c.sock.version() == "TLSv1.2"
@@ -548,14 +474,14 @@ def test_dhparam_enables_dhe(tls, pki, dhparam):  # noqa: F811
     assert c.cmd(b"STAT").startswith(b"+OK 2 ")
 
 
-def test_no_dhparam_no_dhe(tls, pki):  # noqa: F811
+def test_no_dhparam_no_dhe(tls, pki):
     """The contrast: without ssl_dhparam (nginx's default) there are no DHE ciphers."""
     s = tls("pop3")
     with pytest.raises(ssl.SSLError):
         tls_connect(s, _dhe_ctx(pki))
 
 
-def test_dhparam_bad_file_is_config_error(tls, tmp_path, pki):  # noqa: F811
+def test_dhparam_bad_file_is_config_error(tls, tmp_path, pki):
     bad = tmp_path / "bad-dh.pem"
     bad.write_text("not dh parameters\n")
     p = ProxyProcess(tmp_path, {"servers": {"p": {
@@ -594,7 +520,7 @@ def _resumed(s, ctx):
     ("none", "off", False),          # nginx: "may be reused" said, nothing stored
     ("none", "on", True),            # nginx's default: tickets still resume
 ])
-def test_session_resumption(tls, pki, version, cache, tickets, reused):  # noqa: F811
+def test_session_resumption(tls, pki, version, cache, tickets, reused):
     s = tls("pop3", ssl_session_cache=cache, ssl_session_tickets=tickets)
     v = getattr(ssl.TLSVersion, version)
     ctx = client_ctx(pki, minimum_version=v, maximum_version=v)
@@ -630,7 +556,7 @@ VERIFY_TABLE = {
 
 
 @pytest.mark.parametrize("mode", list(VERIFY_TABLE))
-def test_verify_modes_table(tls, pki, mode):  # noqa: F811
+def test_verify_modes_table(tls, pki, mode):
     directives = {"ssl_verify_client": mode}
     if mode != "off":
         directives["ssl_client_certificate"] = pki.ca

@@ -15,13 +15,14 @@ import time
 
 import pytest
 
-from certs import pki  # noqa: F401  (session fixture)
-from harness import Pop3Backend, auth_ok, free_port
-from test_tls import client_ctx, readline_raw
+from tests.support.auth import auth_ok
+from tests.support.mailbackends import Pop3Backend
+from tests.support.process import free_port
+from tests.support.tls import client_ctx, readline_raw
 
 try:
-    from test_imap import ImapBackend
-    from test_smtp import SmtpBackend
+    from tests.support.mailbackends import ImapBackend
+    from tests.support.mailbackends import SmtpBackend
 except ImportError:            # pragma: no cover - the suites are part of the repository
     ImapBackend = SmtpBackend = None
 

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from certs import pki  # noqa: F401  (session fixture)
-from harness import REPO, free_port, ini
+from tests.support.common import REPO
+from tests.support.process import free_port, ini
 
 
 def _run(code, env=None, timeout=30):

@@ -5,7 +5,8 @@ import pwd
 
 import pytest
 
-from harness import free_port, server_block, wait_for
+from tests.support.common import wait_for
+from tests.support.process import free_port, server_block
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 

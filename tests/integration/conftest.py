@@ -1,5 +1,5 @@
 """Fixtures of the integration suite: real Dovecot, Postfix, HAProxy and nginx started from
-temporary configurations (see realservers.py), mailproxy between them and real clients.
+temporary configurations (see tests/support/realservers.py), mailproxy between them and real clients.
 
 Every test here carries the `integration` marker (`python3 -m pytest -m integration`). A
 program that is not installed fails the test when CI=true and skips it otherwise; install them
@@ -12,9 +12,8 @@ import socket
 
 import pytest
 
-import realservers
-from certs import pki  # noqa: F401  (session-scoped test PKI, for Dovecot's certificate)
-from realservers import CLIENT_IP, USERS, Dovecot, Postfix, TempDir, need
+from tests.support import realservers
+from tests.support.realservers import CLIENT_IP, USERS, Dovecot, Postfix, TempDir, need
 
 
 def pytest_configure(config):
@@ -34,7 +33,7 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def dovecot(request):
     need("dovecot", "openssl")
-    pki = request.getfixturevalue("pki")       # tests/certs.py: Dovecot offers TLS too
+    pki = request.getfixturevalue("pki")       # tests/support/certs.py: Dovecot offers TLS too
     tmp = TempDir("mailproxy-dovecot-")
     d = Dovecot(tmp.path, USERS, cert=pki.server_rsa)
     yield d

@@ -21,16 +21,16 @@ import hashlib
 import hmac
 import os
 import re
+import shutil
 import socket
-import subprocess
 import time
 
 import pytest
 
-from harness import AuthServer, Pop3Backend, ProxyProcess, auth_fail, auth_ok, free_port
-from realservers import Nginx, TempDir, need
-from test_imap import ImapBackend
-from test_smtp import SmtpBackend
+from tests.support.auth import AuthServer, auth_fail, auth_ok
+from tests.support.mailbackends import ImapBackend, Pop3Backend, SmtpBackend
+from tests.support.process import ProxyProcess, free_port
+from tests.support.realservers import Nginx, TempDir, need
 
 pytestmark = pytest.mark.integration
 
@@ -618,12 +618,11 @@ class World:
 
     PROXIES = ("nginx", "mailproxy")
 
-    def __init__(self, tmp, proxy_dir):
+    def __init__(self, tmp, proxy_dir, server_pair):
+        # a copy of the test PKI's ECDSA pair beside nginx's own files
         self.cert, self.key = str(tmp / "cert.pem"), str(tmp / "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=mx.test",
-                        "-days", "2", "-keyout", self.key, "-out", self.cert],
-                       check=True, capture_output=True)
+        shutil.copyfile(server_pair[0], self.cert)
+        shutil.copyfile(server_pair[1], self.key)
         self.auth = AuthServer(respond=self.respond)
         self.used_ports = set()
         self.backends = {}
@@ -712,11 +711,12 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(request, tmp_path_factory):
     need("nginx", "openssl")
+    pki = request.getfixturevalue("pki")       # after need(): a missing openssl fails in CI
     tmp = TempDir("mailproxy-nginx-")
     try:
-        w = World(tmp.path, tmp_path_factory.mktemp("mailproxy-vs-nginx"))
+        w = World(tmp.path, tmp_path_factory.mktemp("mailproxy-vs-nginx"), pki.server_ec)
     except BaseException:
         tmp.cleanup()
         raise

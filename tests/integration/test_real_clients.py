@@ -2,14 +2,15 @@
 pipelining) and curl (imap://, pop3://, smtp://), all connecting from 127.0.0.2; and HAProxy in
 front of two mailproxy instances sending PROXY v2 to `listen ... proxy_protocol`."""
 
-import imaplib
 import subprocess
 
 import pytest
 
-from harness import AuthServer, free_port, server_block
-from realservers import CLIENT_IP, USERS, HAProxy, need, program, wait_port
-from test_real_dovecot import dovecot_responder, unique_message
+from tests.support.auth import AuthServer
+from tests.support.common import fail_on_errors
+from tests.support.process import free_port, server_block
+from tests.support.realmail import dovecot_responder, smtp_message, store_message
+from tests.support.realservers import CLIENT_IP, USERS, HAProxy, need, program, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +23,7 @@ def auth(dovecot, postfix):
     srv.set_respond(respond)
     yield srv
     srv.stop()
+    fail_on_errors(srv, type(srv).__name__)
 
 
 @pytest.fixture
@@ -39,12 +41,6 @@ def start(proxy_factory, auth):
 def run(argv, timeout=30):
     res = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
     return res
-
-
-def smtp_message(token):
-    return (f"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: {token}\r\n"
-            f"Message-ID: <{token}@test>\r\nDate: Mon, 24 Nov 2025 10:00:00 +0000\r\n\r\n"
-            f"body of {token}\r\n.dot line\r\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,20 +86,6 @@ def test_swaks_wrong_password(start):
 # ---------------------------------------------------------------------------------------------
 # curl
 
-def _store(dovecot, user="alice"):
-    token, body = unique_message("curl")
-    m = imaplib.IMAP4("127.0.0.1", dovecot.ports["imap"], timeout=10)
-    m.login(user, USERS[user])
-    m.append("INBOX", None, None, body)
-    m.select("INBOX")
-    typ, data = m.uid("SEARCH", None, "HEADER", "Message-ID", f"<{token}@test>")
-    uid = int(data[0].split()[-1])
-    typ, data = m.search(None, "HEADER", "Message-ID", f"<{token}@test>")
-    seq = int(data[0].split()[-1])
-    m.logout()
-    return token, body, uid, seq
-
-
 def _curl(*args):
     res = run([program("curl"), "-sS", "--max-time", "20", "--interface", CLIENT_IP] + list(args))
     return res
@@ -113,7 +95,7 @@ def _curl(*args):
 def test_curl_imap_fetch(start, dovecot, dovecot_log, login_options):
     need("curl")
     port = start("imap", imap_auth="plain login cram-md5")
-    token, body, uid, _seq = _store(dovecot)
+    token, body, uid, _seq = store_message(dovecot)
     args = [f"imap://127.0.0.1:{port}/INBOX/;UID={uid}", "-u", f"alice:{USERS['alice']}"]
     if login_options:
         args += ["--login-options", login_options]
@@ -127,7 +109,7 @@ def test_curl_imap_fetch(start, dovecot, dovecot_log, login_options):
 def test_curl_imap_custom_request(start, dovecot):
     need("curl")
     port = start("imap")
-    _store(dovecot)
+    store_message(dovecot)
     res = _curl(f"imap://127.0.0.1:{port}/INBOX", "-u", f"alice:{USERS['alice']}",
                 "-X", "STATUS INBOX (MESSAGES)")
     assert res.returncode == 0, res.stderr
@@ -138,7 +120,7 @@ def test_curl_imap_custom_request(start, dovecot):
 def test_curl_pop3_retr(start, dovecot, login_options):
     need("curl")
     port = start("pop3", pop3_auth="plain apop cram-md5")
-    token, body, _uid, seq = _store(dovecot)
+    token, body, _uid, seq = store_message(dovecot)
     args = [f"pop3://127.0.0.1:{port}/{seq}", "-u", f"alice:{USERS['alice']}"]
     if login_options:
         args += ["--login-options", login_options]

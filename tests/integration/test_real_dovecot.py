@@ -1,62 +1,21 @@
 """Dovecot as the IMAP and POP3 backend: every login method mailproxy accepts, through
-auth_http (the harness AuthServer) and through proxy_pass; messages appended, stored and read
+auth_http (the test AuthServer) and through proxy_pass; messages appended, stored and read
 back; the real client address reaching Dovecot's own log through PROXY (v1 and v2, Dovecot
 `haproxy = yes` listeners) and through the IMAP ID command (`imap_client_id on`,
 Dovecot `login_trusted_networks`)."""
 
 import base64
-import hashlib
 import hmac
-import urllib.parse
-import uuid
 
 import pytest
 
-from harness import AuthServer, auth_fail, auth_ok, free_port, server_block
-from realservers import CLIENT_IP, USERS
+from tests.support.auth import AuthServer
+from tests.support.common import fail_on_errors
+from tests.support.process import free_port, server_block
+from tests.support.realmail import dovecot_responder, unique_message
+from tests.support.realservers import CLIENT_IP, USERS
 
 pytestmark = pytest.mark.integration
-
-
-def _header_value(text):
-    """A str for the harness AuthServer (which writes latin-1): the UTF-8 bytes of `text`."""
-    return text.encode("utf-8").decode("latin-1")
-
-
-def _unescape(value):
-    """An Auth-User / Auth-Pass header (the harness decodes latin-1) -> str: %XX undone, UTF-8."""
-    return urllib.parse.unquote_to_bytes(value.encode("latin-1")).decode("utf-8", "replace")
-
-
-def dovecot_responder(ports):
-    """An auth_http service for Dovecot's users: checks the credentials as nginx's protocol
-    hands them over (plain/login: the password; apop/cram-md5: the digest of the salt;
-    external: the user alone) and routes to ports[protocol] with the clear-text password."""
-    def respond(req):
-        method = req.header("Auth-Method")
-        proto = req.header("Auth-Protocol")
-        user = _unescape(req.header("Auth-User", ""))
-        given = _unescape(req.header("Auth-Pass", ""))
-        salt = req.header("Auth-Salt", "")
-        if method == "none":            # SMTP without authentication (smtp_auth none)
-            return auth_ok(ports[proto])
-        real = USERS.get(user)
-        if real is None:
-            return auth_fail("Invalid login or password", wait=0)
-        if method in ("plain", "login"):
-            ok = given == real
-        elif method == "apop":
-            ok = given == hashlib.md5(salt.encode("latin-1") + real.encode()).hexdigest()
-        elif method == "cram-md5":
-            ok = given == hmac.new(real.encode(), salt.encode("latin-1"), "md5").hexdigest()
-        elif method == "external":
-            ok = True
-        else:
-            ok = False
-        if not ok:
-            return auth_fail("Invalid login or password", wait=0)
-        return auth_ok(ports[proto], user=_header_value(user), password=_header_value(real))
-    return respond
 
 
 @pytest.fixture
@@ -66,6 +25,7 @@ def auth(dovecot):
                                        "pop3": dovecot.ports["pop3"]}))
     yield srv
     srv.stop()
+    fail_on_errors(srv, type(srv).__name__)
 
 
 @pytest.fixture
@@ -87,14 +47,6 @@ def proxy(proxy_factory, auth, dovecot):
         proxy_factory({"servers": {protocol: server_block(protocol, port, **directives)}})
         return port
     return start
-
-
-def unique_message(tag=""):
-    token = uuid.uuid4().hex
-    body = (f"From: sender@example.com\r\nTo: alice@example.org\r\n"
-            f"Subject: integration {tag} {token}\r\nMessage-ID: <{token}@test>\r\n\r\n"
-            f"line one\r\n.leading dot\r\n\r\nnon-ascii: \u00e9\u00e8\r\n").encode("utf-8")
-    return token, body
 
 
 # ---------------------------------------------------------------------------------------------

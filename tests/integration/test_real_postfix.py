@@ -8,11 +8,12 @@ import uuid
 
 import pytest
 
-from harness import AuthServer, auth_fail, auth_ok, b64, free_port, server_block
-from realservers import CLIENT_IP, USERS
-from test_resolver import DnsServer
-
 from mailproxy.resolver import T_A, T_AAAA, T_PTR
+from tests.support.auth import AuthServer, auth_fail, auth_ok
+from tests.support.common import b64, fail_on_errors
+from tests.support.dns import DnsServer
+from tests.support.process import free_port, server_block
+from tests.support.realservers import CLIENT_IP, USERS
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +28,7 @@ def dns():
                      (CLIENT_NAME, T_AAAA): []})
     yield srv
     srv.stop()
+    fail_on_errors(srv, type(srv).__name__)
 
 
 @pytest.fixture
@@ -45,6 +47,7 @@ def auth(postfix):
     srv.set_respond(respond)
     yield srv
     srv.stop()
+    fail_on_errors(srv, type(srv).__name__)
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ import uuid
 
 import pytest
 
-from harness import AuthServer, free_port, server_block
-from realservers import CLIENT_IP, USERS, need, program
-from test_real_clients import _store, smtp_message
-from test_real_dovecot import dovecot_responder
+from tests.support.auth import AuthServer
+from tests.support.common import fail_on_errors
+from tests.support.process import free_port, server_block
+from tests.support.realmail import dovecot_responder, smtp_message, store_message
+from tests.support.realservers import CLIENT_IP, USERS, need, program
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +23,7 @@ def auth(dovecot, postfix):
                                        "pop3": dovecot.ports["pop3"], "smtp": postfix.port}))
     yield srv
     srv.stop()
+    fail_on_errors(srv, type(srv).__name__)
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def _curl(pki, *args, input=None):
 def test_curl_imap_tls(start, dovecot, dovecot_log, pki, mode):
     need("curl")
     port = start("imap", implicit=(mode == "implicit"))
-    token, body, uid, _seq = _store(dovecot)
+    token, body, uid, _seq = store_message(dovecot)
     scheme = "imaps" if mode == "implicit" else "imap"
     extra = ["--ssl-reqd"] if mode == "starttls" else []
     res = _curl(pki, *extra, "--resolve", f"mail.test:{port}:127.0.0.1",
@@ -118,7 +120,7 @@ def test_curl_imap_tls(start, dovecot, dovecot_log, pki, mode):
 def test_curl_pop3_tls(start, dovecot, pki, mode):
     need("curl")
     port = start("pop3", implicit=(mode == "implicit"))
-    token, body, _uid, seq = _store(dovecot)
+    token, body, _uid, seq = store_message(dovecot)
     scheme = "pop3s" if mode == "implicit" else "pop3"
     extra = ["--ssl-reqd"] if mode == "starttls" else []
     res = _curl(pki, *extra, "--resolve", f"mail.test:{port}:127.0.0.1",

@@ -1,8 +1,10 @@
-"""A throw-away test PKI made with the `openssl` command (session-scoped fixture `pki`).
+"""The one certificate generator of the tests: a throw-away PKI made with the `openssl` command
+(session-scoped fixture `pki`), and `issue` for what a test needs beyond it (chains).
 
-Two CAs; server pairs (RSA and ECDSA, plus SNI certificates for an exact and a wildcard name);
-client certificates: valid, expired, revoked (with a CRL of the first CA), and one issued by the
-second CA. `openssl ca` is used for the client side so dates and the CRL are real.
+Two CAs; server pairs (RSA and ECDSA, plus SNI certificates for an exact and a wildcard name,
+and an ECDSA backend pair for localhost, backend.test and 127.0.0.1); client certificates:
+valid, expired, revoked (with a CRL of the first CA), and one issued by the second CA.
+`openssl ca` is used for the client side so dates and the CRL are real.
 """
 
 import shutil
@@ -114,6 +116,8 @@ def make_pki(d):
                                ["DNS:imap.example.com"], rsa=False)
     p.sni_wild = _server_cert(d, ca, "sni-wild", "*.example.org", ["DNS:*.example.org"],
                               rsa=False)
+    p.backend = _server_cert(d, ca, "backend", "server.test",
+                             ["DNS:localhost", "DNS:backend.test", "IP:127.0.0.1"], rsa=False)
     p.client = _client_cert(d, ca, "client", CLIENT_SUBJECT, serial="1A2B3C")
     p.client_serial = "1A2B3C"
     p.expired = _client_cert(d, ca, "expired", "/CN=expired.test", start="20200101000000Z",
@@ -134,8 +138,35 @@ def make_pki(d):
     return p
 
 
+def issue(d, name, subject, issuer_pem, issuer_key, ext, serial):
+    """An ECDSA pair `name`.pem/.key in folder `d`, issued by (issuer_pem, issuer_key) with the
+    extensions text `ext` and the given serial: for chains through intermediate CAs."""
+    d = Path(d)
+    _ec_key(name + ".key", d)
+    _run("req", "-new", "-key", name + ".key", "-subj", subject, "-out", name + ".csr", cwd=d)
+    (d / (name + ".ext")).write_text(ext)
+    _run("x509", "-req", "-in", name + ".csr", "-CA", issuer_pem, "-CAkey", issuer_key,
+         "-set_serial", serial, "-days", "3650", "-sha256", "-extfile", name + ".ext",
+         "-out", name + ".pem", cwd=d)
+    return str(d / (name + ".pem")), str(d / (name + ".key"))
+
+
+def as_files(pki):
+    """The PKI as {name: path} with the names the relay and backend TLS tests use: ca, otherca,
+    server/server_key (the backend pair), client/client_key."""
+    return {"ca": pki.ca, "otherca": pki.other_ca,
+            "server": pki.backend[0], "server_key": pki.backend[1],
+            "client": pki.client[0], "client_key": pki.client[1]}
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def certs(pki):
+    """as_files(pki): {name: path}."""
+    return as_files(pki)

@@ -1,0 +1,270 @@
+"""The proxy as a subprocess (ProxyProcess, readiness = its pid file), its INI text (ini,
+server_block), free ports, and Setup: a started proxy with its auth service and backend."""
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.clients import LineClient
+from tests.support.common import REPO, track, wait_for
+
+
+def free_port(host="127.0.0.1"):
+    """An ephemeral TCP port free on `host` right now (bound then released)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# INI
+
+def _format_value(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        # a repeated directive: one key, one indented continuation line per occurrence
+        return "\n" + "\n".join("    " + str(v) for v in value)
+    return str(value)
+
+
+def _section(name, values):
+    lines = [f"[{name}]"]
+    for key, value in (values or {}).items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {_format_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def ini(servers=None, mail=None, main=None):
+    """INI text in mailproxy's format.
+
+    servers: {name: {key: value}} -> one `[server NAME]` each (use a list for repeated directives,
+    e.g. listen or auth_http_header; a bool becomes on/off; None values are left out).
+    mail: {key: value} for `[mail]` (written even when empty only if given).
+    main: {key: value} for `[main]`.
+    """
+    parts = []
+    if main is not None:
+        parts.append(_section("main", main))
+    if mail is not None:
+        parts.append(_section("mail", mail))
+    for name, values in (servers or {}).items():
+        parts.append(_section(f"server {name}", values))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def server_block(protocol, port, host="127.0.0.1", **directives):
+    """One `[server]` dict: listen on host:port with `protocol`, plus directives (nginx names;
+    use underscores as in nginx, e.g. pop3_auth='plain apop')."""
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    block = {"listen": listen, "protocol": protocol}
+    block.update(directives)
+    return block
+
+
+# ---------------------------------------------------------------------------------------------
+# the proxy subprocess
+
+def proxy_command():
+    """Command prefix that runs mailproxy: $MAILPROXY_TEST_CMD (shell words) or `python -m mailproxy`."""
+    custom = os.environ.get("MAILPROXY_TEST_CMD")
+    if custom:
+        return shlex.split(custom)
+    return [sys.executable, "-m", "mailproxy"]
+
+
+class ProxyProcess:
+    """mailproxy running as a subprocess on a written INI file.
+
+    config: INI text (see ini()) or a dict {'servers':..., 'mail':..., 'main':...} passed to ini().
+    `[main] pid` and `[main] error_log` are set to files in tmp_path unless the config sets them.
+    The pid file appearing is the readiness signal (start fails with the log tail after
+    `start_timeout`). Only the process started here is ever signalled.
+    """
+
+    def __init__(self, tmp_path, config, command=None, log_level="info", start=True,
+                 start_timeout=5.0, env=None, name="mailproxy"):
+        self.dir = Path(tmp_path)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf_path = self.dir / f"{name}.ini"
+        self.pid_path = self.dir / f"{name}.pid"
+        self.log_path = self.dir / f"{name}-error.log"
+        self.stdout_path = self.dir / f"{name}.stdout"
+        self.stderr_path = self.dir / f"{name}.stderr"
+        self.command = list(command) if command else proxy_command()
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.env = env
+        self.proc = None
+        self.pid = None
+        self.write_config(config)
+        if start:
+            self.start()
+
+    # config -------------------------------------------------------------------------------
+    def render(self, config):
+        if isinstance(config, dict):
+            config = dict(config)
+            main = dict(config.pop("main", None) or {})
+            main.setdefault("pid", str(self.pid_path))
+            main.setdefault("error_log", f"{self.log_path} {self.log_level}")
+            return ini(main=main, **config)
+        text = config
+        has_main = re.search(r"^\[main\]\s*$", text, re.M)
+        extra = []
+        if not re.search(r"^pid\s*=", text, re.M):
+            extra.append(f"pid = {self.pid_path}")
+        if not re.search(r"^error_log\s*=", text, re.M):
+            extra.append(f"error_log = {self.log_path} {self.log_level}")
+        if not extra:
+            return text
+        if has_main:
+            return text[:has_main.end()] + "\n" + "\n".join(extra) + text[has_main.end():]
+        return "[main]\n" + "\n".join(extra) + "\n\n" + text
+
+    def write_config(self, config):
+        self.config_text = self.render(config)
+        self.conf_path.write_text(self.config_text)
+
+    # lifecycle ----------------------------------------------------------------------------
+    def start(self):
+        if self.pid_path.exists():
+            self.pid_path.unlink()
+        env = dict(os.environ)                 # cwd = repo root makes `-m mailproxy` importable
+        env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+        if self.env:
+            env.update(self.env)
+        self._out = open(self.stdout_path, "wb")
+        self._err = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(self.command + ["-c", str(self.conf_path)], cwd=str(REPO),
+                                     stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
+                                     env=env)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.pid_path.exists():
+                text = self.pid_path.read_text().strip()
+                if text.isdigit():
+                    self.pid = int(text)
+                    return self
+            if self.proc.poll() is not None:
+                self.stop()                    # closes the output files
+                raise AssertionError(f"mailproxy exited with {self.proc.returncode} before writing "
+                                     f"its pid file\n{self.diagnostics()}")
+            time.sleep(0.01)
+        self.stop()
+        raise AssertionError(f"mailproxy wrote no pid file within {self.start_timeout}s\n"
+                             f"{self.diagnostics()}")
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig):
+        """Send `sig` to the process started here."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout=5.0):
+        """Wait for exit; the return code."""
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout=5.0):
+        """TERM the started process, wait, KILL if it hangs. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+            except ProcessLookupError:
+                pass
+        for f in (getattr(self, "_out", None), getattr(self, "_err", None)):
+            if f and not f.closed:
+                f.close()
+        return self.proc.returncode
+
+    # logs ---------------------------------------------------------------------------------
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_lines(self):
+        return self.log_text().splitlines()
+
+    def stderr_text(self):
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, pattern, timeout=3.0, regex=False):
+        """First error_log line containing `pattern` (or matching the regex), waiting up to `timeout`."""
+        def find():
+            for line in self.log_lines():
+                if (re.search(pattern, line) if regex else pattern in line):
+                    return line
+            return None
+        try:
+            return wait_for(find, timeout, what=f"log line {pattern!r}")
+        except AssertionError:
+            raise AssertionError(f"no log line {pattern!r} within {timeout}s\n{self.diagnostics()}")
+
+    def diagnostics(self, lines=30):
+        log = "\n".join(self.log_lines()[-lines:])
+        err = "\n".join(self.stderr_text().splitlines()[-lines:])
+        return f"--- error_log tail ---\n{log}\n--- stderr tail ---\n{err}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole set-up: proxy + auth server + backend
+
+class Setup:
+    """A started proxy with the pieces around it (any may be None)."""
+
+    def __init__(self, proxy, host, port, auth=None, backend=None):
+        self.proxy = proxy
+        self.host = host
+        self.port = port
+        self.auth = auth
+        self.backend = backend
+
+    def connect(self, timeout=5.0, greeting=True):
+        """A LineClient; with greeting=True the greeting line is read into `.greeting`."""
+        c = LineClient(self.host, self.port, timeout)
+        c.greeting = c.readline() if greeting else None
+        return c
+
+    def pop3(self, timeout=5.0):
+        import poplib
+        return track(poplib.POP3(self.host, self.port, timeout=timeout))
+
+    def imap(self, timeout=5.0):
+        import imaplib
+        m = imaplib.IMAP4(self.host, self.port, timeout=timeout)
+        return track(m, m.shutdown)           # IMAP4.close() is the CLOSE command
+
+    def smtp(self, timeout=5.0):
+        import smtplib
+        return track(smtplib.SMTP(self.host, self.port, timeout=timeout))
