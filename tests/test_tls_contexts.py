@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from certs import pki  # noqa: F401  (session fixture)
-from harness import ini
 from mailproxy import backend, config, tls, tls_contexts, tls_native
 from mailproxy.protocols import PROTOCOLS
+from tests.support.process import ini
 from mailproxy.supervisor import load_config
 
 
@@ -231,7 +230,7 @@ def _der(path):
 
 def test_reload_builds_the_contexts_as_the_start(proxy_factory, tmp_path, pki):
     import signal
-    from harness import free_port
+    from tests.support.process import free_port
     port = free_port()
 
     def conf(cert, key):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from bench.nginx_conf import DEBIAN_MAIL_MODULE, nginx_conf
-from harness import ini
+from tests.support.process import ini
 
 CI = os.environ.get("CI") == "true"
 LOOPBACK = "127.0.0.1"
