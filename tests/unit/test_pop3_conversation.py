@@ -2,10 +2,14 @@
 (ngx_mail_proxy_pop3_handler) fed lines and replies, their actions compared exactly."""
 
 import base64
+import hashlib
+import hmac
 import re
+import time
 
 import pytest
 
+from mailproxy import auth_http, config
 from mailproxy.clientio import BackendRejected
 from mailproxy.conversation import (CLOSE, Authenticate, BackendStartTLS, LoggedIn, Log, Peer,
                                     Reply, StartTLS, StartTLSRefused, ToBackend)
@@ -42,6 +46,26 @@ def say(conv, text):
     return conv.receive(line(text))
 
 
+def auth_request(conv) -> list:
+    """The header lines of the auth service's request after an Authenticate action, built as
+    Session.authenticate builds it from the conversation (method, login, password, salt and
+    auth_request_fields()); the request line and the closing blank line left out."""
+    req = auth_http.AuthRequest(method=conv.method, user=conv.login or b"",
+                                passwd=conv.passwd or b"", salt=conv.salt, protocol="pop3",
+                                attempt=1, client_ip="127.0.0.1")
+    for name, value in conv.auth_request_fields().items():
+        setattr(req, name, value)
+    return auth_http.build_request(conv.conf.auth_http, req).split(b"\r\n")[1:-2]
+
+
+def backend_lines(login: Pop3Login) -> list:
+    """The lines a Pop3Login sends to a backend answering +OK at every step."""
+    actions = []
+    for _ in range(3):
+        actions += login.receive(b"+OK\r\n")
+    return [a.data for a in only(actions, ToBackend)]
+
+
 # ---- greeting ---------------------------------------------------------------------------
 
 def test_greeting_without_salt(conf):
@@ -63,6 +87,19 @@ def test_greeting_with_salt(conf, methods):
         assert conv.salt == m.group(1)      # the salt the auth service gets (Auth-Salt)
         salts.append(conv.salt)
     assert salts[0] != salts[1]
+
+
+def test_greeting_salt_fields(conf):
+    # nginx's ngx_mail_salt: <random below 2^31 . unix time @ server_name>
+    before = int(time.time())
+    conv = Pop3Conversation(conf("pop3", pop3_auth="apop"))
+    greeting = replies(conv.start())[0]
+    after = int(time.time())
+    m = re.fullmatch(rb"\+OK POP3 ready <(\d+)\.(\d+)@([^>]*)>\r\n", greeting)
+    assert m, greeting
+    assert 0 <= int(m.group(1)) <= 2 ** 31 - 1
+    assert before - 1 <= int(m.group(2)) <= after + 1
+    assert m.group(3) == b"mx.example.test"
 
 
 def test_buffer_and_input(pop3):
@@ -92,6 +129,27 @@ def test_user_and_pass_keep_inner_and_trailing_spaces(pop3):
         (b"USER   bob smith \r\n", reply(OK)),
         (b"PASS  pass word \r\n", [Authenticate("plain", b"bob smith ", b"pass word ")]),
     ])
+
+
+def test_user_pass_spaces_reach_auth_request_and_backend(pop3):
+    conv = pop3()
+    play(conv, [(b"user  bob  \r\n", reply(OK)),
+                (b"PASS p w \r\n", [Authenticate("plain", b"bob  ", b"p w ")])])
+    assert auth_request(conv)[1:4] == [b"Auth-Method: plain", b"Auth-User: bob%20%20",
+                                       b"Auth-Pass: p%20w%20"]
+    assert backend_lines(conv.backend_login(conv.login, conv.passwd, Peer("127.0.0.1", 4242),
+                                            False)) == [b"USER bob  \r\n", b"PASS p w \r\n"]
+
+
+def test_user_pass_with_bare_lf_reach_the_backend_with_crlf(pop3):
+    conv = pop3()
+    play(conv, [(b"NOOP\n", reply(OK)), (b"USER alice\n", reply(OK)),
+                (b"PASS secret\n", [Authenticate("plain", b"alice", b"secret")])])
+    assert auth_request(conv) == [
+        b"Host: localhost", b"Auth-Method: plain", b"Auth-User: alice", b"Auth-Pass: secret",
+        b"Auth-Protocol: pop3", b"Auth-Login-Attempt: 1", b"Client-IP: 127.0.0.1"]
+    assert backend_lines(Pop3Login(conv.login, conv.passwd)) == [b"USER alice\r\n",
+                                                                  b"PASS secret\r\n"]
 
 
 def test_pass_before_user_is_refused(pop3):
@@ -193,6 +251,26 @@ def test_control_bytes_in_auth_login_and_external(pop3, mech, first, second, mes
     assert got == [Log("info", message), Reply(INVALID)]
 
 
+@pytest.mark.parametrize("steps", [
+    [b"AUTH PLAIN " + b64(b"\0ali\r\nce\0sec\nret")],
+    [b"AUTH PLAIN " + b64(b"\0alice\0secret\r\nQUIT")],
+    [b"AUTH PLAIN " + b64(b"\0alice\0sec\0ret")],
+    [b"AUTH LOGIN " + b64(b"alice\r\nDELE 1"), b64(b"secret")],
+    [b"AUTH LOGIN", b64(b"alice"), b64(b"se\ncret\r\nRSET")],
+    [b"USER al\x00ice", b"PASS secret"],
+])
+def test_control_bytes_never_reach_auth_or_backend(pop3, steps):
+    # refused by the conversation itself: no Authenticate, so no auth request, no backend
+    conv = pop3()
+    actions = []
+    for step in steps:
+        got = conv.receive(step + b"\r\n")
+        actions += got
+    assert replies(got) == [INVALID]
+    assert only(actions, Authenticate) == []
+    assert say(conv, "NOOP") == reply(OK)
+
+
 def test_control_bytes_in_apop_name(pop3):
     conv = pop3(pop3_auth="apop")
     assert conv.receive(b"APOP b\x00b " + DIGEST + b"\r\n") == BAD
@@ -204,6 +282,17 @@ def test_apop(pop3):
     conv = pop3(pop3_auth="plain apop")
     assert say(conv, b"APOP bob " + DIGEST) == [Authenticate("apop", b"bob", DIGEST)]
     assert conv.salt is not None
+
+
+def test_apop_auth_request_carries_the_greeting_salt(conf):
+    conv = Pop3Conversation(conf("pop3", pop3_auth="plain apop"))
+    salt = SALTED.match(replies(conv.start())[0]).group(1)
+    digest = hashlib.md5(salt + b"secret").hexdigest().encode()
+    assert say(conv, b"APOP alice " + digest) == [Authenticate("apop", b"alice", digest)]
+    assert auth_request(conv) == [
+        b"Host: localhost", b"Auth-Method: apop", b"Auth-User: alice", b"Auth-Pass: " + digest,
+        b"Auth-Salt: " + salt, b"Auth-Protocol: pop3", b"Auth-Login-Attempt: 1",
+        b"Client-IP: 127.0.0.1"]
 
 
 @pytest.mark.parametrize("methods, tls, text", [
@@ -254,6 +343,7 @@ def test_capa_after_user_has_no_stls(pop3):
 
 
 @pytest.mark.parametrize("methods, sasl_line", [
+    (None, b"SASL PLAIN LOGIN"),                # the default: plain
     ("plain", b"SASL PLAIN LOGIN"),
     ("apop", b"SASL"),
     ("cram-md5", b"SASL CRAM-MD5"),
@@ -261,7 +351,24 @@ def test_capa_after_user_has_no_stls(pop3):
     ("external cram-md5 apop plain", b"SASL PLAIN LOGIN CRAM-MD5 EXTERNAL"),
 ])
 def test_capa_per_pop3_auth(pop3, methods, sasl_line):
-    assert say(pop3(pop3_auth=methods), "CAPA") == capa(b"TOP", b"USER", b"UIDL", sasl_line)
+    conv = pop3() if methods is None else pop3(pop3_auth=methods)
+    assert say(conv, "CAPA") == capa(b"TOP", b"USER", b"UIDL", sasl_line)
+
+
+def test_capa_with_quoted_capability(pop3):
+    conv = pop3(pop3_capabilities='UIDL "EXPIRE 30" PIPELINING', pop3_auth="plain cram-md5")
+    assert say(conv, "capa") == capa(b"UIDL", b"EXPIRE 30", b"PIPELINING",
+                                     b"SASL PLAIN LOGIN CRAM-MD5")
+
+
+def test_capa_inherited_from_mail_section(tmp_path):
+    path = tmp_path / "inherit.ini"
+    path.write_text("[mail]\npop3_capabilities = TOP UIDL\npop3_auth = plain external\n\n"
+                    "[server unit]\nlisten = 127.0.0.1:110\nprotocol = pop3\n"
+                    "auth_http = unix:%s:/auth\n" % (tmp_path / "auth.sock"))
+    conv = Pop3Conversation(config.load(str(path)).servers[0])
+    conv.start()
+    assert say(conv, "CAPA") == capa(b"TOP", b"UIDL", b"SASL PLAIN LOGIN EXTERNAL")
 
 
 def test_capa_with_own_capabilities_drops_any_user_under_starttls_only(pop3):
@@ -283,8 +390,9 @@ def test_noop(pop3):
     assert say(conv, "noop") == reply(OK)
 
 
-def test_quit(pop3):
-    assert say(pop3(), "QUIT") == [Reply(OK), CLOSE]
+@pytest.mark.parametrize("text", ["QUIT", "quit"])
+def test_quit(pop3, text):
+    assert say(pop3(), text) == [Reply(OK), CLOSE]
 
 
 # ---- STLS ---------------------------------------------------------------------------------
@@ -312,10 +420,13 @@ def test_stls_refused(pop3, starttls, tls):
     ("cram-md5", [b"CRAM-MD5"]),
     ("external", [b"EXTERNAL"]),
     ("external cram-md5 apop plain", [b"PLAIN", b"LOGIN", b"CRAM-MD5", b"EXTERNAL"]),
+    ("apop cram-md5 external plain", [b"PLAIN", b"LOGIN", b"CRAM-MD5", b"EXTERNAL"]),
 ])
 def test_auth_lists_mechanisms(pop3, methods, listed):
-    assert say(pop3(pop3_auth=methods), "AUTH") == reply(
+    conv = pop3(pop3_auth=methods)
+    assert say(conv, "AUTH") == reply(
         b"+OK methods supported:\r\n" + b"".join(m + b"\r\n" for m in listed) + b".\r\n")
+    assert say(conv, "NOOP") == reply(OK)
 
 
 def test_auth_refused_under_starttls_only(pop3):
@@ -330,6 +441,23 @@ def test_auth_plain_initial_response(pop3):
     conv = pop3()
     assert say(conv, b"AUTH PLAIN " + b64(b"authz\x00bob\x00secret")) == \
         [Authenticate("plain", b"bob", b"secret")]
+
+
+@pytest.mark.parametrize("methods", ["plain", "apop"])     # taken even when not advertised
+@pytest.mark.parametrize("text", ["AUTH PLAIN {}", "auth plain {}", "AUTH PLAIN  {}"])
+def test_auth_plain_initial_response_auth_request(pop3, methods, text):
+    conv = pop3(pop3_auth=methods)
+    assert say(conv, text.format(b64(b"\0alice\0secret").decode())) == \
+        [Authenticate("plain", b"alice", b"secret")]
+    # no Auth-Salt for PLAIN, even when APOP put a salt in the greeting
+    assert auth_request(conv)[1:5] == [b"Auth-Method: plain", b"Auth-User: alice",
+                                       b"Auth-Pass: secret", b"Auth-Protocol: pop3"]
+
+
+def test_auth_plain_two_steps_with_authzid(pop3):
+    play(pop3(), [(b"AUTH PLAIN\r\n", reply(b"+ \r\n")),
+                  (b64(b"admin\0alice\0secret") + b"\r\n",
+                   [Authenticate("plain", b"alice", b"secret")])])
 
 
 def test_auth_plain_challenge(pop3):
@@ -365,6 +493,20 @@ def test_auth_cram_md5(pop3):
         [Authenticate("cram-md5", b"bob", DIGEST)]
 
 
+def test_auth_cram_md5_auth_request_carries_the_salt(conf):
+    conv = Pop3Conversation(conf("pop3", pop3_auth="plain cram-md5"))
+    salt = SALTED.match(replies(conv.start())[0]).group(1)
+    challenge = replies(say(conv, "AUTH CRAM-MD5"))[0]
+    assert challenge == b"+ " + b64(salt) + b"\r\n"
+    assert base64.b64decode(challenge[2:-2]) == salt
+    digest = hmac.new(b"secret", salt, hashlib.md5).hexdigest().encode()
+    assert conv.receive(b64(b"alice " + digest) + b"\r\n") == \
+        [Authenticate("cram-md5", b"alice", digest)]
+    assert auth_request(conv)[1:6] == [b"Auth-Method: cram-md5", b"Auth-User: alice",
+                                       b"Auth-Pass: " + digest, b"Auth-Salt: " + salt,
+                                       b"Auth-Protocol: pop3"]
+
+
 def test_auth_cram_md5_without_greeting_salt_makes_one(conf):
     conv = Pop3Conversation(conf("pop3", pop3_auth="cram-md5"))
     got = replies(say(conv, "AUTH CRAM-MD5"))
@@ -379,6 +521,11 @@ def test_auth_cram_md5_without_greeting_salt_makes_one(conf):
     ("plain", "AUTH EXTERNAL Ym9i"),
     ("plain", "AUTH GSSAPI"),                   # unknown mechanism
     ("plain", "AUTH PLAIN a b"),                # three arguments
+    ("plain apop", "AUTH CRAM-MD5"),            # a salt exists, yet CRAM-MD5 is not enabled
+    ("plain apop", "AUTH EXTERNAL"),
+    ("plain apop", "AUTH EXTERNAL YWxpY2U="),
+    ("plain apop", "AUTH FOO"),
+    ("plain apop", "AUTH XOAUTH2 abc"),
 ])
 def test_auth_refused(pop3, methods, text):
     conv = pop3(pop3_auth=methods)
@@ -393,6 +540,21 @@ def test_auth_external(pop3):
     ])
     assert say(pop3(pop3_auth="external"), b"AUTH EXTERNAL " + b64(b"bob")) == \
         [Authenticate("external", b"bob", b"")]
+
+
+@pytest.mark.parametrize("steps", [
+    [(b"AUTH EXTERNAL " + b64(b"alice"), None)],
+    [(b"AUTH EXTERNAL", reply(b"+ VXNlcm5hbWU6\r\n")), (b64(b"alice"), None)],
+])
+def test_auth_external_auth_request_has_empty_pass_and_no_salt(pop3, steps):
+    # apop too: a salt exists, yet EXTERNAL sends no Auth-Salt (current nginx, 1.29.1+)
+    conv = pop3(pop3_auth="plain apop external")
+    assert conv.salt is not None
+    play(conv, [(data + b"\r\n", expected or [Authenticate("external", b"alice", b"")])
+                for data, expected in steps])
+    assert auth_request(conv)[1:6] == [b"Auth-Method: external", b"Auth-User: alice",
+                                       b"Auth-Pass: ", b"Auth-Protocol: pop3",
+                                       b"Auth-Login-Attempt: 1"]
 
 
 @pytest.mark.parametrize("mech, methods", [("PLAIN", "plain"), ("LOGIN", "plain"),
@@ -470,11 +632,14 @@ def test_a_sasl_response_is_not_a_command(pop3):
     b"AUTH a b c d\r\n",        # more than three arguments
     b"CAPA a b c d\r\n",
     b"NOOP\rx\r\n",
+    b"NO\rOP\r\n",           # a CR not followed by LF
+    b"STAT\r\n", b"TOP 1 1\r\n", b"UIDL\r\n", b"NOOPX\r\n", b"FOO\r\n", b"XY\r\n",
 ])
 def test_parser_errors(pop3, raw):
     conv = pop3()
     assert conv.receive(raw) == BAD
     assert conv.errors == 1
+    assert say(conv, "NOOP") == reply(OK)
 
 
 def test_a_parser_error_resets_the_user(pop3):
@@ -490,6 +655,20 @@ def test_max_errors(pop3):
     assert say(conv, "XYZZY") == BAD
     assert say(conv, "LIST") == [Log("info", "client sent too many invalid commands"),
                                  Reply(INVALID), CLOSE]
+
+
+def test_max_errors_default_is_5(pop3):
+    conv = pop3()
+    for _ in range(4):
+        assert say(conv, "FOO") == BAD
+    assert say(conv, "NOOP") == reply(OK)
+    assert say(conv, "FOO") == [Log("info", "client sent too many invalid commands"),
+                                Reply(INVALID), CLOSE]
+
+
+def test_max_errors_fourth_argument_is_a_parser_error(pop3):
+    assert say(pop3(max_errors="1", pop3_auth="plain apop"), "APOP a b c d") == [
+        Log("info", "client sent too many invalid commands"), Reply(INVALID), CLOSE]
 
 
 def test_refused_commands_do_not_count_towards_max_errors(pop3):
@@ -562,6 +741,14 @@ def test_backend_login():
         (b"+OK\r\n", [ToBackend(b"PASS secret\r\n", "sending password to upstream")]),
         (b"+OK logged in\r\n", [LoggedIn(b"+OK logged in\r\n")]),
     ])
+
+
+def test_backend_pass_reply_goes_to_the_client_as_sent():
+    login = Pop3Login(b"alice", b"secret")
+    login.receive(b"+OK ready\r\n")
+    login.receive(b"+OK\r\n")
+    own = b"+OK [XYZ] Maildrop has 7 messages (42 octets)\r\n"
+    assert login.receive(own) == [LoggedIn(own)]
 
 
 @pytest.mark.parametrize("steps", [0, 1, 2])

@@ -410,3 +410,49 @@ def test_hand_over_raises_handed_over(session, events):
     with pytest.raises(HandedOver):
         s.hand_over(conn, b"+OK\r\n")
     assert events == [("relay", s.sock, "BACKEND", b"", b"+OK\r\n")]
+
+
+# ---- POP3 through the session: line limits, APOP's password from the auth service ------------
+
+def test_line_of_126_bytes_is_taken(session, events, auth):
+    # "USER " + 119 + CRLF fits nginx's 128-byte POP3 buffer
+    auth.result = auth_http.AuthResult("FAIL", message=b"no")
+    s = session(b"USER " + b"u" * 119 + b"\r\n", b"PASS pw\r\n")
+    s.run()
+    assert sent(events)[:2] == [b"+OK POP3 ready\r\n", b"+OK\r\n"]
+    assert auth.requests[0].user == b"u" * 119
+
+
+def test_longer_line_with_its_line_end_is_too_long(session, events):
+    s = session(b"USER " + b"a" * 300 + b"\r\n")
+    with pytest.raises(Close):
+        s.next_input()
+    assert events == [
+        ("info", 'client sent too long command "USER %s"' % ("a" * 123) + CONTEXT),
+        ("client", b"-ERR invalid command\r\n", 128)]
+
+
+def test_apop_logs_in_to_the_backend_with_the_auth_services_password(session, events, auth,
+                                                                     upstream):
+    auth.result = auth_http.AuthResult("OK", server="127.0.0.1", port=1110, passwd=b"secret")
+    upstream.replies = [b"+OK ready\r\n", b"+OK\r\n", b"+OK in\r\n"]
+    s = session(b"APOP alice 0123456789abcdef0123456789abcdef\r\n", pop3_auth="plain apop")
+    s.run()
+    req = auth.requests[0]
+    assert (req.method, req.user, req.passwd, req.salt) == (
+        "apop", b"alice", b"0123456789abcdef0123456789abcdef", s.conv.salt)
+    assert sent(events, "backend") == [b"USER alice\r\n", b"PASS secret\r\n"]
+
+
+def test_apop_without_auth_pass_is_an_internal_error(session, events, upstream, monkeypatch):
+    def query(url, req, timeout, sleep=None):
+        return auth_http.parse_response(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"
+                                        b"Auth-Server: 127.0.0.1\r\nAuth-Port: 1110\r\n\r\n",
+                                        req, "127.0.0.1:9000")
+    monkeypatch.setattr(auth_http, "query", query)
+    s = session(b"APOP alice 0123456789abcdef0123456789abcdef\r\n", pop3_auth="plain apop")
+    s.run()
+    assert ("error", "auth http server 127.0.0.1:9000 did not send password while in http "
+            "auth state" + CONTEXT + ', login: "alice"') in events
+    assert sent(events)[-1] == INTERNAL and s.sock.closed
+    assert upstream.socks == []
