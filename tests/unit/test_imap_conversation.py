@@ -9,11 +9,12 @@ import pytest
 
 from mailproxy import config
 from mailproxy.clientio import BackendRejected
-from mailproxy.conversation import (CLOSE, Authenticate, BackendStartTLS, LoggedIn, Log, Peer,
-                                    Reply, StartTLS, StartTLSRefused, ToBackend)
+from mailproxy.conversation import (CLOSE, Authenticate, BackendStartTLS, Close, LoggedIn, Log,
+                                    Peer, Reply, StartTLS, StartTLSRefused, ToBackend)
 from mailproxy.imap import (ImapConversation, ImapLogin, backend_id_complete,
                             backend_login_complete)
 from mailproxy.log import sanitize
+from playbook import only, replies, started
 
 GREETING = b"* OK IMAP4 ready\r\n"
 CAPS = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS"
@@ -101,6 +102,19 @@ def test_capability_words(imap):
         Reply(b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN\r\nt1 OK completed\r\n")]
 
 
+@pytest.mark.parametrize("methods,words", [
+    ("plain login cram-md5 external", b"AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5 AUTH=EXTERNAL"),
+    ("external cram-md5", b"AUTH=CRAM-MD5 AUTH=EXTERNAL"),
+    ("login", b"AUTH=LOGIN"),
+])
+def test_capability_per_imap_auth(conf, methods, words):
+    # the directives as written in the file (nginx tokens), through their own parsers
+    conv = started(conf("imap", imap_auth=methods,
+                        imap_capabilities="IMAP4rev1 SASL-IR LITERAL+ ID"))
+    assert conv.receive(b"t CAPABILITY\r\n") == [
+        Reply(b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID " + words + b"\r\nt OK completed\r\n")]
+
+
 def test_noop_id_logout(imap):
     conv = imap()
     assert conv.receive(b"a NOOP\r\n") == [ok(b"a")]
@@ -108,6 +122,19 @@ def test_noop_id_logout(imap):
     assert conv.receive(b"c ID NIL\r\n") == [Reply(b"* ID NIL\r\nc OK completed\r\n")]
     assert conv.receive(b'd ID ("name" "x")\r\n') == [Reply(b"* ID NIL\r\nd OK completed\r\n")]
     assert conv.receive(b"e LOGOUT\r\n") == [Reply(b"* BYE\r\ne OK completed\r\n"), CLOSE]
+
+
+def test_noop_and_logout_take_any_arguments(imap):
+    conv = imap()
+    assert conv.receive(b"a3 NOOP extra args here\r\n") == [ok(b"a3")]
+    assert conv.receive(b"a4 LOGOUT whatever\r\n") == [Reply(b"* BYE\r\na4 OK completed\r\n"),
+                                                       CLOSE]
+
+
+def test_id_needs_an_argument(imap):
+    conv = imap()
+    assert conv.receive(b"i3 ID\r\n") == [bad(b"i3")]
+    assert conv.receive(b"i4 ID NIL\r\n") == [Reply(b"* ID NIL\r\ni4 OK completed\r\n")]
 
 
 # ---- STARTTLS ---------------------------------------------------------------------------------
@@ -142,6 +169,13 @@ def test_starttls_only_refuses_auth_before_tls(imap, command):
     assert conv.errors == 0             # refused after parsing: not a parser error
 
 
+@pytest.mark.parametrize("mode,tls", [("only", False), ("only", True), ("on", False)])
+def test_starttls_modes_keep_id_and_logout(imap, mode, tls):
+    conv = imap(tls=tls, starttls=mode)
+    assert conv.receive(b"f ID NIL\r\n") == [Reply(b"* ID NIL\r\nf OK completed\r\n")]
+    assert conv.receive(b"g LOGOUT\r\n") == [Reply(b"* BYE\r\ng OK completed\r\n"), CLOSE]
+
+
 # ---- LOGIN ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command,user,passwd", [
@@ -164,6 +198,34 @@ def test_login_refused(imap, command):
     assert conv.login is None
 
 
+def test_refused_commands_are_not_parser_errors(imap):
+    # refused after parsing: answered, not counted towards max_errors
+    conv = imap(max_errors=2)
+    for command in [b"a LOGIN alice", b"b LOGIN", b'c LOGIN "" pw', b"d LOGIN x y z",
+                    b"e AUTHENTICATE", b"f AUTHENTICATE FOO", b"g AUTHENTICATE PLAIN a b",
+                    b"h AUTHENTICATE CRAM-MD5", b"i AUTHENTICATE EXTERNAL", b"j STARTTLS",
+                    b"k AUTHENTICATE LOGIN a b", b"l AUTHENTICATE PLAIN !!!"]:
+        out = conv.receive(line(command))
+        assert replies(out) == [bad(command[:1]).data], command
+        assert only(out, Authenticate, Close) == [], command
+    assert conv.errors == 0
+    assert conv.receive(b"m NOOP\r\n") == [ok(b"m")]
+
+
+def test_quoted_strings_with_escapes(imap):
+    conv = imap()
+    assert conv.receive(b'a6 LOGIN "al\\"ice" "p w\\\\x"\r\n') == [
+        Authenticate("plain", b'al"ice', b"p w\\x")]
+    assert backend_lines(conv, b'al"ice', b"p w\\x") == login_lines(b"a6 ", b'al"ice', b"p w\\x")
+
+
+def test_unterminated_quote_does_not_corrupt_the_next_command(imap):
+    conv = imap()
+    assert conv.receive(b'a LOGIN "abc\r\n') == [bad(b"a")]
+    assert conv.receive(b"c LOGIN alice secret\r\n") == [
+        Authenticate("plain", b"alice", b"secret")]
+
+
 # ---- AUTHENTICATE -----------------------------------------------------------------------------
 
 def test_plain_initial_response(imap):
@@ -180,9 +242,22 @@ def test_plain_continuation(imap):
         Authenticate("plain", b"alice", b"secret")]
 
 
+@pytest.mark.parametrize("steps", [
+    [b'p2 AUTHENTICATE PLAIN "' + b64(b"\0alice\0secret") + b'"\r\n'],
+    [b"p2 AUTHENTICATE PLAIN {16+}\r\n", b64(b"\0alice\0secret"), b"\r\n"],
+])
+def test_plain_initial_response_quoted_or_literal(imap, steps):
+    conv = imap()
+    for data in steps[:-1]:
+        assert conv.receive(data) == []
+    assert conv.receive(steps[-1]) == [Authenticate("plain", b"alice", b"secret")]
+    assert backend_lines(conv).startswith(b"p2 LOGIN {5}\r\n")
+
+
 @pytest.mark.parametrize("initial", [True, False])
 @pytest.mark.parametrize("response,message", [
     (b"*", "client sent invalid base64 encoding in AUTH PLAIN command"),
+    (b"!!!", "client sent invalid base64 encoding in AUTH PLAIN command"),
     (b64(b"alice"), "client sent invalid login in AUTH PLAIN command"),
     (b64(b"\0alice"), "client sent invalid password in AUTH PLAIN command"),
     (b64(b"\0al\rice\0secret"), "client sent invalid login in AUTH PLAIN command"),
@@ -248,6 +323,17 @@ def test_login_mechanism_bad_password(imap, response, message):
     assert conv.receive(response + b"\r\n") == [info(message), bad(b"a")]
 
 
+def test_login_mechanism_bad_password_after_prompts_is_tagged(imap):
+    conv = imap()
+    assert conv.receive(b"l4 AUTHENTICATE LOGIN\r\n") == [USER_PROMPT]
+    assert conv.receive(b64(b"alice") + b"\r\n") == [PASS_PROMPT]
+    assert conv.receive(b"*\r\n") == [
+        info("client sent invalid base64 encoding in AUTH LOGIN command"), bad(b"l4")]
+    assert conv.receive(b"l5 AUTHENTICATE LOGIN !!!\r\n") == [
+        info("client sent invalid base64 encoding in AUTH LOGIN command"), bad(b"l5")]
+    assert conv.login is None
+
+
 def test_login_mechanism_too_many_arguments(imap):
     assert imap().receive(b"a AUTHENTICATE LOGIN x y\r\n") == [bad(b"a")]
 
@@ -268,6 +354,15 @@ def test_cram_md5_bad_hash(imap):
     conv.receive(b"a AUTHENTICATE CRAM-MD5\r\n")
     assert conv.receive(b64(b"alice short") + b"\r\n") == [
         info("client sent invalid CRAM-MD5 hash in AUTH CRAM-MD5 command"), bad(b"a")]
+
+
+def test_cram_md5_salt_kept_for_the_connection(imap):
+    conv = imap(imap_auth=["cram-md5"])
+    first = conv.receive(b"c1 AUTHENTICATE CRAM-MD5\r\n")
+    conv.receive(b64(b"alice short") + b"\r\n")
+    assert conv.receive(b"c2 AUTHENTICATE CRAM-MD5\r\n") == [Reply(first[0].data)]
+    assert conv.receive(b"*\r\n") == [
+        info("client sent invalid base64 encoding in AUTH CRAM-MD5 command"), bad(b"c2")]
 
 
 @pytest.mark.parametrize("methods,command", [
@@ -313,6 +408,12 @@ def test_sasl_line_with_cr_is_a_parser_error(imap):
     assert conv.receive(b"ab\rc\r\n") == [MANY, bad(b"b"), CLOSE]
 
 
+def test_sasl_line_with_cr_reaching_max_errors_closes(imap):
+    conv = imap(max_errors=1)
+    assert conv.receive(b"p AUTHENTICATE PLAIN\r\n") == [Reply(b"+ \r\n")]
+    assert conv.receive(b"AB\rCD\r\n") == [MANY, bad(b"p"), CLOSE]
+
+
 def test_sasl_line_ending_in_nonsync_literal_closes(imap):
     conv = imap()
     conv.receive(b"a AUTHENTICATE PLAIN\r\n")
@@ -343,6 +444,26 @@ def test_parser_errors_count_towards_max_errors(imap):
     assert conv.receive(b'c LOGIN "x\r\n') == [MANY, bad(b"c"), CLOSE]
 
 
+@pytest.mark.parametrize("data", [b"", b" NOOP", b"a*b NOOP", b"t" * 33 + b" NOOP", b"NOOP",
+                                  b"\xe9 NOOP"])
+def test_bad_tags_answered_untagged(imap, data):
+    conv = imap()
+    assert conv.receive(line(data)) == [bad()]
+    assert conv.receive(b"ok NOOP\r\n") == [ok(b"ok")]
+
+
+@pytest.mark.parametrize("data", [b"a SELECT INBOX", b"a ENABLE UTF8=ACCEPT", b"a AUTH PLAIN",
+                                  b"a LOGIN w x y z", b"a NOOP\rx", b'a LOGIN "x'])
+def test_errors_with_a_tag_are_tagged(imap, data):
+    conv = imap()
+    assert conv.receive(line(data)) == [bad(b"a")]
+    assert conv.receive(b"b NOOP\r\n") == [ok(b"b")]
+
+
+def test_bad_tag_counts_towards_max_errors(imap):
+    assert imap(max_errors=1).receive(b"a*b NOOP\r\n") == [MANY, bad(), CLOSE]
+
+
 @pytest.mark.parametrize("max_errors,out", [
     (5, [bad(b"a"), CLOSE]),
     (1, [MANY, bad(b"a"), CLOSE]),
@@ -353,6 +474,14 @@ def test_nonsync_literal_after_error_closes(imap, max_errors, out):
 
 def test_untagged_nonsync_literal_error_closes(imap):
     assert imap().receive(b"* LOGIN {5+}\r\n") == [bad(), CLOSE]
+
+
+def test_unknown_command_with_literal(imap):
+    # the {N+} rule: a rejected line announcing a non-synchronising literal closes
+    assert imap().receive(b"a APPEND INBOX {11+}\r\n") == [bad(b"a"), CLOSE]
+    conv = imap()
+    assert conv.receive(b"a APPEND INBOX {11}\r\n") == [bad(b"a")]      # stays open
+    assert conv.receive(b"b NOOP\r\n") == [ok(b"b")]
 
 
 # ---- too long commands ----------------------------------------------------------------------------
@@ -406,6 +535,53 @@ def test_nonsync_literals(imap):
     assert conv.receive(b"alice") == []
     assert conv.next_input() == ("line", 64 - 14 - 5)
     assert conv.receive(b' "secret"\r\n') == [Authenticate("plain", b"alice", b"secret")]
+
+
+def test_literals_of_both_kinds(imap):
+    conv = imap()
+    assert conv.receive(b"a1 LOGIN {5}\r\n") == [CONTINUE]
+    assert conv.receive(b"alice") == []
+    assert conv.receive(b" {6+}\r\n") == []                    # no `+ OK` for {N+}
+    assert conv.receive(b"secret") == []
+    assert conv.receive(b"\r\n") == [Authenticate("plain", b"alice", b"secret")]
+    assert backend_lines(conv) == login_lines(b"a1 ")
+
+
+def test_non_synchronising_literals_only(imap):
+    conv = imap()
+    for data in [b"b1 LOGIN {5+}\r\n", b"alice", b" {6+}\r\n", b"secret"]:
+        assert conv.receive(data) == []
+    assert conv.receive(b"\r\n") == [Authenticate("plain", b"alice", b"secret")]
+    assert backend_lines(conv) == login_lines(b"b1 ")
+
+
+def test_quoted_user_literal_password(imap):
+    # the example of the project's reference transcripts
+    conv = imap()
+    assert conv.receive(b'a6 LOGIN "al\\"ice" {3}\r\n') == [CONTINUE]
+    assert conv.receive(b"p w") == []
+    assert conv.receive(b"\r\n") == [Authenticate("plain", b'al"ice', b"p w")]
+    assert backend_lines(conv, b'al"ice', b"p w") == b'a6 LOGIN {6}\r\nal"ice {3}\r\np w\r\n'
+
+
+def test_literal_with_a_line_break_then_junk(imap):
+    conv = imap()
+    assert conv.receive(b"a LOGIN {3+}\r\n") == []
+    assert conv.receive(b"a\r\n") == []
+    assert conv.receive(b"b pw\r\n") == [bad(b"a")]             # no space after the literal
+    assert conv.receive(b"b NOOP\r\n") == [ok(b"b")]
+    assert conv.login is None
+
+
+def test_literals_within_a_256_byte_buffer(imap):
+    conv = imap(imap_client_buffer=256)
+    first = b"a LOGIN {300}\r\n"
+    assert conv.receive(first) == [too_long(first), bad(b"a"), CLOSE]   # no `+ OK` first
+    conv = imap(imap_client_buffer=256)
+    assert conv.receive(b"b LOGIN {200}\r\n") == [CONTINUE]
+    assert conv.receive(b"x" * 200) == []
+    assert conv.next_input() == ("line", 256 - 15 - 200)
+    assert conv.receive(b" pw\r\n") == [Authenticate("plain", b"x" * 200, b"pw")]
 
 
 def test_empty_literal(imap):
@@ -494,6 +670,18 @@ def test_auth_failed_retry(imap):
     assert conv.auth_failed(failure(b"No"), retry=False) == [Reply(b"b NO No\r\n"), CLOSE]
 
 
+def test_auth_failed_retry_after_plain(imap):
+    conv = imap()
+    assert conv.receive(b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0wrong") + b"\r\n") == [
+        Authenticate("plain", b"alice", b"wrong")]
+    assert conv.auth_failed(failure(b"Try again"), retry=True) == [
+        Reply(b"a1 NO Try again\r\n")]
+    assert conv.receive(b"a2 NOOP\r\n") == [ok(b"a2")]
+    assert conv.receive(b"a3 LOGIN alice secret\r\n") == [
+        Authenticate("plain", b"alice", b"secret")]
+    assert backend_lines(conv) == login_lines(b"a3 ")
+
+
 # ---- the backend login ----------------------------------------------------------------------------
 
 PEER = Peer("192.0.2.7", 40000, ("127.0.0.1", 1143))
@@ -509,6 +697,41 @@ def logged_in(imap, command=b"a1 LOGIN alice secret", **directives):
 def run_login(login, replies):
     """Feed backend replies; the actions of each."""
     return [login.receive(r) for r in replies]
+
+
+def login_lines(tag, user=b"alice", passwd=b"secret"):
+    """What a backend receives for a login (as from ngx_mail_proxy_imap_handler)."""
+    return (tag + b"LOGIN {%d}\r\n" % len(user) + user + b" {%d}\r\n" % len(passwd)
+            + passwd + b"\r\n")
+
+
+def backend_lines(conv, user=b"alice", passwd=b"secret", peer=PEER):
+    """Everything the conversation's ImapLogin sends a backend that greets and continues each
+    literal."""
+    login = conv.backend_login(user, passwd, peer, False)
+    out = []
+    for reply in (b"* OK ready\r\n", b"+ OK\r\n", b"+ OK\r\n"):
+        out += login.receive(reply)
+    assert all(type(a) is ToBackend for a in out), out
+    return b"".join(a.data for a in out)
+
+
+@pytest.mark.parametrize("methods,steps", [
+    (["plain"], [b"p1 AUTHENTICATE plain", b64(b"\0alice\0secret")]),
+    (["plain"], [b"p1 AUTHENTICATE LOGIN", b64(b"alice"), b64(b"secret")]),
+    (["plain"], [b"p1 AUTHENTICATE LOGIN " + b64(b"alice"), b64(b"secret")]),
+    (["external"], [b"p1 AUTHENTICATE EXTERNAL", b64(b"alice")]),
+    (["external"], [b"p1 AUTHENTICATE EXTERNAL " + b64(b"alice")]),
+    (["cram-md5"], [b"p1 AUTHENTICATE CRAM-MD5", b64(b"alice " + DIGEST)]),
+])
+def test_backend_login_under_the_authenticate_tag(imap, methods, steps):
+    # the password towards the backend is the auth service's (Auth-Pass) for EXTERNAL and
+    # CRAM-MD5; the tag stays the client's
+    conv = imap(imap_auth=methods)
+    for data in steps:
+        out = conv.receive(line(data))
+    assert type(out[-1]) is Authenticate and out[-1].login == b"alice"
+    assert backend_lines(conv) == login_lines(b"p1 ")
 
 
 def test_backend_login(imap):
@@ -541,11 +764,14 @@ def test_backend_login_with_auth_service_credentials(imap):
 
 @pytest.mark.parametrize("steps,rejected,text", [
     ([], b"* BYE busy\r\n", b"* BYE busy\r\n"),
+    ([], b"* PREAUTH hello\r\n", b"* PREAUTH hello\r\n"),
     ([b"* OK\r\n"], b"a1 NO no literals\r\n", b"a1 NO no literals\r\n"),
     ([b"* OK\r\n", b"+ OK\r\n"], b"a1 BAD\r\n", b"a1 BAD\r\n"),
     ([b"* OK\r\n", b"+ OK\r\n", b"+ OK\r\n"], b"a1 NO [AUTHENTICATIONFAILED] no\r\n",
      b"NO [AUTHENTICATIONFAILED] no\r\n"),
     ([b"* OK\r\n", b"+ OK\r\n", b"+ OK\r\n"], b"* BYE x\r\na1 NO y\r\n", b"NO y\r\n"),
+    ([b"* OK\r\n", b"+ OK\r\n", b"+ OK\r\n"], b"* A\r\n* B\r\na1 OK Logged in\r\n",
+     b"* B\r\na1 OK Logged in\r\n"),                     # one untagged line at most
     ([b"* OK\r\n", b"+ OK\r\n", b"+ OK\r\n"], b"a2 OK wrong tag\r\n", b"a2 OK wrong tag\r\n"),
 ])
 def test_backend_login_rejected(imap, steps, rejected, text):
@@ -554,6 +780,18 @@ def test_backend_login_rejected(imap, steps, rejected, text):
     with pytest.raises(BackendRejected) as e:
         login.receive(rejected)
     assert (e.value.reply, e.value.text) == (rejected, text)
+
+
+def test_backend_login_reply_completion(imap):
+    # an untagged line may come before the tagged reply: read on until more follows it
+    login = logged_in(imap).backend_login(b"alice", b"secret", PEER, False)
+    run_login(login, [b"* OK\r\n", b"+ OK\r\n", b"+ OK\r\n"])
+    assert not login.complete(b"* CAPABILITY IMAP4rev1 IDLE\r\n")
+    assert login.complete(b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK\r\n")
+    assert login.complete(b"* A\r\n* B\r\n")
+    assert login.complete(b"a1 NO\r\n")
+    reply = b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
+    assert login.receive(reply) == [LoggedIn(reply)]
 
 
 ID_RE = re.compile(rb'mailproxy-id ID \("x-originating-ip" "192\.0\.2\.7" "x-originating-port" '
@@ -580,6 +818,21 @@ def test_backend_id(imap):
     assert ID_RE.match(other.receive(b"* OK\r\n")[0].data).group(3) != session_id
 
 
+@pytest.mark.parametrize("answer", [
+    b"mailproxy-id BAD unknown command\r\n",
+    b"mailproxy-id NO not now\r\n",
+    b'* OK something else\r\n* ID ("name" "x")\r\nmailproxy-id OK ID completed.\r\n',
+])
+def test_backend_id_answer_ignored(imap, answer):
+    login = logged_in(imap, imap_client_id=True).backend_login(b"alice", b"secret", PEER,
+                                                               False)
+    assert login.receive(b"* OK\r\n")[0].action == "sending ID command to upstream"
+    assert not login.complete(b"* OK something else\r\n")
+    assert login.complete(answer)
+    assert login.receive(answer) == [
+        ToBackend(b"a1 LOGIN {5}\r\n", "sending LOGIN command to upstream")]
+
+
 def test_backend_id_fields_from_the_peer(imap):
     conv = logged_in(imap, imap_client_id=True)
     proxied = Peer("192.0.2.7", 40000, ("127.0.0.1", 1143), ("198.51.100.1", 993))
@@ -590,8 +843,11 @@ def test_backend_id_fields_from_the_peer(imap):
 
 
 def test_backend_no_id_when_off(imap):
-    login = logged_in(imap).backend_login(b"alice", b"secret", PEER, False)
+    conv = logged_in(imap)
+    assert conv.conf.imap_client_id is False                  # the default
+    login = conv.backend_login(b"alice", b"secret", PEER, False)
     assert login.receive(b"* OK\r\n")[0].action == "sending LOGIN command to upstream"
+    assert backend_lines(conv) == login_lines(b"a1 ")
 
 
 @pytest.mark.parametrize("reply", [b"mpTLS OK Begin TLS\r\n",
