@@ -2,12 +2,11 @@
 backend login) driven by events, with the action lists compared exactly."""
 
 import base64
-import copy
 import re
 
 import pytest
 
-from mailproxy import config, resolver, sasl, smtp
+from mailproxy import resolver, sasl, smtp
 from mailproxy.auth_http import AuthResult
 from mailproxy.clientio import BackendRejected
 from mailproxy.conversation import (CLOSE, Authenticate, BackendStartTLS, LoggedIn, LoginError,
@@ -15,8 +14,8 @@ from mailproxy.conversation import (CLOSE, Authenticate, BackendStartTLS, Logged
                                     StartTLSRefused, ToBackend, WaitQuiet)
 from mailproxy.smtp import SmtpConversation, SmtpLogin
 
-NAME = b"mx.test"
-GREETING = b"220 mx.test ESMTP ready\r\n"
+NAME = b"mx.example.test"
+GREETING = b"220 mx.example.test ESMTP ready\r\n"
 OK = b"250 2.0.0 OK\r\n"
 INVALID = b"500 5.5.1 Invalid command\r\n"
 ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
@@ -47,30 +46,11 @@ def bad(message):
 
 # ---- configuration without sockets ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def base_conf(tmp_path_factory):
-    """One [server] of a tiny INI (the defaults of every directive), loaded once."""
-    path = tmp_path_factory.mktemp("smtpconf") / "mailproxy.ini"
-    path.write_text("[server s]\nlisten = 127.0.0.1:2525\nprotocol = smtp\n"
-                    "auth_http = 127.0.0.1:9/auth\nserver_name = mx.test\n")
-    return config.load(str(path)).servers[0]
-
-
 @pytest.fixture
-def make_conf(base_conf):
-    def make(**overrides):
-        conf = copy.copy(base_conf)
-        for name, value in overrides.items():
-            setattr(conf, name, value)
-        return conf
-    return make
-
-
-@pytest.fixture
-def make_conv(make_conf):
-    """A conversation past its greeting (no resolver, no delay)."""
+def make_conv(conf):
+    """A conversation past its greeting (no resolver, no delay); `overrides` as for `conf`."""
     def make(tls=False, **overrides):
-        conv = SmtpConversation(make_conf(**overrides), tls=tls)
+        conv = SmtpConversation(conf("smtp", **overrides), tls=tls)
         assert conv.start() == [RestartTimer(), Reply(GREETING)]
         return conv
     return make
@@ -78,53 +58,53 @@ def make_conv(make_conf):
 
 # ---- greeting: client name, smtp_greeting_delay --------------------------------------------
 
-def test_greeting_without_resolver(make_conf):
-    conv = SmtpConversation(make_conf())
+def test_greeting_without_resolver(conf):
+    conv = SmtpConversation(conf("smtp"))
     assert conv.start() == [RestartTimer(), Reply(GREETING)]
     assert conv.host == resolver.UNAVAILABLE
     assert conv.buffer_size() == 4096 and conv.next_input() == ("line", None)
 
 
 @pytest.mark.parametrize("host", ["client.example", resolver.UNAVAILABLE, resolver.TEMPUNAVAIL])
-def test_greeting_with_resolver(make_conf, host):
-    conv = SmtpConversation(make_conf(resolver=object()))
+def test_greeting_with_resolver(conf, host):
+    conv = SmtpConversation(conf("smtp", resolver=object()))
     assert conv.start() == [ResolveClient()]
     assert conv.resolved(host) == [RestartTimer(), Reply(GREETING)]
     assert conv.host == host
     assert conv.auth_request_fields() == {"client_host": host}
 
 
-def test_greeting_delay_quiet_client(make_conf):
-    conv = SmtpConversation(make_conf(smtp_greeting_delay=0.5))
+def test_greeting_delay_quiet_client(conf):
+    conv = SmtpConversation(conf("smtp", smtp_greeting_delay=0.5))
     assert conv.start() == [WaitQuiet(0.5)]
     assert conv.quiet() == [RestartTimer(), Reply(GREETING)]
 
 
-def test_greeting_delay_after_resolver(make_conf):
-    conv = SmtpConversation(make_conf(resolver=object(), smtp_greeting_delay=2.0))
+def test_greeting_delay_after_resolver(conf):
+    conv = SmtpConversation(conf("smtp", resolver=object(), smtp_greeting_delay=2.0))
     assert conv.start() == [ResolveClient()]
     assert conv.resolved("client.example") == [WaitQuiet(2.0)]
     assert conv.quiet() == [RestartTimer(), Reply(GREETING)]
     assert conv.host == "client.example"
 
 
-def test_talked_first_is_rejected(make_conf):
-    conv = SmtpConversation(make_conf(smtp_greeting_delay=1.0))
+def test_talked_first_is_rejected(conf):
+    conv = SmtpConversation(conf("smtp", smtp_greeting_delay=1.0))
     assert conv.start() == [WaitQuiet(1.0)]
     assert conv.talked_first(b"EHLO x\r\nMAIL FROM:<a@b>\n") == [
         Log("info", 'client was rejected before greeting: "EHLO x__MAIL FROM:<a@b>_"'),
         Reply(b"503 5.5.0 Improper use of SMTP command pipelining\r\n"), CLOSE]
 
 
-def test_talked_first_text_is_sanitized(make_conf):
-    conv = SmtpConversation(make_conf(smtp_greeting_delay=1.0))
+def test_talked_first_text_is_sanitized(conf):
+    conv = SmtpConversation(conf("smtp", smtp_greeting_delay=1.0))
     conv.start()
     assert conv.talked_first(b'a"b\x00\r\n')[0] == Log(
         "info", 'client was rejected before greeting: "a\\x22b\\x00__"')
 
 
-def test_server_name_in_replies_is_utf8(make_conf):
-    conv = SmtpConversation(make_conf(server_name="mx.t\u00e9st"))
+def test_server_name_in_replies_is_utf8(conf):
+    conv = SmtpConversation(conf("smtp", server_name="mx.t\u00e9st"))
     assert conv.start() == [RestartTimer(), Reply("220 mx.t\u00e9st ESMTP ready\r\n".encode())]
     assert conv.receive(b"HELO x\r\n") == [Reply("250 mx.t\u00e9st\r\n".encode())]
 
@@ -133,7 +113,7 @@ def test_server_name_in_replies_is_utf8(make_conf):
 
 def test_helo(make_conv):
     conv = make_conv()
-    assert conv.receive(b"HELO client.example\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"HELO client.example\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.helo == b"client.example" and conv.esmtp is False
 
 
@@ -150,9 +130,9 @@ def test_greeting_argument_count(make_conv, verb, args):
 def test_ehlo_defaults(make_conv):
     conv = make_conv()
     assert conv.receive(b"EHLO client.example\r\n") == [
-        Reply(b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n")]
+        Reply(b"250-mx.example.test\r\n250 AUTH PLAIN LOGIN\r\n")]
     assert conv.helo == b"client.example" and conv.esmtp is True
-    assert conv.receive(b"HELO other\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"HELO other\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.helo == b"other" and conv.esmtp is False
 
 
@@ -160,23 +140,23 @@ def test_ehlo_capabilities_and_auth_order(make_conv):
     conv = make_conv(smtp_capabilities=["PIPELINING", "SIZE 10485760", "8BITMIME"],
                      smtp_auth=["external", "none", "cram-md5", "login", "plain"])
     assert conv.receive(b"EHLO x\r\n") == [Reply(
-        b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250-8BITMIME\r\n"
+        b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250-8BITMIME\r\n"
         b"250 AUTH PLAIN LOGIN CRAM-MD5 EXTERNAL\r\n")]
 
 
 def test_ehlo_none_only_has_no_auth_line(make_conv):
     conv = make_conv(smtp_auth=["none"])
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.example.test\r\n")]
     conv = make_conv(smtp_auth=["none"], smtp_capabilities=["PIPELINING"])
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.test\r\n250 PIPELINING\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.example.test\r\n250 PIPELINING\r\n")]
 
 
 @pytest.mark.parametrize("starttls, tls, reply", [
-    ("off", False, b"250-mx.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
-    ("on", False, b"250-mx.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n"),
-    ("on", True, b"250-mx.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
-    ("only", False, b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
-    ("only", True, b"250-mx.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+    ("off", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+    ("on", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n"),
+    ("on", True, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+    ("only", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
+    ("only", True, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
 ])
 def test_ehlo_starttls(make_conv, starttls, tls, reply):
     conv = make_conv(tls=tls, starttls=starttls, smtp_capabilities=["PIPELINING"])
@@ -187,7 +167,7 @@ def test_ehlo_after_starttls_drops_starttls_line(make_conv):
     conv = make_conv(starttls="on")
     assert conv.receive(b"STARTTLS\r\n") == [StartTLS(b"220 2.0.0 Start TLS\r\n")]
     assert conv.tls_started() == []
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.example.test\r\n250 AUTH PLAIN LOGIN\r\n")]
 
 
 # ---- AUTH PLAIN / LOGIN / CRAM-MD5 / EXTERNAL ---------------------------------------------
@@ -268,7 +248,7 @@ def test_auth_refused(make_conv, command):
 def test_auth_cram_md5(make_conv):
     conv = make_conv(smtp_auth=["plain", "cram-md5"])
     acts = conv.receive(b"AUTH CRAM-MD5\r\n")
-    assert re.fullmatch(rb"<\d+\.\d+@mx\.test>", conv.salt)
+    assert re.fullmatch(rb"<\d+\.\d+@mx\.example\.test>", conv.salt)
     assert acts == [Reply(b"334 " + b64(conv.salt) + b"\r\n")]
     assert conv.receive(line(b64(b"alice " + CRAM_DIGEST))) == [
         Authenticate("cram-md5", b"alice", CRAM_DIGEST)]
@@ -430,7 +410,7 @@ def test_mail_without_none_is_rejected(make_conv, command, shown):
 
 def test_none_mail_rcpt(make_conv):
     conv = make_conv(smtp_auth=["none"])
-    assert conv.receive(b"EHLO client.example\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"EHLO client.example\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.receive(b"RCPT TO:<c@d>\r\n") == [Reply(BAD_SEQUENCE)]
     assert conv.receive(b"MAIL\r\n") == [Reply(ARGUMENT)]
     assert conv.receive(b"MAIL FROM:<a@b>  \r\n") == [Reply(OK)]
@@ -444,8 +424,8 @@ def test_none_mail_rcpt(make_conv):
         "smtp_from": b"MAIL FROM:<a@b>", "smtp_to": b"RCPT TO:<c@d> NOTIFY=NEVER"}
 
 
-def test_none_fields_without_helo_and_with_host(make_conf):
-    conv = SmtpConversation(make_conf(smtp_auth=["none"], resolver=object()))
+def test_none_fields_without_helo_and_with_host(conf):
+    conv = SmtpConversation(conf("smtp", smtp_auth=["none"], resolver=object()))
     conv.start()
     conv.resolved("client.example")
     conv.receive(b"MAIL FROM:<>\r\n")
@@ -468,11 +448,11 @@ def test_rset_and_helo_forget_the_envelope(make_conv):
     assert conv.receive(b"RSET\r\n") == [Reply(OK)]
     assert conv.smtp_from is None
     assert conv.receive(b"MAIL FROM:<a@b>\r\n") == [Reply(OK)]
-    assert conv.receive(b"HELO x\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"HELO x\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.smtp_from is None
     assert conv.receive(b"RCPT TO:<c@d>\r\n") == [Reply(BAD_SEQUENCE)]
     conv.receive(b"MAIL FROM:<a@b>\r\n")
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.smtp_from is None
 
 
@@ -607,7 +587,7 @@ def test_login_xclient_with_client_ehlo(make_conv):
     login = conv.backend_login(b"alice", b"secret", PEER, False)
     assert isinstance(login, SmtpLogin)
     assert login.state == "greeting" and login.complete is smtp.reply_complete
-    assert login.receive(b"220 backend ESMTP\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 backend ESMTP\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.complete is smtp.reply_complete
     assert login.receive(b"250-backend\r\n250 XCLIENT ADDR LOGIN NAME\r\n") == [
         step(b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n", XCLIENT_ACTION)]
@@ -622,7 +602,7 @@ def test_login_xclient_with_client_helo(make_conv):
     conv = plain_conv(make_conv, helo=b"HELO client.example")
     login = conv.backend_login(b"alice", b"secret", PEER, False)
     # EHLO towards an XCLIENT backend even after the client's HELO; the client's is HELO
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     login.receive(b"250 b\r\n")
     assert login.receive(b"250 ok\r\n") == [
         step(b"HELO client.example\r\n", CLIENT_HELO_ACTION)]
@@ -632,7 +612,7 @@ def test_login_xclient_with_client_helo(make_conv):
 def test_login_xclient_without_client_greeting(make_conv):
     conv = plain_conv(make_conv, helo=None)
     login = conv.backend_login(b"alice", b"secret", PEER, False)
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     login.receive(b"250 b\r\n")
     assert login.receive(b"250 ok\r\n") == [LoggedIn(AUTH_OK)]
 
@@ -642,12 +622,12 @@ def test_login_xclient_without_client_greeting(make_conv):
 def test_login_without_xclient(make_conv, helo, verb):
     conv = plain_conv(make_conv, helo=helo, xclient=False)
     login = conv.backend_login(b"alice", b"secret", PEER, False)
-    assert login.receive(b"220 b\r\n") == [step(verb + b" mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(verb + b" mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [LoggedIn(AUTH_OK)]
 
 
-def test_xclient_line_contents(make_conf):
-    conf = make_conf(xclient_extended=True)
+def test_xclient_line_contents(conf):
+    conf = conf("smtp", xclient_extended=True)
     conv = SmtpConversation(conf)
     conv.host = "client.example"
     conv.method = "plain"
@@ -699,7 +679,7 @@ def test_xclient_no_login_with_proxy_smtp_auth(make_conv):
 def test_proxy_smtp_auth_with_client_helo_and_without_xclient(make_conv):
     conv = plain_conv(make_conv, helo=b"HELO c", proxy_smtp_auth=True, xclient=False)
     login = conv.backend_login(b"bob", b"fromauth", PEER, False)   # Auth-User, Auth-Pass
-    assert login.receive(b"220 b\r\n") == [step(b"HELO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"HELO mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [
         step(b"AUTH PLAIN " + b64(b"\0bob\0fromauth") + b"\r\n", AUTH_ACTION)]
     with pytest.raises(BackendRejected) as e:
@@ -786,7 +766,7 @@ def test_none_mode_replays_envelope(make_conv, rcpt_reply):
 def test_none_mode_without_xclient(make_conv):
     conv = none_conv(make_conv, xclient=False)
     login = conv.backend_login(None, None, PEER, False)
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [
         step(b"MAIL FROM:<a@b> SIZE=100\r\n", "sending MAIL FROM to upstream")]
     with pytest.raises(BackendRejected) as e:
@@ -824,13 +804,13 @@ def test_helo_rejection_without_xclient(make_conv):
 def test_backend_starttls(make_conv, helo, verb):
     conv = plain_conv(make_conv, helo=helo, xclient=False)
     login = conv.backend_login(b"alice", b"secret", PEER, True)
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.complete is smtp.reply_complete
     assert login.receive(b"250-b\r\n250 STARTTLS\r\n") == [
         step(b"STARTTLS\r\n", "sending STARTTLS to upstream")]
     assert login.complete is smtp.reply_complete
     assert login.receive(b"220 2.0.0 Ready to start TLS\r\n") == [
-        BackendStartTLS(), step(verb + b" mx.test\r\n", HELO_ACTION)]
+        BackendStartTLS(), step(verb + b" mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [LoggedIn(AUTH_OK)]
 
 
@@ -840,7 +820,7 @@ def test_backend_starttls_then_xclient(make_conv):
     login.receive(b"220 b\r\n")
     login.receive(b"250 b\r\n")
     assert login.receive(b"220 go\r\n") == [BackendStartTLS(),
-                                            step(b"EHLO mx.test\r\n", HELO_ACTION)]
+                                            step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [
         step(b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n", XCLIENT_ACTION)]
 
