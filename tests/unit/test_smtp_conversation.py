@@ -157,7 +157,8 @@ def test_ehlo_none_only_has_no_auth_line(make_conv):
 
 @pytest.mark.parametrize("starttls, tls, reply", [
     ("off", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
-    ("on", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n"),
+    ("on", False,
+     b"250-mx.example.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n"),
     ("on", True, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
     ("only", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
     ("only", True, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
@@ -171,7 +172,8 @@ def test_ehlo_after_starttls_drops_starttls_line(make_conv):
     conv = make_conv(starttls="on")
     assert conv.receive(b"STARTTLS\r\n") == [StartTLS(b"220 2.0.0 Start TLS\r\n")]
     assert conv.tls_started() == []
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.example.test\r\n250 AUTH PLAIN LOGIN\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [
+        Reply(b"250-mx.example.test\r\n250 AUTH PLAIN LOGIN\r\n")]
 
 
 # ---- AUTH PLAIN / LOGIN / CRAM-MD5 / EXTERNAL ---------------------------------------------
@@ -595,7 +597,8 @@ def test_login_xclient_with_client_ehlo(make_conv):
     login = conv.backend_login(b"alice", b"secret", PEER, False)
     assert isinstance(login, SmtpLogin)
     assert login.state == "greeting" and login.complete is smtp.reply_complete
-    assert login.receive(b"220 backend ESMTP\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 backend ESMTP\r\n") == [
+        step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.complete is smtp.reply_complete
     assert login.receive(b"250-backend\r\n250 XCLIENT ADDR LOGIN NAME\r\n") == [
         step(b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n", XCLIENT_ACTION)]
