@@ -2,21 +2,24 @@
 backend login) driven by events, with the action lists compared exactly."""
 
 import base64
-import copy
+import hmac
 import re
+import smtplib
 
 import pytest
 
-from mailproxy import config, resolver, sasl, smtp
+from mailproxy import resolver, sasl, smtp
 from mailproxy.auth_http import AuthResult
-from mailproxy.clientio import BackendRejected
+from mailproxy.clientio import BackendRejected, LineReader, LineTooLong
 from mailproxy.conversation import (CLOSE, Authenticate, BackendStartTLS, LoggedIn, LoginError,
                                     Log, Peer, Reply, ResolveClient, RestartTimer, StartTLS,
                                     StartTLSRefused, ToBackend, WaitQuiet)
 from mailproxy.smtp import SmtpConversation, SmtpLogin
 
-NAME = b"mx.test"
-GREETING = b"220 mx.test ESMTP ready\r\n"
+from playbook import closing, only, play, reply
+
+NAME = b"mx.example.test"
+GREETING = b"220 mx.example.test ESMTP ready\r\n"
 OK = b"250 2.0.0 OK\r\n"
 INVALID = b"500 5.5.1 Invalid command\r\n"
 ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
@@ -47,30 +50,11 @@ def bad(message):
 
 # ---- configuration without sockets ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def base_conf(tmp_path_factory):
-    """One [server] of a tiny INI (the defaults of every directive), loaded once."""
-    path = tmp_path_factory.mktemp("smtpconf") / "mailproxy.ini"
-    path.write_text("[server s]\nlisten = 127.0.0.1:2525\nprotocol = smtp\n"
-                    "auth_http = 127.0.0.1:9/auth\nserver_name = mx.test\n")
-    return config.load(str(path)).servers[0]
-
-
 @pytest.fixture
-def make_conf(base_conf):
-    def make(**overrides):
-        conf = copy.copy(base_conf)
-        for name, value in overrides.items():
-            setattr(conf, name, value)
-        return conf
-    return make
-
-
-@pytest.fixture
-def make_conv(make_conf):
-    """A conversation past its greeting (no resolver, no delay)."""
+def make_conv(conf):
+    """A conversation past its greeting (no resolver, no delay); `overrides` as for `conf`."""
     def make(tls=False, **overrides):
-        conv = SmtpConversation(make_conf(**overrides), tls=tls)
+        conv = SmtpConversation(conf("smtp", **overrides), tls=tls)
         assert conv.start() == [RestartTimer(), Reply(GREETING)]
         return conv
     return make
@@ -78,53 +62,53 @@ def make_conv(make_conf):
 
 # ---- greeting: client name, smtp_greeting_delay --------------------------------------------
 
-def test_greeting_without_resolver(make_conf):
-    conv = SmtpConversation(make_conf())
+def test_greeting_without_resolver(conf):
+    conv = SmtpConversation(conf("smtp"))
     assert conv.start() == [RestartTimer(), Reply(GREETING)]
     assert conv.host == resolver.UNAVAILABLE
     assert conv.buffer_size() == 4096 and conv.next_input() == ("line", None)
 
 
 @pytest.mark.parametrize("host", ["client.example", resolver.UNAVAILABLE, resolver.TEMPUNAVAIL])
-def test_greeting_with_resolver(make_conf, host):
-    conv = SmtpConversation(make_conf(resolver=object()))
+def test_greeting_with_resolver(conf, host):
+    conv = SmtpConversation(conf("smtp", resolver=object()))
     assert conv.start() == [ResolveClient()]
     assert conv.resolved(host) == [RestartTimer(), Reply(GREETING)]
     assert conv.host == host
     assert conv.auth_request_fields() == {"client_host": host}
 
 
-def test_greeting_delay_quiet_client(make_conf):
-    conv = SmtpConversation(make_conf(smtp_greeting_delay=0.5))
+def test_greeting_delay_quiet_client(conf):
+    conv = SmtpConversation(conf("smtp", smtp_greeting_delay=0.5))
     assert conv.start() == [WaitQuiet(0.5)]
     assert conv.quiet() == [RestartTimer(), Reply(GREETING)]
 
 
-def test_greeting_delay_after_resolver(make_conf):
-    conv = SmtpConversation(make_conf(resolver=object(), smtp_greeting_delay=2.0))
+def test_greeting_delay_after_resolver(conf):
+    conv = SmtpConversation(conf("smtp", resolver=object(), smtp_greeting_delay=2.0))
     assert conv.start() == [ResolveClient()]
     assert conv.resolved("client.example") == [WaitQuiet(2.0)]
     assert conv.quiet() == [RestartTimer(), Reply(GREETING)]
     assert conv.host == "client.example"
 
 
-def test_talked_first_is_rejected(make_conf):
-    conv = SmtpConversation(make_conf(smtp_greeting_delay=1.0))
+def test_talked_first_is_rejected(conf):
+    conv = SmtpConversation(conf("smtp", smtp_greeting_delay=1.0))
     assert conv.start() == [WaitQuiet(1.0)]
     assert conv.talked_first(b"EHLO x\r\nMAIL FROM:<a@b>\n") == [
         Log("info", 'client was rejected before greeting: "EHLO x__MAIL FROM:<a@b>_"'),
         Reply(b"503 5.5.0 Improper use of SMTP command pipelining\r\n"), CLOSE]
 
 
-def test_talked_first_text_is_sanitized(make_conf):
-    conv = SmtpConversation(make_conf(smtp_greeting_delay=1.0))
+def test_talked_first_text_is_sanitized(conf):
+    conv = SmtpConversation(conf("smtp", smtp_greeting_delay=1.0))
     conv.start()
     assert conv.talked_first(b'a"b\x00\r\n')[0] == Log(
         "info", 'client was rejected before greeting: "a\\x22b\\x00__"')
 
 
-def test_server_name_in_replies_is_utf8(make_conf):
-    conv = SmtpConversation(make_conf(server_name="mx.t\u00e9st"))
+def test_server_name_in_replies_is_utf8(conf):
+    conv = SmtpConversation(conf("smtp", server_name="mx.t\u00e9st"))
     assert conv.start() == [RestartTimer(), Reply("220 mx.t\u00e9st ESMTP ready\r\n".encode())]
     assert conv.receive(b"HELO x\r\n") == [Reply("250 mx.t\u00e9st\r\n".encode())]
 
@@ -133,7 +117,7 @@ def test_server_name_in_replies_is_utf8(make_conf):
 
 def test_helo(make_conv):
     conv = make_conv()
-    assert conv.receive(b"HELO client.example\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"HELO client.example\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.helo == b"client.example" and conv.esmtp is False
 
 
@@ -150,33 +134,34 @@ def test_greeting_argument_count(make_conv, verb, args):
 def test_ehlo_defaults(make_conv):
     conv = make_conv()
     assert conv.receive(b"EHLO client.example\r\n") == [
-        Reply(b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n")]
+        Reply(b"250-mx.example.test\r\n250 AUTH PLAIN LOGIN\r\n")]
     assert conv.helo == b"client.example" and conv.esmtp is True
-    assert conv.receive(b"HELO other\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"HELO other\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.helo == b"other" and conv.esmtp is False
 
 
 def test_ehlo_capabilities_and_auth_order(make_conv):
-    conv = make_conv(smtp_capabilities=["PIPELINING", "SIZE 10485760", "8BITMIME"],
-                     smtp_auth=["external", "none", "cram-md5", "login", "plain"])
+    conv = make_conv(smtp_capabilities='PIPELINING "SIZE 10485760" 8BITMIME',
+                     smtp_auth="external none cram-md5 login plain")
     assert conv.receive(b"EHLO x\r\n") == [Reply(
-        b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250-8BITMIME\r\n"
+        b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250-8BITMIME\r\n"
         b"250 AUTH PLAIN LOGIN CRAM-MD5 EXTERNAL\r\n")]
 
 
 def test_ehlo_none_only_has_no_auth_line(make_conv):
     conv = make_conv(smtp_auth=["none"])
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.example.test\r\n")]
     conv = make_conv(smtp_auth=["none"], smtp_capabilities=["PIPELINING"])
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.test\r\n250 PIPELINING\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.example.test\r\n250 PIPELINING\r\n")]
 
 
 @pytest.mark.parametrize("starttls, tls, reply", [
-    ("off", False, b"250-mx.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
-    ("on", False, b"250-mx.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n"),
-    ("on", True, b"250-mx.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
-    ("only", False, b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
-    ("only", True, b"250-mx.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+    ("off", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+    ("on", False,
+     b"250-mx.example.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n"),
+    ("on", True, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+    ("only", False, b"250-mx.example.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
+    ("only", True, b"250-mx.example.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
 ])
 def test_ehlo_starttls(make_conv, starttls, tls, reply):
     conv = make_conv(tls=tls, starttls=starttls, smtp_capabilities=["PIPELINING"])
@@ -187,7 +172,8 @@ def test_ehlo_after_starttls_drops_starttls_line(make_conv):
     conv = make_conv(starttls="on")
     assert conv.receive(b"STARTTLS\r\n") == [StartTLS(b"220 2.0.0 Start TLS\r\n")]
     assert conv.tls_started() == []
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [
+        Reply(b"250-mx.example.test\r\n250 AUTH PLAIN LOGIN\r\n")]
 
 
 # ---- AUTH PLAIN / LOGIN / CRAM-MD5 / EXTERNAL ---------------------------------------------
@@ -268,7 +254,7 @@ def test_auth_refused(make_conv, command):
 def test_auth_cram_md5(make_conv):
     conv = make_conv(smtp_auth=["plain", "cram-md5"])
     acts = conv.receive(b"AUTH CRAM-MD5\r\n")
-    assert re.fullmatch(rb"<\d+\.\d+@mx\.test>", conv.salt)
+    assert re.fullmatch(rb"<\d+\.\d+@mx\.example\.test>", conv.salt)
     assert acts == [Reply(b"334 " + b64(conv.salt) + b"\r\n")]
     assert conv.receive(line(b64(b"alice " + CRAM_DIGEST))) == [
         Authenticate("cram-md5", b"alice", CRAM_DIGEST)]
@@ -430,7 +416,7 @@ def test_mail_without_none_is_rejected(make_conv, command, shown):
 
 def test_none_mail_rcpt(make_conv):
     conv = make_conv(smtp_auth=["none"])
-    assert conv.receive(b"EHLO client.example\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"EHLO client.example\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.receive(b"RCPT TO:<c@d>\r\n") == [Reply(BAD_SEQUENCE)]
     assert conv.receive(b"MAIL\r\n") == [Reply(ARGUMENT)]
     assert conv.receive(b"MAIL FROM:<a@b>  \r\n") == [Reply(OK)]
@@ -444,8 +430,8 @@ def test_none_mail_rcpt(make_conv):
         "smtp_from": b"MAIL FROM:<a@b>", "smtp_to": b"RCPT TO:<c@d> NOTIFY=NEVER"}
 
 
-def test_none_fields_without_helo_and_with_host(make_conf):
-    conv = SmtpConversation(make_conf(smtp_auth=["none"], resolver=object()))
+def test_none_fields_without_helo_and_with_host(conf):
+    conv = SmtpConversation(conf("smtp", smtp_auth=["none"], resolver=object()))
     conv.start()
     conv.resolved("client.example")
     conv.receive(b"MAIL FROM:<>\r\n")
@@ -468,11 +454,11 @@ def test_rset_and_helo_forget_the_envelope(make_conv):
     assert conv.receive(b"RSET\r\n") == [Reply(OK)]
     assert conv.smtp_from is None
     assert conv.receive(b"MAIL FROM:<a@b>\r\n") == [Reply(OK)]
-    assert conv.receive(b"HELO x\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"HELO x\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.smtp_from is None
     assert conv.receive(b"RCPT TO:<c@d>\r\n") == [Reply(BAD_SEQUENCE)]
     conv.receive(b"MAIL FROM:<a@b>\r\n")
-    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.test\r\n")]
+    assert conv.receive(b"EHLO x\r\n") == [Reply(b"250 mx.example.test\r\n")]
     assert conv.smtp_from is None
 
 
@@ -565,12 +551,16 @@ def test_auth_failed_with_retry(make_conv, code, message, reply):
         Authenticate("plain", b"alice", b"again")]
 
 
-def test_auth_failed_without_retry(make_conv):
+@pytest.mark.parametrize("code, message, reply", [
+    ("550 5.7.1", b"Invalid login or password", b"550 5.7.1 Invalid login or password\r\n"),
+    (None, b"Invalid login or password", b"535 5.7.0 Invalid login or password\r\n"),
+    ("451 4.3.0", "Temporary problem", b"451 4.3.0 Temporary problem\r\n"),
+])
+def test_auth_failed_without_retry(make_conv, code, message, reply):
     conv = make_conv()
     conv.receive(b"AUTH PLAIN " + line(b64(b"\0alice\0secret")))
-    res = AuthResult("FAIL", b"Invalid login or password", error_code="550 5.7.1")
-    assert conv.auth_failed(res, retry=False) == [
-        Reply(b"550 5.7.1 Invalid login or password\r\n"), CLOSE]
+    res = AuthResult("FAIL", message, error_code=code)
+    assert conv.auth_failed(res, retry=False) == [Reply(reply), CLOSE]
 
 
 def test_auth_failed_none_keeps_envelope(make_conv):
@@ -607,7 +597,8 @@ def test_login_xclient_with_client_ehlo(make_conv):
     login = conv.backend_login(b"alice", b"secret", PEER, False)
     assert isinstance(login, SmtpLogin)
     assert login.state == "greeting" and login.complete is smtp.reply_complete
-    assert login.receive(b"220 backend ESMTP\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 backend ESMTP\r\n") == [
+        step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.complete is smtp.reply_complete
     assert login.receive(b"250-backend\r\n250 XCLIENT ADDR LOGIN NAME\r\n") == [
         step(b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n", XCLIENT_ACTION)]
@@ -622,7 +613,7 @@ def test_login_xclient_with_client_helo(make_conv):
     conv = plain_conv(make_conv, helo=b"HELO client.example")
     login = conv.backend_login(b"alice", b"secret", PEER, False)
     # EHLO towards an XCLIENT backend even after the client's HELO; the client's is HELO
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     login.receive(b"250 b\r\n")
     assert login.receive(b"250 ok\r\n") == [
         step(b"HELO client.example\r\n", CLIENT_HELO_ACTION)]
@@ -632,7 +623,7 @@ def test_login_xclient_with_client_helo(make_conv):
 def test_login_xclient_without_client_greeting(make_conv):
     conv = plain_conv(make_conv, helo=None)
     login = conv.backend_login(b"alice", b"secret", PEER, False)
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     login.receive(b"250 b\r\n")
     assert login.receive(b"250 ok\r\n") == [LoggedIn(AUTH_OK)]
 
@@ -642,12 +633,12 @@ def test_login_xclient_without_client_greeting(make_conv):
 def test_login_without_xclient(make_conv, helo, verb):
     conv = plain_conv(make_conv, helo=helo, xclient=False)
     login = conv.backend_login(b"alice", b"secret", PEER, False)
-    assert login.receive(b"220 b\r\n") == [step(verb + b" mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(verb + b" mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [LoggedIn(AUTH_OK)]
 
 
-def test_xclient_line_contents(make_conf):
-    conf = make_conf(xclient_extended=True)
+def test_xclient_line_contents(conf):
+    conf = conf("smtp", xclient_extended=True)
     conv = SmtpConversation(conf)
     conv.host = "client.example"
     conv.method = "plain"
@@ -658,6 +649,8 @@ def test_xclient_line_contents(make_conf):
         (Peer("2001:db8::7", 40000, ("::1", 587), ("2001:db8::1", 25)), b"al ice+x=y",
          b"XCLIENT ADDR=IPV6:2001:db8::7 PORT=40000 LOGIN=al+20ice+2Bx+3Dy "
          b"NAME=client.example DESTADDR=IPV6:::1 DESTPORT=587\r\n"),
+        (Peer("192.0.2.7", None, None), "us\u00e9r+x=y".encode(),
+         b"XCLIENT ADDR=192.0.2.7 LOGIN=us+C3+A9r+2Bx+3Dy NAME=client.example\r\n"),
         (Peer("192.0.2.7", None, None), b"alice",
          b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=client.example\r\n"),
         (Peer("192.0.2.7", 40000, ("127.0.0.1", 25)), None,
@@ -699,7 +692,7 @@ def test_xclient_no_login_with_proxy_smtp_auth(make_conv):
 def test_proxy_smtp_auth_with_client_helo_and_without_xclient(make_conv):
     conv = plain_conv(make_conv, helo=b"HELO c", proxy_smtp_auth=True, xclient=False)
     login = conv.backend_login(b"bob", b"fromauth", PEER, False)   # Auth-User, Auth-Pass
-    assert login.receive(b"220 b\r\n") == [step(b"HELO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"HELO mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [
         step(b"AUTH PLAIN " + b64(b"\0bob\0fromauth") + b"\r\n", AUTH_ACTION)]
     with pytest.raises(BackendRejected) as e:
@@ -786,7 +779,7 @@ def test_none_mode_replays_envelope(make_conv, rcpt_reply):
 def test_none_mode_without_xclient(make_conv):
     conv = none_conv(make_conv, xclient=False)
     login = conv.backend_login(None, None, PEER, False)
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [
         step(b"MAIL FROM:<a@b> SIZE=100\r\n", "sending MAIL FROM to upstream")]
     with pytest.raises(BackendRejected) as e:
@@ -824,13 +817,13 @@ def test_helo_rejection_without_xclient(make_conv):
 def test_backend_starttls(make_conv, helo, verb):
     conv = plain_conv(make_conv, helo=helo, xclient=False)
     login = conv.backend_login(b"alice", b"secret", PEER, True)
-    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.test\r\n", HELO_ACTION)]
+    assert login.receive(b"220 b\r\n") == [step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.complete is smtp.reply_complete
     assert login.receive(b"250-b\r\n250 STARTTLS\r\n") == [
         step(b"STARTTLS\r\n", "sending STARTTLS to upstream")]
     assert login.complete is smtp.reply_complete
     assert login.receive(b"220 2.0.0 Ready to start TLS\r\n") == [
-        BackendStartTLS(), step(verb + b" mx.test\r\n", HELO_ACTION)]
+        BackendStartTLS(), step(verb + b" mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [LoggedIn(AUTH_OK)]
 
 
@@ -840,7 +833,7 @@ def test_backend_starttls_then_xclient(make_conv):
     login.receive(b"220 b\r\n")
     login.receive(b"250 b\r\n")
     assert login.receive(b"220 go\r\n") == [BackendStartTLS(),
-                                            step(b"EHLO mx.test\r\n", HELO_ACTION)]
+                                            step(b"EHLO mx.example.test\r\n", HELO_ACTION)]
     assert login.receive(b"250 b\r\n") == [
         step(b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n", XCLIENT_ACTION)]
 
@@ -864,3 +857,277 @@ def test_backend_starttls_rejections(make_conv, replies):
     with pytest.raises(BackendRejected) as e:
         login.receive(replies[-1])
     assert e.value.reply == replies[-1]
+
+
+# ---- whole sessions, as a client plays them ------------------------------------------------
+
+class Chunks:
+    """Not a socket: `recv` hands out `data` at most `size` bytes at a time, then b""."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def recv(self, size):
+        chunk, self.data = self.data[:size], self.data[size:]
+        return chunk
+
+
+class ReplyFile:
+    """What smtplib reads its replies from (`SMTP.file`): the lines queued so far."""
+
+    def __init__(self):
+        self.lines = []
+
+    def readline(self, limit=-1):
+        return self.lines.pop(0) if self.lines else b""
+
+    def close(self):
+        pass
+
+
+class SmtplibClient(smtplib.SMTP):
+    """smtplib's own client logic (EHLO parsing, mechanism choice, SASL responses) talking to
+    a conversation: what it sends goes to `conv.receive` line by line, the Reply actions come
+    back through `file`; an Authenticate is answered as the login would be (`logged_in`)."""
+
+    def __init__(self, conv, logged_in=AUTH_OK):
+        super().__init__(local_hostname="client.example")     # no host: no connection
+        self.conv, self.logged_in = conv, logged_in
+        self.file = ReplyFile()
+        self.sent, self.actions = [], []
+
+    def send(self, s):
+        data = s.encode("ascii") if isinstance(s, str) else s
+        for text in data.splitlines(keepends=True):
+            self.sent.append(text)
+            acts = self.conv.receive(text)
+            self.actions += acts
+            for a in acts:
+                if type(a) is Reply:
+                    self.file.lines += a.data.splitlines(keepends=True)
+                elif type(a) is Authenticate:
+                    self.file.lines.append(self.logged_in)
+
+    def authenticated(self):
+        return only(self.actions, Authenticate)
+
+
+def backend_lines(login, replies):
+    """Feed `replies` to a backend login: the lines it sends, and its last actions."""
+    sent, acts = [], []
+    for reply in replies:
+        acts = login.receive(reply)
+        sent += [a.data for a in acts if type(a) is ToBackend]
+    return sent, acts
+
+
+def test_smtplib_login_plain(make_conv):
+    client = SmtplibClient(make_conv())
+    assert client.ehlo() == (250, b"mx.example.test\nAUTH PLAIN LOGIN")
+    assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+    assert client.login("alice", "secret") == (235, b"2.0.0 OK")
+    assert client.authenticated() == [Authenticate("plain", b"alice", b"secret")]
+    assert client.conv.auth_request_fields() == {"client_host": resolver.UNAVAILABLE}
+    login = client.conv.backend_login(b"alice", b"secret", PEER, False)
+    assert backend_lines(login, [b"220 b\r\n", b"250 b\r\n", b"220 b\r\n", b"250 b\r\n"]) == (
+        [b"EHLO mx.example.test\r\n",
+         b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n",
+         b"EHLO client.example\r\n"], [LoggedIn(AUTH_OK)])
+
+
+def test_smtplib_auth_login_initial_response(make_conv):
+    client = SmtplibClient(make_conv())
+    client.ehlo()
+    client.user, client.password = "alice", "secret"
+    assert client.auth("LOGIN", client.auth_login, initial_response_ok=True) == (235, b"2.0.0 OK")
+    assert client.sent[-2:] == [b"AUTH LOGIN " + line(b64(b"alice")), line(b64(b"secret"))]
+    assert client.authenticated() == [Authenticate("plain", b"alice", b"secret")]
+
+
+def test_smtplib_prefers_cram_md5(make_conv):
+    client = SmtplibClient(make_conv(smtp_auth="plain login cram-md5"))
+    client.ehlo()
+    assert "CRAM-MD5" in client.esmtp_features["auth"]
+    assert client.login("alice", "secret") == (235, b"2.0.0 OK")
+    salt = client.conv.salt
+    assert re.fullmatch(rb"<\d+\.\d+@mx\.example\.test>", salt)
+    digest = hmac.new(b"secret", salt, "md5").hexdigest().encode()
+    assert client.authenticated() == [Authenticate("cram-md5", b"alice", digest)]
+
+
+def test_smtplib_proxy_smtp_auth_with_xclient(make_conv):
+    client = SmtplibClient(make_conv(proxy_smtp_auth="on"))
+    client.ehlo()
+    assert client.login("alice", "secret") == (235, b"2.0.0 OK")
+    login = client.conv.backend_login(b"alice", b"secret", PEER, False)
+    assert backend_lines(login, [b"220 b\r\n", b"250 b\r\n", b"220 b\r\n", b"250 b\r\n",
+                                 b"235 2.7.0 ok\r\n"]) == (
+        [b"EHLO mx.example.test\r\n", b"XCLIENT ADDR=192.0.2.7 NAME=[UNAVAILABLE]\r\n",
+         b"EHLO client.example\r\n", b"AUTH PLAIN " + line(b64(b"\0alice\0secret"))],
+        [LoggedIn(AUTH_OK)])
+
+
+def test_smtplib_xclient_off(make_conv):
+    client = SmtplibClient(make_conv(xclient="off"))
+    client.ehlo()
+    client.login("alice", "secret")
+    login = client.conv.backend_login(b"alice", b"secret", PEER, False)
+    assert backend_lines(login, [b"220 b\r\n", b"250 b\r\n"]) == (
+        [b"EHLO mx.example.test\r\n"], [LoggedIn(AUTH_OK)])
+
+
+def test_smtplib_none_mode(make_conv):
+    client = SmtplibClient(make_conv(smtp_auth="none"), logged_in=b"250 2.1.5 Ok\r\n")
+    assert client.ehlo() == (250, b"mx.example.test")
+    assert client.mail("a@example.com") == (250, b"2.0.0 OK")
+    assert client.rcpt("c@example.com") == (250, b"2.1.5 Ok")
+    mail, rcpt = (text.rstrip(b"\r\n") for text in client.sent[-2:])
+    assert client.authenticated() == [Authenticate("none", None, None)]
+    assert client.conv.auth_request_fields() == {
+        "client_host": resolver.UNAVAILABLE, "smtp_helo": b"client.example",
+        "smtp_from": mail, "smtp_to": rcpt}
+    assert mail.endswith(b"<a@example.com>") and rcpt.endswith(b"<c@example.com>")
+    login = client.conv.backend_login(None, None, PEER, False)
+    assert backend_lines(login, [b"220 b\r\n", b"250 b\r\n", b"220 b\r\n", b"250 b\r\n",
+                                 b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"]) == (
+        [b"EHLO mx.example.test\r\n", b"XCLIENT ADDR=192.0.2.7 NAME=[UNAVAILABLE]\r\n",
+         b"EHLO client.example\r\n", line(mail), line(rcpt)],
+        [LoggedIn(b"250 2.1.5 Ok\r\n")])
+
+
+def test_simple_commands_and_refusals(make_conv):
+    conv = make_conv()
+    play(conv, [
+        (b"HELO client.example\r\n", reply(b"250 mx.example.test\r\n")),
+        (b"EHLO client.example\r\n", reply(b"250-mx.example.test\r\n250 AUTH PLAIN LOGIN\r\n")),
+        (b"NOOP\r\n", reply(OK)),
+        (b"RSET\r\n", reply(OK)),
+        (b"HELO\r\n", reply(ARGUMENT)),
+        (b"EHLO a b\r\n", reply(ARGUMENT)),
+        (b"AUTH\r\n", reply(ARGUMENT)),
+        (b"RCPT TO:<a@b>\r\n", reply(BAD_SEQUENCE)),
+    ] + [(line(verb), reply(INVALID)) for verb in (
+        b"VRFY x", b"EXPN x", b"HELP", b"STARTTLS", b"DATA", b"XCLIENT ADDR=1.2.3.4")] + [
+        (b"QUIT\r\n", closing(b"221 2.0.0 Bye\r\n")),
+    ])
+
+
+def test_rejected_mail_then_pipelined_commands(make_conv):
+    conv = make_conv()
+    play(conv, [
+        (b"MAIL FROM:<a@b>\r\n", [Log("info", 'client was rejected: "MAIL FROM:<a@b>__"'),
+                                  Reply(b"530 5.7.1 Authentication required\r\n")]),
+        (b"NOOP\r\n", reply(OK)),
+        (b"QUIT\r\n", closing(b"221 2.0.0 Bye\r\n")),
+    ])
+
+
+def test_too_long_for_smtp_client_buffer(conf):
+    conv = SmtpConversation(conf("smtp", smtp_client_buffer="64"))
+    assert conv.buffer_size() == 64
+    reader = LineReader(Chunks(b"HELO " + b"x" * 100 + b"\r\n"), conv.buffer_size(), None)
+    with pytest.raises(LineTooLong) as e:
+        reader.readline()
+    assert conv.too_long(e.value.data) == [
+        Log("info", 'client sent too long command "HELO %s"' % ("x" * 59)), Reply(INVALID),
+        CLOSE]
+
+
+def test_sasl_errors_are_not_counted(make_conv):
+    conv = make_conv(max_errors="2")
+    play(conv, [
+        (b"AUTH PLAIN\r\n", reply(b"334 \r\n")),
+        (b"*\r\n", bad("client sent invalid base64 encoding in AUTH PLAIN command")),
+        (b"AUTH PLAIN " + line(b64(b"nonul")),
+         bad("client sent invalid login in AUTH PLAIN command")),
+        (b"AUTH LOGIN a b\r\n", reply(INVALID)),
+        (b"AUTH PLAIN %%%\r\n", bad("client sent invalid base64 encoding in AUTH PLAIN command")),
+        (b"NOOP\r\n", reply(OK)),
+    ])
+    assert conv.errors == 0
+
+
+def test_auth_login_prompts_after_helo_then_backend_login(make_conv):
+    conv = make_conv()
+    play(conv, [
+        (b"HELO client.example\r\n", reply(b"250 mx.example.test\r\n")),
+        (b"AUTH LOGIN\r\n", reply(USERNAME)),
+        (line(b64(b"alice")), reply(PASSWORD)),
+        (line(b64(b"secret")), [Authenticate("plain", b"alice", b"secret")]),
+    ])
+    login = conv.backend_login(b"alice", b"secret", PEER, False)
+    assert backend_lines(login, [b"220 b\r\n", b"250 b\r\n", b"220 b\r\n", b"250 b\r\n"]) == (
+        [b"EHLO mx.example.test\r\n",
+         b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n",
+         b"HELO client.example\r\n"], [LoggedIn(AUTH_OK)])
+
+
+def test_multiline_backend_greeting(make_conv):
+    conv = plain_conv(make_conv, helo=b"EHLO c.example")
+    login = conv.backend_login(b"alice", b"secret", PEER, False)
+    greeting = b"220-backend.test hello\r\n220 backend.test ESMTP\r\n"
+    assert not login.complete(greeting[:24]) and login.complete(greeting)
+    assert backend_lines(login, [greeting, b"250-b\r\n250 8BITMIME\r\n", b"220 b\r\n",
+                                 b"250 b\r\n"]) == (
+        [b"EHLO mx.example.test\r\n",
+         b"XCLIENT ADDR=192.0.2.7 LOGIN=alice NAME=[UNAVAILABLE]\r\n",
+         b"EHLO c.example\r\n"], [LoggedIn(AUTH_OK)])
+
+
+def test_proxy_smtp_auth_after_client_ehlo_without_xclient(make_conv):
+    conv = plain_conv(make_conv, helo=b"EHLO c", passwd=b"pw", proxy_smtp_auth="on",
+                      xclient="off")
+    login = conv.backend_login(b"alice", b"pw", PEER, False)
+    assert backend_lines(login, [b"220 b\r\n", b"250 b\r\n", b"235 2.7.0 ok\r\n"]) == (
+        [b"EHLO mx.example.test\r\n", b"AUTH PLAIN AGFsaWNlAHB3\r\n"], [LoggedIn(AUTH_OK)])
+
+
+def test_none_mode_spacing_kept_and_rcpt_reply_passed_on(make_conv):
+    conv = make_conv(smtp_auth="none", xclient="off")
+    play(conv, [
+        (b"HELO h\r\n", reply(b"250 mx.example.test\r\n")),
+        (b"MAIL FROM:<a@b> SIZE=100\r\n", reply(OK)),
+        (b"MAIL FROM:<x@y>\r\n", reply(BAD_SEQUENCE)),
+        (b"RCPT TO:<c@d>  NOTIFY=NEVER \r\n", [Authenticate("none", None, None)]),
+    ])
+    assert conv.auth_request_fields()["smtp_to"] == b"RCPT TO:<c@d>  NOTIFY=NEVER"
+    refused = b"550 5.1.1 <c@d>: Recipient unknown\r\n"
+    login = conv.backend_login(None, None, PEER, False)
+    assert backend_lines(login, [b"220 b\r\n", b"250 b\r\n", b"250 2.1.0 Ok\r\n", refused]) == (
+        [b"HELO mx.example.test\r\n", b"MAIL FROM:<a@b> SIZE=100\r\n",
+         b"RCPT TO:<c@d>  NOTIFY=NEVER\r\n"], [LoggedIn(refused)])
+
+
+def test_none_mode_errors_ask_nothing(make_conv):
+    conv = make_conv(smtp_auth="none")
+    play(conv, [
+        (b"RCPT TO:<a@b>\r\n", reply(BAD_SEQUENCE)),
+        (b"MAIL\r\n", reply(ARGUMENT)),
+        (b"MAIL FROM:<a@b>\r\n", reply(OK)),
+        (b"RCPT\r\n", reply(ARGUMENT)),
+        (b"RSET\r\n", reply(OK)),
+        (b"RCPT TO:<a@b>\r\n", reply(BAD_SEQUENCE)),
+    ])
+
+
+def test_none_mode_auth_wait_then_next_rcpt(make_conv):
+    conv = make_conv(smtp_auth="none")
+    conv.receive(b"MAIL FROM:<a@b>\r\n")
+    assert conv.receive(b"RCPT TO:<bad@x>\r\n") == [Authenticate("none", None, None)]
+    res = AuthResult("FAIL", b"Recipient refused", wait=1, error_code="550 5.7.1")
+    assert conv.auth_failed(res, retry=True) == reply(b"550 5.7.1 Recipient refused\r\n")
+    assert conv.receive(b"RCPT TO:<good@x>\r\n") == [Authenticate("none", None, None)]
+    assert conv.auth_request_fields()["smtp_to"] == b"RCPT TO:<good@x>"
+    login = conv.backend_login(None, None, PEER, False)
+    sent, acts = backend_lines(login, [b"220 b\r\n", b"250 b\r\n", b"220 b\r\n",
+                                       b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"])
+    assert sent[2:] == [b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<good@x>\r\n"]
+    assert acts == [LoggedIn(b"250 2.1.5 Ok\r\n")]
+
+
+def test_none_and_plain_together(make_conv):
+    conv = make_conv(smtp_auth="plain none")
+    assert conv.receive(b"MAIL FROM:<a@b>\r\n") == reply(OK)
+    assert conv.receive(b"AUTH PLAIN " + line(b64(b"\0alice\0pw"))) == [
+        Authenticate("plain", b"alice", b"pw")]
+    assert conv.auth_request_fields() == {"client_host": resolver.UNAVAILABLE}
