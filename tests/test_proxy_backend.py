@@ -17,29 +17,60 @@ INTERNAL = b"-ERR internal server error\r\n"
 PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
+# Every configuration the tests use, each one server block of the one proxy the module shares.
+CONFIGS = [{}, {"proxy_pass_error_message": "on"}, {"proxy_pass_error_message": "off"},
+           {"timeout": "500ms"}, {"proxy_buffer": "1k"}, {"proxy_timeout": "600ms"},
+           {"proxy_protocol": "on"}, {"proxy_protocol": "v2"},
+           {"host": "::1", "proxy_protocol": "on"}, {"host": "::1", "proxy_protocol": "v2"}]
+
+
+def _key(directives):
+    return tuple(sorted(directives.items()))
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """start(**directives) -> Setup: one proxy per configuration for the whole module (tests that
-    share it stay independent: each routes the auth server to its own backend and reads only its
-    own session's log lines, `session_log`)."""
+    """start(**directives) -> Setup on the server block of that configuration (CONFIGS) in one
+    proxy shared by the module; tests stay independent: each routes the auth server to its own
+    backend and reads only its own session's log lines (`session_log`)."""
     auth = AuthServer()
-    proxies = {}
-    tmp = tmp_path_factory.mktemp("proxy_backend")
+    servers, setups = {}, {}
+    for i, directives in enumerate(CONFIGS):
+        directives = dict(directives)
+        host = directives.pop("host", "127.0.0.1")
+        if ":" in host and not _have_ipv6():
+            continue
+        port = free_port(host)
+        directives.setdefault("auth_http", auth.url)
+        directives.setdefault("timeout", "2s")
+        servers[f"pop3_{i}"] = server_block("pop3", port, host=host, **directives)
+        setups[_key(CONFIGS[i])] = (host, port)
+    proxy = ProxyProcess(tmp_path_factory.mktemp("proxy_backend"), {"servers": servers})
 
-    def start(host="127.0.0.1", **directives):
-        key = (host, tuple(sorted(directives.items())))
-        if key not in proxies:
-            port = free_port(host)
-            directives.setdefault("auth_http", auth.url)
-            directives.setdefault("timeout", "2s")
-            config = {"servers": {"pop3": server_block("pop3", port, host=host, **directives)}}
-            proxy = ProxyProcess(tmp, config, name=f"mailproxy{len(proxies)}")
-            proxies[key] = Setup(proxy, host, port, auth)
-        return proxies[key]
+    def start(**directives):
+        assert _key(directives) in setups, f"add {directives} to CONFIGS"
+        host, port = setups[_key(directives)]
+        return Setup(proxy, host, port, auth)
     yield start
-    for st in proxies.values():
-        st.proxy.stop()
+    proxy.stop()
     auth.stop()
+
+
+@pytest.fixture
+def backend_factory():
+    """conftest's, but a stopped backend's accept() is woken (shutdown) instead of polled."""
+    made = []
+
+    def make(cls=Pop3Backend, *args, **kw):
+        made.append(cls(*args, **kw))
+        return made[-1]
+    yield make
+    for b in made:
+        try:
+            b.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        b.stop()
 
 
 @pytest.fixture
@@ -47,7 +78,7 @@ def pop3_setup(shared, pop3_backend):
     """start(backend=None, **directives) -> Setup on a shared proxy, auth routed to `backend`."""
     def start(backend=None, **directives):
         backend = backend or pop3_backend
-        st = shared(host=directives.pop("host", "127.0.0.1"), **directives)
+        st = shared(**directives)
         st.auth.route_to(backend.port, server=backend.host)
         st.backend = backend
         return st
