@@ -2,17 +2,99 @@
 auth-less `proxy_pass` route (our addition)."""
 
 import signal
+import socket
 import time
 
 import pytest
 
-from tests.support.auth import Delay, auth_fail, auth_ok
+from tests.support.auth import auth_fail, auth_ok, AuthServer, Delay
+from tests.support.clients import LineClient
 from tests.support.common import CLOSE, HANG, RESET
 from tests.support.mailbackends import Pop3Backend
-from tests.support.process import free_port
+from tests.support.process import free_port, ProxyProcess, server_block, SessionLog, Setup
 
 OK_LOGGED_IN = b"+OK logged in\r\n"
 INTERNAL = b"-ERR internal server error\r\n"
+
+
+class _SharedSetup(Setup):
+    """A Setup on the module's shared proxy: `proxy` is the log of this test's sessions."""
+
+    def connect(self, timeout=5.0, greeting=True):
+        c = LineClient(self.host, self.port, timeout)
+        self.proxy.ports.add(c.sock.getsockname()[1])
+        c.greeting = c.readline() if greeting else None
+        return c
+
+
+def _configs(auth):
+    """The directive sets the tests use (the auth server's own port in them), each a server
+    block of the shared proxy; {} is the plain one."""
+    return [{}, {"auth_http_header": ["X-Secret s3cr3t", 'X-Other "a b"']},
+            {"auth_http": f"127.0.0.1:{auth.port}/mail/auth.php?x=1&y=%41"},
+            {"auth_http": f"127.0.0.1:{auth.port}"},
+            {"auth_http_timeout": "500ms"}, {"auth_http_timeout": "2s"}]
+
+
+def _key(directives):
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                        for k, v in directives.items()))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One proxy and auth server for the module: {directives key: port}, proxy, auth."""
+    auth = AuthServer()
+    ports, servers = {}, {}
+    for i, directives in enumerate(_configs(auth)):
+        ports[_key(directives)] = port = free_port()
+        directives.setdefault("auth_http", auth.url)
+        servers[f"pop3_{i}"] = server_block("pop3", port, timeout="2s", **directives)
+    proxy = ProxyProcess(tmp_path_factory.mktemp("auth_flow"), {"servers": servers})
+    yield proxy, ports, auth
+    proxy.stop()
+    auth.stop()
+
+
+@pytest.fixture
+def backend_factory():
+    """conftest's, but a stopped backend's accept() is woken (shutdown) instead of polled."""
+    made = []
+
+    def make(cls=Pop3Backend, *args, **kw):
+        made.append(cls(*args, **kw))
+        return made[-1]
+    yield make
+    for b in made:
+        try:
+            b.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        b.stop()
+
+
+@pytest.fixture
+def auth_server(shared):
+    """The shared auth server, its requests and answers this test's only."""
+    auth = shared[2]
+    auth.requests.clear()
+    auth.set_respond(None)
+    return auth
+
+
+@pytest.fixture
+def pop3_setup(shared, auth_server, mail_setup, pop3_backend):
+    """conftest's pop3_setup; with the directives of a shared server block (and unless `fresh`,
+    for a test that signals the process) on the shared proxy."""
+    def start(backend=None, fresh=False, **kw):
+        backend = backend or pop3_backend
+        proxy, ports, _ = shared
+        port = ports.get(_key(kw))
+        if port is None or fresh:
+            return mail_setup("pop3", backend, **kw)
+        auth_server.route_to(backend.port, server=backend.host)
+        return _SharedSetup(SessionLog(proxy), "127.0.0.1", port, auth_server, backend)
+    return start
 
 
 def login(c, user="alice", password="secret"):
@@ -177,7 +259,7 @@ def test_wait_status_repeats_identical_request(pop3_setup, auth_server, pop3_bac
 
 def test_huge_auth_wait_is_clamped_and_ends_with_shutdown(pop3_setup, auth_server, pop3_backend):
     # an Auth-Wait beyond any timer once raised OverflowError (an internal error at once)
-    st = pop3_setup()
+    st = pop3_setup(fresh=True)
     auth_server.set_respond(lambda req: auth_fail("Try later", wait=99999999999))
     c = st.connect()
     assert c.cmd("USER alice") == b"+OK\r\n"
@@ -193,7 +275,7 @@ def test_huge_auth_wait_is_clamped_and_ends_with_shutdown(pop3_setup, auth_serve
 
 def test_wait_loop_stops_on_shutdown(pop3_setup, auth_server, pop3_backend):
     # after QUIT the WAIT loop's sleep returns at once: it must not ask again and again
-    st = pop3_setup()
+    st = pop3_setup(fresh=True)
     auth_server.set_respond(lambda req: ["Auth-Status: WAIT", "Auth-Wait: 1"])
     c = st.connect()
     assert c.cmd("USER alice") == b"+OK\r\n"
@@ -252,13 +334,13 @@ def test_auth_server_unreachable(pop3_setup, pop3_backend):
 
 
 def test_auth_server_timeout(pop3_setup, auth_server, pop3_backend):
-    st = pop3_setup(auth_http_timeout="1s")
+    st = pop3_setup(auth_http_timeout="500ms")
     auth_server.set_respond(lambda req: HANG)
     c = st.connect()
     assert c.cmd("USER alice") == b"+OK\r\n"
     t0 = time.monotonic()
     assert c.cmd("PASS secret") == INTERNAL
-    assert 0.9 <= time.monotonic() - t0 < 4
+    assert 0.45 <= time.monotonic() - t0 < 4
     assert c.closed()
     st.proxy.wait_log(f"auth http server 127.0.0.1:{auth_server.port} timed out")
     assert pop3_backend.sessions == []

@@ -422,8 +422,13 @@ class Server:
 
     def close(self):
         self.stop.set()
+        try:        # closing alone leaves accept() blocked until its timeout; shutdown wakes it
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture

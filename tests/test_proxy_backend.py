@@ -9,13 +9,104 @@ import time
 
 import pytest
 
-from tests.support.backends import Read, ScriptedBackend, Sleep, script
+from tests.support.auth import AuthServer
+from tests.support.backends import Read, script, ScriptedBackend, Sleep
+from tests.support.common import wait_for
 from tests.support.mailbackends import Pop3Backend
-from tests.support.process import free_port
+from tests.support.process import free_port, ProxyProcess, server_block, Setup
 
 OK_LOGGED_IN = b"+OK logged in\r\n"
 INTERNAL = b"-ERR internal server error\r\n"
 PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+# Every configuration the tests use, each one server block of the one proxy the module shares.
+CONFIGS = [{}, {"proxy_pass_error_message": "on"}, {"proxy_pass_error_message": "off"},
+           {"timeout": "500ms"}, {"proxy_buffer": "1k"}, {"proxy_timeout": "600ms"},
+           {"proxy_protocol": "on"}, {"proxy_protocol": "v2"},
+           {"host": "::1", "proxy_protocol": "on"}, {"host": "::1", "proxy_protocol": "v2"}]
+
+
+def _key(directives):
+    return tuple(sorted(directives.items()))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """start(**directives) -> Setup on the server block of that configuration (CONFIGS) in one
+    proxy shared by the module; tests stay independent: each routes the auth server to its own
+    backend and reads only its own session's log lines (`session_log`)."""
+    auth = AuthServer()
+    servers, setups = {}, {}
+    for i, directives in enumerate(CONFIGS):
+        directives = dict(directives)
+        host = directives.pop("host", "127.0.0.1")
+        if ":" in host and not _have_ipv6():
+            continue
+        port = free_port(host)
+        directives.setdefault("auth_http", auth.url)
+        directives.setdefault("timeout", "2s")
+        servers[f"pop3_{i}"] = server_block("pop3", port, host=host, **directives)
+        setups[_key(CONFIGS[i])] = (host, port)
+    proxy = ProxyProcess(tmp_path_factory.mktemp("proxy_backend"), {"servers": servers})
+
+    def start(**directives):
+        assert _key(directives) in setups, f"add {directives} to CONFIGS"
+        host, port = setups[_key(directives)]
+        return Setup(proxy, host, port, auth)
+    yield start
+    proxy.stop()
+    auth.stop()
+
+
+@pytest.fixture
+def backend_factory():
+    """conftest's, but a stopped backend's accept() is woken (shutdown) instead of polled."""
+    made = []
+
+    def make(cls=Pop3Backend, *args, **kw):
+        made.append(cls(*args, **kw))
+        return made[-1]
+    yield make
+    for b in made:
+        try:
+            b.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        b.stop()
+
+
+@pytest.fixture
+def pop3_setup(shared, pop3_backend):
+    """start(backend=None, **directives) -> Setup on a shared proxy, auth routed to `backend`."""
+    def start(backend=None, **directives):
+        backend = backend or pop3_backend
+        st = shared(**directives)
+        st.auth.route_to(backend.port, server=backend.host)
+        st.backend = backend
+        return st
+    return start
+
+
+@pytest.fixture
+def auth_server(shared):
+    return shared().auth
+
+
+def session_log(st, c, pattern, regex=False, timeout=3.0):
+    """The first log line of client `c`'s session (c: a client or its (host, port)) matching `pattern` (the proxy is shared, so
+    lines of other sessions, earlier tests' included, must not count)."""
+    host, cport = c if isinstance(c, tuple) else c.sock.getsockname()[:2]
+    first = st.proxy.wait_log(f"client {host}:{cport} connected to", timeout=timeout)
+    ident = re.search(r" (\d+)#\d+: \*(\d+) ", first)
+    mine = re.compile(rf" {ident.group(1)}#\d+: \*{ident.group(2)} ")
+
+    def find():
+        for line in st.proxy.log_lines():
+            if mine.search(line) and (re.search(pattern, line) if regex else pattern in line):
+                return line
+        return None
+    return wait_for(find, timeout, what=f"log line {pattern!r} of *{ident.group(2)}")
 
 
 def login(c, user="alice", password="secret"):
@@ -42,7 +133,7 @@ def test_refusal_passed_verbatim_with_error_message_on(pop3_setup, pop3_backend)
     s = pop3_backend.wait_session(0)
     assert s.closed.wait(2)
     assert s.lines == [b"USER alice", b"PASS wrong"]
-    line = st.proxy.wait_log('upstream sent invalid response: "-ERR [AUTH] Authentication failed.')
+    line = session_log(st, c, 'upstream sent invalid response: "-ERR [AUTH] Authentication failed.')
     assert "[info]" in line
     assert 'login: "alice"' in line and f"upstream: 127.0.0.1:{pop3_backend.port}" in line
 
@@ -53,7 +144,7 @@ def test_refusal_hidden_with_error_message_off(pop3_setup, pop3_backend):
     assert login(c, "alice", "wrong") == INTERNAL
     assert c.closed()
     assert pop3_backend.wait_session(0).closed.wait(2)
-    line = st.proxy.wait_log('upstream sent invalid response: "-ERR [AUTH] Authentication failed.')
+    line = session_log(st, c, 'upstream sent invalid response: "-ERR [AUTH] Authentication failed.')
     assert "[error]" in line
 
 
@@ -84,24 +175,24 @@ def test_backend_unreachable(pop3_setup, auth_server):
     c = st.connect()
     assert login(c) == INTERNAL
     assert c.closed()
-    st.proxy.wait_log("[error]")
+    session_log(st, c, "[error]")
 
 
 @pytest.mark.parametrize("stall_at, lines", [("greeting", []), ("user", [b"USER alice"]),
                                              ("pass", [b"USER alice", b"PASS secret"])])
 def test_backend_silent_past_timeout(pop3_setup, backend_factory, stall_at, lines):
     backend = backend_factory(Pop3Backend, stall_at=stall_at)
-    st = pop3_setup(backend=backend, timeout="1s")
+    st = pop3_setup(backend=backend, timeout="500ms")
     c = st.connect()
     assert c.cmd("USER alice") == b"+OK\r\n"
     t0 = time.monotonic()
     assert c.cmd("PASS secret", timeout=5) == INTERNAL
-    assert 0.9 <= time.monotonic() - t0 < 3.5
+    assert 0.45 <= time.monotonic() - t0 < 3
     assert c.closed()
     s = backend.wait_session(0)
     assert s.closed.wait(2), "backend connection left open"
     assert s.lines == lines
-    st.proxy.wait_log("upstream timed out")
+    session_log(st, c, "upstream timed out")
 
 
 @pytest.mark.parametrize("kw", [
@@ -128,7 +219,7 @@ def test_backend_too_long_reply_line(pop3_setup, backend_factory):
     c = st.connect()
     assert login(c) == INTERNAL
     assert c.closed()
-    st.proxy.wait_log("upstream sent too long response line")
+    session_log(st, c, "upstream sent too long response line")
 
 
 def test_backend_replies_split_across_writes(pop3_setup, backend_factory):
@@ -155,16 +246,17 @@ def test_backend_close_after_login_closes_client(pop3_setup, backend_factory):
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
     assert c.closed(3)
-    st.proxy.wait_log("proxied session done")
+    session_log(st, c, "proxied session done")
 
 
 def test_client_close_after_login_closes_backend(pop3_setup, pop3_backend):
     st = pop3_setup()
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
+    me = c.sock.getsockname()[:2]
     c.close()
     assert pop3_backend.wait_session(0).closed.wait(3)
-    st.proxy.wait_log("proxied session done")
+    session_log(st, me, "proxied session done")
 
 
 # --- PROXY protocol to the backend --------------------------------------------------------
@@ -249,24 +341,24 @@ def test_proxy_protocol_v2_ipv6(pop3_setup, backend_factory):
 # --- proxy_timeout -------------------------------------------------------------------------
 
 def test_proxy_timeout_closes_idle_session(pop3_setup, pop3_backend):
-    st = pop3_setup(proxy_timeout="1s")
+    st = pop3_setup(proxy_timeout="600ms")
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
     t0 = time.monotonic()
     assert c.closed(4)
-    assert 0.8 <= time.monotonic() - t0 < 3
+    assert 0.5 <= time.monotonic() - t0 < 3
     assert pop3_backend.wait_session(0).closed.wait(2)
     # nginx's wording (ngx_mail_proxy_handler), which log watchers match
-    st.proxy.wait_log(r"client timed out \(110: Connection timed out\) while proxying", regex=True)
-    st.proxy.wait_log("proxied session done")
+    session_log(st, c, r"client timed out \(110: Connection timed out\) while proxying", regex=True)
+    session_log(st, c, "proxied session done")
 
 
 def test_proxy_timeout_rearmed_by_client_traffic(pop3_setup, pop3_backend):
-    st = pop3_setup(proxy_timeout="1s")
+    st = pop3_setup(proxy_timeout="600ms")
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
-    for _ in range(6):                     # 2.4 s of activity, never 1 s idle
-        time.sleep(0.4)
+    for _ in range(6):                     # 1.5 s of activity, never 0.6 s idle
+        time.sleep(0.25)
         assert c.cmd("NOOP") == b"+OK\r\n"
     assert c.cmd("STAT") == b"+OK 2 102\r\n"
 
@@ -279,7 +371,7 @@ def test_backend_traffic_does_not_keep_silent_client_alive(pop3_setup, backend_f
             time.sleep(0.2)
     backend = backend_factory(ScriptedBackend, script("+OK ready", Read(), "+OK", Read(),
                                                      "+OK logged in", push))
-    st = pop3_setup(backend=backend, proxy_timeout="1s")
+    st = pop3_setup(backend=backend, proxy_timeout="600ms")
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
     t0 = time.monotonic()
@@ -302,8 +394,8 @@ def test_session_log_lines(pop3_setup, pop3_backend):
     c.send(b"STAT\r\nLIST\r\nQUIT\r\n")
     expected_out = b"+OK 2 102\r\n+OK 2 messages\r\n1 44\r\n2 58\r\n.\r\n+OK bye\r\n"
     assert c.read_until_closed() == expected_out
-    st.proxy.wait_log(f"client 127.0.0.1:{cport} connected to 127.0.0.1:{st.port}")
-    line = st.proxy.wait_log("proxied session done")
+    session_log(st, c, f"client 127.0.0.1:{cport} connected to 127.0.0.1:{st.port}")
+    line = session_log(st, c, "proxied session done")
     assert re.match(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[info\] \d+#\d+: \*\d+ proxied session done", line), line
     assert "client: 127.0.0.1" in line
     assert f"server: 127.0.0.1:{st.port}" in line
@@ -315,6 +407,6 @@ def test_session_log_lines(pop3_setup, pop3_backend):
     assert (re.search(rf"\b{n_out}\b", line) or re.search(rf"\b{n_out + len(OK_LOGGED_IN)}\b", line)), \
         f"backend->client byte count {n_out} missing: {line}"
     assert "secret" not in st.proxy.log_text()
-    logged_in = st.proxy.wait_log("client logged in")
+    logged_in = session_log(st, c, "client logged in")
     conn_id = re.search(r" \*(\d+) ", logged_in).group(1)
     assert f"*{conn_id} proxied session done" in line

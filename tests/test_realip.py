@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from mailproxy import config, realip
-from mailproxy.proxy_protocol import v2_header
+from tests.support.auth import AuthServer
 from tests.support.clients import LineClient
 from tests.support.mailbackends import ImapBackend, Pop3Backend, SmtpBackend
-from tests.support.process import free_port, server_block
+from tests.support.process import free_port, ProxyProcess, server_block, SessionLog
+from mailproxy import config, realip
+from mailproxy.proxy_protocol import v2_header
 from tests.support.proxyproto import v2
 
 
@@ -59,7 +60,7 @@ def test_read_header_returns_the_header(entries, trusted, header):
     with ours, theirs:
         theirs.sendall(header + b"USER alice\r\n")
         log = _Log()
-        got = realip.read_header(ours, _Conf(entries), None, log)
+        got = realip.read_header(ours, config.server_defaults("pop3", set_real_ip_from=entries), None, log)
         assert got.addrs == ("192.0.2.1", 5555, "198.51.100.2", 110)
         assert got.trusted is trusted
         assert got.client == (("192.0.2.1", 5555) if trusted else None)
@@ -71,7 +72,7 @@ def test_read_header_without_addresses():
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.sendall(b"PROXY UNKNOWN\r\n")
-        got = realip.read_header(ours, _Conf(["unix:"]), None, _Log())
+        got = realip.read_header(ours, config.server_defaults("pop3", set_real_ip_from=["unix:"]), None, _Log())
         assert got == realip.ProxyHeader(None, None) and not got.trusted
 
 
@@ -82,7 +83,7 @@ def test_read_header_broken_is_logged_then_closes():
         theirs.sendall(b"PROXY FOO\r\n")
         log = _Log()
         with pytest.raises(Close):
-            realip.read_header(ours, _Conf(["unix:"]), None, log)
+            realip.read_header(ours, config.server_defaults("pop3", set_real_ip_from=["unix:"]), None, log)
         assert log == [("error", 'broken header: "PROXY FOO"')]
 
 
@@ -94,29 +95,110 @@ HDR_V2 = v2_header("203.0.113.7", 40000, "198.51.100.2", 25,
                    tlvs=[(1, b"smtp"), (2, b"mx.example")])
 
 
+
+_SESSION = None          # the running test's SessionLog: `connect` adds its client ports
+
+
+def _block(protocol, port, auth, trusted=True, listen_extra="proxy_protocol", **directives):
+    directives.setdefault("auth_http", auth.url)
+    directives.setdefault("timeout", "2s")
+    directives.setdefault("set_real_ip_from", ["192.0.2.0/24", "127.0.0.1"] if trusted
+                          else ["10.0.0.0/8", "::1"])
+    block = server_block(protocol, port, **directives)
+    block["listen"] = "127.0.0.1:%d %s" % (port, listen_extra)
+    return block
+
+
+# Every configuration the end-to-end tests use but the TLS one: a server block each of the
+# one proxy the module shares.
+SHARED = [dict(protocol=p, trusted=t) for p in ("pop3", "imap", "smtp") for t in (True, False)] + [
+    dict(protocol="pop3", proxy_protocol="on"),
+    dict(protocol="pop3", trusted=False, proxy_protocol="on"),
+    dict(protocol="pop3", set_real_ip_from=None),
+    dict(protocol="smtp", timeout="500ms"),
+    dict(protocol="pop3", listen_extra=""),
+    dict(protocol="imap", trusted=True, imap_client_id="on"),
+    dict(protocol="imap", trusted=False, imap_client_id="on"),
+]
+
+
+def _key(kw):
+    kw = dict(kw)
+    kw.setdefault("trusted", True)
+    return tuple(sorted(kw.items()))
+
+
+@pytest.fixture(scope="module")
+def shared_proxy(tmp_path_factory):
+    auth = AuthServer()
+    ports = {_key(kw): free_port() for kw in SHARED}
+    servers = {"s%d" % i: _block(port=ports[_key(kw)], auth=auth, **kw)
+               for i, kw in enumerate(SHARED)}
+    proxy = ProxyProcess(tmp_path_factory.mktemp("realip"), {"servers": servers})
+    yield proxy, auth, ports
+    proxy.stop()
+    auth.stop()
+
+
 @pytest.fixture
-def pp_setup(proxy_factory, auth_server, backend_factory):
+def backend_factory():
+    """conftest's, but a stopped backend's accept() is woken (shutdown) instead of polled."""
+    made = []
+
+    def make(cls=Pop3Backend, *args, **kw):
+        made.append(cls(*args, **kw))
+        return made[-1]
+    yield make
+    for b in made:
+        try:
+            b.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        b.stop()
+
+
+@pytest.fixture
+def auth_server(shared_proxy):
+    """The shared auth server, its requests those of this test only."""
+    auth = shared_proxy[1]
+    auth.requests.clear()
+    auth.set_respond(None)
+    return auth
+
+
+@pytest.fixture
+def pp_setup(shared_proxy, auth_server, proxy_factory, backend_factory):
     """start(protocol, trusted=True, listen_extra='proxy_protocol', **directives) ->
-    (proxy, port, backend)."""
+    (proxy log of this test's sessions, port, backend): a server block of the shared proxy
+    when the configuration is in SHARED, else a proxy of its own."""
+    global _SESSION
+
     def start(protocol, trusted=True, listen_extra="proxy_protocol", backend=None, **directives):
+        global _SESSION
         if backend is None:
             backend = backend_factory({"pop3": Pop3Backend, "imap": ImapBackend,
                                        "smtp": SmtpBackend}[protocol])
-        port = free_port()
         auth_server.route_to(backend.port)
-        directives.setdefault("auth_http", auth_server.url)
-        directives.setdefault("timeout", "2s")
-        directives.setdefault("set_real_ip_from", ["192.0.2.0/24", "127.0.0.1"] if trusted
-                              else ["10.0.0.0/8", "::1"])
-        block = server_block(protocol, port, **directives)
-        block["listen"] = "127.0.0.1:%d %s" % (port, listen_extra)
-        proxy = proxy_factory({"servers": {protocol: block}})
-        return proxy, port, backend
-    return start
+        kw = dict(protocol=protocol, trusted=trusted, **directives)
+        if listen_extra != "proxy_protocol":
+            kw["listen_extra"] = listen_extra
+        proxy, _, ports = shared_proxy
+        port = ports.get(_key(kw))
+        if port is None:
+            port = free_port()
+            proxy = proxy_factory({"servers": {protocol: _block(protocol, port, auth_server,
+                                                                trusted, listen_extra,
+                                                                **directives)}})
+        _SESSION = SessionLog(proxy)
+        return _SESSION, port, backend
+    yield start
+    _SESSION = None
 
 
 def connect(port, first=b""):
     c = LineClient("127.0.0.1", port)
+    if _SESSION is not None:
+        _SESSION.ports.add(c.sock.getsockname()[1])
     if first:
         c.send(first)
     return c
@@ -267,11 +349,11 @@ def test_malformed_header_closes_silently(pp_setup, auth_server, protocol, data,
 
 
 def test_timeout_waiting_for_header(pp_setup):
-    proxy, port, _ = pp_setup("smtp", timeout="1s")
+    proxy, port, _ = pp_setup("smtp", timeout="500ms")
     c = connect(port)
     t0 = time.monotonic()
     assert c.read_until_closed(timeout=4) == b""     # no greeting before the header
-    assert 0.8 <= time.monotonic() - t0 < 2.5
+    assert 0.4 <= time.monotonic() - t0 < 2
     line = proxy.wait_log("client timed out")
     assert "client timed out (110: Connection timed out) while reading PROXY protocol, " \
            "client: 127.0.0.1" in line

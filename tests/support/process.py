@@ -268,3 +268,38 @@ class Setup:
     def smtp(self, timeout=5.0):
         import smtplib
         return track(smtplib.SMTP(self.host, self.port, timeout=timeout))
+
+
+class SessionLog:
+    """The shared proxy's error_log as one test sees it: only the lines of the sessions it
+    opened (`connect` records the client port; the `connected to` line, written first, names
+    it and gives the connection number that its later lines carry)."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.start = len(proxy.log_lines())
+        self.ports = set()
+
+    def log_lines(self):
+        mine, out = set(), []
+        for line in self.proxy.log_lines()[self.start:]:
+            m = re.search(r" (\d+)#\d+: \*(\d+) ", line)
+            if not m:
+                continue
+            c = re.search(r"\*\d+ client [^ ]+:(\d+) connected to ", line)
+            if c and int(c.group(1)) in self.ports:
+                mine.add(m.groups())
+            if m.groups() in mine:
+                out.append(line)
+        return out
+
+    def log_text(self):
+        return "\n".join(self.log_lines())
+
+    def wait_log(self, pattern, timeout=3.0, regex=False):
+        def find():
+            for line in self.log_lines():
+                if re.search(pattern, line) if regex else pattern in line:
+                    return line
+            return None
+        return wait_for(find, timeout, what=f"log line {pattern!r}")
