@@ -20,7 +20,7 @@ so no command ever holds more than that in memory.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional
 
 from .clientio import LineTooLong
 
@@ -69,8 +69,7 @@ class Command:
 
     __slots__ = ("tag", "verb", "args", "size")
 
-    def __init__(self, tag: bytes, verb: str, args: Union[bytes, List[Optional[bytes]], None],
-                 size: int):
+    def __init__(self, tag: bytes, verb: str, args: Optional[List[Optional[bytes]]], size: int):
         self.tag = tag
         self.verb = verb
         self.args = args            # ID: the list items, None standing for NIL
