@@ -5,14 +5,20 @@ PROXY header it may send first is written by proxy_protocol.py.  Error texts fol
 the session can log `<message> while <action>, client: ..., upstream: ...` exactly as nginx does.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import socket
 import ssl
 import threading
 import time
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 from . import ktimeout, resolver
 from .log import addr_text, errno_text
+
+if TYPE_CHECKING:
+    from .config import ServerConf
 
 __all__ = ['BackendError', 'connect', 'BackendConn',
            'client_context', 'BackendTLSConfigError']
@@ -26,11 +32,11 @@ LOG_LIMIT = 512
 class BackendError(Exception):
     """A backend failure; str(err) is the nginx-like log message."""
 
-    def __init__(self, message):
+    def __init__(self, message: str):
         super().__init__(message)
         self.message = message
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.message
 
 
@@ -65,7 +71,7 @@ def _addresses(host, port, timeout):
     return seen
 
 
-def connect(host, port, timeout):
+def connect(host: str, port: int, timeout: float) -> socket.socket:
     """Connect to the backend within `timeout` seconds (all addresses of a name share it).
 
     Returns a blocking socket with TCP_NODELAY set and `timeout` as the kernel's limit of
@@ -135,7 +141,8 @@ def _show(data, limit=LOG_LIMIT):
 class BackendConn:
     """A blocking backend connection during the login exchange (handler thread)."""
 
-    def __init__(self, sock, buffer_size, timeout, timeout_set=False):
+    def __init__(self, sock: socket.socket, buffer_size: int, timeout: float,
+                 timeout_set: bool = False):
         """`timeout_set`: `sock` comes from connect() with this same `timeout` (no need to
         set it again)."""
         self.sock = sock
@@ -150,7 +157,7 @@ class BackendConn:
                 sock.settimeout(None)
             ktimeout.set(sock, timeout)
 
-    def send(self, data):
+    def send(self, data: bytes) -> None:
         """Send `data` in one write call (sendall)."""
         try:
             if self.tls:
@@ -161,7 +168,7 @@ class BackendConn:
         except OSError as exc:
             raise BackendError('send() failed (%s)' % errno_text(exc)) from None
 
-    def read_reply(self, complete=None):
+    def read_reply(self, complete: Optional[Callable[[bytes], bool]] = None) -> bytes:
         """Read one reply: >= 4 bytes ending in CRLF and `complete(buf)` true.
 
         Returns everything buffered and empties the buffer (extra data is dropped, as nginx).
@@ -202,18 +209,18 @@ class BackendConn:
                 raise BackendError('upstream prematurely closed connection')
             buf += data
 
-    def discard(self):
+    def discard(self) -> None:
         """Drop whatever is buffered (nginx empties the buffer before each command)."""
         del self._buf[:]
 
     # ---- TLS to the backend (proxy_ssl, README.md) ------------------------------------------
 
-    def push_reply(self, reply):
+    def push_reply(self, reply: bytes) -> None:
         """Make the next read_reply() return `reply` (the greeting read before STARTTLS, so
         the protocol's login_backend() runs unchanged over the encrypted connection)."""
         self._pushed = reply
 
-    def start_tls(self, context, server_hostname):
+    def start_tls(self, context: ssl.SSLContext, server_hostname: Optional[str]) -> None:
         """TLS handshake as the client (implicit TLS, or after STARTTLS/STLS), within
         `timeout`.  From here on `self.sock` is the `ssl.SSLSocket` (the relay gets it).
 
@@ -249,14 +256,14 @@ class BackendConn:
             raise BackendError('SSL_do_handshake() failed (%s)' % errno_text(exc)) from None
         self.tls = True
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
 
 
-def starttls_refused(reply):
+def starttls_refused(reply: bytes) -> BackendError:
     """The BackendError for a backend that did not agree to STARTTLS/STLS (proxy_ssl starttls)."""
     return BackendError('upstream refused STARTTLS: "%s"' % _show(bytes(reply).rstrip(b'\r\n')))
 
@@ -267,7 +274,7 @@ class BackendTLSConfigError(Exception):
     """A proxy_ssl_* setting that cannot be used; `key` is the directive to blame
     (tls_contexts.prepare turns it into a ConfigError at its file:line)."""
 
-    def __init__(self, message, key):
+    def __init__(self, message: str, key: str):
         super().__init__(message)
         self.key = key
 
@@ -327,7 +334,8 @@ def _build_context(settings):
     return ctx
 
 
-def client_context(conf, _shared=None):
+def client_context(conf: ServerConf,
+                   _shared: Optional[Dict[Tuple, ssl.SSLContext]] = None) -> ssl.SSLContext:
     """The client SSLContext for backends of server `conf`: built at start and on reload by
     tls_contexts.prepare (`_shared`: one context per distinct settings), then kept on conf."""
     ctx = conf._proxy_ssl_context

@@ -4,12 +4,18 @@ Parses the options, loads and tests the configuration, signals a running master 
 starts one: the master and worker processes are supervisor.py's.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__
 from .supervisor import NAME, Master, err as _err, load_config
+
+if TYPE_CHECKING:
+    from .config import Config
 
 DEFAULT_CONF = "/etc/mailproxy.ini"
 
@@ -35,7 +41,7 @@ class _Usage(Exception):
     pass
 
 
-def parse_args(argv):
+def parse_args(argv: List[str]) -> Dict[str, Any]:
     """nginx-style option parsing: flags may be combined (-tq), -c/-s take the rest or the next."""
     opts = {"conf": None, "test": False, "dump": False, "quiet": False, "version": False,
             "features": False, "signal": None, "help": False}
@@ -94,7 +100,7 @@ def _features():
     return lines
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of every launcher; returns the exit code."""
     if argv is None:
         argv = sys.argv[1:]
@@ -150,7 +156,7 @@ def main(argv=None):
     return Master(path, cfg).run()
 
 
-def send_signal(cfg, path, name):
+def send_signal(cfg: Config, path: str, name: str) -> int:
     pidfile = cfg.main.pid
     if not pidfile:
         _err("[error] no pid file is configured in %s ([main] pid), cannot send \"%s\""

@@ -6,13 +6,19 @@
 realip.py and tls.py can raise them without importing the session.
 """
 
+from __future__ import annotations
+
 import ssl
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import ktimeout
 from .log import sanitize
 
+if TYPE_CHECKING:
+    import socket
 
-def strip_eol(line):
+
+def strip_eol(line: bytes) -> Optional[bytes]:
     """A command line without its LF or CRLF, or None when a CR stands anywhere else.
 
     nginx's parsers take a bare LF as the end of a line and a CR only right before it.
@@ -40,7 +46,7 @@ class HandedOver(Exception):
 class ClientClosed(Exception):
     """The client went away; str() is the log line ("recv() failed" with `errno`)."""
 
-    def __init__(self, text="client closed connection", errno=None):
+    def __init__(self, text: str = "client closed connection", errno: Optional[int] = None):
         super().__init__(text)
         self.errno = errno
 
@@ -50,7 +56,7 @@ class ClientTimeout(Exception):
 
 
 class LineTooLong(Exception):
-    def __init__(self, data):
+    def __init__(self, data: bytes):
         super().__init__("too long command")
         self.data = data
 
@@ -58,7 +64,7 @@ class LineTooLong(Exception):
 class BackendRejected(Exception):
     """The backend answered a login step with something other than success."""
 
-    def __init__(self, reply, text=None):
+    def __init__(self, reply: bytes, text: Optional[bytes] = None):
         super().__init__("upstream sent invalid response")
         self.reply = reply              # raw bytes, relayed verbatim when allowed
         self.text = reply if text is None else text   # what is logged
@@ -72,7 +78,8 @@ class LineReader:
     buffered and are handed to the relay after login (pipelining).
     """
 
-    def __init__(self, sock, limit, timeout, arm=None):
+    def __init__(self, sock: socket.socket, limit: int, timeout: Optional[float],
+                 arm: Optional[Callable[[], None]] = None):
         self.sock = sock
         self.limit = limit
         self.timeout = timeout
@@ -98,7 +105,7 @@ class LineReader:
             raise ClientClosed()
         self.buf += data
 
-    def readline(self, limit=None):
+    def readline(self, limit: Optional[int] = None) -> bytes:
         """The next line including its LF; LineTooLong when the buffer fills without one.
 
         `limit` (IMAP: what is left of a command's budget after a literal) caps the line
@@ -119,7 +126,7 @@ class LineReader:
             start = len(self.buf)
             self._fill()
 
-    def read_exact(self, n):
+    def read_exact(self, n: int) -> bytes:
         """Exactly n bytes (an IMAP literal); LineTooLong when n cannot fit in the buffer."""
         while len(self.buf) < n:
             if len(self.buf) >= self.limit:
@@ -129,14 +136,14 @@ class LineReader:
         del self.buf[:n]
         return data
 
-    def pending(self):
+    def pending(self) -> int:
         return len(self.buf)
 
-    def take(self):
+    def take(self) -> bytes:
         """Everything still buffered (pipelined input), which leaves the buffer empty."""
         data = bytes(self.buf)
         self.buf.clear()
         return data
 
-    def discard(self):
+    def discard(self) -> None:
         self.buf.clear()

@@ -20,11 +20,18 @@ feed events and compare actions (tests/unit/).  A subclass overrides `greeting()
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Collection, List, NoReturn, Optional, Tuple, Type
 
 from . import sasl
 from .clientio import Refused
 from .log import sanitize
+
+if TYPE_CHECKING:
+    from .auth_http import AuthResult
+
+# A server's configuration (config.ServerConf), as Any: the config package imports the protocol
+# modules (through protocols.py), so importing it here, even for annotations, is a cycle.
+Conf = Any
 
 
 # ---- the descriptor -------------------------------------------------------------------------
@@ -44,13 +51,13 @@ class Protocol:
     sasl_order: Tuple[Tuple[str, str], ...]   # (method, advertised word) in nginx's order
     conversation: Type["Conversation"]        # the client side's state machine
 
-    def busy_reply(self, conf) -> bytes:
+    def busy_reply(self, conf: Conf) -> bytes:
         """The temporary-failure greeting for a connection a limit refuses."""
         if b"%s" not in self.temp_failure:
             return self.temp_failure
         return self.temp_failure % str(conf.server_name).encode("utf-8", "surrogateescape")
 
-    def mechanisms(self, methods) -> List[str]:
+    def mechanisms(self, methods: Collection[str]) -> List[str]:
         """The SASL words advertised for the enabled `methods`, in nginx's order."""
         return [word for name, word in self.sasl_order if name in methods]
 
@@ -137,7 +144,7 @@ class LoginError(Exception):
     """The backend login cannot go on; str() is the error-level log line, `action` what the
     proxy was doing (the client gets the protocol's internal error)."""
 
-    def __init__(self, message, action="reading response from upstream"):
+    def __init__(self, message: str, action: str = "reading response from upstream"):
         super().__init__(message)
         self.action = action
 
@@ -145,7 +152,7 @@ class LoginError(Exception):
 class StartTLSRefused(Exception):
     """The backend did not agree to STARTTLS/STLS; `reply` is what it said."""
 
-    def __init__(self, reply):
+    def __init__(self, reply: bytes):
         super().__init__("upstream refused STARTTLS")
         self.reply = reply
 
@@ -180,7 +187,7 @@ class Conversation:
     INVALID = b""
     descriptor: Protocol        # set by the protocol module, next to its PROTOCOL
 
-    def __init__(self, conf, tls: bool = False):
+    def __init__(self, conf: Conf, tls: bool = False):
         self.conf = conf
         self.tls = tls                  # TLS is active (implicit TLS or after STARTTLS)
         self.errors = 0                 # parser errors, for max_errors
@@ -214,7 +221,7 @@ class Conversation:
         self.tls = True
         return self._take()
 
-    def auth_failed(self, result, retry: bool) -> list:
+    def auth_failed(self, result: AuthResult, retry: bool) -> list:
         """The auth service refused the login; `retry`: Auth-Wait passed, the client may try
         again (ngx_mail_auth_http_process_headers), else the session ends."""
         self.say(self.auth_failed_reply(result))
@@ -237,19 +244,19 @@ class Conversation:
 
     # ---- overridables -------------------------------------------------------------------------
 
-    def greeting(self):
+    def greeting(self) -> None:
         raise NotImplementedError
 
-    def handle_line(self, line: bytes):
+    def handle_line(self, line: bytes) -> None:
         raise NotImplementedError
 
     def too_long_reply(self, data: bytes) -> bytes:
         return self.INVALID
 
-    def auth_failed_reply(self, result) -> bytes:
+    def auth_failed_reply(self, result: AuthResult) -> bytes:
         raise NotImplementedError
 
-    def reset(self):
+    def reset(self) -> None:
         """Back to the state after the greeting (after a failed login with Auth-Wait)."""
 
     def auth_request_fields(self) -> dict:
@@ -262,24 +269,24 @@ class Conversation:
 
     # ---- helpers for subclasses ------------------------------------------------------------
 
-    def say(self, data: bytes):
+    def say(self, data: bytes) -> None:
         if data:
             self._out.append(Reply(data))
 
-    def log(self, level: str, message: str):
+    def log(self, level: str, message: str) -> None:
         self._out.append(Log(level, message))
 
-    def finish(self, data: bytes = b""):
+    def finish(self, data: bytes = b"") -> NoReturn:
         """Send `data`, then end the session."""
         self.say(data)
         self._out.append(CLOSE)
         raise _Stop()
 
-    def stop(self):
+    def stop(self) -> NoReturn:
         """The command is answered: nothing more to do for this line."""
         raise _Stop()
 
-    def parse_error(self, reply: bytes):
+    def parse_error(self, reply: bytes) -> NoReturn:
         """A line rejected by the parser: counts towards max_errors (ngx_mail_read_command)."""
         self.errors += 1
         if self.errors >= self.conf.max_errors:
@@ -288,11 +295,12 @@ class Conversation:
         self.say(reply)
         raise _Stop()
 
-    def start_tls(self, reply: bytes):
+    def start_tls(self, reply: bytes) -> NoReturn:
         self._out.append(StartTLS(reply))
         raise _Stop()
 
-    def authenticate(self, method: str, login: Optional[bytes], passwd: Optional[bytes]):
+    def authenticate(self, method: str, login: Optional[bytes],
+                     passwd: Optional[bytes]) -> NoReturn:
         """Credentials are complete: refuse CR, LF or NUL in them (nothing a client sends may
         add a line towards the backend), then ask for authentication."""
         if not safe_credential(login) or not safe_credential(passwd):
@@ -301,7 +309,7 @@ class Conversation:
         self._out.append(Authenticate(method, login, passwd))
         raise _Stop()
 
-    def mechanisms(self, methods) -> List[str]:
+    def mechanisms(self, methods: Collection[str]) -> List[str]:
         """The enabled SASL mechanism words in the protocol's advertising order."""
         return self.descriptor.mechanisms(methods)
 
@@ -341,7 +349,9 @@ class BackendLogin:
     def receive(self, reply: bytes) -> list:
         return getattr(self, "on_" + self.state)(reply)
 
-    def send(self, data: bytes, action: str, state: str, complete=None, discard=False):
+    def send(self, data: bytes, action: str, state: str,
+             complete: Optional[Callable[[bytes], bool]] = None,
+             discard: bool = False) -> ToBackend:
         """The next step: send `data`, then await a reply in `state`."""
         self.state = state
         self.complete = complete

@@ -9,13 +9,18 @@ command again over them until it is whole, asking the session for what the parse
 from __future__ import annotations
 
 import secrets
-from typing import List, Optional, Tuple
+from typing import (TYPE_CHECKING, Callable, Collection, Iterable, List, NoReturn, Optional,
+                    Tuple, Union)
 
 from . import sasl
 from .clientio import BackendRejected, Refused
 from .conversation import (BackendLogin, BackendStartTLS, Conversation, LoggedIn, Peer,
                            Protocol, StartTLSRefused)
 from .imap_parse import ParseError, TooLong, parse_command, parse_sasl_line, tag_of
+
+if TYPE_CHECKING:
+    from .auth_http import AuthResult
+    from .conversation import Conf, ToBackend
 
 CRLF = b"\r\n"
 GREETING = b"* OK IMAP4 ready\r\n"
@@ -31,7 +36,8 @@ BACKEND_ID_TAG = b"mailproxy-id "
 BACKEND_STARTTLS_TAG = b"mpTLS "        # proxy_ssl starttls
 
 
-def capability_line(capabilities, methods, starttls: str = "off", tls: bool = False) -> bytes:
+def capability_line(capabilities: Iterable[Union[str, bytes]], methods: Collection[str],
+                    starttls: str = "off", tls: bool = False) -> bytes:
     """`* CAPABILITY ...` with CRLF (the lines ngx_mail_imap_merge_srv_conf builds)."""
     words = [b"* CAPABILITY"] + [c.encode("utf-8", "surrogateescape") if isinstance(c, str)
                                  else bytes(c) for c in capabilities]
@@ -74,7 +80,7 @@ def _quote(value):
     return '"%s"' % value
 
 
-def backend_id_command(fields) -> bytes:
+def backend_id_command(fields: Iterable[Tuple[str, object]]) -> bytes:
     """`<tag>ID ("k" "v" ...)` CRLF from [(key, value)] pairs."""
     items = " ".join("%s %s" % (_quote(k), _quote(v)) for k, v in fields)
     return BACKEND_ID_TAG + ("ID (%s)" % items).encode("ascii", "replace") + CRLF
@@ -131,7 +137,7 @@ class ImapConversation(Conversation):
 
     protocol = "imap"
 
-    def __init__(self, conf, tls: bool = False):
+    def __init__(self, conf: Conf, tls: bool = False):
         super().__init__(conf, tls)
         self.tag: Optional[bytes] = None
         self.parts: List[bytes] = []
@@ -147,7 +153,7 @@ class ImapConversation(Conversation):
         # after a literal announcement: its bytes, then the rest of the command's budget
         return self.wanted if self.parts else ("line", None)
 
-    def greeting(self):
+    def greeting(self) -> None:
         self.say(GREETING)
 
     def too_long(self, data: bytes) -> list:
@@ -159,13 +165,13 @@ class ImapConversation(Conversation):
         # an AUTHENTICATE continuation line keeps its command's tag, a command its own
         return ((self.tag if self.expect is not None else tag_of(data)) or UNTAGGED) + BAD
 
-    def auth_failed_reply(self, result) -> bytes:
+    def auth_failed_reply(self, result: AuthResult) -> bytes:
         return (self.tag or UNTAGGED) + b"NO " + result.message + CRLF
 
-    def reset(self):
+    def reset(self) -> None:
         self.user = None
 
-    def handle_line(self, data):
+    def handle_line(self, data: bytes) -> None:
         expect, self.expect = self.expect, None
         if expect is not None:
             self._sasl_step(expect, data)
@@ -197,7 +203,7 @@ class ImapConversation(Conversation):
             self.log("info", str(e))
             self.say(self.tag + BAD)
 
-    def reject(self, e: ParseError):
+    def reject(self, e: ParseError) -> NoReturn:
         """Answer a parser error: counted for max_errors; the {N+} rule closes at once."""
         reply = (e.tag or UNTAGGED) + BAD
         if e.close:
@@ -215,7 +221,7 @@ class ImapConversation(Conversation):
             self.reject(e)
         self._guarded(step, response)
 
-    def challenge(self, data: bytes, step):
+    def challenge(self, data: bytes, step: Callable[[bytes], None]) -> NoReturn:
         """Send a `+ ...` continuation; the next line goes to `step`."""
         self.say(b"+ " + data + CRLF)
         self.expect = step
@@ -226,34 +232,34 @@ class ImapConversation(Conversation):
 
     # ---- commands (ngx_mail_imap_auth_state) ----------------------------------------------------
 
-    def cmd_CAPABILITY(self, args):
+    def cmd_CAPABILITY(self, args: List[bytes]) -> None:
         conf = self.conf
         self.say(capability_line(conf.imap_capabilities, conf.imap_auth, conf.starttls,
                                  self.tls) + self.tag + OK)
 
-    def cmd_NOOP(self, args):
+    def cmd_NOOP(self, args: List[bytes]) -> None:
         self.say(self.tag + OK)
 
-    def cmd_LOGOUT(self, args):
+    def cmd_LOGOUT(self, args: List[bytes]) -> None:
         self.finish(BYE + self.tag + OK)
 
-    def cmd_ID(self, args):
+    def cmd_ID(self, args: Optional[List[Optional[bytes]]]) -> None:
         # Our addition: nginx refuses ID before login, which breaks clients that send it first.
         self.say(ID_REPLY + self.tag + OK)
 
-    def cmd_STARTTLS(self, args):
+    def cmd_STARTTLS(self, args: List[bytes]) -> None:
         # As ngx_mail_imap_starttls: only when starttls is on/only and TLS is not active yet;
         # pipelined plaintext is never executed (CVE-2011-0411).
         if self.tls or self.conf.starttls not in ("on", "only"):
             raise Refused()
         self.start_tls(self.tag + OK)
 
-    def cmd_LOGIN(self, args):
+    def cmd_LOGIN(self, args: List[bytes]) -> None:
         if self.starttls_blocks_auth() or len(args) != 2 or not args[0]:
             raise Refused()
         self.authenticate("plain", args[0], args[1])
 
-    def cmd_AUTHENTICATE(self, args):
+    def cmd_AUTHENTICATE(self, args: List[bytes]) -> None:
         if self.starttls_blocks_auth() or not args:
             raise Refused()
         mech = args[0].upper()
@@ -290,7 +296,7 @@ class ImapConversation(Conversation):
 
     # ---- SASL steps -------------------------------------------------------------------------
 
-    def auth_login_username(self, response):
+    def auth_login_username(self, response: bytes) -> None:
         try:
             self.user = sasl.decode_login_username(response)
         except sasl.SaslError as e:
@@ -300,18 +306,18 @@ class ImapConversation(Conversation):
             self.stop()
         self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
 
-    def auth_login_password(self, response):
+    def auth_login_password(self, response: bytes) -> None:
         self.authenticate("plain", self.user, sasl.decode_login_password(response))
 
-    def auth_plain(self, response):
+    def auth_plain(self, response: bytes) -> None:
         login, passwd = sasl.decode_plain(response)
         self.authenticate("plain", login, passwd)
 
-    def auth_cram_md5(self, response):
+    def auth_cram_md5(self, response: bytes) -> None:
         login, digest = sasl.decode_cram_md5(response)
         self.authenticate("cram-md5", login, digest)
 
-    def auth_external(self, response):
+    def auth_external(self, response: bytes) -> None:
         self.authenticate("external", sasl.decode_external(response), b"")
 
     # ---- backend login --------------------------------------------------------------------------
@@ -331,7 +337,7 @@ class ImapConversation(Conversation):
         return fields
 
     def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
-                      starttls: bool) -> "ImapLogin":
+                      starttls: bool) -> ImapLogin:
         fields = self.backend_id_fields(peer) if self.conf.imap_client_id else None
         return ImapLogin(self.tag, user, passwd, fields, starttls)
 
@@ -349,7 +355,7 @@ class ImapLogin(BackendLogin):
         self.id_fields = id_fields
         self.starttls = starttls
 
-    def on_greeting(self, reply):
+    def on_greeting(self, reply: bytes) -> list:
         if not reply.startswith(b"* OK"):
             raise BackendRejected(reply)
         if self.starttls:
@@ -357,39 +363,39 @@ class ImapLogin(BackendLogin):
                               "sending STARTTLS to upstream", "starttls", _starttls_complete)]
         return [self.send_id_or_login()]
 
-    def on_starttls(self, reply):
+    def on_starttls(self, reply: bytes) -> list:
         tag = BACKEND_STARTTLS_TAG
         i = 0 if reply.startswith(tag) else reply.find(b"\n" + tag) + 1
         if not reply.startswith(tag + b"OK", i):
             raise StartTLSRefused(reply[i:])
         return [BackendStartTLS(), self.send_id_or_login()]
 
-    def send_id_or_login(self):
+    def send_id_or_login(self) -> ToBackend:
         if self.id_fields is not None:
             return self.send(backend_id_command(self.id_fields), "sending ID command to upstream",
                              "id", backend_id_complete)
         return self.send_login()
 
-    def on_id(self, reply):
+    def on_id(self, reply: bytes) -> list:
         return [self.send_login()]          # whatever it answers (NO/BAD too)
 
-    def send_login(self):
+    def send_login(self) -> ToBackend:
         return self.send(self.tag + b"LOGIN {%d}\r\n" % len(self.user),
                          "sending LOGIN command to upstream", "login")
 
-    def on_login(self, reply):
+    def on_login(self, reply: bytes) -> list:
         if not reply.startswith(b"+"):
             raise BackendRejected(reply)
         return [self.send(self.user + b" {%d}\r\n" % len(self.passwd),
                           "sending user name to upstream", "user")]
 
-    def on_user(self, reply):
+    def on_user(self, reply: bytes) -> list:
         if not reply.startswith(b"+"):
             raise BackendRejected(reply)
         return [self.send(self.passwd + CRLF, "sending password to upstream", "passwd",
                           backend_login_complete)]
 
-    def on_passwd(self, reply):
+    def on_passwd(self, reply: bytes) -> list:
         check_login_reply(reply, self.tag)
         return [LoggedIn(reply)]
 

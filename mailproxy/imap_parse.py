@@ -20,7 +20,7 @@ so no command ever holds more than that in memory.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, List, Optional
 
 from .clientio import LineTooLong
 
@@ -49,7 +49,7 @@ class ParseError(Exception):
     literal announcement, whose bytes would otherwise be executed as commands.
     """
 
-    def __init__(self, tag, close=False, why=""):
+    def __init__(self, tag: Optional[bytes], close: bool = False, why: str = ""):
         super().__init__(why or "invalid command")
         self.tag = tag
         self.close = close
@@ -58,7 +58,7 @@ class ParseError(Exception):
 class TooLong(Exception):
     """The command does not fit in the client buffer: answered, then the session closes."""
 
-    def __init__(self, tag, data):
+    def __init__(self, tag: Optional[bytes], data: bytes):
         super().__init__("too long command")
         self.tag = tag
         self.data = data
@@ -69,7 +69,7 @@ class Command:
 
     __slots__ = ("tag", "verb", "args", "size")
 
-    def __init__(self, tag, verb, args, size):
+    def __init__(self, tag: bytes, verb: str, args: Optional[List[Optional[bytes]]], size: int):
         self.tag = tag
         self.verb = verb
         self.args = args            # ID: the list items, None standing for NIL
@@ -263,7 +263,7 @@ class _Scanner:
         return args
 
 
-def parse_command(line: bytes, io, limit: int) -> Command:
+def parse_command(line: bytes, io: Any, limit: int) -> Command:
     """Parse one command starting with `line` (a line including its LF, at most `limit` bytes).
 
     `io` supplies the rest of a command with literals: `continue_literal()` is called before the

@@ -7,17 +7,26 @@ wildcard socket alone; the server of each connection is then chosen by the conne
 address (getsockname()), as nginx does.
 """
 
+from __future__ import annotations
+
 import errno as _errno
 import ipaddress
 import socket
 import socketserver
 import threading
 import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import ktimeout, limits, realip
 from .protocols import PROTOCOLS
 from .session import Session
 from .log import addr_text, sanitize
+
+if TYPE_CHECKING:
+    from .config import Listen, ServerConf
+    from .runtime import Runtime
+    Route = Tuple[ServerConf, Listen]      # the server and listen serving a connection
+    BindKey = Tuple[int, str, int]          # bind_key(): (family, host, port)
 
 _RESOURCE_ERRORS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM}
 
@@ -56,7 +65,7 @@ def _addr_text(family, host, port):
     return addr_text(host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port)
 
 
-def bind_key(listen):
+def bind_key(listen: Listen) -> BindKey:
     """What identifies one bound socket: (family, normalized host, port)."""
     fam = _family(listen)
     host = _norm_ip(listen.host)
@@ -76,14 +85,14 @@ class HandlerPool:
     session's CPU).  The hand-off is one lock release to the chosen thread.
     """
 
-    def __init__(self, idle_timeout=30.0, max_spare=32):
+    def __init__(self, idle_timeout: float = 30.0, max_spare: int = 32):
         self.idle_timeout = idle_timeout
         self.max_spare = max_spare
         self._lock = threading.Lock()
         self._idle = []             # [_PoolThread] waiting for work (last in, first out)
         self._threads = 0
 
-    def submit(self, func, *args):
+    def submit(self, func: Callable[..., Any], *args: Any) -> None:
         with self._lock:
             worker = self._idle.pop() if self._idle else None
             if worker is None:
@@ -100,7 +109,7 @@ class HandlerPool:
                 self._threads -= 1
             raise
 
-    def threads(self):
+    def threads(self) -> int:
         return self._threads
 
     def _park(self, worker):
@@ -147,7 +156,7 @@ _pool = None
 _pool_lock = threading.Lock()
 
 
-def handler_pool():
+def handler_pool() -> HandlerPool:
     """This process's HandlerPool (created on first use, i.e. in a worker after the fork)."""
     global _pool
     with _pool_lock:
@@ -168,7 +177,7 @@ class Listener(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, listen, routes):
+    def __init__(self, listen: Listen, routes: Tuple[Route, Dict[str, Route]]):
         """Create, configure, bind and listen. `routes` is ((conf, listen), {ip: (conf, listen)})."""
         self.listen_conf = listen
         self.key = bind_key(listen)
@@ -216,7 +225,7 @@ class Listener(socketserver.ThreadingTCPServer):
             raise ListenError("setsockopt(%s) %s failed (%d: %s)"
                               % (name, self.text, e.errno or 0, e.strerror)) from None
 
-    def server_bind(self):
+    def server_bind(self) -> None:
         listen = self.listen_conf
         s = socket
         self._setopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1, "SO_REUSEADDR")
@@ -262,7 +271,7 @@ class Listener(socketserver.ThreadingTCPServer):
             except (OSError, TypeError, ValueError):
                 pass
 
-    def server_activate(self):
+    def server_activate(self) -> None:
         try:
             self.socket.listen(self.request_queue_size)
         except OSError as e:
@@ -270,7 +279,7 @@ class Listener(socketserver.ThreadingTCPServer):
                               % (self.text, self.request_queue_size, e.errno or 0,
                                  e.strerror)) from None
 
-    def set_backlog(self, backlog):
+    def set_backlog(self, backlog: Optional[int]) -> None:
         """Apply a changed backlog (reload) to the already listening socket."""
         backlog = int(backlog or 1024)
         if backlog != self.request_queue_size:
@@ -281,7 +290,7 @@ class Listener(socketserver.ThreadingTCPServer):
                 pass
 
     # -- serving ------------------------------------------------------------------------------
-    def get_request(self):
+    def get_request(self) -> Tuple[socket.socket, Any]:
         try:
             sock, addr = self.socket.accept()
         except OSError as e:
@@ -306,7 +315,7 @@ class Listener(socketserver.ThreadingTCPServer):
                 pass
         return sock, addr
 
-    def route(self, sock):
+    def route(self, sock: socket.socket) -> Route:
         """(ServerConf, Listen) serving a new connection accepted on this socket."""
         default, specific = self.routes
         if specific:
@@ -317,8 +326,10 @@ class Listener(socketserver.ThreadingTCPServer):
             return specific.get(local, default)
         return default
 
-    def process_request_thread(self, request, client_address, routed=None, ticket=None,
-                               accepted=None):
+    def process_request_thread(self, request: socket.socket, client_address: Any,
+                               routed: Optional[Route] = None,
+                               ticket: Optional[limits.Ticket] = None,
+                               accepted: Optional[float] = None) -> None:
         with self._active_cond:
             self._active += 1
         try:
@@ -365,7 +376,7 @@ class Listener(socketserver.ThreadingTCPServer):
             return
         socketserver.ThreadingTCPServer._handle_request_noblock(self)
 
-    def process_request(self, request, client_address):
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
         """Admit the connection (limits.py), then hand it to a handler thread from the
         process's pool (not a new thread per connection)."""
         accepted = time.monotonic()
@@ -400,7 +411,8 @@ class Listener(socketserver.ThreadingTCPServer):
                 ticket.release()
             raise
 
-    def refuse(self, request, client_address, conf, listen, reason):
+    def refuse(self, request: socket.socket, client_address: Any, conf: ServerConf,
+               listen: Listen, reason: str) -> None:
         """Over a limit: the protocol's temporary-failure greeting and a log line naming the
         client.  On an implicit-TLS port the greeting would need a TLS handshake, the very cost
         the limit exists to avoid: there the connection is closed after the log line."""
@@ -427,27 +439,27 @@ class Listener(socketserver.ThreadingTCPServer):
         finally:
             request.close()
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request: socket.socket, client_address: Any) -> None:
         log = getattr(self.runtime, "log", None)
         if log is not None:
             log.log("alert", "error handling connection from %s on %s" % (client_address, self.text))
 
-    def shutdown_request(self, request):
+    def shutdown_request(self, request: socket.socket) -> None:
         pass                    # the session owns the socket
 
-    def close_request(self, request):
+    def close_request(self, request: socket.socket) -> None:
         pass
 
-    def active(self):
+    def active(self) -> int:
         """Handler threads still running (sessions before their relay hand-over)."""
         return self._active
 
-    def wait_idle(self, timeout):
+    def wait_idle(self, timeout: Optional[float]) -> bool:
         """Wait until no handler thread runs; True when idle."""
         with self._active_cond:
             return self._active_cond.wait_for(lambda: self._active == 0, timeout)
 
-    def start(self, runtime, poll_interval=0.25):
+    def start(self, runtime: Runtime, poll_interval: float = 0.25) -> None:
         """Serve in a daemon thread of this process (a worker)."""
         self.runtime = runtime
         self.pool = handler_pool()
@@ -463,7 +475,7 @@ class Listener(socketserver.ThreadingTCPServer):
                                        name="listen %s" % self.text, daemon=True)
         self.thread.start()
 
-    def stop_accepting(self):
+    def stop_accepting(self) -> None:
         """Stop serve_forever (if running) and close this process's copy of the socket."""
         if self.thread is not None:
             self.shutdown()
@@ -471,7 +483,7 @@ class Listener(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
-def plan(servers):
+def plan(servers: Iterable[ServerConf]) -> Dict[BindKey, Tuple[Listen, Route, Dict[str, Route]]]:
     """{bind_key: (listen to bind with, default route, {ip: route})} for all servers' listens.
 
     A specific address is folded into a wildcard of the same family and port.
@@ -495,7 +507,8 @@ def plan(servers):
     return result
 
 
-def bind_all(servers, existing=None):
+def bind_all(servers: Iterable[ServerConf], existing: Optional[Dict[BindKey, Listener]] = None
+             ) -> Tuple[Dict[BindKey, Listener], List[Listener]]:
     """Bind every listen of `servers`, reusing sockets in `existing` ({key: Listener}).
 
     Returns ({key: Listener} now in use, [Listener no longer needed]). On failure closes
@@ -528,7 +541,7 @@ def bind_all(servers, existing=None):
     return result, list(existing.values())
 
 
-def describe_bind_error(listen, exc):
+def describe_bind_error(listen: Listen, exc: OSError) -> str:
     """nginx's wording for a failed bind of `listen`."""
     key = bind_key(listen)
     return "bind() to %s failed (%d: %s)" % (_addr_text(*key), exc.errno or 0,

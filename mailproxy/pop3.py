@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional, Tuple
 
 from . import sasl
 from .clientio import BackendRejected, Refused, strip_eol
 from .conversation import (BackendLogin, BackendStartTLS, Conversation, LoggedIn, Peer,
                            Protocol, StartTLSRefused)
+
+if TYPE_CHECKING:
+    from .auth_http import AuthResult
+    from .conversation import Conf, ToBackend
 
 OK = b"+OK\r\n"
 INVALID = b"-ERR invalid command\r\n"
@@ -47,14 +51,14 @@ class Pop3Conversation(Conversation):
     protocol = "pop3"
     INVALID = INVALID
 
-    def __init__(self, conf, tls=False):
+    def __init__(self, conf: Conf, tls: bool = False):
         super().__init__(conf, tls)
         self.state = "start"
 
     def buffer_size(self) -> int:
         return BUFFER_SIZE
 
-    def greeting(self):
+    def greeting(self) -> None:
         methods = self.conf.pop3_auth
         if "apop" in methods or "cram-md5" in methods:
             self.salt = sasl.make_salt(self.conf.server_name)
@@ -62,13 +66,13 @@ class Pop3Conversation(Conversation):
         else:
             self.say(b"+OK POP3 ready\r\n")
 
-    def reset(self):
+    def reset(self) -> None:
         self.state = "start"
 
-    def auth_failed_reply(self, result) -> bytes:
+    def auth_failed_reply(self, result: AuthResult) -> bytes:
         return b"-ERR " + result.message + b"\r\n"
 
-    def handle_line(self, line):
+    def handle_line(self, line: bytes) -> None:
         expect, self.expect = self.expect, None
         if expect is not None:
             self._sasl_step(expect, line)
@@ -107,7 +111,7 @@ class Pop3Conversation(Conversation):
             self.parse_error(INVALID)
         self._guarded(step, content.split(b" ", 1)[0])
 
-    def challenge(self, text: bytes, step):
+    def challenge(self, text: bytes, step: Callable[[bytes], None]) -> NoReturn:
         """Send a `+ ` continuation; the next line goes to `step`."""
         self.say(b"+ " + text + b"\r\n")
         self.expect = step
@@ -130,13 +134,14 @@ class Pop3Conversation(Conversation):
         lines.append(b".")
         return b"\r\n".join(lines) + b"\r\n"
 
-    def authenticate(self, method, login, passwd):
+    def authenticate(self, method: str, login: Optional[bytes],
+                     passwd: Optional[bytes]) -> NoReturn:
         self.state = "start"
         super().authenticate(method, login, passwd)
 
     # ---- commands (ngx_mail_pop3_auth_state) ---------------------------------------------------
 
-    def cmd_USER(self, args):
+    def cmd_USER(self, args: List[bytes]) -> None:
         if self.starttls_blocks_auth() or len(args) != 1:
             raise Refused()
         if not sasl.check_credential(args[0]):
@@ -145,33 +150,33 @@ class Pop3Conversation(Conversation):
         self.state = "user"
         self.say(OK)
 
-    def cmd_PASS(self, args):
+    def cmd_PASS(self, args: List[bytes]) -> None:
         if len(args) != 1:
             raise Refused()
         self.authenticate("plain", self.login, args[0])
 
-    def cmd_APOP(self, args):
+    def cmd_APOP(self, args: List[bytes]) -> None:
         if self.starttls_blocks_auth() or "apop" not in self.conf.pop3_auth or len(args) != 2:
             raise Refused()
         self.authenticate("apop", args[0], args[1])
 
-    def cmd_CAPA(self, args):
+    def cmd_CAPA(self, args: List[bytes]) -> None:
         self.say(self.capability_lines(stls=self.state == "start"))
 
-    def cmd_NOOP(self, args):
+    def cmd_NOOP(self, args: List[bytes]) -> None:
         self.say(OK)
 
-    def cmd_QUIT(self, args):
+    def cmd_QUIT(self, args: List[bytes]) -> None:
         self.finish(OK)
 
-    def cmd_STLS(self, args):
+    def cmd_STLS(self, args: List[bytes]) -> None:
         # As ngx_mail_pop3_stls: only when starttls is on/only and TLS is not active yet;
         # pipelined plaintext is never executed (CVE-2011-0411).
         if self.tls or self.conf.starttls not in ("on", "only"):
             raise Refused()
         self.start_tls(OK)
 
-    def cmd_AUTH(self, args):
+    def cmd_AUTH(self, args: List[bytes]) -> None:
         if self.starttls_blocks_auth():
             raise Refused()
         methods = self.conf.pop3_auth
@@ -209,26 +214,27 @@ class Pop3Conversation(Conversation):
 
     # ---- SASL steps (nginx's ngx_pop3_auth_* states) ---------------------------------------
 
-    def auth_plain(self, response):
+    def auth_plain(self, response: bytes) -> None:
         login, passwd = sasl.decode_plain(response)
         self.authenticate("plain", login, passwd)
 
-    def auth_login_username(self, response):
+    def auth_login_username(self, response: bytes) -> None:
         # kept apart until the password comes: log lines name a login only once it is whole
         self.sasl_user = sasl.decode_login_username(response)
         self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
 
-    def auth_login_password(self, response):
+    def auth_login_password(self, response: bytes) -> None:
         self.authenticate("plain", self.sasl_user, sasl.decode_login_password(response))
 
-    def auth_cram_md5(self, response):
+    def auth_cram_md5(self, response: bytes) -> None:
         login, digest = sasl.decode_cram_md5(response)
         self.authenticate("cram-md5", login, digest)
 
-    def auth_external(self, response):
+    def auth_external(self, response: bytes) -> None:
         self.authenticate("external", sasl.decode_external(response), b"")
 
-    def backend_login(self, user, passwd, peer: Peer, starttls: bool) -> "Pop3Login":
+    def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
+                      starttls: bool) -> Pop3Login:
         return Pop3Login(user, passwd, starttls)
 
 
@@ -241,28 +247,28 @@ class Pop3Login(BackendLogin):
         super().__init__()
         self.user, self.passwd, self.starttls = user, passwd, starttls
 
-    def on_greeting(self, reply):
+    def on_greeting(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):
             raise BackendRejected(reply)
         if self.starttls:
             return [self.send(b"STLS\r\n", "sending STLS to upstream", "stls")]
         return [self.send_user()]
 
-    def on_stls(self, reply):
+    def on_stls(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):
             raise StartTLSRefused(reply)
         return [BackendStartTLS(), self.send_user()]
 
-    def send_user(self):
+    def send_user(self) -> ToBackend:
         return self.send(b"USER " + self.user + b"\r\n", "sending user name to upstream", "user")
 
-    def on_user(self, reply):
+    def on_user(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):
             raise BackendRejected(reply)
         return [self.send(b"PASS " + self.passwd + b"\r\n", "sending password to upstream",
                           "pass")]
 
-    def on_pass(self, reply):
+    def on_pass(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):
             raise BackendRejected(reply)
         return [LoggedIn(reply)]

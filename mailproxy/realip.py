@@ -28,14 +28,19 @@ Deviation: a client that closes (or resets) before sending anything is logged as
 closed connection while reading PROXY protocol` (info), where nginx logs `broken header: ""`.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import socket
 import threading
-from typing import NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Tuple
 
 from .clientio import ClientClosed, ClientTimeout, Close
 from .ktimeout import TIMEOUT_ERRORS
 from .proxy_protocol import BrokenHeader, ip_text, parse
+
+if TYPE_CHECKING:
+    from .config import ServerConf
 
 __all__ = ["read_header", "ProxyHeader", "trusted", "PEEK_SIZE"]
 
@@ -67,7 +72,7 @@ def _networks(conf):
     return cached
 
 
-def trusted(conf, peer_ip, family=None):
+def trusted(conf: ServerConf, peer_ip: Optional[str], family: Optional[int] = None) -> bool:
     """True when the TCP peer may set the client address (set_real_ip_from)."""
     nets, unix = _networks(conf)
     if family == socket.AF_UNIX or not peer_ip:
@@ -98,7 +103,8 @@ class ProxyHeader(NamedTuple):
         return self.client is not None
 
 
-def read_header(sock, conf, peer_ip, log) -> ProxyHeader:
+def read_header(sock: socket.socket, conf: ServerConf, peer_ip: Optional[str],
+                log: Callable[[str, str], None]) -> ProxyHeader:
     """Read the PROXY header on `sock`, the connection from `peer_ip` to server `conf` (the
     first thing in Session.run); the caller applies the returned ProxyHeader.
 

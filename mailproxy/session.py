@@ -10,10 +10,13 @@ the socket pair to the process's relay.
 Control flow is plain blocking code; `Close` unwinds it.
 """
 
+from __future__ import annotations
+
 import errno as errno_mod
 import os
 import socket
 import time
+from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional
 
 from . import auth_http, backend, ktimeout, limits, proxy_protocol, resolver
 from . import tls                   # implicit TLS, STARTTLS
@@ -26,6 +29,13 @@ from .conversation import (Authenticate, BackendStartTLS, LoggedIn, LoginError, 
 from .conversation import Close as CloseAction
 from .log import addr_text, sanitize
 from .protocols import PROTOCOLS
+
+if TYPE_CHECKING:
+    import ssl
+
+    from .config import Listen, ServerConf
+    from .conversation import BackendLogin
+    from .runtime import Runtime
 
 
 class Session:
@@ -40,13 +50,14 @@ class Session:
     ARM_SLACK = 0.25
 
     @staticmethod
-    def busy_reply(conf):
+    def busy_reply(conf: ServerConf) -> bytes:
         """The temporary-failure greeting sent instead of the greeting when a limit refuses
         the connection."""
         return PROTOCOLS[conf.protocol].busy_reply(conf)
 
-    def __init__(self, sock, client_address, conf, listen, runtime, timeout_set=False,
-                 ticket=None, accepted=None):
+    def __init__(self, sock: socket.socket, client_address: Optional[tuple], conf: ServerConf,
+                 listen: Optional[Listen], runtime: Runtime, timeout_set: bool = False,
+                 ticket: Optional[limits.Ticket] = None, accepted: Optional[float] = None):
         """timeout_set: `sock` has conf.timeout as its kernel timeouts already (inherited
         from the listening socket, see listeners.Listener._set_inherited).  ticket: what
         limits.Admission admitted it with; accepted: time.monotonic() of the accept."""
@@ -87,14 +98,14 @@ class Session:
             except OSError:
                 sock.settimeout(conf.timeout)
 
-    def restore_timeout(self):
+    def restore_timeout(self) -> None:
         """After a temporary settimeout(): back to the session's own `timeout`."""
         if self.tls_handshaked:
             self.sock.settimeout(self.conf.timeout)   # TLS sockets keep Python's timeout
         else:
             self.sock.settimeout(None)                # blocking again: the kernel's limit
 
-    def remaining(self):
+    def remaining(self) -> float:
         """Seconds left before the pre-login deadline (ClientTimeout when none)."""
         if self.deadline is None:
             return self.conf.timeout
@@ -103,7 +114,7 @@ class Session:
             raise ClientTimeout()
         return left
 
-    def arm(self):
+    def arm(self) -> None:
         """Bound the next client read or write by the deadline: the socket's own timeout is
         lowered to what is left when it would otherwise overshoot."""
         left = self.remaining()
@@ -124,7 +135,7 @@ class Session:
             sock.settimeout(left)
         self._armed = left
 
-    def rearm(self):
+    def rearm(self) -> None:
         """A fresh `timeout` for the conversation (after a failed login with Auth-Wait)."""
         self.deadline = time.monotonic() + self.conf.timeout
 
@@ -136,7 +147,7 @@ class Session:
             return "-"
         return addr_text(listen.host or "0.0.0.0", listen.port)
 
-    def context(self):
+    def context(self) -> str:
         parts = [", client: ", str(self.client_ip)]
         if self.starttls_used:
             parts.append(" using starttls")
@@ -147,7 +158,8 @@ class Session:
             parts += [", upstream: ", self.upstream]
         return "".join(parts)
 
-    def logmsg(self, level, message, err=None, action=True, tail=""):
+    def logmsg(self, level: str, message: str, err: Optional[int] = None, action: bool = True,
+               tail: str = "") -> None:
         if not self.log.enabled(level):
             return
         if err is not None:
@@ -156,15 +168,15 @@ class Session:
             message += " while " + self.action
         self.log.log(level, message + self.context() + tail, self.conn)
 
-    def info(self, message, **kw):
+    def info(self, message: str, **kw: Any) -> None:
         self.logmsg("info", message, **kw)
 
-    def error(self, message, **kw):
+    def error(self, message: str, **kw: Any) -> None:
         self.logmsg("error", message, **kw)
 
     # ---- I/O ------------------------------------------------------------------------------
 
-    def send(self, data):
+    def send(self, data: bytes) -> None:
         """Write one reply in one call, bounded by `timeout`."""
         if not data:
             return
@@ -182,14 +194,14 @@ class Session:
             self.info("send() failed", err=e.errno or errno_mod.EPIPE)
             raise Close() from None
 
-    def send_close(self, data):
+    def send_close(self, data: bytes) -> NoReturn:
         self.send(data)
         raise Close()
 
-    def internal_error(self):
+    def internal_error(self) -> NoReturn:
         self.send_close(self.descriptor.internal_error)
 
-    def perform(self, actions):
+    def perform(self, actions: Iterable[object]) -> None:
         """Carry out what the conversation asked for, in order."""
         for act in actions:
             kind = type(act)
@@ -219,7 +231,7 @@ class Session:
 
     # ---- main loop --------------------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> None:
         handed = False
         try:
             if self.log.enabled("info"):
@@ -269,7 +281,7 @@ class Session:
                 if self.ticket is not None:
                     self.ticket.release()
 
-    def recount(self):
+    def recount(self) -> None:
         """A trusted balancer's PROXY header named the real client: limit_conn_per_ip counts
         that address from now on (the balancer itself was exempt)."""
         if self.ticket is None or self.ticket.key is not None:
@@ -286,7 +298,7 @@ class Session:
                 raise Close()
             self.send_close(self.busy_reply(self.conf))
 
-    def next_input(self):
+    def next_input(self) -> bytes:
         """The next client line (or the bytes of an IMAP literal, as the conversation asks);
         a command too long for the buffer is answered and closes."""
         kind, size = self.conv.next_input()
@@ -303,13 +315,13 @@ class Session:
 
     # ---- STARTTLS (ngx_mail_starttls_handler) ------------------------------------------------
 
-    def starttls_handshake(self):
+    def starttls_handshake(self) -> None:
         """After the positive STARTTLS/STLS reply (pipelined input already discarded)."""
         self.starttls_used = True       # nginx sets s->starttls before the handshake
         self.action = "SSL handshaking"
         self.apply_handshake(tls.handshake(self.sock, self.conf, self.logmsg, self.deadline))
 
-    def apply_handshake(self, result):
+    def apply_handshake(self, result: tls.Handshake) -> None:
         """Take over what tls.handshake returned: its socket (the SSLSocket even after a
         failure), then the Auth-SSL-* headers, or the refused certificate's line and close."""
         self.sock = self.reader.sock = result.sock
@@ -322,7 +334,7 @@ class Session:
         self.ssl_headers = result.headers
         self.action = None
 
-    def apply_proxy_header(self, header):
+    def apply_proxy_header(self, header: realip.ProxyHeader) -> None:
         """Take over what realip.read_header returned: the header's addresses, and for a
         trusted peer (set_real_ip_from) the client's address and port."""
         if header.addrs is not None:
@@ -335,7 +347,7 @@ class Session:
 
     # ---- authentication, backend login, hand-over -----------------------------------------------
 
-    def authenticate(self):
+    def authenticate(self) -> None:
         """Credentials are complete: route the user, log in to the backend, start relaying.
 
         Returns only when the client may try again (auth failure with Auth-Wait); otherwise
@@ -387,7 +399,7 @@ class Session:
             self.internal_error()
         self.connect_and_login(host, port, user, passwd)
 
-    def peer(self):
+    def peer(self) -> Peer:
         """The addresses a backend login may carry (XCLIENT, IMAP ID)."""
         try:
             name = self.sock.getsockname()
@@ -400,7 +412,8 @@ class Session:
             proxied = (hdr[2], hdr[3])      # where the client went: set_real_ip_from peers only
         return Peer(self.client_ip, self.client_port, local, proxied)
 
-    def connect_and_login(self, host, port, user, passwd):
+    def connect_and_login(self, host: str, port: int, user: Optional[bytes],
+                          passwd: Optional[bytes]) -> NoReturn:
         conf = self.conf
         self.action = "connecting to upstream"
         conn = None
@@ -451,7 +464,8 @@ class Session:
         self.info("client logged in")
         self.hand_over(conn, reply)
 
-    def login_backend(self, conn, login, ctx, tls_name):
+    def login_backend(self, conn: backend.BackendConn, login: BackendLogin,
+                      ctx: Optional[ssl.SSLContext], tls_name: Optional[str]) -> bytes:
         """Run the protocol's BackendLogin over `conn`; return the reply owed to the client.
 
         Raises BackendRejected, LoginError or backend.BackendError."""
@@ -479,7 +493,7 @@ class Session:
 
     # ---- the client's name (SMTP: Client-Host, XCLIENT NAME) ------------------------------
 
-    def resolve_client(self):
+    def resolve_client(self) -> str:
         """resolver.py's answer for the client address; the error it reports is logged."""
         conf = self.conf
         self.action = "in resolving client address"
@@ -490,7 +504,7 @@ class Session:
         self.action = "sending client greeting line"
         return host
 
-    def wait_quiet(self, delay):
+    def wait_quiet(self, delay: float) -> list:
         """smtp_greeting_delay: wait for client input; the conversation's answer to either."""
         self.action = "in delay pipelining state"
         self.sock.settimeout(delay)
@@ -509,19 +523,19 @@ class Session:
             raise Close()
         return self.conv.talked_first(data)
 
-    def proxy_header_out(self, backend_sock):
+    def proxy_header_out(self, backend_sock: socket.socket) -> bytes:
         """The PROXY header for the backend: the (real) client and our listening side."""
         local = self.sock.getsockname()
         if self.conf.proxy_protocol == "v2":
             return proxy_protocol.v2_header(self.client_ip, self.client_port, local[0], local[1])
         return proxy_protocol.v1_header(self.client_ip, self.client_port, local[0], local[1])
 
-    def relay_client_buffer(self):
+    def relay_client_buffer(self) -> int:
         """Limit of unsent client -> backend data in the relay: proxy_buffer, as for the other
         direction (the *_client_buffer limits are the longest command before login)."""
         return self.conf.proxy_buffer
 
-    def hand_over(self, conn, reply):
+    def hand_over(self, conn: backend.BackendConn, reply: bytes) -> NoReturn:
         conf = self.conf
         pending = self.reader.take()
 

@@ -16,7 +16,7 @@ HELO/EHLO replayed, then MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or not
 from __future__ import annotations
 
 import base64
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, List, NoReturn, Optional, Union
 
 from . import resolver, sasl
 from .clientio import BackendRejected, Refused, strip_eol
@@ -24,6 +24,10 @@ from .conversation import (CLOSE, BackendLogin, BackendStartTLS, Conversation, L
                            LoginError, Log, Peer, Protocol, Reply, ResolveClient, RestartTimer,
                            StartTLSRefused, WaitQuiet)
 from .log import sanitize
+
+if TYPE_CHECKING:
+    from .auth_http import AuthResult
+    from .conversation import Conf, ToBackend
 
 CRLF = b"\r\n"
 
@@ -58,7 +62,7 @@ class Command:
 
     __slots__ = ("verb", "args", "text")
 
-    def __init__(self, verb, args, text):
+    def __init__(self, verb: str, args: List[bytes], text: bytes):
         self.verb, self.args, self.text = verb, args, text
 
     def __eq__(self, other):
@@ -74,7 +78,7 @@ def _split_args(rest):
     return [a for a in rest.split(b" ") if a]
 
 
-def parse_command(line):
+def parse_command(line: bytes) -> Optional[Command]:
     """A Command for one client line (with its LF), or None for a parser error.
 
     The command word is four letters (HELO EHLO AUTH QUIT NOOP MAIL RSET RCPT VRFY EXPN HELP)
@@ -96,7 +100,7 @@ def parse_command(line):
     return Command(verb, args, text)
 
 
-def parse_sasl_response(line):
+def parse_sasl_response(line: bytes) -> Optional[bytes]:
     """The SASL response token of the line after a 334 prompt, or None for a parser error.
 
     nginx reads this line as bare arguments: the first one is the response (possibly empty),
@@ -111,7 +115,7 @@ def parse_sasl_response(line):
     return first
 
 
-def xtext(value):
+def xtext(value: bytes) -> bytes:
     """RFC 1891 xtext, as nginx 1.29.2+ encodes XCLIENT LOGIN: `+XX` for bytes outside
     0x21-0x7E and for `+` and `=`."""
     out = bytearray()
@@ -123,7 +127,7 @@ def xtext(value):
     return bytes(out)
 
 
-def xclient_addr(ip):
+def xclient_addr(ip: Optional[str]) -> bytes:
     """XCLIENT ADDR/DESTADDR value: IPv6 addresses carry the `IPV6:` prefix."""
     ip = str(ip)
     if ":" in ip:
@@ -131,7 +135,7 @@ def xclient_addr(ip):
     return ip.encode("ascii", "replace")
 
 
-def reply_complete(buf) -> bool:
+def reply_complete(buf: bytes) -> bool:
     """True when the last line of `buf` (ending in CRLF) is not a `DDD-` continuation line:
     a whole (multi-line) SMTP reply from the backend."""
     end = len(buf) - 2
@@ -140,7 +144,8 @@ def reply_complete(buf) -> bool:
     return not (len(line) >= 4 and line[3:4] == b"-")
 
 
-def ehlo_reply(name, capabilities, methods, starttls="off", tls=False) -> bytes:
+def ehlo_reply(name: Union[str, bytes], capabilities: Iterable[Union[str, bytes]],
+               methods: Collection[str], starttls: str = "off", tls: bool = False) -> bytes:
     """The EHLO reply as bytes, composed as ngx_mail_smtp_merge_srv_conf does."""
     lines = [name]
     lines += list(capabilities)
@@ -161,7 +166,7 @@ def ehlo_reply(name, capabilities, methods, starttls="off", tls=False) -> bytes:
     return b"".join(out)
 
 
-def rejected_text(data):
+def rejected_text(data: bytes) -> str:
     """What `client was rejected...` logs: the bytes with CR and LF shown as `_` (a copy)."""
     return sanitize(bytes(data).replace(b"\r", b"_").replace(b"\n", b"_"), 1024)
 
@@ -175,7 +180,7 @@ class SmtpConversation(Conversation):
     protocol = "smtp"
     INVALID = INVALID
 
-    def __init__(self, conf, tls=False):
+    def __init__(self, conf: Conf, tls: bool = False):
         super().__init__(conf, tls)
         self.host = resolver.UNAVAILABLE    # Client-Host / XCLIENT NAME
         self.helo: Optional[bytes] = None   # the client's HELO/EHLO argument
@@ -191,13 +196,13 @@ class SmtpConversation(Conversation):
 
     # ---- before the greeting: the client's name, smtp_greeting_delay -----------------------
 
-    def greeting(self):
+    def greeting(self) -> None:
         if self.conf.resolver is None:
             self._out += self.resolved(resolver.UNAVAILABLE)
         else:
             self._out.append(ResolveClient())
 
-    def resolved(self, host) -> list:
+    def resolved(self, host: str) -> list:
         """The client's name is known (or `[UNAVAILABLE]`/`[TEMPUNAVAIL]`)."""
         self.host = host
         delay = self.conf.smtp_greeting_delay or 0
@@ -216,7 +221,7 @@ class SmtpConversation(Conversation):
 
     # ---- line loop --------------------------------------------------------------------------------
 
-    def handle_line(self, line):
+    def handle_line(self, line: bytes) -> None:
         expect, self.expect = self.expect, None
         if expect is not None:
             token = parse_sasl_response(line)
@@ -238,7 +243,7 @@ class SmtpConversation(Conversation):
             self.log("info", str(e))
             self.say(INVALID)
 
-    def challenge(self, data: bytes, step):
+    def challenge(self, data: bytes, step: Callable[[bytes], None]) -> NoReturn:
         """Send a 334 continuation; the next line goes to `step`."""
         self.say(data)
         self.expect = step
@@ -247,7 +252,7 @@ class SmtpConversation(Conversation):
     def starttls_only(self) -> bool:
         return self.conf.starttls == "only" and not self.tls
 
-    def auth_failed_reply(self, result) -> bytes:
+    def auth_failed_reply(self, result: AuthResult) -> bytes:
         code = result.error_code
         if isinstance(code, str):
             code = code.encode("utf-8", "surrogateescape")
@@ -273,19 +278,19 @@ class SmtpConversation(Conversation):
         self.smtp_from = self.smtp_to = None
         return True
 
-    def cmd_HELO(self, cmd):
+    def cmd_HELO(self, cmd: Command) -> None:
         if self._greeting(cmd):
             self.esmtp = False
             self.say(b"250 " + self._name() + CRLF)
 
-    def cmd_EHLO(self, cmd):
+    def cmd_EHLO(self, cmd: Command) -> None:
         if self._greeting(cmd):
             self.esmtp = True
             conf = self.conf
             self.say(ehlo_reply(self._name(), conf.smtp_capabilities, conf.smtp_auth,
                                 conf.starttls, self.tls))
 
-    def cmd_AUTH(self, cmd):
+    def cmd_AUTH(self, cmd: Command) -> None:
         if self.starttls_only():
             raise Refused()
         args = cmd.args
@@ -322,27 +327,27 @@ class SmtpConversation(Conversation):
         else:
             raise Refused()
 
-    def auth_login_username(self, response):
+    def auth_login_username(self, response: bytes) -> None:
         # kept apart until the password comes: log lines name a login only once it is whole
         self.sasl_user = sasl.decode_login_username(response)
         self.challenge(PASSWORD, self.auth_login_password)
 
-    def auth_login_password(self, response):
+    def auth_login_password(self, response: bytes) -> None:
         self.authenticate("plain", self.sasl_user, sasl.decode_login_password(response))
 
-    def auth_plain(self, response):
+    def auth_plain(self, response: bytes) -> None:
         login, passwd = sasl.decode_plain(response)
         self.authenticate("plain", login, passwd)
 
-    def auth_cram_md5(self, response):
+    def auth_cram_md5(self, response: bytes) -> None:
         login, digest = sasl.decode_cram_md5(response)
         self.authenticate("cram-md5", login, digest)
 
-    def auth_external(self, response):
+    def auth_external(self, response: bytes) -> None:
         # no password: the auth service must send Auth-Pass for proxy_smtp_auth
         self.authenticate("external", sasl.decode_external(response), None)
 
-    def cmd_MAIL(self, cmd):
+    def cmd_MAIL(self, cmd: Command) -> None:
         if "none" not in self.conf.smtp_auth:
             # log a copy: nginx's ngx_mail_smtp_log_rejected_command mangles the buffer itself
             self.log("info", 'client was rejected: "%s"' % rejected_text(cmd.text + CRLF))
@@ -358,7 +363,7 @@ class SmtpConversation(Conversation):
         self.login = self.passwd = None        # 1.29.1: no stale credentials in none mode
         self.say(OK)
 
-    def cmd_RCPT(self, cmd):
+    def cmd_RCPT(self, cmd: Command) -> None:
         if not self.smtp_from:
             self.say(BAD_SEQUENCE)
             return
@@ -368,17 +373,17 @@ class SmtpConversation(Conversation):
         self.smtp_to = cmd.text
         self.authenticate("none", None, None)
 
-    def cmd_RSET(self, cmd):
+    def cmd_RSET(self, cmd: Command) -> None:
         self.smtp_from = self.smtp_to = None
         self.say(OK)
 
-    def cmd_NOOP(self, cmd):
+    def cmd_NOOP(self, cmd: Command) -> None:
         self.say(OK)
 
-    def cmd_QUIT(self, cmd):
+    def cmd_QUIT(self, cmd: Command) -> None:
         self.finish(BYE)
 
-    def cmd_STARTTLS(self, cmd):
+    def cmd_STARTTLS(self, cmd: Command) -> None:
         # As ngx_mail_smtp_starttls: only with `starttls on|only` and before TLS, else an
         # invalid command.
         if self.tls or self.conf.starttls not in ("on", "only"):
@@ -388,12 +393,13 @@ class SmtpConversation(Conversation):
         # esmtp (the "client used EHLO" flag) is kept, as ngx_mail_smtp_starttls keeps s->esmtp
         self.start_tls(START_TLS)
 
-    def cmd_VRFY(self, cmd):
+    def cmd_VRFY(self, cmd: Command) -> None:
         raise Refused()
 
     cmd_EXPN = cmd_HELP = cmd_VRFY
 
-    def backend_login(self, user, passwd, peer: Peer, starttls: bool) -> "SmtpLogin":
+    def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
+                      starttls: bool) -> SmtpLogin:
         # CRAM-MD5 / EXTERNAL without Auth-Pass: nothing to log in with (the password
         # passed on is the client's own digest, or none at all)
         usable = passwd is not None and not (self.method == "cram-md5" and passwd is self.passwd)
@@ -409,8 +415,8 @@ class SmtpLogin(BackendLogin):
     client, except in none mode where the backend's RCPT reply is the answer.  With
     `proxy_smtp_auth starttls`, EHLO and STARTTLS first; EHLO is said again over TLS."""
 
-    def __init__(self, conf, conv: SmtpConversation, user, passwd, peer: Peer,
-                 starttls=False):
+    def __init__(self, conf: Conf, conv: SmtpConversation, user: bytes, passwd: Optional[bytes],
+                 peer: Peer, starttls: bool = False):
         super().__init__()
         self.complete = reply_complete
         self.conf, self.user, self.passwd, self.peer = conf, user, passwd, peer
@@ -420,7 +426,7 @@ class SmtpLogin(BackendLogin):
         self.smtp_from, self.smtp_to = conv.smtp_from, conv.smtp_to
         self.name = conv._name()
 
-    def step(self, line, action, state):
+    def step(self, line: bytes, action: str, state: str) -> ToBackend:
         return self.send(line, action, state, reply_complete, discard=True)
 
     def xclient_line(self) -> bytes:
@@ -436,7 +442,7 @@ class SmtpLogin(BackendLogin):
             parts.append(b"DESTPORT=%d" % int(peer.local[1]))
         return b" ".join(parts) + CRLF
 
-    def on_greeting(self, reply):
+    def on_greeting(self, reply: bytes) -> list:
         if not reply.startswith(b"220"):
             raise BackendRejected(reply)
         if self.starttls:
@@ -444,28 +450,28 @@ class SmtpLogin(BackendLogin):
                               "tls_ehlo")]
         return [self.say_helo()]
 
-    def on_tls_ehlo(self, reply):
+    def on_tls_ehlo(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):
             raise BackendRejected(reply)
         return [self.step(b"STARTTLS" + CRLF, "sending STARTTLS to upstream", "starttls")]
 
-    def on_starttls(self, reply):
+    def on_starttls(self, reply: bytes) -> list:
         if not reply.startswith(b"220"):
             raise StartTLSRefused(reply)
         return [BackendStartTLS(), self.say_helo()]
 
-    def say_helo(self):
+    def say_helo(self) -> ToBackend:
         verb = b"EHLO " if (self.esmtp or self.conf.xclient) else b"HELO "
         return self.step(verb + self.name + CRLF, "sending HELO/EHLO to upstream", "helo")
 
-    def on_helo(self, reply):
+    def on_helo(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):
             raise BackendRejected(reply)
         if self.conf.xclient:
             return [self.step(self.xclient_line(), "sending XCLIENT to upstream", "xclient")]
         return self.after_xclient()
 
-    def on_xclient(self, reply):
+    def on_xclient(self, reply: bytes) -> list:
         if reply[:3] not in (b"220", b"250"):
             raise BackendRejected(reply)
         if self.helo:
@@ -473,12 +479,12 @@ class SmtpLogin(BackendLogin):
                               "sending client HELO/EHLO to upstream", "client_helo")]
         return self.after_xclient()
 
-    def on_client_helo(self, reply):
+    def on_client_helo(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):
             raise BackendRejected(reply)
         return self.after_xclient()
 
-    def after_xclient(self):
+    def after_xclient(self) -> list:
         if self.none:
             return [self.step(self.smtp_from + CRLF, "sending MAIL FROM to upstream", "from")]
         if self.conf.proxy_smtp_auth:
@@ -488,15 +494,15 @@ class SmtpLogin(BackendLogin):
             return [self.step(line + CRLF, "sending AUTH to upstream", "auth")]
         return [LoggedIn(AUTH_OK)]
 
-    def on_from(self, reply):
+    def on_from(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):
             raise BackendRejected(reply)
         return [self.step(self.smtp_to + CRLF, "sending RCPT TO to upstream", "to")]
 
-    def on_to(self, reply):
+    def on_to(self, reply: bytes) -> list:
         return [LoggedIn(reply)]        # whatever the backend says to RCPT is the answer
 
-    def on_auth(self, reply):
+    def on_auth(self, reply: bytes) -> list:
         if not reply.startswith(b"235"):
             raise BackendRejected(reply)
         return [LoggedIn(AUTH_OK)]

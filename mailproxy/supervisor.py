@@ -7,13 +7,19 @@ Runtime, a Relay, one serve_forever thread per listen socket. The command line (
 the configuration and hands it to `Master(path, cfg).run()`.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config import Config
 
 NAME = "mailproxy"
 
@@ -24,7 +30,7 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 FAST_EXIT_WAIT = 5.0        # seconds the master waits for workers after TERM before KILL
 
 
-def err(msg):
+def err(msg: str) -> None:
     """An nginx-shaped line on stderr, for what happens before (or without) an error log."""
     sys.stderr.write("%s: %s\n" % (NAME, msg))
     sys.stderr.flush()
@@ -66,7 +72,7 @@ def _open_log(ErrorLog, targets):
         raise OSError(e.errno, 'open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror))
 
 
-def load_config(path):
+def load_config(path: str) -> Config:
     """The configuration at `path` with every TLS context built (tls_contexts.prepare): the
     one way a configuration is read, by the command line (`-t`, start, `-s`) and by a reload.
     Raises ConfigError (file:line) or OSError (the file cannot be read)."""
@@ -135,7 +141,7 @@ def _resolve_user(cfg, log):
 
 
 class Master:
-    def __init__(self, path, cfg):
+    def __init__(self, path: str, cfg: Config):
         self.path = path
         self.cfg = cfg
         self.log = None
@@ -159,7 +165,7 @@ class Master:
         err("[emerg] %s" % msg)
         return 1
 
-    def run(self):
+    def run(self) -> int:
         from . import listeners as lmod
         from . import notify as nmod
         self.lmod, self.notify = lmod, nmod.notify
@@ -451,7 +457,7 @@ def _noop(signo, frame):
 class Worker:
     """A worker process: serves every listener until told to stop."""
 
-    def __init__(self, master):
+    def __init__(self, master: Master):
         self.master = master
         self.master_pid = os.getppid()
         self.cfg = master.cfg
@@ -468,7 +474,7 @@ class Worker:
         os.initgroups(name, gid)
         os.setuid(uid)
 
-    def run(self):
+    def run(self) -> int:
         # signals stay blocked in every thread: the main thread takes them with sigtimedwait
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,6 +16,8 @@ When it cannot, the directives that need it are configuration errors (`_require_
 silently weaker checks; only ALPN refusal, which no directive controls, is then left out.
 """
 
+from __future__ import annotations
+
 import errno as errno_mod
 import hashlib
 import os
@@ -24,10 +26,16 @@ import ssl
 import tempfile
 import time
 import warnings
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .errors import ConfigError
 from .protocols import PROTOCOLS
 from .tls_native import Native, PointerError, native, native_error
+
+if TYPE_CHECKING:
+    import socket
+
+    from .config import ServerConf
 
 
 # X509_V_ERR_* that `optional_no_ca` tolerates (ngx_ssl_verify_error_optional).
@@ -52,7 +60,7 @@ _NO_PROTOCOL_OPTION = {
 class ServerTLS:
     """Everything TLS of one server block, built once at configuration load."""
 
-    def __init__(self, conf):
+    def __init__(self, conf: ServerConf):
         self.conf = conf
         self.protocol = conf.protocol
         self.verify = conf.ssl_verify_client
@@ -67,12 +75,12 @@ def _err(conf, key, message):
     return ConfigError(message, f or conf.file, line or conf.line, key)
 
 
-def uses_tls(conf):
+def uses_tls(conf: ServerConf) -> bool:
     """True for a server with `listen ... ssl` or `starttls`."""
     return conf.starttls != "off" or any(getattr(li, "ssl", False) for li in conf.listen)
 
 
-def build_server(conf):
+def build_server(conf: ServerConf) -> Optional[ServerTLS]:
     """The ServerTLS of server `conf` (None without TLS), for tls_contexts.prepare.
 
     Raises ConfigError (file:line) for a file that cannot be used or what Python cannot do."""
@@ -93,7 +101,7 @@ def build_server(conf):
     return st
 
 
-def server_tls(conf):
+def server_tls(conf: ServerConf) -> ServerTLS:
     """The ServerTLS that tls_contexts.prepare built for `conf`."""
     st = conf._tls
     if st is None:
@@ -101,7 +109,7 @@ def server_tls(conf):
     return st
 
 
-def server_context(conf):
+def server_context(conf: ServerConf) -> ssl.SSLContext:
     return server_tls(conf).context
 
 
@@ -325,18 +333,20 @@ class Handshake:
 
     __slots__ = ("sock", "done", "headers", "reply")
 
-    def __init__(self, sock, done=False, headers=None, reply=None):
+    def __init__(self, sock: socket.socket, done: bool = False,
+                 headers: Optional[List[Tuple[str, str]]] = None, reply: Optional[bytes] = None):
         self.sock = sock
         self.done = done
         self.headers = headers
         self.reply = reply
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.headers is not None
 
 
-def handshake(sock, conf, log, deadline=None):
+def handshake(sock: socket.socket, conf: ServerConf, log: Callable[..., None],
+              deadline: Optional[float] = None) -> Handshake:
     """Run the server handshake on `sock` (implicit TLS or after STARTTLS/STLS); returns a
     Handshake.
 
@@ -462,7 +472,7 @@ def _ssl_headers(conf, st, sock, peer):
     return headers
 
 
-def shutdown(sock):
+def shutdown(sock: socket.socket) -> None:
     """close_notify before closing a TLS connection we end (best effort, never blocks)."""
     if not isinstance(sock, ssl.SSLSocket):
         return

@@ -9,13 +9,20 @@ the same way, as nginx loads the files while it reads the configuration
 (ngx_mail_ssl_merge_conf); sessions only use what it built.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from . import backend, tls
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = ["prepare"]
 
 
-def prepare(cfg) -> None:
+def prepare(cfg: Config) -> None:
     """Build and keep on each ServerConf its TLS contexts (`_tls`, `_proxy_ssl_context`).
 
     Raises ConfigError (`MESSAGE in FILE:LINE`, with the directive as `key`) for the first

@@ -14,9 +14,12 @@ fresh objects; if anything fails, or MAILPROXY_NO_NATIVE_TLS=1 is set, `native()
 the directives that need it are start errors (tls.py), never silently weaker checks.
 """
 
+from __future__ import annotations
+
 import os
 import ssl
 import threading
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 ENV_OFF = "MAILPROXY_NO_NATIVE_TLS"
 
@@ -47,7 +50,8 @@ def _readable_spans():
     return spans
 
 
-def readable(addr, size, spans=None, align=8):
+def readable(addr: Optional[int], size: int, spans: Optional[List[List[int]]] = None,
+             align: int = 8) -> bool:
     """True when [addr, addr+size) lies in readable memory of this process (never touches it)."""
     if not addr or addr % align:
         return False
@@ -131,7 +135,7 @@ class Native:
                                % (what, type(obj).__name__))
         return self.ct.c_void_p.from_address(id(obj) + offset).value
 
-    def ctx_ptr(self, context, spans=None):
+    def ctx_ptr(self, context: ssl.SSLContext, spans: Optional[List[List[int]]] = None) -> int:
         """SSL_CTX* of an ssl.SSLContext (PySSLContext: PyObject_HEAD; SSL_CTX *ctx; ...)."""
         p = self._field(context, self.head, "SSL_CTX pointer")
         if not readable(p, _CTX_SPAN, spans):
@@ -141,7 +145,7 @@ class Native:
             raise PointerError("SSL_CTX pointer check failed: options or verify mode differ")
         return p
 
-    def ssl_ptr(self, sslsock):
+    def ssl_ptr(self, sslsock: Union[ssl.SSLSocket, ssl.SSLObject]) -> int:
         """SSL* of an ssl.SSLSocket or SSLObject (PySSLSocket: PyObject_HEAD; PyObject *Socket;
         SSL *ssl; ...), checked to belong to the socket's current SSL_CTX (SNI may switch it)."""
         obj = getattr(sslsock, "_sslobj", None)
@@ -173,23 +177,24 @@ class Native:
             raise PointerError("SSL pointer check failed: wrong SSL_CTX")
 
     # -- operations ----------------------------------------------------------------------------
-    def verify_accept_all(self, context, depth):
+    def verify_accept_all(self, context: ssl.SSLContext, depth: int) -> None:
         p = self.ctx_ptr(context)
         self.SSL_CTX_set_verify(p, self.SSL_VERIFY_PEER, self.accept_all)
         self.SSL_CTX_set_verify_depth(p, depth)
 
-    def set_client_ca_list(self, context, path):
+    def set_client_ca_list(self, context: ssl.SSLContext, path: str) -> bool:
         names = self.SSL_load_client_CA_file(os.fsencode(path))
         if not names:
             return False
         self.SSL_CTX_set_client_CA_list(self.ctx_ptr(context), names)
         return True
 
-    def set_groups(self, context, groups):
+    def set_groups(self, context: ssl.SSLContext, groups: str) -> bool:
         return self.SSL_CTX_ctrl(self.ctx_ptr(context), self.SSL_CTRL_SET_GROUPS_LIST, 0,
                                  self.ct.c_char_p(groups.encode())) == 1
 
-    def session_cache(self, context, mode, size, timeout):
+    def session_cache(self, context: ssl.SSLContext, mode: int, size: Optional[int],
+                      timeout: float) -> None:
         p = self.ctx_ptr(context)
         self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_MODE, mode, None)
         if size is not None:
@@ -197,7 +202,7 @@ class Native:
         self.SSL_CTX_set_timeout(p, int(timeout))
         self.SSL_CTX_set_session_id_context(p, b"MAIL", 4)
 
-    def alpn_strict(self, context, proto):
+    def alpn_strict(self, context: ssl.SSLContext, proto: bytes) -> Tuple[Any, Any]:
         """Select `proto` if offered; a client offering ALPN without it gets a fatal alert."""
         ct = self.ct
         buf = ct.create_string_buffer(proto, len(proto))
@@ -217,7 +222,8 @@ class Native:
         self.SSL_CTX_set_alpn_select_cb(self.ctx_ptr(context), cb, None)
         return (cb, buf)                # the caller keeps them alive with the context
 
-    def conf_commands(self, context, commands):
+    def conf_commands(self, context: ssl.SSLContext,
+                      commands: Sequence[Tuple[str, str]]) -> Optional[str]:
         """ssl_conf_command: SSL_CONF_cmd() on the context; the first failing name or None."""
         cctx = self.SSL_CONF_CTX_new()
         try:
@@ -233,13 +239,13 @@ class Native:
         finally:
             self.SSL_CONF_CTX_free(cctx)
 
-    def verify_result(self, p):
+    def verify_result(self, p: int) -> Tuple[int, str]:
         """(code, text) of SSL_get_verify_result() on a validated SSL* (`ssl_ptr`)."""
         rc = self.SSL_get_verify_result(p)
         text = self.X509_verify_cert_error_string(rc) or b"?"
         return rc, text.decode("ascii", "replace")
 
-    def peer_dns(self, p):
+    def peer_dns(self, p: int) -> Tuple[Optional[str], Optional[str]]:
         """(subject, issuer) of the client certificate in X509_NAME_print_ex RFC 2253 form."""
         cert = self.SSL_get_peer_certificate(p)
         if not cert:
@@ -273,7 +279,7 @@ _native_error = None
 _native_lock = threading.Lock()
 
 
-def native():
+def native() -> Optional[Native]:
     """The Native helper, or None (then `native_error()` says why)."""
     global _native, _native_error
     with _native_lock:
@@ -288,6 +294,6 @@ def native():
         return _native
 
 
-def native_error():
+def native_error() -> Optional[str]:
     native()
     return _native_error

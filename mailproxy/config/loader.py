@@ -6,7 +6,7 @@ import configparser
 import io
 import os
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import ConfigError
 from .syntax import Invalid, split_tokens
@@ -281,7 +281,7 @@ def load(path: str) -> Config:
     return cfg
 
 
-def server_defaults(protocol: str, name: Optional[str] = None, **overrides) -> ServerConf:
+def server_defaults(protocol: str, name: Optional[str] = None, **overrides: Any) -> ServerConf:
     """A ServerConf with every directive at the table's default, `protocol` set and
     `overrides` applied (for tests and tools; not checked as load() checks a server).
     An unknown directive in `overrides` raises TypeError."""
