@@ -153,6 +153,8 @@ class SClient:
                 self.proc.wait(3)
         for t in self.threads:
             t.join(2)
+        for f in (self.proc.stdout, self.proc.stderr):
+            f.close()
 
 
 @pytest.fixture
