@@ -1,5 +1,6 @@
 """The package's shape: data flows one way through the modules of mailproxy/ (no import cycle,
-function-level imports included).  The same check from the command line:
+function-level imports included), and no module passes about 600 lines.  The same checks from
+the command line:
 
     python3 tests/test_shape.py
 """
@@ -58,6 +59,23 @@ def test_no_import_cycle():
     assert cycles(import_graph()) == []
 
 
+MAX_LINES = 600
+
+
+def oversized(package=PACKAGE, limit=MAX_LINES):
+    """[(path, lines)] of the package's modules longer than `limit` lines."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        n = len(path.read_text().splitlines())
+        if n > limit:
+            out.append((str(path.relative_to(package.parent)), n))
+    return out
+
+
+def test_no_module_past_600_lines():
+    assert oversized() == []
+
+
 def test_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [("a", "b", "c", "a")]
 
@@ -65,5 +83,8 @@ def test_cycle_finder_finds_one():
 if __name__ == "__main__":
     found = cycles(import_graph())
     for c in found:
-        print(" -> ".join(c))
-    sys.exit(1 if found else 0)
+        print("import cycle: " + " -> ".join(c))
+    big = oversized()
+    for path, n in big:
+        print("%s: %d lines (at most %d)" % (path, n, MAX_LINES))
+    sys.exit(1 if found or big else 0)
