@@ -228,7 +228,7 @@ class Conversation:
         if not retry:
             self._out.append(CLOSE)
             return self._take()
-        self.login = self.passwd = self.method = None
+        self.login = self.passwd = self.method = self.sasl_user = None
         self.expect = None
         self.reset()
         return self._take()
@@ -312,6 +312,43 @@ class Conversation:
     def mechanisms(self, methods: Collection[str]) -> List[str]:
         """The enabled SASL mechanism words in the protocol's advertising order."""
         return self.descriptor.mechanisms(methods)
+
+    # ---- SASL steps shared by the protocols (nginx's ngx_mail_auth_plain, ..._login_username,
+    # ..._login_password, ..._cram_md5, ..._external); a challenge is CONTINUE + text + CRLF
+
+    CONTINUE = b"+ "            # SMTP: b"334 "
+    EXTERNAL_PASSWD: Optional[bytes] = b""   # SMTP: None (the auth service must send one)
+
+    def challenge(self, text: bytes, step: Callable[[bytes], None]) -> NoReturn:
+        """Send a continuation with `text` (base64); the client's next line goes to `step`."""
+        self.say(self.CONTINUE + text + b"\r\n")
+        self.expect = step
+        raise _Stop()
+
+    def auth_plain(self, response: bytes) -> NoReturn:
+        login, passwd = sasl.decode_plain(response)
+        self.authenticate("plain", login, passwd)
+
+    def auth_login_username(self, response: bytes) -> NoReturn:
+        # kept apart until the password comes: log lines name a login only once it is whole
+        self.sasl_user = sasl.decode_login_username(response)
+        self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
+
+    def auth_login_password(self, response: bytes) -> NoReturn:
+        self.authenticate("plain", self.sasl_user, sasl.decode_login_password(response))
+
+    def auth_cram_md5(self, response: bytes) -> NoReturn:
+        login, digest = sasl.decode_cram_md5(response)
+        self.authenticate("cram-md5", login, digest)
+
+    def auth_external(self, response: bytes) -> NoReturn:
+        self.authenticate("external", sasl.decode_external(response), self.EXTERNAL_PASSWD)
+
+    def cram_md5_challenge(self) -> NoReturn:
+        """The CRAM-MD5 challenge, with the session's salt (made once, as nginx's s->salt)."""
+        if self.salt is None:
+            self.salt = sasl.make_salt(self.conf.server_name)
+        self.challenge(sasl.cram_md5_challenge(self.salt), self.auth_cram_md5)
 
     def _run(self, handler, *args) -> list:
         try:

@@ -9,7 +9,7 @@ command again over them until it is whole, asking the session for what the parse
 from __future__ import annotations
 
 import secrets
-from typing import (TYPE_CHECKING, Callable, Collection, Iterable, List, NoReturn, Optional,
+from typing import (TYPE_CHECKING, Collection, Iterable, List, NoReturn, Optional,
                     Tuple, Union)
 
 from . import sasl
@@ -143,7 +143,6 @@ class ImapConversation(Conversation):
         self.parts: List[bytes] = []
         self.wanted: Tuple[str, Optional[int]] = ("line", None)
         self.continued = 0              # `+ OK` said for this command's literals
-        self.user: Optional[bytes] = None   # AUTHENTICATE LOGIN's user name, until the password
         self.session_id: Optional[str] = None
 
     def buffer_size(self) -> int:
@@ -167,9 +166,6 @@ class ImapConversation(Conversation):
 
     def auth_failed_reply(self, result: AuthResult) -> bytes:
         return (self.tag or UNTAGGED) + b"NO " + result.message + CRLF
-
-    def reset(self) -> None:
-        self.user = None
 
     def handle_line(self, data: bytes) -> None:
         expect, self.expect = self.expect, None
@@ -221,12 +217,6 @@ class ImapConversation(Conversation):
             self.reject(e)
         self._guarded(step, response)
 
-    def challenge(self, data: bytes, step: Callable[[bytes], None]) -> NoReturn:
-        """Send a `+ ...` continuation; the next line goes to `step`."""
-        self.say(b"+ " + data + CRLF)
-        self.expect = step
-        self.stop()
-
     def starttls_blocks_auth(self) -> bool:
         return self.conf.starttls == "only" and not self.tls
 
@@ -270,8 +260,7 @@ class ImapConversation(Conversation):
                 self.challenge(sasl.USERNAME_PROMPT, self.auth_login_username)
             if n != 2:
                 raise Refused()
-            self.user = sasl.decode_login_username(args[1])
-            self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
+            super().auth_login_username(args[1])
         elif mech == b"PLAIN":
             if n == 1:
                 self.challenge(b"", self.auth_plain)        # `+ ` and CRLF
@@ -281,9 +270,7 @@ class ImapConversation(Conversation):
         elif mech == b"CRAM-MD5":
             if "cram-md5" not in methods or n != 1:
                 raise Refused()
-            if self.salt is None:
-                self.salt = sasl.make_salt(self.conf.server_name)
-            self.challenge(sasl.cram_md5_challenge(self.salt), self.auth_cram_md5)
+            self.cram_md5_challenge()
         elif mech == b"EXTERNAL":
             # nginx accepts EXTERNAL with an initial response even when disabled; we do not.
             if "external" not in methods or n > 2:
@@ -296,29 +283,14 @@ class ImapConversation(Conversation):
 
     # ---- SASL steps -------------------------------------------------------------------------
 
-    def auth_login_username(self, response: bytes) -> None:
+    def auth_login_username(self, response: bytes) -> NoReturn:
         try:
-            self.user = sasl.decode_login_username(response)
+            super().auth_login_username(response)
         except sasl.SaslError as e:
             # nginx quirk: ngx_mail_imap_auth_state sends this one untagged, without `*`.
             self.log("info", str(e))
             self.say(BAD)
             self.stop()
-        self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
-
-    def auth_login_password(self, response: bytes) -> None:
-        self.authenticate("plain", self.user, sasl.decode_login_password(response))
-
-    def auth_plain(self, response: bytes) -> None:
-        login, passwd = sasl.decode_plain(response)
-        self.authenticate("plain", login, passwd)
-
-    def auth_cram_md5(self, response: bytes) -> None:
-        login, digest = sasl.decode_cram_md5(response)
-        self.authenticate("cram-md5", login, digest)
-
-    def auth_external(self, response: bytes) -> None:
-        self.authenticate("external", sasl.decode_external(response), b"")
 
     # ---- backend login --------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, List, NoReturn, Optional, Tuple
 
 from . import sasl
 from .clientio import BackendRejected, Refused, strip_eol
@@ -111,12 +111,6 @@ class Pop3Conversation(Conversation):
             self.parse_error(INVALID)
         self._guarded(step, content.split(b" ", 1)[0])
 
-    def challenge(self, text: bytes, step: Callable[[bytes], None]) -> NoReturn:
-        """Send a `+ ` continuation; the next line goes to `step`."""
-        self.say(b"+ " + text + b"\r\n")
-        self.expect = step
-        self.stop()
-
     def starttls_blocks_auth(self) -> bool:
         return self.conf.starttls == "only" and not self.tls
 
@@ -200,9 +194,7 @@ class Pop3Conversation(Conversation):
         elif mech == b"CRAM-MD5":
             if "cram-md5" not in methods or initial is not None:
                 raise Refused()
-            if self.salt is None:
-                self.salt = sasl.make_salt(self.conf.server_name)
-            self.challenge(sasl.cram_md5_challenge(self.salt), self.auth_cram_md5)
+            self.cram_md5_challenge()
         elif mech == b"EXTERNAL":
             if "external" not in methods:
                 raise Refused()
@@ -211,27 +203,6 @@ class Pop3Conversation(Conversation):
             self.auth_external(initial)
         else:
             raise Refused()
-
-    # ---- SASL steps (nginx's ngx_pop3_auth_* states) ---------------------------------------
-
-    def auth_plain(self, response: bytes) -> None:
-        login, passwd = sasl.decode_plain(response)
-        self.authenticate("plain", login, passwd)
-
-    def auth_login_username(self, response: bytes) -> None:
-        # kept apart until the password comes: log lines name a login only once it is whole
-        self.sasl_user = sasl.decode_login_username(response)
-        self.challenge(sasl.PASSWORD_PROMPT, self.auth_login_password)
-
-    def auth_login_password(self, response: bytes) -> None:
-        self.authenticate("plain", self.sasl_user, sasl.decode_login_password(response))
-
-    def auth_cram_md5(self, response: bytes) -> None:
-        login, digest = sasl.decode_cram_md5(response)
-        self.authenticate("cram-md5", login, digest)
-
-    def auth_external(self, response: bytes) -> None:
-        self.authenticate("external", sasl.decode_external(response), b"")
 
     def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
                       starttls: bool) -> Pop3Login:

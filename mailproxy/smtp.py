@@ -16,7 +16,7 @@ HELO/EHLO replayed, then MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or not
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Callable, Collection, Iterable, List, NoReturn, Optional, Union
+from typing import TYPE_CHECKING, Collection, Iterable, List, Optional, Union
 
 from . import resolver, sasl
 from .clientio import BackendRejected, Refused, strip_eol
@@ -34,9 +34,6 @@ CRLF = b"\r\n"
 OK = b"250 2.0.0 OK\r\n"
 BYE = b"221 2.0.0 Bye\r\n"
 START_TLS = b"220 2.0.0 Start TLS\r\n"
-NEXT = b"334 \r\n"
-USERNAME = b"334 " + sasl.USERNAME_PROMPT + b"\r\n"
-PASSWORD = b"334 " + sasl.PASSWORD_PROMPT + b"\r\n"
 INVALID = b"500 5.5.1 Invalid command\r\n"
 INVALID_PIPELINING = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
 INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
@@ -179,6 +176,9 @@ class SmtpConversation(Conversation):
 
     protocol = "smtp"
     INVALID = INVALID
+    CONTINUE = b"334 "
+    EXTERNAL_PASSWD = None      # no password: the auth service must send Auth-Pass for
+                                # proxy_smtp_auth
 
     def __init__(self, conf: Conf, tls: bool = False):
         super().__init__(conf, tls)
@@ -243,12 +243,6 @@ class SmtpConversation(Conversation):
             self.log("info", str(e))
             self.say(INVALID)
 
-    def challenge(self, data: bytes, step: Callable[[bytes], None]) -> NoReturn:
-        """Send a 334 continuation; the next line goes to `step`."""
-        self.say(data)
-        self.expect = step
-        self.stop()
-
     def starttls_only(self) -> bool:
         return self.conf.starttls == "only" and not self.tls
 
@@ -303,49 +297,26 @@ class SmtpConversation(Conversation):
             if len(args) > 2:
                 raise Refused()
             if len(args) == 1:
-                self.challenge(USERNAME, self.auth_login_username)
+                self.challenge(sasl.USERNAME_PROMPT, self.auth_login_username)
             self.auth_login_username(args[1])
         elif mech == b"PLAIN":
             if len(args) > 2:
                 raise Refused()
             if len(args) == 1:
-                self.challenge(NEXT, self.auth_plain)
+                self.challenge(b"", self.auth_plain)
             self.auth_plain(args[1])
         elif mech == b"CRAM-MD5":
             if len(args) != 1 or "cram-md5" not in methods:
                 raise Refused()
-            if self.salt is None:
-                self.salt = sasl.make_salt(self.conf.server_name)
-            self.challenge(b"334 " + sasl.cram_md5_challenge(self.salt) + CRLF,
-                           self.auth_cram_md5)
+            self.cram_md5_challenge()
         elif mech == b"EXTERNAL":
             if len(args) > 2 or "external" not in methods:
                 raise Refused()
             if len(args) == 1:
-                self.challenge(USERNAME, self.auth_external)
+                self.challenge(sasl.USERNAME_PROMPT, self.auth_external)
             self.auth_external(args[1])
         else:
             raise Refused()
-
-    def auth_login_username(self, response: bytes) -> None:
-        # kept apart until the password comes: log lines name a login only once it is whole
-        self.sasl_user = sasl.decode_login_username(response)
-        self.challenge(PASSWORD, self.auth_login_password)
-
-    def auth_login_password(self, response: bytes) -> None:
-        self.authenticate("plain", self.sasl_user, sasl.decode_login_password(response))
-
-    def auth_plain(self, response: bytes) -> None:
-        login, passwd = sasl.decode_plain(response)
-        self.authenticate("plain", login, passwd)
-
-    def auth_cram_md5(self, response: bytes) -> None:
-        login, digest = sasl.decode_cram_md5(response)
-        self.authenticate("cram-md5", login, digest)
-
-    def auth_external(self, response: bytes) -> None:
-        # no password: the auth service must send Auth-Pass for proxy_smtp_auth
-        self.authenticate("external", sasl.decode_external(response), None)
 
     def cmd_MAIL(self, cmd: Command) -> None:
         if "none" not in self.conf.smtp_auth:
