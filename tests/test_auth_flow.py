@@ -2,7 +2,6 @@
 auth-less `proxy_pass` route (our addition)."""
 
 import signal
-import socket
 import time
 
 import pytest
@@ -55,22 +54,6 @@ def shared(tmp_path_factory):
     proxy.stop()
     auth.stop()
 
-
-@pytest.fixture
-def backend_factory():
-    """conftest's, but a stopped backend's accept() is woken (shutdown) instead of polled."""
-    made = []
-
-    def make(cls=Pop3Backend, *args, **kw):
-        made.append(cls(*args, **kw))
-        return made[-1]
-    yield make
-    for b in made:
-        try:
-            b.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        b.stop()
 
 
 @pytest.fixture

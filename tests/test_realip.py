@@ -140,22 +140,6 @@ def shared_proxy(tmp_path_factory):
     auth.stop()
 
 
-@pytest.fixture
-def backend_factory():
-    """conftest's, but a stopped backend's accept() is woken (shutdown) instead of polled."""
-    made = []
-
-    def make(cls=Pop3Backend, *args, **kw):
-        made.append(cls(*args, **kw))
-        return made[-1]
-    yield make
-    for b in made:
-        try:
-            b.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        b.stop()
-
 
 @pytest.fixture
 def auth_server(shared_proxy):

@@ -264,6 +264,10 @@ class ScriptedBackend:
     def stop(self):
         self.stopping.set()
         try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes the accept() at once
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
