@@ -79,7 +79,6 @@ class Session:
         self.descriptor = PROTOCOLS[conf.protocol]
         self.conv = self.descriptor.conversation(conf)
         # Facts filled in by the PROXY-protocol and TLS steps (run, starttls_handshake).
-        self.tls = False
         self.starttls_used = False
         self.proxy_header = None        # (src_ip, src_port, dst_ip, dst_port) received
         self.proxy_trusted = False      # the header came from a set_real_ip_from peer
@@ -202,32 +201,42 @@ class Session:
         self.send_close(self.descriptor.internal_error)
 
     def perform(self, actions: Iterable[object]) -> None:
-        """Carry out what the conversation asked for, in order."""
+        """Carry out what the conversation asked for, in order: action `X` is `do_X(act)`
+        (as http.server's do_<VERB>; a new action is one new method)."""
         for act in actions:
-            kind = type(act)
-            if kind is Reply:
-                self.send(act.data)
-            elif kind is Log:
-                self.logmsg(act.level, act.message)
-            elif kind is CloseAction:
-                raise Close()
-            elif kind is StartTLS:
-                self.reader.discard()       # pipelined plaintext is never executed
-                self.send(act.reply)
-                self.starttls_handshake()
-                self.perform(self.conv.tls_started())
-            elif kind is Authenticate:
-                self.authenticate()
-            elif kind is ResolveClient:
-                self.perform(self.conv.resolved(self.resolve_client()))
-            elif kind is WaitQuiet:
-                self.perform(self.wait_quiet(act.seconds))
-            elif kind is RestartTimer:
-                # nginx arms `timeout` at the SMTP greeting (ngx_mail_smtp_greeting): the
-                # client name lookup and the greeting delay are not the client's time
-                self.rearm()
-            else:
+            handler = getattr(self, "do_" + type(act).__name__, None)
+            if handler is None:
                 raise TypeError("unknown action %r" % (act,))
+            handler(act)
+
+    def do_Reply(self, act: Reply) -> None:
+        self.send(act.data)
+
+    def do_Log(self, act: Log) -> None:
+        self.logmsg(act.level, act.message)
+
+    def do_Close(self, act: CloseAction) -> NoReturn:
+        raise Close()
+
+    def do_StartTLS(self, act: StartTLS) -> None:
+        self.reader.discard()       # pipelined plaintext is never executed
+        self.send(act.reply)
+        self.starttls_handshake()
+        self.perform(self.conv.tls_started())
+
+    def do_Authenticate(self, act: Authenticate) -> None:
+        self.authenticate()
+
+    def do_ResolveClient(self, act: ResolveClient) -> None:
+        self.perform(self.conv.resolved(self.resolve_client()))
+
+    def do_WaitQuiet(self, act: WaitQuiet) -> None:
+        self.perform(self.wait_quiet(act.seconds))
+
+    def do_RestartTimer(self, act: RestartTimer) -> None:
+        # nginx arms `timeout` at the SMTP greeting (ngx_mail_smtp_greeting): the client name
+        # lookup and the greeting delay are not the client's time
+        self.rearm()
 
     # ---- main loop --------------------------------------------------------------------------
 
@@ -330,7 +339,7 @@ class Session:
             self.send_close(result.reply)
         if not result.ok:
             raise Close()
-        self.tls = self.conv.tls = True
+        self.conv.tls = True            # the conversation answers as over TLS from now on
         self.ssl_headers = result.headers
         self.action = None
 
