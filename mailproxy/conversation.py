@@ -171,8 +171,8 @@ class Peer:
 # ---- the client side ------------------------------------------------------------------------
 
 class _Stop(Exception):
-    """Unwinds a command handler once its last action is queued (replaces the old Close and
-    Answered exceptions inside a conversation)."""
+    """Unwinds a command handler once its last action is queued; `_run` catches it, so a
+    handler's helpers (finish, challenge, authenticate...) end the line wherever they stand."""
 
 
 class Conversation:
