@@ -484,6 +484,27 @@ def test_unknown_command_with_literal(imap):
     assert conv.receive(b"b NOOP\r\n") == [ok(b"b")]
 
 
+
+@pytest.mark.parametrize("data", [
+    b"a LOGIN {abc}", b"a LOGIN {5",                            # not a literal announcement
+    b"a ", b"a 1NOOP",                                          # no command word
+    b"a LOG1N x",                                               # a word ending in a digit
+    b"a ID (foo)", b'a ID ("x" (NIL))',                         # an ID item neither string nor NIL
+    b"a ID foo", b'a ID "x"',                                   # ID neither NIL nor a list
+    b"a ID NIL junk", b'a ID ("x" "y") z',                      # junk after the ID arguments
+])
+def test_syntax_errors_are_tagged(imap, data):
+    conv = imap()
+    assert conv.receive(line(data)) == [bad(b"a")]
+    assert conv.errors == 1
+    assert conv.receive(b"b NOOP\r\n") == [ok(b"b")]
+
+
+@pytest.mark.parametrize("data", [b"a ID NIL", b"a ID nil  ", b"a ID (NIL)",
+                                  b'a ID ("name" nil "version" NIL)', b"a ID ()"])
+def test_id_nil_items(imap, data):
+    assert imap().receive(line(data)) == [Reply(b"* ID NIL\r\na OK completed\r\n")]
+
 # ---- too long commands ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data,reply", [
@@ -629,6 +650,19 @@ def test_line_after_a_literal_too_long(imap):
     rest = b" " + b"x" * 43
     assert conv.too_long(rest) == [too_long(b"a LOGIN {5}\r\nalice" + rest), bad(b"a"), CLOSE]
 
+
+
+def test_line_beyond_the_budget(imap):
+    # input longer than the buffer (the session's reader never hands one over) is too long
+    conv = imap(imap_client_buffer=64)
+    data = b"a LOGIN " + b"x" * 60 + b"\r\n"
+    assert conv.receive(data) == [too_long(data), bad(b"a"), CLOSE]
+    conv = imap(imap_client_buffer=64)
+    assert conv.receive(b"a LOGIN {5}\r\n") == [CONTINUE]
+    assert conv.receive(b"alice") == []
+    assert conv.next_input() == ("line", 46)
+    rest = b" " + b"y" * 50 + b"\r\n"
+    assert conv.receive(rest) == [too_long(b"a LOGIN {5}\r\nalice" + rest), bad(b"a"), CLOSE]
 
 def test_parser_error_after_a_literal(imap):
     conv = imap()
