@@ -11,13 +11,14 @@ a conversation events and compare the actions it returns, exactly.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
 from mailproxy import config
 from mailproxy.auth_http import AuthResult
 from mailproxy.config.parsers import _Ctx
-from mailproxy.conversation import CLOSE, Log, Reply
+from mailproxy.conversation import CLOSE, Log, Peer, Reply, ToBackend
 
 SERVER_NAME = "mx.example.test"
 
@@ -128,3 +129,37 @@ def play(machine, steps: Sequence[Tuple[bytes, list]]):
         got = machine.receive(data)
         assert got == expected, "step %d, input %r:\n  got      %r\n  expected %r" % (
             i, data, got, expected)
+
+
+# ---- shared by a protocol's client-side and backend-login files ----------------------------
+
+DIGEST = b"0123456789abcdef0123456789abcdef"      # a CRAM-MD5 digest, as a client sends it
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def line(data: bytes) -> bytes:
+    return data + b"\r\n"
+
+
+IMAP_PEER = Peer("192.0.2.7", 40000, ("127.0.0.1", 1143))
+
+
+def imap_login_lines(tag: bytes, user: bytes = b"alice", passwd: bytes = b"secret") -> bytes:
+    """What a backend receives for a login (as from ngx_mail_proxy_imap_handler)."""
+    return (tag + b"LOGIN {%d}\r\n" % len(user) + user + b" {%d}\r\n" % len(passwd)
+            + passwd + b"\r\n")
+
+
+def imap_backend_lines(conv, user: bytes = b"alice", passwd: bytes = b"secret",
+                       peer: Peer = IMAP_PEER) -> bytes:
+    """Everything the conversation's ImapLogin sends a backend that greets and continues each
+    literal."""
+    login = conv.backend_login(user, passwd, peer, False)
+    out = []
+    for reply in (b"* OK ready\r\n", b"+ OK\r\n", b"+ OK\r\n"):
+        out += login.receive(reply)
+    assert all(type(a) is ToBackend for a in out), out
+    return b"".join(a.data for a in out)
