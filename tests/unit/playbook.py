@@ -163,3 +163,19 @@ def imap_backend_lines(conv, user: bytes = b"alice", passwd: bytes = b"secret",
         out += login.receive(reply)
     assert all(type(a) is ToBackend for a in out), out
     return b"".join(a.data for a in out)
+
+
+# the SMTP replies both SMTP files expect
+SMTP_OK = b"250 2.0.0 OK\r\n"
+SMTP_INVALID = b"500 5.5.1 Invalid command\r\n"
+SMTP_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
+SMTP_BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
+SMTP_USERNAME = b"334 VXNlcm5hbWU6\r\n"
+SMTP_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"
+SMTP_AUTH_OK = b"235 2.0.0 OK\r\n"
+
+
+def smtp_sasl_error(message: str) -> list:
+    """What an SMTP SASL decoding error gives: nginx's info line, then the invalid-command
+    reply."""
+    return [Log("info", message), Reply(SMTP_INVALID)]
