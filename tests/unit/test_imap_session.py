@@ -1,8 +1,9 @@
 """IMAP through session.py without sockets: a real Session (its LineReader, its perform() and
 its authenticate -> backend login -> hand-over flow) over playbook's FakeSock and
 RecordingLog, with the auth service and the backend patched out.  What the IMAP conversation
-leaves to the session is checked here: reading literals and the rest of a command's budget, too long input,
-and what the client, the backend and the log get when the auth service or the backend refuse.
+leaves to the session is checked here: reading literals and the rest of a command's budget,
+too long input, and what the client, the backend and the log get when the auth service or the
+backend refuse.
 """
 
 import base64
