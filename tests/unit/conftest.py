@@ -5,6 +5,7 @@ a test that reaches for a socket, a name lookup, a subprocess or a fork fails lo
 when the code under test catches OSError or Exception.  Warnings are errors in this layer.
 
 Fixtures: `conf(protocol, **directives)` builds a real ServerConf (config.load, no socket);
+`imap(...)` and `make_conv(...)` an IMAP and an SMTP conversation past its greeting on one;
 `no_io` is the guard (its `.attempts` lists what was refused).  Non-fixture helpers are in
 playbook.py.
 """
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from mailproxy.conversation import Reply, RestartTimer
+from mailproxy.imap import ImapConversation
+from mailproxy.smtp import SmtpConversation
 from playbook import IOInUnitTest, make_conf
 
 HERE = Path(__file__).resolve().parent
@@ -71,6 +75,28 @@ def conf(tmp_path):
     def build(protocol="pop3", **directives):
         return make_conf(tmp_path, protocol, **directives)
     return build
+
+
+@pytest.fixture
+def imap(conf):
+    """imap(tls=False, **directives) -> an ImapConversation past its greeting (directives as
+    for `conf`)."""
+    def make(tls=False, **directives):
+        conv = ImapConversation(conf("imap", **directives), tls=tls)
+        assert conv.start() == [Reply(b"* OK IMAP4 ready\r\n")]
+        return conv
+    return make
+
+
+@pytest.fixture
+def make_conv(conf):
+    """make_conv(tls=False, **directives) -> an SmtpConversation past its greeting (no
+    resolver, no delay; directives as for `conf`)."""
+    def make(tls=False, **directives):
+        conv = SmtpConversation(conf("smtp", **directives), tls=tls)
+        assert conv.start() == [RestartTimer(), Reply(b"220 mx.example.test ESMTP ready\r\n")]
+        return conv
+    return make
 
 
 def pytest_collection_modifyitems(config, items):

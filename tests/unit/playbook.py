@@ -6,18 +6,21 @@ a conversation events and compare the actions it returns, exactly.
     play(conv, [(b"PASS x\\r\\n", [Authenticate("plain", b"bob", b"x")])])
 
 `make_conf` builds a real ServerConf through config.load without touching a socket (the
-`conf` fixture in conftest.py wraps it).
+`conf` fixture in conftest.py wraps it).  For session.py driven without sockets: `FakeSock`
+(either side's socket) and `RecordingLog` (the error log), both writing onto one timeline.
 """
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from mailproxy import config
 from mailproxy.auth_http import AuthResult
 from mailproxy.config.parsers import _Ctx
-from mailproxy.conversation import CLOSE, Log, Reply
+from mailproxy.conversation import CLOSE, Log, Peer, Reply, ToBackend
+from tests.support import common
 
 SERVER_NAME = "mx.example.test"
 
@@ -128,3 +131,115 @@ def play(machine, steps: Sequence[Tuple[bytes, list]]):
         got = machine.receive(data)
         assert got == expected, "step %d, input %r:\n  got      %r\n  expected %r" % (
             i, data, got, expected)
+
+
+# ---- the session's stand-ins: one timeline of sends and log lines ------------------------
+
+class FakeSock:
+    """Either side's socket as the Session sees it, without a socket: `recv` hands out
+    `incoming` chunk by chunk as a stream would (then b"": the peer closed); each `sendall`
+    lands on the shared timeline `events` as (name, data), or (name, data, bytes the session's
+    reader still holds) once `session` is set."""
+
+    def __init__(self, events: list, name: str, incoming: Iterable[bytes] = (), session=None,
+                 local: Tuple[str, int] = ("127.0.0.1", 110)):
+        self.events, self.name = events, name
+        self.incoming = list(incoming)
+        self.local = local
+        self.timeout = None
+        self.closed = False
+        self.session = session
+
+    def recv(self, size):
+        if not self.incoming:
+            return b""
+        chunk = self.incoming.pop(0)
+        if len(chunk) > size:           # as a stream socket: the rest comes next time
+            self.incoming.insert(0, chunk[size:])
+        return chunk[:size]
+
+    def sendall(self, data):
+        if self.session is not None:
+            self.events.append((self.name, data, self.session.reader.pending()))
+        else:
+            self.events.append((self.name, data))
+
+    def gettimeout(self):
+        return self.timeout
+
+    def settimeout(self, value):
+        self.timeout = value
+
+    def setsockopt(self, *args):
+        pass
+
+    def getsockname(self):
+        return self.local
+
+    def close(self):
+        self.closed = True
+
+
+class RecordingLog(common.RecordingLog):
+    """tests/support's ErrorLog stand-in ((level, message) in `lines`), here writing onto a
+    timeline shared with FakeSock when given one."""
+
+    def __init__(self, lines: Optional[list] = None):
+        super().__init__()
+        if lines is not None:
+            self.lines = lines
+
+
+def sent(events: list, name: str = "client") -> List[bytes]:
+    """What was sent to one side, in order."""
+    return [e[1] for e in events if e[0] == name]
+
+
+# ---- shared by a protocol's client-side and backend-login files ----------------------------
+
+DIGEST = b"0123456789abcdef0123456789abcdef"      # a CRAM-MD5 digest, as a client sends it
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def line(data: bytes) -> bytes:
+    return data + b"\r\n"
+
+
+IMAP_PEER = Peer("192.0.2.7", 40000, ("127.0.0.1", 1143))
+
+
+def imap_login_lines(tag: bytes, user: bytes = b"alice", passwd: bytes = b"secret") -> bytes:
+    """What a backend receives for a login (as from ngx_mail_proxy_imap_handler)."""
+    return (tag + b"LOGIN {%d}\r\n" % len(user) + user + b" {%d}\r\n" % len(passwd)
+            + passwd + b"\r\n")
+
+
+def imap_backend_lines(conv, user: bytes = b"alice", passwd: bytes = b"secret",
+                       peer: Peer = IMAP_PEER) -> bytes:
+    """Everything the conversation's ImapLogin sends a backend that greets and continues each
+    literal."""
+    login = conv.backend_login(user, passwd, peer, False)
+    out = []
+    for reply in (b"* OK ready\r\n", b"+ OK\r\n", b"+ OK\r\n"):
+        out += login.receive(reply)
+    assert all(type(a) is ToBackend for a in out), out
+    return b"".join(a.data for a in out)
+
+
+# the SMTP replies both SMTP files expect
+SMTP_OK = b"250 2.0.0 OK\r\n"
+SMTP_INVALID = b"500 5.5.1 Invalid command\r\n"
+SMTP_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
+SMTP_BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
+SMTP_USERNAME = b"334 VXNlcm5hbWU6\r\n"
+SMTP_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"
+SMTP_AUTH_OK = b"235 2.0.0 OK\r\n"
+
+
+def smtp_sasl_error(message: str) -> list:
+    """What an SMTP SASL decoding error gives: nginx's info line, then the invalid-command
+    reply."""
+    return [Log("info", message), Reply(SMTP_INVALID)]

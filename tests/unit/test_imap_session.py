@@ -1,8 +1,9 @@
 """IMAP through session.py without sockets: a real Session (its LineReader, its perform() and
-its authenticate -> backend login -> hand-over flow) over stand-ins that are not sockets, with
-the auth service and the backend patched out.  What the IMAP conversation leaves to the
-session is checked here: reading literals and the rest of a command's budget, too long input,
-and what the client, the backend and the log get when the auth service or the backend refuse.
+its authenticate -> backend login -> hand-over flow) over playbook's FakeSock and
+RecordingLog, with the auth service and the backend patched out.  What the IMAP conversation
+leaves to the session is checked here: reading literals and the rest of a command's budget,
+too long input, and what the client, the backend and the log get when the auth service or the
+backend refuse.
 """
 
 import base64
@@ -15,6 +16,7 @@ from mailproxy.config.types import MainConf
 from mailproxy.log import sanitize
 from mailproxy.runtime import Runtime
 from mailproxy.session import Session
+from playbook import FakeSock, RecordingLog, sent
 
 GREETING = b"* OK IMAP4 ready\r\n"
 INTERNAL = b"* BAD internal server error\r\n"
@@ -39,56 +41,6 @@ def backend_replies(last=b"a1 " + LOGGED_IN + b"\r\n"):
     return [b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.\r\n", b"+ OK\r\n", b"+ OK\r\n", last]
 
 
-class Peer:
-    """Either side's socket as the Session sees it, without a socket: `recv` hands out
-    `chunks` as a stream would (then b"": the peer closed); `sendall` records."""
-
-    def __init__(self, chunks=(), local=("127.0.0.1", 143)):
-        self.chunks = list(chunks)
-        self.got = []
-        self.local = local
-        self.closed = False
-
-    def recv(self, size):
-        if not self.chunks:
-            return b""
-        chunk = self.chunks.pop(0)
-        if len(chunk) > size:
-            self.chunks.insert(0, chunk[size:])
-        return chunk[:size]
-
-    def sendall(self, data):
-        self.got.append(data)
-
-    def gettimeout(self):
-        return None
-
-    def settimeout(self, value):
-        pass
-
-    def setsockopt(self, *args):
-        pass
-
-    def getsockname(self):
-        return self.local
-
-    def close(self):
-        self.closed = True
-
-
-class Lines:
-    """An ErrorLog stand-in: (level, line) pairs."""
-
-    def __init__(self):
-        self.lines = []
-
-    def enabled(self, level):
-        return True
-
-    def log(self, level, message, conn=None):
-        self.lines.append((level, message))
-
-
 @pytest.fixture
 def imap_session(conf, monkeypatch):
     """imap_session(*client_chunks, auth=[results], upstream=[replies], **directives) -> what
@@ -98,6 +50,7 @@ def imap_session(conf, monkeypatch):
     response, parsed as auth_http does)."""
     def run(*chunks, auth=(), upstream=None, **directives):
         results = list(auth)
+        events = []
         out = SimpleNamespace(requests=[], backend=None, relay=None, waited=[])
 
         def query(url, req, timeout, sleep=None):
@@ -110,25 +63,25 @@ def imap_session(conf, monkeypatch):
             return result
 
         def connect(host, port, timeout):
-            sock = Peer(upstream or [])
+            sock = FakeSock(events, "backend", upstream or [])
             out.backend = sock
             return sock
 
         monkeypatch.setattr(auth_http, "query", query)
         monkeypatch.setattr(backend, "connect", connect)
         c = conf("imap", **directives)
-        log = Lines()
+        log = RecordingLog()
         relay = SimpleNamespace(add=lambda client, bsock, **kw: setattr(
             out, "relay", (kw["to_backend"], kw["to_client"])))
         rt = Runtime(SimpleNamespace(main=MainConf()), log, relay)
         rt.shutting_down = SimpleNamespace(wait=lambda s: out.waited.append(s) or False)
-        client = Peer(chunks)
+        client = FakeSock(events, "client", chunks, local=("127.0.0.1", 143))
         Session(client, ("192.0.2.7", 5555), c, c.listen[0], rt, timeout_set=True).run()
-        out.said = b"".join(client.got)
+        out.said = b"".join(sent(events))
         out.logs = log.lines[1:]            # after "client ... connected to ..."
         out.closed = client.closed
         if out.backend is not None:
-            out.backend = b"".join(out.backend.got)
+            out.backend = b"".join(sent(events, "backend"))
         return out
     return run
 

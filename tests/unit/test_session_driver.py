@@ -1,6 +1,7 @@
 """session.py, the one place that performs a conversation's actions, driven without sockets:
-the Session gets objects that are not sockets (FakeSock), a real Runtime with a fake relay,
-and, where it would reach the auth service, backend or TLS, fakes patched into those modules.
+the Session gets objects that are not sockets (playbook's FakeSock), a real Runtime with a fake
+relay, and, where it would reach the auth service, backend or TLS, fakes patched into those
+modules.
 Every step lands on one timeline (`events`), so tests assert the order of sends, logs,
 handshakes and backend commands."""
 
@@ -12,68 +13,15 @@ from mailproxy import auth_http, backend, tls
 from mailproxy.clientio import BackendRejected, Close, HandedOver
 from mailproxy.config.types import MainConf
 from mailproxy.conversation import (CLOSE, Authenticate, BackendLogin, BackendStartTLS,
-                                    LoggedIn, Log, LoginError, Reply, StartTLS, ToBackend)
+                                    LoggedIn, Log, LoginError, Reply, ToBackend)
 from mailproxy.pop3 import Pop3Login
 from mailproxy.runtime import Runtime
 from mailproxy.session import Session
+from playbook import FakeSock, RecordingLog, sent
 
 CLIENT = ("192.0.2.7", 5555)
 CONTEXT = ", client: 192.0.2.7, server: 127.0.0.1:110"
 INTERNAL = b"-ERR internal server error\r\n"
-
-
-class FakeSock:
-    """Not a socket: `recv` hands out `incoming` chunk by chunk (then b"": closed), every
-    call lands on the shared timeline."""
-
-    def __init__(self, events, name, incoming=(), session=None):
-        self.events, self.name = events, name
-        self.incoming = list(incoming)
-        self.timeout = None
-        self.closed = False
-        self.session = session          # when set, sends record the client input still buffered
-
-    def recv(self, size):
-        if not self.incoming:
-            return b""
-        chunk = self.incoming.pop(0)
-        if len(chunk) > size:           # as a stream socket: the rest comes next time
-            self.incoming.insert(0, chunk[size:])
-        return chunk[:size]
-
-    def sendall(self, data):
-        if self.session is not None:
-            self.events.append((self.name, data, self.session.reader.pending()))
-        else:
-            self.events.append((self.name, data))
-
-    def gettimeout(self):
-        return self.timeout
-
-    def settimeout(self, value):
-        self.timeout = value
-
-    def setsockopt(self, *args):
-        pass
-
-    def getsockname(self):
-        return ("127.0.0.1", 110)
-
-    def close(self):
-        self.closed = True
-
-
-class EventLog:
-    """An ErrorLog stand-in writing (level, line) onto the shared timeline."""
-
-    def __init__(self, events):
-        self.events = events
-
-    def enabled(self, level):
-        return True
-
-    def log(self, level, message, conn=None):
-        self.events.append((level, message))
 
 
 class FakeRelay:
@@ -106,16 +54,12 @@ def session(conf, events):
     """session(*client_chunks, **directives) -> a POP3 Session over a FakeSock."""
     def make(*incoming, **directives):
         c = conf("pop3", **directives)
-        rt = Runtime(SimpleNamespace(main=MainConf()), EventLog(events), FakeRelay(events))
+        rt = Runtime(SimpleNamespace(main=MainConf()), RecordingLog(events), FakeRelay(events))
         sock = FakeSock(events, "client", incoming)
         s = Session(sock, CLIENT, c, c.listen[0], rt, timeout_set=True, ticket=Ticket())
         sock.session = s
         return s
     return make
-
-
-def sent(events, name="client"):
-    return [e[1] for e in events if e[0] == name]
 
 
 def lines(events, *levels):
