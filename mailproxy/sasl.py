@@ -20,14 +20,12 @@ __all__ = [
     'SaslError', 'decode_base64', 'decode_plain', 'decode_login_username',
     'decode_login_password', 'decode_cram_md5', 'decode_external',
     'check_credential', 'make_salt', 'cram_md5_challenge', 'encode_plain',
-    'USERNAME_PROMPT', 'PASSWORD_PROMPT', 'ADVERTISE_ORDER',
+    'USERNAME_PROMPT', 'PASSWORD_PROMPT',
 ]
 
 USERNAME_PROMPT = b'VXNlcm5hbWU6'     # base64("Username:")
 PASSWORD_PROMPT = b'UGFzc3dvcmQ6'     # base64("Password:")
 
-# The order nginx lists enabled mechanisms in CAPA / CAPABILITY / EHLO.
-ADVERTISE_ORDER = ('plain', 'login', 'cram-md5', 'external')
 
 _B64_ALPHABET = (b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
                  b'0123456789+/')

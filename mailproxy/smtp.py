@@ -15,7 +15,6 @@ HELO/EHLO replayed, then MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or not
 
 from __future__ import annotations
 
-import base64
 from typing import TYPE_CHECKING, Collection, Iterable, List, Optional, Union
 
 from . import resolver, sasl
@@ -461,7 +460,7 @@ class SmtpLogin(BackendLogin):
         if self.conf.proxy_smtp_auth:
             if self.passwd is None:
                 raise LoginError("no password available", "sending AUTH to upstream")
-            line = b"AUTH PLAIN " + base64.b64encode(b"\0" + self.user + b"\0" + self.passwd)
+            line = b"AUTH PLAIN " + sasl.encode_plain(self.user, self.passwd)
             return [self.step(line + CRLF, "sending AUTH to upstream", "auth")]
         return [LoggedIn(AUTH_OK)]
 

@@ -171,4 +171,3 @@ def test_encode_plain():
 def test_constants():
     assert base64.b64decode(sasl.USERNAME_PROMPT) == b'Username:'
     assert base64.b64decode(sasl.PASSWORD_PROMPT) == b'Password:'
-    assert sasl.ADVERTISE_ORDER == ('plain', 'login', 'cram-md5', 'external')
