@@ -361,7 +361,9 @@ class SharedProxy:
             servers[f"s{i}"] = block
             self.addresses[config_key(config)] = (host, port)
         try:
-            self.proxy = ProxyProcess(directory, {"servers": servers}, name=name)
+            # many blocks (TLS contexts) take longer to load on a busy machine: a generous bound
+            self.proxy = ProxyProcess(directory, {"servers": servers}, name=name,
+                                      start_timeout=30.0)
         except BaseException:
             self.auth.stop()
             raise
