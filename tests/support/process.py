@@ -343,6 +343,23 @@ class SharedProxy:
     def __init__(self, directory, configs, defaults=None, name="shared"):
         from tests.support.auth import AuthServer
         self.auth = AuthServer()
+        for attempt in range(3):
+            servers = self._servers(configs, defaults or {})
+            try:
+                # many blocks (TLS contexts) load slower on a busy machine: a generous bound
+                self.proxy = ProxyProcess(directory, {"servers": servers},
+                                          name=f"{name}{attempt}", start_timeout=30.0)
+                return
+            except AssertionError as e:
+                # another process took one of the free ports meanwhile: new ports, once more
+                if attempt == 2 or "Address already in use" not in str(e):
+                    self.auth.stop()
+                    raise
+            except BaseException:
+                self.auth.stop()
+                raise
+
+    def _servers(self, configs, defaults):
         self.addresses, servers = {}, {}
         for i, config in enumerate(configs):
             directives = dict(config)
@@ -350,7 +367,7 @@ class SharedProxy:
             extra = directives.pop("listen_extra", "")
             if ":" in host and not have_ipv6():
                 continue
-            for k, v in (defaults or {}).items():
+            for k, v in defaults.items():
                 directives.setdefault(k, v)
             if "proxy_pass" not in directives:
                 directives.setdefault("auth_http", self.auth.url)
@@ -360,13 +377,7 @@ class SharedProxy:
                 block["listen"] += " " + extra
             servers[f"s{i}"] = block
             self.addresses[config_key(config)] = (host, port)
-        try:
-            # many blocks (TLS contexts) take longer to load on a busy machine: a generous bound
-            self.proxy = ProxyProcess(directory, {"servers": servers}, name=name,
-                                      start_timeout=30.0)
-        except BaseException:
-            self.auth.stop()
-            raise
+        return servers
 
     def setup(self, backend=None, **config):
         import pytest
