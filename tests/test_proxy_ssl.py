@@ -7,14 +7,15 @@ after STLS/STARTTLS) and record what they saw before and after the handshake.
 
 import base64
 import ssl
-import subprocess
 
 import pytest
 
+from mailproxy.errors import ConfigError
+from mailproxy.supervisor import load_config
 from tests.support.auth import auth_ok
 from tests.support.backends import ScriptedBackend
-from tests.support.common import REPO
-from tests.support.process import proxy_command
+from tests.support.common import fail_on_errors
+from tests.support.process import SharedProxy
 
 INTERNAL = {
     "pop3": b"-ERR internal server error\r\n",
@@ -187,6 +188,48 @@ def start(mail_setup, backend_factory, certs, protocol, mode, backend_ctx=None,
 PROTOCOLS = ["pop3", "imap", "smtp"]
 
 
+def _configs(certs):
+    """Every configuration the tests use (mail_setup's protocol and directives), one server
+    block each of the module's shared proxy."""
+    ca, other = certs["ca"], certs["otherca"]
+    t = "proxy_ssl_trusted_certificate"
+    configs = [{"protocol": p, "proxy_ssl": m, t: c} for p in PROTOCOLS
+               for m in ("on", "starttls") for c in (ca, other)]
+    configs += [{"protocol": p, "proxy_ssl": "on", "proxy_ssl_verify": "off", t: other}
+                for p in PROTOCOLS]
+    configs += [{"protocol": p, "proxy_ssl": "starttls", "proxy_ssl_name": "wrong.test", t: ca}
+                for p in PROTOCOLS]
+    configs += [{"protocol": "pop3", "proxy_ssl": "on", "proxy_ssl_name": "backend.test", t: ca},
+                {"protocol": "imap", "proxy_ssl": "on", t: ca,
+                 "proxy_ssl_certificate": certs["client"],
+                 "proxy_ssl_certificate_key": certs["client_key"]},
+                {"protocol": "pop3", t: ca}, {"protocol": "pop3"}]
+    return configs
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, certs):
+    proxy = SharedProxy(tmp_path_factory.mktemp("proxy_ssl"), _configs(certs),
+                        defaults={"timeout": "2s"})
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def mail_setup(shared):
+    """start(protocol, backend, **directives) -> Setup on the shared proxy's block of that
+    configuration, the auth service routed to `backend`."""
+    def start(protocol, backend, **directives):
+        return shared.setup(backend, protocol=protocol, **directives)
+    yield start
+    fail_on_errors(shared.auth, "the auth service")
+
+
+@pytest.fixture
+def auth_server(shared):
+    return shared.auth
+
+
 # ---------------------------------------------------------------------------------------------
 # success
 
@@ -333,32 +376,36 @@ def test_auth_ssl_backend_invalid_value(mail_setup, backend_factory, auth_server
 # configuration
 
 def _test_config(tmp_path, extra):
+    """The configuration loaded as `-t` and a start load it (supervisor.load_config: the values,
+    then the TLS contexts); the ConfigError, or None. test_cli covers how -t reports one."""
     conf = tmp_path / "t.ini"
     conf.write_text("[server p]\nlisten = 127.0.0.1:1\nprotocol = pop3\n"
                     "proxy_pass = 127.0.0.1:2\nproxy_ssl = on\n" + extra)
-    return subprocess.run(proxy_command() + ["-t", "-c", str(conf)], cwd=str(REPO),
-                          capture_output=True, text=True, timeout=30)
+    try:
+        load_config(str(conf))
+    except ConfigError as e:
+        return e
+    return None
 
 
 def test_config_certificate_without_key(tmp_path, certs):
-    r = _test_config(tmp_path, "proxy_ssl_certificate = %s\n" % certs["client"])
-    assert r.returncode == 1
-    assert 'no "proxy_ssl_certificate_key" is defined' in r.stderr
-    assert "t.ini:6" in r.stderr
+    err = _test_config(tmp_path, "proxy_ssl_certificate = %s\n" % certs["client"])
+    assert 'no "proxy_ssl_certificate_key" is defined' in err.message
+    assert "t.ini:6" in str(err)
 
 
 def test_config_missing_trusted_certificate(tmp_path):
-    r = _test_config(tmp_path, "proxy_ssl_trusted_certificate = %s\n"
-                     % (tmp_path / "nope.pem"))
-    assert r.returncode == 1
-    assert 'cannot load "proxy_ssl_trusted_certificate"' in r.stderr and "t.ini:6" in r.stderr
+    err = _test_config(tmp_path, "proxy_ssl_trusted_certificate = %s\n"
+                       % (tmp_path / "nope.pem"))
+    assert 'cannot load "proxy_ssl_trusted_certificate"' in err.message
+    assert "t.ini:6" in str(err)
 
 
 def test_config_good(tmp_path, certs):
-    r = _test_config(tmp_path, "proxy_ssl_trusted_certificate = %s\nproxy_ssl_certificate = %s\n"
-                     "proxy_ssl_certificate_key = %s\n"
-                     % (certs["ca"], certs["client"], certs["client_key"]))
-    assert r.returncode == 0, r.stderr
+    err = _test_config(tmp_path, "proxy_ssl_trusted_certificate = %s\nproxy_ssl_certificate = %s\n"
+                       "proxy_ssl_certificate_key = %s\n"
+                       % (certs["ca"], certs["client"], certs["client_key"]))
+    assert err is None, str(err)
 
 
 @pytest.mark.parametrize("value,expect", [("on", "on"), ("OFF", "off"), ("starttls", "starttls"),

@@ -106,7 +106,7 @@ def test_back_pressure_stops_reading_the_other_side(relay, lis):
             pushed += backend.send(chunk)
         except BlockingIOError:
             stalls += 1
-            time.sleep(0.1)
+            time.sleep(0.05)
         else:
             stalls = 0
     assert stalls == 5, 'the relay kept reading a backend whose client does not read'
@@ -139,7 +139,7 @@ def test_back_pressure_upstream(relay, lis):
             pushed += client.send(b'u' * 65536)
         except BlockingIOError:
             stalls += 1
-            time.sleep(0.1)
+            time.sleep(0.05)
         else:
             stalls = 0
     sess = _only_session(relay)
@@ -153,7 +153,7 @@ def test_back_pressure_upstream(relay, lis):
 # ---------------------------------------------------------------- proxy_timeout
 
 def test_proxy_timeout_backend_traffic_does_not_extend_it(relay, lis):
-    client, backend, done = session(relay, lis, proxy_timeout=1.0)
+    client, backend, done = session(relay, lis, proxy_timeout=0.5)
     t0 = time.monotonic()
     stop = threading.Event()
 
@@ -163,7 +163,7 @@ def test_proxy_timeout_backend_traffic_does_not_extend_it(relay, lis):
                 backend.sendall(b'* OK tick\r\n')
             except OSError:
                 return
-            stop.wait(0.2)
+            stop.wait(0.1)
 
     t = threading.Thread(target=push)
     t.start()
@@ -174,7 +174,7 @@ def test_proxy_timeout_backend_traffic_does_not_extend_it(relay, lis):
         stop.set()
         t.join()
     assert data.startswith(b'* OK tick\r\n')
-    assert 0.9 <= elapsed < 1.8
+    assert 0.45 <= elapsed < 1.3
     st = done.wait()
     assert st.reason == 'client timed out'
     assert st.bytes_out == len(data)
@@ -183,17 +183,17 @@ def test_proxy_timeout_backend_traffic_does_not_extend_it(relay, lis):
 
 
 def test_proxy_timeout_client_traffic_keeps_it_alive(relay, lis):
-    client, backend, done = session(relay, lis, proxy_timeout=1.0)
-    for _ in range(12):                 # 2.4 s, more than twice the timeout
+    client, backend, done = session(relay, lis, proxy_timeout=0.5)
+    for _ in range(12):                 # 1.2 s, more than twice the timeout
         client.sendall(b'a NOOP\r\n')
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert recv_exact(backend, 12 * 8) == b'a NOOP\r\n' * 12
     assert not done.calls
-    # then silence: cut about a second later
+    # then silence: cut about half a second later
     t0 = time.monotonic()
     st = done.wait(5)
     assert st.reason == 'client timed out'
-    assert time.monotonic() - t0 < 1.6
+    assert time.monotonic() - t0 < 1.1
     client.close()
     backend.close()
 

@@ -176,10 +176,10 @@ def test_proxy_timeout_over_tls_and_close_notify(relay, lis, ctxs):
 
 
 def test_client_traffic_keeps_tls_session_alive(relay, lis, ctxs):
-    client, backend, done = session(relay, lis, ctxs, "client", proxy_timeout=0.6)
-    for _ in range(8):                      # 1.2 s, twice the timeout
+    client, backend, done = session(relay, lis, ctxs, "client", proxy_timeout=0.3)
+    for _ in range(8):                      # 0.6 s, twice the timeout
         send_all(client, b"a NOOP\r\n")
-        time.sleep(0.15)
+        time.sleep(0.075)
     assert recv_exact(backend, 64) == b"a NOOP\r\n" * 8
     assert not done.calls
     assert done.wait(5).reason == "client timed out"

@@ -20,9 +20,10 @@ import pytest
 
 from mailproxy import config
 from mailproxy.supervisor import load_config
-from tests.support.common import REPO, b64, track
-from tests.support.process import ini
-from tests.support.tls import TLSLines, client_ctx, readline_raw, start_tls_proxy
+from tests.support.common import REPO, b64, fail_on_errors, track
+from tests.support.mailbackends import ImapBackend, Pop3Backend, SmtpBackend
+from tests.support.process import ini, SharedProxy
+from tests.support.tls import TLSLines, client_ctx, readline_raw
 
 CRLF = b"\r\n"
 
@@ -30,14 +31,69 @@ CRLF = b"\r\n"
 # ---------------------------------------------------------------------------------------------
 # helpers
 
+def _config(protocol, ssl_listen=True, **directives):
+    """tls_setup's arguments as a SharedProxy configuration."""
+    return dict(protocol=protocol, listen_extra="ssl" if ssl_listen else "", **directives)
+
+
+def _configs(pki):
+    """Every configuration the tests use (tls_setup's arguments), one server block each."""
+    client_on = dict(ssl_verify_client="on", ssl_client_certificate=pki.ca)
+    return [_config(*args, **kw) for args, kw in [
+        (("pop3",), {}), (("imap",), {}),
+        (("pop3",), dict(starttls="on")), (("imap",), dict(starttls="on")),
+        (("smtp",), dict(starttls="on", server_name="mx.test")),
+        (("pop3",), dict(ssl_certificate=[pki.server_rsa[0], pki.server_ec[0]],
+                         ssl_certificate_key=[pki.server_rsa[1], pki.server_ec[1]])),
+        (("pop3",), dict(ssl_certificate_key=pki.server_rsa_enc_key,
+                         ssl_password_file=pki.password_file)),
+        (("imap",), dict(ssl_protocols="TLSv1.3")),
+        (("pop3",), dict(ssl_protocols="TLSv1.2", ssl_ciphers="ECDHE-RSA-AES256-GCM-SHA384")),
+        (("pop3",), dict(timeout="500ms")),
+        (("pop3", False), dict(starttls="on")), (("pop3", False), dict(starttls="only")),
+        (("pop3", False), dict(starttls="off")),
+        (("imap", False), dict(starttls="on")), (("imap", False), dict(starttls="only")),
+        (("smtp", False), dict(starttls="on", server_name="mx.test",
+                               smtp_capabilities="PIPELINING")),
+        (("smtp", False), dict(starttls="only", server_name="mx.test",
+                               smtp_capabilities="PIPELINING", smtp_auth="plain none")),
+        (("smtp", False), dict(starttls="on", server_name="mx.test")),
+        (("pop3",), dict(client_on, auth_http_pass_client_cert="on")),
+        (("pop3",), dict(client_on, ssl_crl=pki.crl)),
+        (("imap", False), dict(client_on, starttls="on")),
+        (("imap",), dict(client_on, imap_auth="external")),
+        (("pop3",), dict(ssl_verify_client="optional", ssl_client_certificate=pki.ca)),
+        (("imap",), dict(ssl_verify_client="optional", ssl_client_certificate=pki.ca)),
+        (("smtp",), dict(ssl_verify_client="optional", ssl_client_certificate=pki.ca)),
+        (("pop3",), dict(ssl_verify_client="optional_no_ca")),
+        (("imap",), dict(ssl_certificate_sni=["imap.example.com %s %s" % pki.sni_exact,
+                                              "*.example.org %s %s" % pki.sni_wild])),
+    ] + [((p,), dict(ssl_verify_client="on", ssl_trusted_certificate=pki.ca))
+         for p in ("pop3", "imap", "smtp")]]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, pki):
+    proxy = SharedProxy(tmp_path_factory.mktemp("tls"), _configs(pki),
+                        defaults=dict(timeout="2s", ssl_certificate=pki.server_rsa[0],
+                                      ssl_certificate_key=pki.server_rsa[1]))
+    yield proxy
+    proxy.stop()
+
+
 @pytest.fixture
-def tls_setup(proxy_factory, auth_server, backend_factory, pki):
-    """start(protocol, ssl_listen=True, backend=None, **directives) -> TLSSetup with the RSA
-    server certificate."""
+def tls_setup(shared, backend_factory):
+    """start(protocol, ssl_listen=True, backend=None, **directives) -> Setup on the shared
+    proxy's block of that configuration (the RSA server certificate unless it names others),
+    auth routed to `backend` (by default a fresh one for `protocol`)."""
     def start(protocol, ssl_listen=True, backend=None, **directives):
-        return start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol,
-                               implicit=ssl_listen, backend=backend, **directives)
-    return start
+        if backend is None:
+            backend = {"pop3": lambda: backend_factory(Pop3Backend, users={"alice": "secret"}),
+                       "imap": lambda: backend_factory(ImapBackend),
+                       "smtp": lambda: backend_factory(SmtpBackend)}[protocol]()
+        return shared.setup(backend, **_config(protocol, ssl_listen, **directives))
+    yield start
+    fail_on_errors(shared.auth, "the auth service")
 
 
 def tls_connect(setup, pki, cert=None, server_hostname="mail.test", ctx=None, timeout=5.0):
@@ -162,13 +218,13 @@ def test_tls12_only_config_and_ciphers(tls_setup, pki):
 
 
 def test_stalled_handshake_cut_by_timeout(tls_setup, pki):
-    s = tls_setup("pop3", timeout="1s")
+    s = tls_setup("pop3", timeout="500ms")
     raw = s.raw()
     raw.sendall(b"\x16\x03\x01")          # the start of a ClientHello, then nothing
     start = time.monotonic()
     raw.settimeout(5)
     assert raw.recv(100) == b""           # closed without any protocol message
-    assert 0.8 < time.monotonic() - start < 3
+    assert 0.4 < time.monotonic() - start < 2.5
     line = s.proxy.wait_log("client timed out")
     assert "[info]" in line and "(110: Connection timed out) while SSL handshaking" in line
 

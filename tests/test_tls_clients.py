@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.certs import issue
-from tests.support.common import REPO, SMTPLIB_MAIL, SMTPLIB_RCPT
-from tests.support.mailbackends import ImapBackend, big_message_chunks, big_message_digest
-from tests.support.process import ProxyProcess, free_port
-from tests.support.tls import TLSLines, client_ctx, start_tls_proxy
+from tests.support.common import REPO, SMTPLIB_MAIL, SMTPLIB_RCPT, fail_on_errors
+from tests.support.mailbackends import (ImapBackend, Pop3Backend, SmtpBackend,
+                                        big_message_chunks, big_message_digest)
+from tests.support.process import ProxyProcess, SharedProxy, free_port
+from tests.support.tls import TLSLines, client_ctx
 
 CRLF = b"\r\n"
 BIG = 5 * 1024 * 1024
@@ -45,17 +46,55 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-@pytest.fixture
-def tls(proxy_factory, auth_server, backend_factory, pki):
-    """start(protocol, implicit=True, backend=None, **directives) -> TLSSetup.
+def _config(protocol, implicit=True, **directives):
+    """tls's arguments as a SharedProxy configuration."""
+    return dict(protocol=protocol, listen_extra="ssl" if implicit else "", **directives)
 
-    One server block with the RSA server certificate: `listen ... ssl` when `implicit`, else a
-    plain listener (pass starttls=...). auth_http routes everyone to the (default) backend."""
+
+def _configs(pki, dhparam):
+    """Every configuration the tests use (tls's arguments), one server block each."""
+    on = dict(ssl_verify_client="on", ssl_client_certificate=pki.ca)
+    configs = [_config(p, implicit, starttls="off" if implicit else "on", server_name="mx.test")
+               for p in ("pop3", "imap", "smtp") for implicit in (True, False)]
+    configs += [_config("imap", False, starttls="only"), _config("imap", starttls="off"),
+                _config("imap", False, starttls="on"), _config("pop3"),
+                _config("pop3", ssl_dhparam=dhparam)]
+    configs += [_config("pop3", ssl_verify_depth=depth, **on) for depth in DEPTH_TABLE]
+    configs += [_config(p, **on) for p in ("imap", "smtp")]
+    configs += [_config(p, ssl_verify_depth=2, **on) for p in ("imap", "smtp")]
+    configs += [_config("pop3", ssl_session_cache=cache, ssl_session_tickets=tickets)
+                for cache, tickets in (("builtin", "on"), ("builtin", "off"),
+                                       ("builtin:1000", "on"), ("off", "off"),
+                                       ("none", "off"), ("none", "on"))]
+    configs += [_config("pop3", ssl_verify_client=mode,
+                        **({} if mode == "off" else {"ssl_client_certificate": pki.ca}))
+                for mode in ("off", "on", "optional", "optional_no_ca")]
+    return configs
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, pki, dhparam):
+    proxy = SharedProxy(tmp_path_factory.mktemp("tls_clients"), _configs(pki, dhparam),
+                        defaults=dict(timeout="3s", ssl_certificate=pki.server_rsa[0],
+                                      ssl_certificate_key=pki.server_rsa[1]))
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def tls(shared, backend_factory):
+    """start(protocol, implicit=True, backend=None, **directives) -> Setup on the shared proxy's
+    block of that configuration: the RSA server certificate, `listen ... ssl` when `implicit`,
+    else a plain listener (pass starttls=...); auth routes everyone to the backend (by default
+    a fresh one for `protocol`)."""
     def start(protocol, implicit=True, backend=None, **directives):
-        directives.setdefault("timeout", "3s")
-        return start_tls_proxy(proxy_factory, auth_server, backend_factory, pki, protocol,
-                               implicit=implicit, backend=backend, **directives)
-    return start
+        if backend is None:
+            backend = {"pop3": lambda: backend_factory(Pop3Backend, users={"alice": "secret"}),
+                       "imap": lambda: backend_factory(ImapBackend),
+                       "smtp": lambda: backend_factory(SmtpBackend)}[protocol]()
+        return shared.setup(backend, **_config(protocol, implicit, **directives))
+    yield start
+    fail_on_errors(shared.auth, "the auth service")
 
 
 def tls_connect(setup, ctx, server_hostname="mail.test", session=None):
@@ -434,6 +473,7 @@ def test_verify_depth_error_lines(tls, pki, chains, protocol, reply):
     assert c.readline() == reply
     assert c.closed()
     s.proxy.wait_log(DEPTH_ERROR)
+    assert s.auth.requests == []
     s2 = tls(protocol, ssl_verify_client="on", ssl_client_certificate=pki.ca, ssl_verify_depth=2)
     c = tls_connect(s2, client_ctx(pki, chains["two"]))
     assert c.readline().startswith((b"* OK IMAP4 ready", b"220 "))

@@ -113,14 +113,31 @@ def _env(off):
     ("ssl_session_timeout", dict(ssl_session_timeout="10m")),
     ("ssl_conf_command", dict(ssl_conf_command="Options PrioritizeChaCha")),
 ])
-def test_forced_off_makes_dependent_directives_start_errors(tmp_path, pki, key, extra):
+def test_forced_off_makes_dependent_directives_start_errors(tmp_path, pki, monkeypatch, key,
+                                                           extra):
+    """Loaded as a start and -t load it (supervisor.load_config), the layer off as
+    MAILPROXY_NO_NATIVE_TLS=1 leaves it (the environment itself: the -t test below)."""
+    from mailproxy import tls_native
+    from mailproxy.errors import ConfigError
+    from mailproxy.supervisor import load_config
     if extra.get("ssl_verify_client") in ("on", "optional"):
         extra = dict(extra, ssl_client_certificate=pki.ca)
     path = _config(tmp_path, pki, **extra)
+    load_config(str(path))                                    # fine with the layer
+    monkeypatch.setattr(tls_native, "_native", None)
+    monkeypatch.setattr(tls_native, "_native_error", "turned off by %s=1" % tls_native.ENV_OFF)
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(path))
+    assert '"%s" cannot be honoured' % key in ei.value.message
+    assert "MAILPROXY_NO_NATIVE_TLS=1" in str(ei.value) and "n.ini:" in str(ei.value)
+
+
+def test_forced_off_by_the_environment_in_dash_t(tmp_path, pki):
+    path = _config(tmp_path, pki, ssl_verify_client="on", ssl_client_certificate=pki.ca)
     assert _dash_t(path, off=False).returncode == 0           # fine with the layer
     r = _dash_t(path)
     assert r.returncode != 0, r.stderr
-    assert '"%s" cannot be honoured' % key in r.stderr, r.stderr
+    assert '"ssl_verify_client" cannot be honoured' in r.stderr, r.stderr
     assert "MAILPROXY_NO_NATIVE_TLS=1" in r.stderr and "n.ini:" in r.stderr
 
 

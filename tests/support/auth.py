@@ -212,6 +212,12 @@ class AuthServer:
         """Default answer: OK to server:port."""
         self._route = (port, server, kw)
 
+    def reset(self):
+        """Forget the requests, the answer and the route (a module-wide server, next test)."""
+        with self.lock:
+            self.requests.clear()
+        self._respond = self._route = None
+
     def set_respond(self, respond):
         self._respond = respond
 

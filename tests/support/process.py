@@ -269,16 +269,21 @@ class Setup:
         import smtplib
         return track(smtplib.SMTP(self.host, self.port, timeout=timeout))
 
+    def raw(self, timeout=5.0):
+        """A plain connected socket (closed after the test)."""
+        return track(socket.create_connection((self.host, self.port), timeout=timeout))
+
 
 class SessionLog:
     """The shared proxy's error_log as one test sees it: only the lines of the sessions it
     opened (`connect` records the client port; the `connected to` line, written first, names
     it and gives the connection number that its later lines carry)."""
 
-    def __init__(self, proxy):
+    def __init__(self, proxy, server=None):
         self.proxy = proxy
         self.start = len(proxy.log_lines())
         self.ports = set()
+        self.server = server       # "host:port": every session on that listener counts too
 
     def log_lines(self):
         mine, out = set(), []
@@ -286,8 +291,8 @@ class SessionLog:
             m = re.search(r" (\d+)#\d+: \*(\d+) ", line)
             if not m:
                 continue
-            c = re.search(r"\*\d+ client [^ ]+:(\d+) connected to ", line)
-            if c and int(c.group(1)) in self.ports:
+            c = re.search(r"\*\d+ client [^ ]+:(\d+) connected to (\S+)", line)
+            if c and (int(c.group(1)) in self.ports or c.group(2) == self.server):
                 mine.add(m.groups())
             if m.groups() in mine:
                 out.append(line)
@@ -302,4 +307,92 @@ class SessionLog:
                 if re.search(pattern, line) if regex else pattern in line:
                     return line
             return None
-        return wait_for(find, timeout, what=f"log line {pattern!r}")
+        try:
+            return wait_for(find, timeout, what=f"log line {pattern!r}")
+        except AssertionError:
+            raise AssertionError(f"no log line {pattern!r} of this test's sessions within "
+                                 f"{timeout}s\n{self.proxy.diagnostics()}")
+
+
+def have_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def config_key(config):
+    """A hashable key of a configuration dict (lists, as repeated directives, become tuples)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
+
+
+class SharedProxy:
+    """One proxy and one auth service for a test module, one server block per configuration the
+    tests use (`configs`: dicts of directives with `protocol`, and optionally `host` and
+    `listen_extra`, e.g. "ssl"; `defaults` fill in what a configuration leaves out, auth_http
+    points at the auth service unless it sets auth_http or proxy_pass).
+
+    `setup(backend, **config)` hands a test a Setup on its configuration's block, the auth
+    service reset and routed to `backend`; its `proxy` is a SessionLog of the sessions opened on
+    that block from then on. Tests stay independent that way (the module's tests run one after
+    the other); a test that signals or reloads the process keeps a proxy of its own.
+    """
+
+    def __init__(self, directory, configs, defaults=None, name="shared"):
+        from tests.support.auth import AuthServer
+        self.auth = AuthServer()
+        for attempt in range(3):
+            servers = self._servers(configs, defaults or {})
+            try:
+                # many blocks (TLS contexts) load slower on a busy machine: a generous bound
+                self.proxy = ProxyProcess(directory, {"servers": servers},
+                                          name=f"{name}{attempt}", start_timeout=30.0)
+                return
+            except AssertionError as e:
+                # another process took one of the free ports meanwhile: new ports, once more
+                if attempt == 2 or "Address already in use" not in str(e):
+                    self.auth.stop()
+                    raise
+            except BaseException:
+                self.auth.stop()
+                raise
+
+    def _servers(self, configs, defaults):
+        self.addresses, servers = {}, {}
+        for i, config in enumerate(configs):
+            directives = dict(config)
+            host = directives.pop("host", "127.0.0.1")
+            extra = directives.pop("listen_extra", "")
+            if ":" in host and not have_ipv6():
+                continue
+            for k, v in defaults.items():
+                directives.setdefault(k, v)
+            if "proxy_pass" not in directives:
+                directives.setdefault("auth_http", self.auth.url)
+            port = free_port(host)
+            block = server_block(directives.pop("protocol"), port, host=host, **directives)
+            if extra:
+                block["listen"] += " " + extra
+            servers[f"s{i}"] = block
+            self.addresses[config_key(config)] = (host, port)
+        return servers
+
+    def setup(self, backend=None, **config):
+        import pytest
+        key = config_key(config)
+        if key not in self.addresses:
+            if ":" in config.get("host", "") and not have_ipv6():
+                pytest.skip("no IPv6 loopback")
+            raise AssertionError(f"add {config} to the module's shared configurations")
+        host, port = self.addresses[key]
+        self.auth.reset()
+        if backend is not None:
+            self.auth.route_to(backend.port, server=backend.host)
+        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return Setup(SessionLog(self.proxy, server), host, port, self.auth, backend)
+
+    def stop(self):
+        self.proxy.stop()
+        self.auth.stop()
