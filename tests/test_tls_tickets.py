@@ -3,18 +3,22 @@ ngx_ssl_ticket_key_callback), proven with `openssl s_client -sess_out` / `-sess_
 (`Reused` on resumption), over TLSv1.2 and TLSv1.3:
 
 - two instances (two masters, two ports) with the same `ssl_session_ticket_key` file resume
-  each other's tickets; with different files they do not; 48- and 80-byte files both work;
-  rotation: a ticket made under K1 resumes where the files are K2 then K1;
+  each other's tickets; with different files they do not; 48- and 80-byte files both work and
+  the tickets are in nginx's format; rotation: a ticket made under K1 resumes where the files
+  are K2 then K1;
 - without a key file, the instance's key is shared by all its workers and survives a reload;
 - a key file of the wrong size is a `-t` error with file:line (nginx's message).
 """
 
+import hashlib
+import hmac
 import os
 import re
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +118,31 @@ def test_rotation_the_first_key_encrypts_all_decrypt(proxy_factory, pki, tmp_pat
     assert _resumes(pki, tmp_path, version, port_old, port_new)     # K1's ticket, decrypted
     assert _resumes(pki, tmp_path, version, port_new, port_k2)      # new tickets under K2
     assert not _resumes(pki, tmp_path, version, port_new, port_old)
+
+
+def _ticket(sess):
+    """The TLSv1.2 session ticket a saved session holds (`openssl sess_id -text`)."""
+    text = subprocess.run(["openssl", "sess_id", "-in", sess, "-text", "-noout"],
+                          capture_output=True, text=True, timeout=15).stdout
+    block = text.split("TLS session ticket:")[1].split("Start Time")[0]
+    rows = re.findall(r"^\s*[0-9a-f]{4} - ((?:[0-9a-f]{2}[ -]){1,16})", block, re.M)
+    return bytes.fromhex("".join(rows).replace("-", " ").replace(" ", ""))
+
+
+@pytest.mark.parametrize("size", [48, 80])
+def test_tickets_are_nginx_s_format(proxy_factory, pki, tmp_path, size):
+    """As ngx_ssl_ticket_key_callback makes them: key name | IV | AES-CBC data | HMAC-SHA256 of
+    all before it, the HMAC secret at bytes 32-48 of a 48-byte file, 16-48 of an 80-byte one
+    (the 48-byte layout checked against nginx 1.22's own tickets)."""
+    key = _key(tmp_path, "k", size)
+    raw = Path(key).read_bytes()
+    _p, port = _proxy(proxy_factory, pki, [key])
+    sess = str(tmp_path / "sess")
+    assert not _s_client(pki, port, "-tls1_2", sess_out=sess)
+    ticket = _ticket(sess)
+    secret = raw[32:48] if size == 48 else raw[16:48]
+    assert ticket[:16] == raw[:16]
+    assert hmac.new(secret, ticket[:-32], hashlib.sha256).digest() == ticket[-32:]
 
 
 # ---------------------------------------------------------------------------------------------
