@@ -11,9 +11,8 @@ timeouts), the client-certificate verdict as nginx's ngx_mail_verify_cert gives 
 Auth-SSL-* headers for auth_http.  The session applies it (Session.apply_handshake).
 
 Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth, session-cache or
-ticket-key knobs;
-tls_native.py reaches them in the OpenSSL library `_ssl` uses, after validating every pointer.
-When it cannot, the directives that need it are configuration errors (`_require_native`), never
+ticket-key knobs; tls_native.py reaches them in the OpenSSL library `_ssl` uses, after
+validating every pointer.  When it cannot, the directives that need it are configuration errors (`_require_native`), never
 silently weaker checks; only ALPN refusal, which no directive controls, is then left out.
 """
 
@@ -127,10 +126,11 @@ def _ticket_keys(conf, st):
     """The ticket keys of server `conf` (ngx_ssl_session_ticket_keys): its ssl_session_ticket_key
     files, else one key of this instance when tickets are on and the native layer is there.
 
-    The instance key is made from a secret drawn once per process: by the master at start, so
-    every worker (forked after) and every reload (built in the master again) has the same; a
-    server's own key is derived from it and what decides client certificates, so that a ticket
-    never carries a verdict into a server with another policy."""
+    The instance key comes from a secret drawn once per process, i.e. by the master at start:
+    every worker (forked after) and every reload (built in the master again) has the same.  Each
+    server's key is derived from it with the server's name, listen addresses and client
+    certificate settings, so that a ticket never carries a client-certificate verdict into
+    another server or policy."""
     global _instance_secret
     if conf.ssl_session_ticket_key:
         keys = [_read_ticket_key(conf, path) for path in conf.ssl_session_ticket_key]
@@ -255,10 +255,13 @@ def _build_context(conf, st, pairs, cert_key):
         ctx.options |= ssl.OP_NO_TICKET
     elif st.ticket_keys:
         try:
-            st.keep.append(n.ticket_keys(ctx, st.ticket_keys))
+            # on the context itself: a session's SSLSocket keeps it, and so the callback, alive
+            ctx._mailproxy_tickets = n.ticket_keys(ctx, st.ticket_keys)
         except (RuntimeError, ValueError) as e:
-            raise _err(conf, "ssl_session_ticket_key", '"ssl_session_ticket_key" cannot be '
-                       "honoured: the ticket key callback could not be set (%s)" % e) from None
+            if conf.ssl_session_ticket_key:    # else OpenSSL's own key, as without the layer
+                raise _err(conf, "ssl_session_ticket_key", '"ssl_session_ticket_key" cannot be '
+                           "honoured: the ticket key callback could not be set (%s)"
+                           % e) from None
     cache = conf.ssl_session_cache        # no shared: (refused by the loader)
     size = None
     if cache == ["off"]:
