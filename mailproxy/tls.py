@@ -10,9 +10,9 @@ ServerConf: sessions never build contexts.  The values were checked by the confi
 timeouts), the client-certificate verdict as nginx's ngx_mail_verify_cert gives it, and the
 Auth-SSL-* headers for auth_http.  The session applies it (Session.apply_handshake).
 
-Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth or session-cache knobs;
-tls_native.py reaches them in the OpenSSL library `_ssl` uses, after validating every pointer.
-When it cannot, the directives that need it are configuration errors (`_require_native`), never
+Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth, session-cache or
+ticket-key knobs; tls_native.py reaches them in the OpenSSL library `_ssl` uses, after
+validating every pointer.  When it cannot, the directives that need it are configuration errors (`_require_native`), never
 silently weaker checks; only ALPN refusal, which no directive controls, is then left out.
 """
 
@@ -65,6 +65,7 @@ class ServerTLS:
         self.protocol = conf.protocol
         self.verify = conf.ssl_verify_client
         self.native = None
+        self.ticket_keys = None     # [48- or 80-byte key]: the first encrypts, all decrypt
         self.keep = []              # ctypes callbacks and buffers that must outlive the contexts
         self.context = None
         self.sni = []               # [(pattern, context)]: exact names first, then wildcards
@@ -88,6 +89,7 @@ def build_server(conf: ServerConf) -> Optional[ServerTLS]:
         return None
     st = ServerTLS(conf)
     st.native = native()
+    st.ticket_keys = _ticket_keys(conf, st)
     pairs = list(zip(conf.ssl_certificate, conf.ssl_certificate_key))
     st.context = _build_context(conf, st, pairs, "ssl_certificate")
     exact, wild = [], []
@@ -115,6 +117,53 @@ def server_context(conf: ServerConf) -> ssl.SSLContext:
 
 def _needs_native_cache(conf):
     return conf.ssl_session_cache != ["none"] or conf.ssl_session_timeout != 300
+
+
+_instance_secret = None
+
+
+def _ticket_keys(conf, st):
+    """The ticket keys of server `conf` (ngx_ssl_session_ticket_keys): its ssl_session_ticket_key
+    files, else one key of this instance when tickets are on and the native layer is there.
+
+    The instance key comes from a secret drawn once per process, i.e. by the master at start:
+    every worker (forked after) and every reload (built in the master again) has the same.  Each
+    server's key is derived from it with the server's name, listen addresses and client
+    certificate settings, so that a ticket never carries a client-certificate verdict into
+    another server or policy."""
+    global _instance_secret
+    if conf.ssl_session_ticket_key:
+        keys = [_read_ticket_key(conf, path) for path in conf.ssl_session_ticket_key]
+        if conf.ssl_session_tickets:
+            _require_native(conf, st, "ssl_session_ticket_key", "a ticket key callback")
+            if st.native.tickets_error:
+                raise _err(conf, "ssl_session_ticket_key", '"ssl_session_ticket_key" cannot be '
+                           "honoured: the OpenSSL ticket key functions could not be reached (%s)"
+                           % st.native.tickets_error)
+        return keys
+    if not conf.ssl_session_tickets or st.native is None or st.native.tickets_error:
+        return None         # OpenSSL's own random keys, per context
+    if _instance_secret is None:
+        _instance_secret = os.urandom(32)
+    identity = repr((conf.name, [li.text for li in conf.listen], conf.ssl_verify_client,
+                     conf.ssl_verify_depth, conf.ssl_client_certificate,
+                     conf.ssl_trusted_certificate, conf.ssl_crl)).encode()
+    key = b"".join(hashlib.sha256(_instance_secret + part + identity).digest()
+                   for part in (b"name", b"hmac", b"aes"))
+    return [key[:16] + key[32:64] + key[64:96]]       # nginx's 80-byte layout
+
+
+def _read_ticket_key(conf, path):
+    """One ssl_session_ticket_key file: nginx's 48 or 80 bytes, its messages."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(81)
+    except OSError as e:
+        raise _err(conf, "ssl_session_ticket_key", 'open() "%s" failed %s'
+                   % (path, _reason(e))) from None
+    if len(data) not in (48, 80):
+        raise _err(conf, "ssl_session_ticket_key", '"%s" must be 48 or 80 bytes' % path)
+    return data
 
 
 def _require_native(conf, st, key, what):
@@ -204,6 +253,15 @@ def _build_context(conf, st, pairs, cert_key):
     # -- sessions
     if not conf.ssl_session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
+    elif st.ticket_keys:
+        try:
+            # on the context itself: a session's SSLSocket keeps it, and so the callback, alive
+            ctx._mailproxy_tickets = n.ticket_keys(ctx, st.ticket_keys)
+        except (RuntimeError, ValueError) as e:
+            if conf.ssl_session_ticket_key:    # else OpenSSL's own key, as without the layer
+                raise _err(conf, "ssl_session_ticket_key", '"ssl_session_ticket_key" cannot be '
+                           "honoured: the ticket key callback could not be set (%s)"
+                           % e) from None
     cache = conf.ssl_session_cache        # no shared: (refused by the loader)
     size = None
     if cache == ["off"]:
@@ -404,6 +462,8 @@ def handshake(sock: socket.socket, conf: ServerConf, log: Callable[..., None],
                 return failed
     sock.setblocking(True)
     sock.settimeout(conf.timeout)
+    if sock.session_reused:     # ngx_ssl_handshake_log's debug line
+        log("debug", "SSL reused session")
     peer = None
     if st.verify != "off":      # build_server made sure the native layer is there
         try:

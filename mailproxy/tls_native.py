@@ -1,6 +1,7 @@
 """The OpenSSL calls Python's ssl module does not offer, through ctypes.
 
-Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth or session-cache knobs;
+Python's `ssl` has no verify callback, no ALPN refusal, no verify-depth, session-cache or
+ticket-key knobs;
 nginx behaviour depends on them, so `Native` reaches the very same OpenSSL library the `_ssl`
 module uses for a handful of documented OpenSSL calls on the SSL_CTX/SSL objects behind
 Python's own SSLContext/SSLSocket.
@@ -66,6 +67,8 @@ class Native:
     SSL_CTRL_SET_SESS_CACHE_SIZE = 42
     SSL_CTRL_SET_SESS_CACHE_MODE = 44
     SSL_CTRL_SET_GROUPS_LIST = 92
+    SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB = 72
+    TLS1_3_VERSION = 0x0304
     SSL_SESS_CACHE_OFF = 0
     SSL_SESS_CACHE_SERVER = 2
     SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
@@ -126,6 +129,34 @@ class Native:
         self.head = object.__basicsize__            # PyObject_HEAD
         self.ptr = ct.sizeof(vp)
         self._selftest()
+        try:                        # apart: without it, only ssl_session_ticket_key is refused
+            self.tickets_error = None
+            self._ticket_api(fn)
+        except AttributeError as e:
+            self.tickets_error = "AttributeError: %s" % e
+
+    def _ticket_api(self, fn):
+        """libcrypto/libssl functions of the ticket key callback (ngx_ssl_ticket_key_callback):
+        OpenSSL 3's EVP_MAC callback, else 1.1's HMAC_CTX one."""
+        ct = self.ct
+        vp, i = ct.c_void_p, ct.c_int
+        self.RAND_bytes = fn("RAND_bytes", i, vp, i)
+        self.EVP_aes_128_cbc = fn("EVP_aes_128_cbc", vp)
+        self.EVP_aes_256_cbc = fn("EVP_aes_256_cbc", vp)
+        self.EVP_EncryptInit_ex = fn("EVP_EncryptInit_ex", i, vp, vp, vp, vp, vp)
+        self.EVP_DecryptInit_ex = fn("EVP_DecryptInit_ex", i, vp, vp, vp, vp, vp)
+        self.SSL_version = fn("SSL_version", i, vp)
+        self.TICKET_CB = ct.CFUNCTYPE(i, vp, vp, vp, vp, vp, i)
+        try:
+            self.set_ticket_cb = fn("SSL_CTX_set_tlsext_ticket_key_evp_cb", i, vp, self.TICKET_CB)
+            self.EVP_MAC_CTX_set_params = fn("EVP_MAC_CTX_set_params", i, vp, vp)
+            self.ticket_evp = True
+        except AttributeError:      # OpenSSL 1.1: SSL_CTX_set_tlsext_ticket_key_cb, a macro
+            ctrl = fn("SSL_CTX_callback_ctrl", ct.c_long, vp, i, self.TICKET_CB)
+            self.set_ticket_cb = lambda p, cb: ctrl(p, self.SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, cb)
+            self.HMAC_Init_ex = fn("HMAC_Init_ex", i, vp, vp, i, vp, vp)
+            self.EVP_sha256 = fn("EVP_sha256", vp)
+            self.ticket_evp = False
 
     # -- pointers behind Python objects, validated before use ---------------------------------
     def _field(self, obj, offset, what):
@@ -221,6 +252,76 @@ class Native:
         cb = self.ALPN_CB(select_cb)
         self.SSL_CTX_set_alpn_select_cb(self.ctx_ptr(context), cb, None)
         return (cb, buf)                # the caller keeps them alive with the context
+
+    def ticket_keys(self, context: ssl.SSLContext, keys: Sequence[bytes]) -> Tuple[Any, Any]:
+        """ngx_ssl_session_ticket_keys + ngx_ssl_ticket_key_callback: `keys` (48 or 80 bytes in
+        nginx's file layouts) encrypt and decrypt the context's tickets; the first encrypts, all
+        decrypt, a ticket under another key (or any in TLSv1.3) is renewed. Returns what the
+        caller keeps alive with the context."""
+        ct = self.ct
+        if self.tickets_error:
+            raise RuntimeError(self.tickets_error)
+        entries = []                # (name, cipher, aes key, hmac key, EVP_MAC params)
+        for raw in keys:
+            if len(raw) == 48:      # name, AES-128 key, HMAC secret (nginx's order)
+                name, aes, mac, cipher = raw[:16], raw[16:32], raw[32:48], self.EVP_aes_128_cbc()
+            elif len(raw) == 80:    # name, HMAC secret, AES-256 key
+                name, mac, aes, cipher = raw[:16], raw[16:48], raw[48:80], self.EVP_aes_256_cbc()
+            else:
+                raise ValueError("a ticket key is 48 or 80 bytes, not %d" % len(raw))
+            aes_buf = ct.create_string_buffer(aes, len(aes))
+            mac_buf = ct.create_string_buffer(mac, len(mac))
+            params = self._mac_params(mac_buf) if self.ticket_evp else None
+            entries.append((name, cipher, aes_buf, mac_buf, params))
+        if not entries or not all(e[1] for e in entries):
+            raise RuntimeError("no ticket keys or no AES cipher")
+
+        def hmac_init(hctx, mac_buf, params):
+            if params is not None:
+                return self.EVP_MAC_CTX_set_params(hctx, params[0]) == 1
+            return self.HMAC_Init_ex(hctx, mac_buf, len(mac_buf), self.EVP_sha256(), None) == 1
+
+        def callback(s, name, iv, ectx, hctx, enc):
+            try:
+                if enc == 1:
+                    kname, cipher, aes, mac, params = entries[0]
+                    if self.RAND_bytes(iv, 16) != 1 \
+                            or self.EVP_EncryptInit_ex(ectx, cipher, None, aes, iv) != 1 \
+                            or not hmac_init(hctx, mac, params):
+                        return -1
+                    ct.memmove(name, kname, 16)
+                    return 1
+                got = ct.string_at(name, 16)
+                for k, (kname, cipher, aes, mac, params) in enumerate(entries):
+                    if kname == got:
+                        break
+                else:
+                    return 0        # unknown key: a full handshake
+                if not hmac_init(hctx, mac, params) \
+                        or self.EVP_DecryptInit_ex(ectx, cipher, None, aes, iv) != 1:
+                    return -1
+                return 2 if k or self.SSL_version(s) == self.TLS1_3_VERSION else 1
+            except BaseException:   # never an exception through OpenSSL: refuse the ticket
+                return -1
+        cb = self.TICKET_CB(callback)
+        if self.set_ticket_cb(self.ctx_ptr(context), cb) != 1:
+            raise RuntimeError("OpenSSL refused the ticket key callback")
+        return (cb, entries)
+
+    def _mac_params(self, mac_buf):
+        """(OSSL_PARAM[] {"key": the HMAC secret, "digest": "SHA256", end}, the digest name) for
+        EVP_MAC_CTX_set_params (OpenSSL 3)."""
+        ct = self.ct
+
+        class Param(ct.Structure):
+            _fields_ = [("key", ct.c_char_p), ("data_type", ct.c_uint), ("data", ct.c_void_p),
+                        ("data_size", ct.c_size_t), ("return_size", ct.c_size_t)]
+        unmodified = ct.c_size_t(-1).value          # OSSL_PARAM_UNMODIFIED
+        digest = ct.create_string_buffer(b"SHA256")
+        params = (Param * 3)()
+        params[0] = Param(b"key", 5, ct.addressof(mac_buf), len(mac_buf), unmodified)
+        params[1] = Param(b"digest", 4, ct.addressof(digest), 6, unmodified)
+        return params, digest       # the digest name must live as long as the array
 
     def conf_commands(self, context: ssl.SSLContext,
                       commands: Sequence[Tuple[str, str]]) -> Optional[str]:

@@ -337,10 +337,6 @@ def _check_tls(s):
             and not s.ssl_trusted_certificate:
         raise err("ssl_verify_client",
                   "no ssl_client_certificate or ssl_trusted_certificate for ssl_verify_client")
-    if s.ssl_session_ticket_key:
-        raise err("ssl_session_ticket_key", '"ssl_session_ticket_key" is not supported: '
-                  "Python's ssl module cannot set ticket keys (each process uses a random key); "
-                  'remove it, or use "ssl_session_tickets off"')
     if any(a.startswith("shared:") for a in s.ssl_session_cache):
         raise err("ssl_session_cache", '"ssl_session_cache shared:..." is not supported: '
                   "mailproxy cannot share TLS sessions between worker processes; use "
