@@ -206,8 +206,7 @@ def _build_context(conf, st, pairs, cert_key):
         ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     # -- certificates
     passwords = _passwords(conf)
-    for cert, key in pairs:
-        _load_pair(conf, ctx, cert, key, passwords, cert_key)
+    leaves = [_load_pair(conf, ctx, cert, key, passwords, cert_key) for cert, key in pairs]
     # -- client certificates
     verify = conf.ssl_verify_client
     if verify != "off":
@@ -276,7 +275,8 @@ def _build_context(conf, st, pairs, cert_key):
             if a.startswith("builtin:"):
                 size = int(a[8:])
     if n is not None:
-        n.session_cache(ctx, mode, size, conf.ssl_session_timeout)
+        n.session_cache(ctx, mode, size, conf.ssl_session_timeout,
+                        _session_id_context(conf, leaves))
     elif _needs_native_cache(conf):
         _require_native(conf, st, "ssl_session_cache" if cache != ["none"]
                         else "ssl_session_timeout", "session cache settings")
@@ -342,7 +342,7 @@ def _load_pair(conf, ctx, cert, key, passwords, cert_key):
         for pw in (passwords or [b""]):
             try:
                 ctx.load_cert_chain(cpath, kpath, password=pw)
-                return
+                return _leaf_der(cpath)
             except ssl.SSLError as e:
                 last = e
             except OSError as e:
@@ -356,6 +356,34 @@ def _load_pair(conf, ctx, cert, key, passwords, cert_key):
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _leaf_der(path):
+    """The DER of the first certificate in PEM file `path` (the one load_cert_chain serves)."""
+    with open(path, "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    begin = text.find("-----BEGIN CERTIFICATE-----")
+    end = text.find("-----END CERTIFICATE-----", begin)
+    if begin < 0 or end < 0:
+        return b""
+    return ssl.PEM_cert_to_DER_cert(text[begin:end + len("-----END CERTIFICATE-----")])
+
+
+def _session_id_context(conf, leaves):
+    """ngx_ssl_session_id_context: SHA-1 over "MAIL" and each certificate's SHA-1, so a session
+    or ticket made for one certificate never resumes on a server block with another.  With
+    client certificates, the CA files and the verify mode go in too (nginx takes the CA names):
+    a session never carries one block's client-certificate verdict into another's."""
+    md = hashlib.sha1(b"MAIL")
+    for der in leaves:
+        md.update(hashlib.sha1(der).digest())
+    if conf.ssl_verify_client != "off":
+        md.update(conf.ssl_verify_client.encode())
+        for path in (conf.ssl_client_certificate, conf.ssl_trusted_certificate):
+            if path:
+                with open(path, "rb") as f:
+                    md.update(hashlib.sha1(f.read()).digest())
+    return md.digest()
 
 
 def _make_sni_callback(st):

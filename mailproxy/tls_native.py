@@ -225,13 +225,13 @@ class Native:
                                  self.ct.c_char_p(groups.encode())) == 1
 
     def session_cache(self, context: ssl.SSLContext, mode: int, size: Optional[int],
-                      timeout: float) -> None:
+                      timeout: float, sid_ctx: bytes = b"MAIL") -> None:
         p = self.ctx_ptr(context)
         self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_MODE, mode, None)
         if size is not None:
             self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
         self.SSL_CTX_set_timeout(p, int(timeout))
-        self.SSL_CTX_set_session_id_context(p, b"MAIL", 4)
+        self.SSL_CTX_set_session_id_context(p, sid_ctx, len(sid_ctx))
 
     def alpn_strict(self, context: ssl.SSLContext, proto: bytes) -> Tuple[Any, Any]:
         """Select `proto` if offered; a client offering ALPN without it gets a fatal alert."""

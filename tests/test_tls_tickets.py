@@ -38,19 +38,21 @@ def _key(tmp_path, name, size):
     return str(path)
 
 
-def _block(pki, port, keys=None):
+def _block(pki, port, keys=None, cert=None, **extra):
+    cert = cert or pki.server_rsa
     block = {"listen": "127.0.0.1:%d ssl" % port, "protocol": "pop3",
              "proxy_pass": "127.0.0.1:%d" % free_port(), "timeout": "3s",
-             "ssl_certificate": pki.server_rsa[0], "ssl_certificate_key": pki.server_rsa[1]}
+             "ssl_certificate": cert[0], "ssl_certificate_key": cert[1]}
     if keys:
         block["ssl_session_ticket_key"] = list(keys)
+    block.update(extra)
     return block
 
 
-def _proxy(proxy_factory, pki, keys=None, workers=1):
+def _proxy(proxy_factory, pki, keys=None, workers=1, **block):
     port = free_port()
     p = proxy_factory({"main": {"worker_processes": str(workers)},
-                       "servers": {"p": _block(pki, port, keys)}}, log_level="debug")
+                       "servers": {"p": _block(pki, port, keys, **block)}}, log_level="debug")
     return p, port
 
 
@@ -99,6 +101,23 @@ def test_instances_with_different_key_files_do_not(proxy_factory, pki, tmp_path,
     _a, port_a = _proxy(proxy_factory, pki, [_key(tmp_path, "k1", 80)])
     _b, port_b = _proxy(proxy_factory, pki, [_key(tmp_path, "k2", 80)])
     assert not _resumes(pki, tmp_path, version, port_a, port_b)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("other", ["certificate", "client certificates"])
+def test_a_shared_key_file_does_not_resume_across_certificates_or_client_checks(
+        proxy_factory, pki, tmp_path, version, other):
+    # the session id context (ngx_ssl_session_id_context) differs: a ticket never carries
+    # one block's certificate or client-certificate verdict into another's
+    key = _key(tmp_path, "k", 80)
+    _a, port_a = _proxy(proxy_factory, pki, [key])
+    if other == "certificate":
+        _b, port_b = _proxy(proxy_factory, pki, [key], cert=pki.server_ec)
+    else:
+        _b, port_b = _proxy(proxy_factory, pki, [key], ssl_verify_client="optional",
+                            ssl_client_certificate=pki.ca)
+    assert not _resumes(pki, tmp_path, version, port_a, port_b)
+    assert _resumes(pki, tmp_path, version, port_b, port_b)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
