@@ -66,7 +66,6 @@ class ServerTLS:
         self.verify = conf.ssl_verify_client
         self.native = None
         self.ticket_keys = None     # [48- or 80-byte key]: the first encrypts, all decrypt
-        self.keep = []              # ctypes callbacks and buffers that must outlive the contexts
         self.context = None
         self.sni = []               # [(pattern, context)]: exact names first, then wildcards
 
@@ -288,7 +287,8 @@ def _build_context(conf, st, pairs, cert_key):
                        "accept this command or its value" % bad)
     # -- ALPN (1.21.4+) and, last (Python's verify_mode setter would reset it), the callback
     if n is not None:
-        st.keep.append(n.alpn_strict(ctx, PROTOCOLS[conf.protocol].alpn))
+        # kept alive by the context itself, as long as OpenSSL may call it
+        ctx._mailproxy_alpn = n.alpn_strict(ctx, PROTOCOLS[conf.protocol].alpn)
         if verify != "off":
             n.verify_accept_all(ctx, conf.ssl_verify_depth)
     else:
