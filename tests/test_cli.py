@@ -109,7 +109,6 @@ class Proxy:
 
     def start(self, wait=True):
         self.err = open(self.dir / "stderr.txt", "wb")
-        self.started = time.monotonic()
         self.proc = subprocess.Popen(self.command, cwd=str(self.dir), stdin=subprocess.DEVNULL,
                                      stdout=self.err, stderr=self.err, env=self.env)
         if wait:
@@ -123,7 +122,6 @@ class Proxy:
                                                               self.stderr()))
             return self.pidfile.exists() and self.pidfile.read_text().strip()
         wait_for(ready, timeout, "pid file")
-        self.ready_after = time.monotonic() - self.started
         assert int(self.pidfile.read_text()) == self.proc.pid
         self.workers()
 
@@ -285,24 +283,11 @@ def test_pid_file_is_readiness_and_removed_on_exit(proxy):
     p = proxy(config_text(port))
     # the pid file exists: the port is bound and answered by a worker
     assert greeting(port).startswith(b"+OK")
-    assert p.ready_after < 1.0, "start-up to pid file took %.3fs" % p.ready_after
     p.wait_log("start worker process")
     p.signal(signal.SIGTERM)
     assert p.wait(5) == 0
     assert not p.pidfile.exists()
     assert refused(port)
-
-
-def test_startup_time_under_a_second(proxy):
-    port = free_port()
-    times = []
-    for _ in range(3):
-        p = proxy(config_text(port))
-        times.append(p.ready_after)
-        p.signal(signal.SIGTERM)
-        p.wait(5)
-    assert min(times) < 1.0, times
-    assert sorted(times)[1] < 1.0, times
 
 
 def test_port_in_use_fails_before_pid_file(proxy):
@@ -583,7 +568,6 @@ def test_zipapp_serves(proxy, tmp_path):
     port = free_port()
     p = proxy(config_text(port), command=[sys.executable, str(out)])
     assert greeting(port).startswith(b"+OK")
-    assert p.ready_after < 1.0
 
 
 # ---------------------------------------------------------------------------------------------
