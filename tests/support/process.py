@@ -1,6 +1,7 @@
 """The proxy as a subprocess (ProxyProcess, readiness = its pid file), its INI text (ini,
 server_block), free ports, and Setup: a started proxy with its auth service and backend."""
 
+import collections
 import os
 import re
 import shlex
@@ -15,12 +16,21 @@ from tests.support.clients import LineClient
 from tests.support.common import REPO, track, wait_for
 
 
+_GIVEN = collections.deque(maxlen=2048)   # ports handed out lately by free_port
+
+
 def free_port(host="127.0.0.1"):
-    """An ephemeral TCP port free on `host` right now (bound then released)."""
+    """An ephemeral TCP port free on `host` right now (bound then released), never one of the
+    last ports it gave (a config asking for several ports gets distinct ones)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            break
+    _GIVEN.append(port)
+    return port
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,23 +371,34 @@ class SharedProxy:
 
     def _servers(self, configs, defaults):
         self.addresses, servers = {}, {}
-        for i, config in enumerate(configs):
-            directives = dict(config)
-            host = directives.pop("host", "127.0.0.1")
-            extra = directives.pop("listen_extra", "")
-            if ":" in host and not have_ipv6():
-                continue
-            for k, v in defaults.items():
-                directives.setdefault(k, v)
-            if "proxy_pass" not in directives:
-                directives.setdefault("auth_http", self.auth.url)
-            port = free_port(host)
-            block = server_block(directives.pop("protocol"), port, host=host, **directives)
-            if extra:
-                block["listen"] += " " + extra
-            servers[f"s{i}"] = block
-            self.addresses[config_key(config)] = (host, port)
+        held = []       # each port stays bound until all are chosen: no port given twice
+        try:
+            for i, config in enumerate(configs):
+                self._server(i, config, defaults, servers, held)
+        finally:
+            for sock in held:
+                sock.close()
         return servers
+
+    def _server(self, i, config, defaults, servers, held):
+        directives = dict(config)
+        host = directives.pop("host", "127.0.0.1")
+        extra = directives.pop("listen_extra", "")
+        if ":" in host and not have_ipv6():
+            return
+        for k, v in defaults.items():
+            directives.setdefault(k, v)
+        if "proxy_pass" not in directives:
+            directives.setdefault("auth_http", self.auth.url)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        held.append(sock)
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+        block = server_block(directives.pop("protocol"), port, host=host, **directives)
+        if extra:
+            block["listen"] += " " + extra
+        servers[f"s{i}"] = block
+        self.addresses[config_key(config)] = (host, port)
 
     def setup(self, backend=None, **config):
         import pytest

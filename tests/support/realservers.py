@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from bench.nginx_conf import DEBIAN_MAIL_MODULE, nginx_conf
-from tests.support.process import ini
+from tests.support.process import free_port, ini
 
 CI = os.environ.get("CI") == "true"
 LOOPBACK = "127.0.0.1"
@@ -71,12 +71,6 @@ def need(*names):
         if CI:
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
-
-
-def free_port(host=LOOPBACK):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_port(host, port, timeout=10.0, proc=None, what="server", log=None):
