@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import zlib
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, ContextManager, Dict, Optional
 
 __all__ = ["SessionStore", "ProcessLock", "zone", "MIN_SIZE", "MAX_DER"]
 
@@ -79,7 +79,8 @@ def _key(sid_ctx: bytes, sid: bytes) -> bytes:
 class SessionStore:
     """Sessions by (session id context, session id) in `size` bytes of shared memory."""
 
-    def __init__(self, size: int, lock=None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, size: int, lock: Optional[ContextManager[Any]] = None,
+                 clock: Callable[[], float] = time.monotonic):
         if size < _HEAD.size + 4 + 2 * (CELL + 1):
             raise ValueError("a session cache of %d bytes holds nothing" % size)
         self.size = size
