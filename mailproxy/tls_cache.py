@@ -12,7 +12,7 @@ ring, so the one overwritten is always the oldest (nginx's expire queue drops th
 first); an entry is its header (the key digest, expiry, next entry of its bucket, DER length,
 cells, CRC) and the DER, CELL-aligned.  A key is the SHA-256 of the session id context
 (ngx_ssl_session_id_context) and the session id: sessions never cross server blocks.
-A typical TLSv1.2 session (about 200 bytes of DER) takes 4 cells: about 3,800 per megabyte.
+A typical TLSv1.2 session (150-200 bytes of DER) takes 4 cells: about 3,900 per megabyte.
 """
 
 from __future__ import annotations
