@@ -11,6 +11,7 @@ proven with `openssl s_client -no_ticket -sess_out` / `-sess_in` (`Reused` on re
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -21,8 +22,7 @@ from tests.support.common import REPO
 from tests.support.process import ProxyProcess, free_port
 from tests.test_tls_tickets import REUSED, _block, _line_of, _reused_pids, _worker_pids
 
-pytestmark = pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v openssl"],
-                                               capture_output=True).returncode != 0,
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed")
 
 VERSIONS = ["-tls1_2", "-tls1_3"]
@@ -92,7 +92,7 @@ def test_builtin_alone_does_not_cross_workers(proxy_factory, pki, tmp_path, vers
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_reload_keeps_resuming(proxy_factory, pki, tmp_path, version):
     p, port = _proxy(proxy_factory, pki, "shared:SSL:1m", workers=1)
-    old_pid = _worker_pids(p)[0] if _workers(p, 1) else None
+    old_pid = min(_workers(p, 1))
     sess = str(tmp_path / "sess")
     assert not _s_client(pki, port, version, sess_out=sess)
     p.signal(signal.SIGHUP)
