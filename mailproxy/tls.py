@@ -28,6 +28,8 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
+from . import tls_cache
+from .config.syntax import parse_size
 from .errors import ConfigError
 from .protocols import PROTOCOLS
 from .tls_native import Native, PointerError, native, native_error
@@ -66,6 +68,7 @@ class ServerTLS:
         self.verify = conf.ssl_verify_client
         self.native = None
         self.ticket_keys = None     # [48- or 80-byte key]: the first encrypts, all decrypt
+        self.zone = None            # tls_cache.SessionStore of ssl_session_cache shared:
         self.context = None
         self.sni = []               # [(pattern, context)]: exact names first, then wildcards
 
@@ -89,6 +92,7 @@ def build_server(conf: ServerConf) -> Optional[ServerTLS]:
     st = ServerTLS(conf)
     st.native = native()
     st.ticket_keys = _ticket_keys(conf, st)
+    st.zone = _shared_zone(conf, st)
     pairs = list(zip(conf.ssl_certificate, conf.ssl_certificate_key))
     st.context = _build_context(conf, st, pairs, "ssl_certificate")
     exact, wild = [], []
@@ -150,6 +154,20 @@ def _ticket_keys(conf, st):
     key = b"".join(hashlib.sha256(_instance_secret + part + identity).digest()
                    for part in (b"name", b"hmac", b"aes"))
     return [key[:16] + key[32:64] + key[64:96]]       # nginx's 80-byte layout
+
+
+def _shared_zone(conf, st):
+    """The zone of `ssl_session_cache shared:NAME:SIZE` (tls_cache.zone), or None."""
+    for a in conf.ssl_session_cache:
+        if a.startswith("shared:"):
+            _require_native(conf, st, "ssl_session_cache", "session cache callbacks")
+            if st.native.sessions_error:
+                raise _err(conf, "ssl_session_cache", '"ssl_session_cache %s" cannot be honoured:'
+                           " the OpenSSL session functions could not be reached (%s)"
+                           % (a, st.native.sessions_error))
+            _shared, name, size = a.split(":")
+            return tls_cache.zone(name, parse_size(size))
+    return None
 
 
 def _read_ticket_key(conf, path):
@@ -260,7 +278,7 @@ def _build_context(conf, st, pairs, cert_key):
                 raise _err(conf, "ssl_session_ticket_key", '"ssl_session_ticket_key" cannot be '
                            "honoured: the ticket key callback could not be set (%s)"
                            % e) from None
-    cache = conf.ssl_session_cache        # no shared: (refused by the loader)
+    cache = conf.ssl_session_cache
     size = None
     if cache == ["off"]:
         mode = Native.SSL_SESS_CACHE_OFF
@@ -273,9 +291,14 @@ def _build_context(conf, st, pairs, cert_key):
         for a in cache:
             if a.startswith("builtin:"):
                 size = int(a[8:])
+        if st.zone is not None and not any(a.startswith("builtin") for a in cache):
+            mode |= Native.SSL_SESS_CACHE_NO_INTERNAL      # shared: alone (ngx_ssl_session_cache)
     if n is not None:
-        n.session_cache(ctx, mode, size, conf.ssl_session_timeout,
-                        _session_id_context(conf, leaves))
+        sid_ctx = _session_id_context(conf, leaves)
+        n.session_cache(ctx, mode, size, conf.ssl_session_timeout, sid_ctx)
+        if st.zone is not None:
+            n.shared_cache(ctx, st.zone, sid_ctx, conf.ssl_session_timeout,
+                           conf.ssl_session_tickets)
     elif _needs_native_cache(conf):
         _require_native(conf, st, "ssl_session_cache" if cache != ["none"]
                         else "ssl_session_timeout", "session cache settings")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import backend, tls
+from .config.syntax import parse_size
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,6 +28,17 @@ def prepare(cfg: Config) -> None:
 
     Raises ConfigError (`MESSAGE in FILE:LINE`, with the directive as `key`) for the first
     file or setting that cannot be used: client-facing contexts first, then backend ones."""
+    zones = {}              # ngx_shared_memory_add: one size per zone name
+    for conf in cfg.servers:
+        for a in conf.ssl_session_cache:
+            if a.startswith("shared:"):
+                _shared, name, size = a.split(":")
+                size = parse_size(size)
+                if zones.setdefault(name, size) != size:
+                    f, line = conf.where("ssl_session_cache")
+                    raise ConfigError('the size %d of shared memory zone "%s" conflicts with '
+                                      "already declared size %d" % (size, name, zones[name]),
+                                      f or conf.file, line or conf.line, "ssl_session_cache")
     for conf in cfg.servers:
         conf._tls = tls.build_server(conf)
     shared = {}             # servers with the same proxy_ssl_* settings share one context

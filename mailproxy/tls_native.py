@@ -72,6 +72,7 @@ class Native:
     SSL_SESS_CACHE_OFF = 0
     SSL_SESS_CACHE_SERVER = 2
     SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
+    SSL_SESS_CACHE_NO_INTERNAL = 0x300          # no internal lookup, no internal store
     BIO_CTRL_INFO = 3
     # XN_FLAG_RFC2253: ASN1_STRFLGS_RFC2253 | XN_FLAG_SEP_COMMA_PLUS | XN_FLAG_DN_REV
     #                  | XN_FLAG_FN_SN | XN_FLAG_DUMP_UNKNOWN_FIELDS
@@ -134,6 +135,37 @@ class Native:
             self._ticket_api(fn)
         except AttributeError as e:
             self.tickets_error = "AttributeError: %s" % e
+        try:                        # apart: without it, only ssl_session_cache shared: is refused
+            self.sessions_error = None
+            self._session_api(fn)
+        except AttributeError as e:
+            self.sessions_error = "AttributeError: %s" % e
+
+    def _session_api(self, fn):
+        """The external session cache callbacks (ngx_ssl_session_cache with a shm_zone) and
+        their global trampolines: made once, they live as long as the process, so OpenSSL never
+        calls a freed one (SSL_CTX_free calls the remove callback); each finds its zone by the
+        SSL_CTX (`_zones`, nginx's SSL_CTX_set_ex_data), dropped before that SSL_CTX is freed."""
+        ct = self.ct
+        vp, i, u = ct.c_void_p, ct.c_int, ct.c_uint
+        self.NEW_CB = ct.CFUNCTYPE(i, vp, vp)
+        self.GET_CB = ct.CFUNCTYPE(vp, vp, vp, i, ct.POINTER(i))
+        self.REMOVE_CB = ct.CFUNCTYPE(None, vp, vp)
+        self.SSL_CTX_sess_set_new_cb = fn("SSL_CTX_sess_set_new_cb", None, vp, self.NEW_CB)
+        self.SSL_CTX_sess_set_get_cb = fn("SSL_CTX_sess_set_get_cb", None, vp, self.GET_CB)
+        self.SSL_CTX_sess_set_remove_cb = fn("SSL_CTX_sess_set_remove_cb", None, vp,
+                                             self.REMOVE_CB)
+        self.i2d_SSL_SESSION = fn("i2d_SSL_SESSION", i, vp, ct.POINTER(vp))
+        self.d2i_SSL_SESSION = fn("d2i_SSL_SESSION", vp, vp, ct.POINTER(vp), ct.c_long)
+        self.SSL_SESSION_get_id = fn("SSL_SESSION_get_id", vp, vp, ct.POINTER(u))
+        self.SSL_SESSION_get0_id_context = fn("SSL_SESSION_get0_id_context", vp, vp,
+                                              ct.POINTER(u))
+        self.SSL_SESSION_free = fn("SSL_SESSION_free", None, vp)
+        self.SSL_version_ = fn("SSL_version", i, vp)
+        self._zones = {}            # SSL_CTX*: (store, session id context, timeout, tickets)
+        self._new_cb = self.NEW_CB(self._new_session)
+        self._get_cb = self.GET_CB(self._get_session)
+        self._remove_cb = self.REMOVE_CB(self._remove_session)
 
     def _ticket_api(self, fn):
         """libcrypto/libssl functions of the ticket key callback (ngx_ssl_ticket_key_callback):
@@ -232,6 +264,84 @@ class Native:
             self.SSL_CTX_ctrl(p, self.SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
         self.SSL_CTX_set_timeout(p, int(timeout))
         self.SSL_CTX_set_session_id_context(p, sid_ctx, len(sid_ctx))
+
+    def shared_cache(self, context: ssl.SSLContext, store: Any, sid_ctx: bytes, timeout: float,
+                     tickets: bool) -> None:
+        """Sessions of `context` in `store` (tls_cache.SessionStore) as well, shared with every
+        process that has it; the cache mode is `session_cache`'s."""
+        import weakref
+        if self.sessions_error:
+            raise RuntimeError(self.sessions_error)
+        p = self.ctx_ptr(context)
+        self._zones[p] = (store, sid_ctx, float(timeout), tickets)
+        weakref.finalize(context, self._zones.pop, p, None)
+        self.SSL_CTX_sess_set_new_cb(p, self._new_cb)
+        self.SSL_CTX_sess_set_get_cb(p, self._get_cb)
+        self.SSL_CTX_sess_set_remove_cb(p, self._remove_cb)
+
+    def _session_key(self, sess):
+        """(session id context, session id) of an SSL_SESSION*."""
+        ct = self.ct
+        n = ct.c_uint(0)
+        sid = self.SSL_SESSION_get_id(sess, ct.byref(n))
+        sid = ct.string_at(sid, n.value) if sid and 0 < n.value <= 32 else b""
+        m = ct.c_uint(0)
+        ctx = self.SSL_SESSION_get0_id_context(sess, ct.byref(m))
+        return (ct.string_at(ctx, m.value) if ctx and 0 < m.value <= 32 else b""), sid
+
+    def _new_session(self, s, sess):
+        """ngx_ssl_new_session: store the DER; 0, OpenSSL keeps its reference."""
+        ct = self.ct
+        try:
+            zone = self._zones.get(self.SSL_get_SSL_CTX(s))
+            # TLSv1.3 with tickets resumes by ticket: OpenSSL reports the session anyway
+            if zone is None or (zone[3] and self.SSL_version_(s) == self.TLS1_3_VERSION):
+                return 0
+            n = self.i2d_SSL_SESSION(sess, None)
+            if not 0 < n <= 4096:       # NGX_SSL_MAX_SESSION_SIZE
+                return 0
+            buf = ct.create_string_buffer(n)
+            out = ct.c_void_p(ct.addressof(buf))
+            if self.i2d_SSL_SESSION(sess, ct.byref(out)) != n:
+                return 0
+            sid_ctx, sid = self._session_key(sess)
+            if sid:
+                zone[0].put(sid_ctx, sid, buf.raw, zone[2])
+        except BaseException:       # never an exception through OpenSSL: not cached
+            pass
+        return 0
+
+    def _get_session(self, s, data, length, copy):
+        """ngx_ssl_get_cached_session: a new SSL_SESSION* OpenSSL owns (*copy = 0), or NULL."""
+        ct = self.ct
+        try:
+            copy[0] = 0
+            zone = self._zones.get(self.SSL_get_SSL_CTX(s))
+            if zone is None or not 0 < length <= 32:
+                return None
+            sid = ct.string_at(data, length)
+            der = zone[0].get(zone[1], sid)
+            if der is None:
+                return None
+            buf = ct.create_string_buffer(der, len(der))
+            sess = self.d2i_SSL_SESSION(None, ct.byref(ct.c_void_p(ct.addressof(buf))), len(der))
+            if sess and self._session_key(sess)[1] != sid:
+                self.SSL_SESSION_free(sess)
+                return None
+            return sess or None
+        except BaseException:       # never an exception through OpenSSL: a cache miss
+            return None
+
+    def _remove_session(self, ctx, sess):
+        """ngx_ssl_remove_session: a session OpenSSL marked not resumable."""
+        try:
+            zone = self._zones.get(ctx)
+            if zone is not None:
+                sid_ctx, sid = self._session_key(sess)
+                if sid:
+                    zone[0].remove(sid_ctx, sid)
+        except BaseException:
+            pass
 
     def alpn_strict(self, context: ssl.SSLContext, proto: bytes) -> Tuple[Any, Any]:
         """Select `proto` if offered; a client offering ALPN without it gets a fatal alert."""

@@ -582,7 +582,6 @@ def test_config_errors(tmp_path, pki):
         (dict(ssl_ecdh_curve="nosuchcurve"), 'unknown curve "nosuchcurve"'),
         (dict(ssl_session_ticket_key=str(tmp_path / "t.key")),
          'open() "%s" failed' % (tmp_path / "t.key")),
-        (dict(ssl_session_cache="shared:SSL:10m"), '"ssl_session_cache shared:..." is not'),
         (dict(ssl_certificate_compression="on"), '"ssl_certificate_compression on" is not'),
         (dict(ssl_conf_command="NoSuchCommand x"), 'SSL_CONF_cmd("NoSuchCommand") failed'),
         (dict(ssl_client_certificate=str(tmp_path / "ca.pem"), ssl_verify_client="on"),

@@ -337,10 +337,6 @@ def _check_tls(s):
             and not s.ssl_trusted_certificate:
         raise err("ssl_verify_client",
                   "no ssl_client_certificate or ssl_trusted_certificate for ssl_verify_client")
-    if any(a.startswith("shared:") for a in s.ssl_session_cache):
-        raise err("ssl_session_cache", '"ssl_session_cache shared:..." is not supported: '
-                  "mailproxy cannot share TLS sessions between worker processes; use "
-                  '"builtin[:size]" (per process) or "none"')
 
 
 def _copy(value):

@@ -2,6 +2,7 @@
 """
 
 import ipaddress
+import mmap
 import os
 import re
 import socket
@@ -172,10 +173,12 @@ def p_session_cache(args: list[str], ctx: _Ctx) -> list[str]:
             if not a[8:].isdigit():
                 raise ctx.bad(a, "builtin:NUMBER")
             continue
-        if a.startswith("shared:"):
+        if a.startswith("shared:"):        # ngx_mail_ssl_session_cache's checks and messages
             parts = a.split(":")
             if len(parts) != 3 or not parts[1] or parse_size(parts[2]) is None:
-                raise ctx.bad(a, "shared:NAME:SIZE")
+                raise Invalid('invalid session cache "%s"' % a)
+            if parse_size(parts[2]) < 8 * mmap.PAGESIZE:
+                raise Invalid('session cache "%s" is too small' % a)
             continue
         raise ctx.bad(a, "off, none, builtin[:size] or shared:name:size")
     return list(args)
