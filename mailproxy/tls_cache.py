@@ -48,12 +48,15 @@ class ProcessLock:
 
     def __init__(self):
         self._file = tempfile.TemporaryFile(prefix="mailproxy-sslcache-")
-        self._pid = -1
+        self._threads = threading.Lock()
+        # a forked worker starts with a fresh thread lock, before any of its threads runs
+        # (never one a thread of the master held at the fork)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self):
         self._threads = threading.Lock()
 
     def __enter__(self):
-        if self._pid != os.getpid():        # after fork: never inherit a held thread lock
-            self._threads, self._pid = threading.Lock(), os.getpid()
         self._threads.acquire()
         try:
             fcntl.lockf(self._file, fcntl.LOCK_EX)

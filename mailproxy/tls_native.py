@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+import weakref
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 ENV_OFF = "MAILPROXY_NO_NATIVE_TLS"
@@ -269,7 +270,6 @@ class Native:
                      tickets: bool) -> None:
         """Sessions of `context` in `store` (tls_cache.SessionStore) as well, shared with every
         process that has it; the cache mode is `session_cache`'s."""
-        import weakref
         if self.sessions_error:
             raise RuntimeError(self.sessions_error)
         p = self.ctx_ptr(context)
