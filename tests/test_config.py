@@ -393,6 +393,23 @@ def test_listen_forms_and_params(tmp_path):
     assert all(li.text == "localhost:1119" for li in local)
 
 
+def test_listen_defaults_is_what_the_parser_makes(tmp_path):
+    """config.listen_defaults: a complete Listen for tests and tools, equal to a parsed
+    `listen = HOST:PORT` without parameters but for where it was written."""
+    import dataclasses
+    cfg = load(tmp_path, server(listen=None) + "listen =\n    *:1110\n    127.0.0.1:1111\n"
+               "    [::1]:1112\n    [::]:1113\n")
+    for li in cfg.servers[0].listen:
+        host = "*" if li.host == "" else li.host
+        made = config.listen_defaults(host, li.port)
+        assert isinstance(made, config.Listen)
+        assert made == dataclasses.replace(li, file=None, line=None), li.text
+    li = config.listen_defaults("127.0.0.1", 1110, ssl=True, backlog=5)
+    assert (li.ssl, li.backlog, li.family, li.text) == (True, 5, socket.AF_INET, "127.0.0.1:1110")
+    with pytest.raises(TypeError):
+        config.listen_defaults("127.0.0.1", 1110, no_such_parameter=1)
+
+
 @pytest.mark.parametrize("value,message", [
     ("unix:/tmp/x.sock", "unix: listen sockets are not supported"),
     ("127.0.0.1:1110 ssl", 'no "ssl_certificate" is defined for the "listen ... ssl" directive'),

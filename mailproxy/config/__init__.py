@@ -19,7 +19,8 @@ the file and line of the offending key or continuation line.
 ``DIRECTIVES`` is the table of every known directive (table.py): contexts, default, parser
 and formatter.  ``ServerConf`` (types.py) is a dataclass with one typed field per server-level
 directive of that table, always holding the effective value; ``server_defaults(protocol,
-**overrides)`` builds one at the table's defaults.  ``ssl`` is known only to be refused with
+**overrides)`` builds one at the table's defaults, ``listen_defaults(host, port, **overrides)``
+a ``Listen`` at the parser's defaults.  ``ssl`` is known only to be refused with
 what replaces it (nginx 1.25.1 removed it).
 """
 
@@ -29,9 +30,10 @@ from .types import (LEVELS, SYSLOG_FACILITIES, PROTOCOL_PORTS, DEFAULT_BACKLOG, 
     AuthURL, Resolver, MainConf, ServerConf, DIRECTIVE_FIELDS)  # noqa: F401
 from .parsers import (Directive)  # noqa: F401
 from .table import (DIRECTIVES, MAIN_KEYS, SERVER_KEYS, REMOVED)  # noqa: F401
-from .loader import (Config, load, server_defaults)  # noqa: F401
+from .loader import (Config, load, server_defaults, listen_defaults)  # noqa: F401
 from ..errors import ConfigError  # noqa: F401
 
-__all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "server_defaults", "Listen",
+__all__ = ["load", "Config", "ConfigError", "MainConf", "ServerConf", "server_defaults",
+           "listen_defaults", "Listen",
            "AuthURL", "LogTarget", "Resolver", "Directive", "DIRECTIVES", "split_tokens",
            "quote_token", "parse_time", "parse_size", "format_time", "format_size"]

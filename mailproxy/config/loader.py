@@ -3,14 +3,16 @@ inheritance from [mail], defaults, and the cross-checks of a server.
 """
 
 import configparser
+import dataclasses
 import io
 import os
 import re
+import socket
 from typing import Any, Optional
 
 from ..errors import ConfigError
 from .syntax import Invalid, split_tokens
-from .types import MainConf, PROTOCOL_PORTS, ServerConf
+from .types import Listen, MainConf, PROTOCOL_PORTS, ServerConf
 from .parsers import _Ctx
 from .table import DIRECTIVES, MAIN_KEYS, SERVER_KEYS, _NEEDS_AUTH_SERVICE, _default_value
 
@@ -290,6 +292,16 @@ def server_defaults(protocol: str, name: Optional[str] = None, **overrides: Any)
     values["protocol"] = protocol
     values.update(overrides)
     return ServerConf(name=protocol if name is None else name, file=None, line=None, **values)
+
+
+def listen_defaults(host: str, port: int, **overrides: Any) -> Listen:
+    """A Listen as the parser makes of `listen = HOST:PORT` without parameters (a literal IP,
+    '' or '*' for the IPv4 wildcard; the family follows the address), `overrides` applied
+    (for tests and tools; an unknown parameter raises TypeError)."""
+    if host in ("*", "0.0.0.0"):
+        host = ""
+    li = Listen(host=host, port=port, family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    return dataclasses.replace(li, **{"text": li.address_text(), **overrides})
 
 
 def _check_tls(s):
