@@ -49,14 +49,6 @@ def _norm_ip(host):
     return str(ip)
 
 
-def _family(listen):
-    fam = getattr(listen, "family", None)
-    if fam:
-        return fam
-    host = getattr(listen, "host", "")
-    return socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
-
-
 def _is_wildcard(listen):
     return _norm_ip(listen.host) in ("", "::")
 
@@ -67,7 +59,7 @@ def _addr_text(family, host, port):
 
 def bind_key(listen: Listen) -> BindKey:
     """What identifies one bound socket: (family, normalized host, port)."""
-    fam = _family(listen)
+    fam = listen.family
     host = _norm_ip(listen.host)
     if fam == socket.AF_INET6 and host == "":
         host = "::"
@@ -182,7 +174,7 @@ class Listener(socketserver.ThreadingTCPServer):
         self.listen_conf = listen
         self.key = bind_key(listen)
         self.address_family = self.key[0]
-        self.request_queue_size = int(getattr(listen, "backlog", None) or 1024)
+        self.request_queue_size = listen.backlog
         self.routes = routes
         self.runtime = None
         self.thread = None
@@ -197,7 +189,7 @@ class Listener(socketserver.ThreadingTCPServer):
         self.text = _addr_text(self.address_family, self.key[1], self.key[2])
         socketserver.BaseServer.__init__(self, address, None)
         proto = 0
-        if getattr(listen, "multipath", False):
+        if listen.multipath:
             proto = getattr(socket, "IPPROTO_MPTCP", 262)
         try:
             self.socket = socket.socket(self.address_family, socket.SOCK_STREAM, proto)
@@ -230,13 +222,12 @@ class Listener(socketserver.ThreadingTCPServer):
         s = socket
         self._setopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1, "SO_REUSEADDR")
         if self.address_family == s.AF_INET6:
-            v6only = getattr(listen, "ipv6only", True)
-            self._setopt(s.IPPROTO_IPV6, s.IPV6_V6ONLY, 0 if v6only is False else 1, "IPV6_V6ONLY")
-        if getattr(listen, "rcvbuf", None):
-            self._setopt(s.SOL_SOCKET, s.SO_RCVBUF, int(listen.rcvbuf), "SO_RCVBUF")
-        if getattr(listen, "sndbuf", None):
-            self._setopt(s.SOL_SOCKET, s.SO_SNDBUF, int(listen.sndbuf), "SO_SNDBUF")
-        ka = getattr(listen, "so_keepalive", None)
+            self._setopt(s.IPPROTO_IPV6, s.IPV6_V6ONLY, int(listen.ipv6only), "IPV6_V6ONLY")
+        if listen.rcvbuf:
+            self._setopt(s.SOL_SOCKET, s.SO_RCVBUF, listen.rcvbuf, "SO_RCVBUF")
+        if listen.sndbuf:
+            self._setopt(s.SOL_SOCKET, s.SO_SNDBUF, listen.sndbuf, "SO_SNDBUF")
+        ka = listen.so_keepalive
         if ka is not None:
             if ka is False:
                 self._setopt(s.SOL_SOCKET, s.SO_KEEPALIVE, 0, "SO_KEEPALIVE")
@@ -279,9 +270,8 @@ class Listener(socketserver.ThreadingTCPServer):
                               % (self.text, self.request_queue_size, e.errno or 0,
                                  e.strerror)) from None
 
-    def set_backlog(self, backlog: Optional[int]) -> None:
+    def set_backlog(self, backlog: int) -> None:
         """Apply a changed backlog (reload) to the already listening socket."""
-        backlog = int(backlog or 1024)
         if backlog != self.request_queue_size:
             self.request_queue_size = backlog
             try:
@@ -298,11 +288,10 @@ class Listener(socketserver.ThreadingTCPServer):
                 # out of descriptors or memory: report, and let others finish before retrying
                 # (the socket stays readable, so without a pause this would spin)
                 now = time.monotonic()
-                log = getattr(self.runtime, "log", None)
-                if log is not None and now - self._last_accept_error > 1.0:
+                if now - self._last_accept_error > 1.0:
                     self._last_accept_error = now
-                    log.log("alert", "accept() on %s failed (%d: %s)"
-                            % (self.text, e.errno, e.strerror))
+                    self._log("alert", "accept() on %s failed (%d: %s)"
+                              % (self.text, e.errno, e.strerror))
                 time.sleep(0.05)
             raise
         # accept4() gives a blocking descriptor and the socket object has no Python timeout
@@ -358,15 +347,13 @@ class Listener(socketserver.ThreadingTCPServer):
                     self._active_cond.notify_all()
 
     def _log(self, level, message):
-        log = getattr(self.runtime, "log", None)
-        if log is not None:
-            log.log(level, message)
+        self.runtime.log.log(level, message)
 
     def _handle_request_noblock(self):
         # nginx stops taking connections when its free ones run out (ngx_event_accept): the
         # queued ones wait in the backlog (or go to another worker) instead of failing here.
-        adm = getattr(self.runtime, "admission", None)
-        if adm is not None and adm.full():
+        adm = self.runtime.admission
+        if adm.full():
             now = time.monotonic()
             if now - self._last_full_alert > 1.0:
                 self._last_full_alert = now
@@ -381,18 +368,14 @@ class Listener(socketserver.ThreadingTCPServer):
         process's pool (not a new thread per connection)."""
         accepted = time.monotonic()
         routed = self.route(request)
-        ticket = None
-        adm = getattr(self.runtime, "admission", None)
-        if adm is not None:
-            conf, listen = routed
-            ip = client_address[0] if client_address else None
-            exempt = bool(getattr(listen, "proxy_protocol", False)
-                          and conf.set_real_ip_from
-                          and realip.trusted(conf, ip, self.address_family))
-            ticket, reason = adm.admit(ip, exempt)
-            if ticket is None:
-                self.refuse(request, client_address, conf, listen, reason)
-                return
+        conf, listen = routed
+        ip = client_address[0] if client_address else None
+        exempt = bool(listen.proxy_protocol and conf.set_real_ip_from
+                      and realip.trusted(conf, ip, self.address_family))
+        ticket, reason = self.runtime.admission.admit(ip, exempt)
+        if ticket is None:
+            self.refuse(request, client_address, conf, listen, reason)
+            return
         pool = self.pool
         if pool is None:
             pool = self.pool = handler_pool()
@@ -416,16 +399,14 @@ class Listener(socketserver.ThreadingTCPServer):
         """Over a limit: the protocol's temporary-failure greeting and a log line naming the
         client.  On an implicit-TLS port the greeting would need a TLS handshake, the very cost
         the limit exists to avoid: there the connection is closed after the log line."""
-        adm = getattr(self.runtime, "admission", None)
-        tls = bool(getattr(listen, "ssl", False))
-        log = self.runtime.log_for(conf) if hasattr(self.runtime, "log_for") else None
+        adm = self.runtime.admission
+        tls = listen.ssl
+        log = self.runtime.log_for(conf)
         ip = client_address[0] if client_address else "-"
-        held = adm.lines.allow((reason, limits.address_key(ip)), time.monotonic()) if adm else 0
-        if held is None:
-            log = None
-        if log is not None and log.enabled("error"):
+        held = adm.lines.allow((reason, limits.address_key(ip)), time.monotonic())
+        if held is not None and log.enabled("error"):
             log.log("error", "%s, client: %s, server: %s"
-                    % (limits.refusal_text(reason, adm.limit_of(reason) if adm else 0, held, tls),
+                    % (limits.refusal_text(reason, adm.limit_of(reason), held, tls),
                        ip, self.text))
         try:
             request.setblocking(False)
@@ -440,9 +421,7 @@ class Listener(socketserver.ThreadingTCPServer):
             request.close()
 
     def handle_error(self, request: socket.socket, client_address: Any) -> None:
-        log = getattr(self.runtime, "log", None)
-        if log is not None:
-            log.log("alert", "error handling connection from %s on %s" % (client_address, self.text))
+        self._log("alert", "error handling connection from %s on %s" % (client_address, self.text))
 
     def shutdown_request(self, request: socket.socket) -> None:
         pass                    # the session owns the socket
@@ -493,14 +472,14 @@ def plan(servers: Iterable[ServerConf]) -> Dict[BindKey, Tuple[Listen, Route, Di
     for conf in servers:
         for listen in conf.listen:
             key = bind_key(listen)
-            if key[1] in ("", "::") and not getattr(listen, "bind", False):
+            if key[1] in ("", "::") and not listen.bind:
                 wild.setdefault(key, (listen, (conf, listen), {}))
             else:
                 specific.append((key, conf, listen))
     result = dict(wild)
     for key, conf, listen in specific:
         wkey = (key[0], "::" if key[0] == socket.AF_INET6 else "", key[2])
-        if wkey in wild and not getattr(listen, "bind", False):
+        if wkey in wild and not listen.bind:
             result[wkey][2].setdefault(key[1], (conf, listen))
         else:
             result.setdefault(key, (listen, (conf, listen), {}))
@@ -537,7 +516,7 @@ def bind_all(servers: Iterable[ServerConf], existing: Optional[Dict[BindKey, Lis
     for old, listen, routes in reuse:       # only once everything is bound
         old.routes = routes
         old.listen_conf = listen
-        old.set_backlog(getattr(listen, "backlog", None))
+        old.set_backlog(listen.backlog)
     return result, list(existing.values())
 
 

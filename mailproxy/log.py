@@ -208,17 +208,13 @@ Target = Union[FileTarget, StderrTarget, SyslogTarget]
 
 
 def make_target(t: Any) -> Target:
-    """A target object from a config LogTarget (or anything with the same attributes)."""
-    kind = getattr(t, "kind", "file")
-    level = getattr(t, "level", None) or "error"
-    if kind == "stderr":
-        return StderrTarget(level)
-    if kind == "syslog":
-        return SyslogTarget(getattr(t, "server", None), level,
-                            getattr(t, "facility", None) or "local7",
-                            getattr(t, "tag", None) or "mailproxy",
-                            bool(getattr(t, "nohostname", False)))
-    return FileTarget(t.path, level)
+    """A target object from a config LogTarget (config/types.py, not imported: it imports
+    this module)."""
+    if t.kind == "stderr":
+        return StderrTarget(t.level)
+    if t.kind == "syslog":
+        return SyslogTarget(t.server, t.level, t.facility, t.tag, t.nohostname)
+    return FileTarget(t.path, t.level)
 
 
 class ErrorLog:

@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from mailproxy.config import server_defaults
+from mailproxy.config import Config, listen_defaults, server_defaults
+from mailproxy.log import ErrorLog
+from mailproxy.runtime import Runtime
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = [sys.executable, str(REPO / "mailproxy.py")]
@@ -585,13 +586,10 @@ class _EchoSession:
             self.sock.close()
 
 
-def _listen(host, port, **kw):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    base = dict(host=host, port=port, family=family, ssl=False, proxy_protocol=False,
-                backlog=1024, rcvbuf=None, sndbuf=None, ipv6only=True, so_keepalive=None,
-                multipath=False, bind=False, text="%s:%d" % (host or "*", port))
-    base.update(kw)
-    return SimpleNamespace(**base)
+def _runtime():
+    """A worker's Runtime as the listeners get it (the relay is never reached: the stub session
+    answers by itself) with an error log writing nowhere."""
+    return Runtime(Config("mailproxy.ini"), ErrorLog([]), relay=None)
 
 
 @pytest.fixture
@@ -603,17 +601,17 @@ def stub_sessions(monkeypatch):
 def test_wildcard_and_specific_share_one_socket(stub_sessions):
     from mailproxy import listeners
     port = free_port()
-    wild = server_defaults("pop3", name="wild", listen=[_listen("", port, backlog=2048)])
-    spec = server_defaults("pop3", name="spec", listen=[_listen("127.0.0.1", port)])
+    wild = server_defaults("pop3", name="wild", listen=[listen_defaults("", port, backlog=2048)])
+    spec = server_defaults("pop3", name="spec", listen=[listen_defaults("127.0.0.1", port)])
     other_port = free_port()
     alone = server_defaults("pop3", name="alone",
-                            listen=[_listen("127.0.0.1", other_port,
-                                            so_keepalive=(30, 10, 3), rcvbuf=65536)])
+                            listen=[listen_defaults("127.0.0.1", other_port,
+                                                    so_keepalive=(30, 10, 3), rcvbuf=65536)])
     bound, removed = listeners.bind_all([wild, spec, alone])
     assert removed == []
     try:
         assert len(bound) == 2
-        rt = SimpleNamespace(log=None)
+        rt = _runtime()
         for lst in bound.values():
             lst.start(rt, poll_interval=0.05)
         assert greeting(port, "127.0.0.1") == b"spec nodelay=1\r\n"
@@ -626,7 +624,7 @@ def test_wildcard_and_specific_share_one_socket(stub_sessions):
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
         # reload: swap routes without rebinding, drop the other port
-        spec2 = server_defaults("pop3", name="spec2", listen=[_listen("127.0.0.1", port)])
+        spec2 = server_defaults("pop3", name="spec2", listen=[listen_defaults("127.0.0.1", port)])
         again, removed = listeners.bind_all([wild, spec2], bound)
         assert again[next(iter(k for k in again))] is by_port[port]
         assert removed == [by_port[other_port]]
@@ -642,7 +640,7 @@ def test_bind_error_message(stub_sessions):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        conf = server_defaults("pop3", name="x", listen=[_listen("127.0.0.1", port)])
+        conf = server_defaults("pop3", name="x", listen=[listen_defaults("127.0.0.1", port)])
         with pytest.raises(listeners.ListenError) as e:
             listeners.bind_all([conf])
         assert str(e.value) == "bind() to 127.0.0.1:%d failed (98: Address already in use)" % port
@@ -656,11 +654,11 @@ def test_ipv6_listener(stub_sessions):
         port = free_port("::1")
     except OSError:
         pytest.skip("no ::1")
-    conf = server_defaults("pop3", name="six", listen=[_listen("::1", port)])
+    conf = server_defaults("pop3", name="six", listen=[listen_defaults("::1", port)])
     bound, _ = listeners.bind_all([conf])
     try:
         for lst in bound.values():
-            lst.start(SimpleNamespace(log=None), poll_interval=0.05)
+            lst.start(_runtime(), poll_interval=0.05)
         assert greeting(port, "::1") == b"six nodelay=1\r\n"
     finally:
         for lst in bound.values():

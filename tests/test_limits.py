@@ -10,8 +10,9 @@ import time
 import pytest
 
 from mailproxy import limits
-from mailproxy.config import server_defaults
+from mailproxy.config import Config, listen_defaults, server_defaults
 from mailproxy.listeners import HandlerPool
+from mailproxy.runtime import Runtime
 from tests.support.common import RecordingLog, wait_for
 from tests.support.mailbackends import Pop3Backend
 from tests.support.process import free_port, server_block
@@ -307,19 +308,15 @@ class _NoThreads:
 def test_no_thread_to_be_had_is_said_not_silent():
     """Under a task limit a thread cannot start: the client gets the temporary failure and the
     log says why (before: an alert naming nothing but the address)."""
-    from types import SimpleNamespace
     from mailproxy import listeners
     port = free_port()
-    listen = SimpleNamespace(host="127.0.0.1", port=port, family=socket.AF_INET, ssl=False,
-                             proxy_protocol=False, backlog=16, rcvbuf=None, sndbuf=None,
-                             ipv6only=True, so_keepalive=None, multipath=False, bind=False,
-                             text="127.0.0.1:%d" % port)
+    listen = listen_defaults("127.0.0.1", port, backlog=16)
     conf = server_defaults("pop3", name="p", listen=[listen], timeout=5.0)
     bound, _ = listeners.bind_all([conf])
     (lst,) = bound.values()
     log = RecordingLog()
-    lst.start(SimpleNamespace(log=log, admission=limits.Admission(), log_for=lambda c: log),
-              poll_interval=0.05)
+    # a worker's Runtime (the relay is never reached: no thread, no session)
+    lst.start(Runtime(Config("mailproxy.ini"), log, relay=None), poll_interval=0.05)
     lst.pool = _NoThreads()
     try:
         with connect(port) as s:

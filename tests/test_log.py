@@ -4,20 +4,18 @@ import os
 import re
 import socket
 import threading
-from types import SimpleNamespace
 
 import pytest
 
+from mailproxy.config import LogTarget
 from mailproxy.log import ErrorLog, sanitize
 
 LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[(\w+)\] (\d+)#(\d+): (.*)$")
 
 
 def target(kind="file", path=None, level="info", **kw):
-    base = dict(kind=kind, path=path, level=level, server=None, facility=None, tag=None,
-                nohostname=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    """A config LogTarget as error_log's parser makes it (its defaults, then `kw`)."""
+    return LogTarget(kind, path=path, level=level, **kw)
 
 
 def lines(path):
