@@ -87,7 +87,7 @@ def _warn_native_tls(cfg, log):
     (tls.build_server); the one thing left weaker, with no directive, is said here: a client
     proposing another protocol by ALPN is not refused."""
     tls_servers = [s for s in cfg.servers if s.starttls != "off"
-                   or any(getattr(li, "ssl", False) for li in s.listen)]
+                   or any(li.ssl for li in s.listen)]
     if not tls_servers:
         return
     from . import tls_native

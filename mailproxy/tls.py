@@ -80,7 +80,7 @@ def _err(conf, key, message):
 
 def uses_tls(conf: ServerConf) -> bool:
     """True for a server with `listen ... ssl` or `starttls`."""
-    return conf.starttls != "off" or any(getattr(li, "ssl", False) for li in conf.listen)
+    return conf.starttls != "off" or any(li.ssl for li in conf.listen)
 
 
 def build_server(conf: ServerConf) -> Optional[ServerTLS]:
