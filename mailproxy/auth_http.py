@@ -125,11 +125,11 @@ def _safe(value):
 
 def build_request(url: Any, req: AuthRequest) -> bytes:
     """The exact request of ngx_mail_auth_http_create_request (header order included)."""
-    host = getattr(url, 'host_header', None)
+    host = url.host_header
     if not host:
-        host = 'localhost' if getattr(url, 'unix', None) else (getattr(url, 'host', '') or '')
+        host = 'localhost' if url.unix else (url.host or '')
     out = [
-        b'GET ', _safe(getattr(url, 'uri', None) or '/'), b' HTTP/1.0\r\n',
+        b'GET ', _safe(url.uri or '/'), b' HTTP/1.0\r\n',
         b'Host: ', _safe(host), b'\r\n',
         b'Auth-Method: ', _safe(req.method), b'\r\n',
         b'Auth-User: ', escape(_b(req.user)), b'\r\n',
@@ -373,9 +373,8 @@ def _premature(peer):
 
 def peer_name(url: Any) -> str:
     """`ip:port`, `[v6]:port` or `unix:/path`, as nginx names the auth peer."""
-    unix = getattr(url, 'unix', None)
-    if unix:
-        return 'unix:%s' % unix
+    if url.unix:
+        return 'unix:%s' % url.unix
     return addr_text(url.sockaddr[0], url.sockaddr[1])
 
 
@@ -394,15 +393,12 @@ def _exchange(url, request, req, peer, timeout):
     if timeout is None:
         timeout = 60.0                      # auth_http_timeout's default
     deadline = time.monotonic() + timeout
-    unix = getattr(url, 'unix', None)
-    if unix:
+    if url.unix:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = unix
+        address = url.unix
     else:
         address = url.sockaddr
-        family = getattr(url, 'family', None) or (
-            socket.AF_INET6 if len(address) == 4 or ':' in address[0] else socket.AF_INET)
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(url.family, socket.SOCK_STREAM)
     try:
         # The kernel bounds each call (ktimeout: SO_SNDTIMEO also bounds a blocking connect);
         # the socket stays blocking, so no ioctl and no poll per call.

@@ -1,25 +1,25 @@
 import socket
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from mailproxy import auth_http
+from mailproxy.config import AuthURL
 from mailproxy.auth_http import (AuthHttpError, AuthRequest, AuthResult,
                                  build_request, escape, parse_response, query)
 
 
 def make_url(port=9000, host='127.0.0.1', uri='/auth', host_header=None, unix=None):
     if unix:
-        return SimpleNamespace(text='unix:' + unix + ':' + uri, host=None, port=None, uri=uri,
-                               unix=unix, host_header=host_header or 'localhost',
-                               family=socket.AF_UNIX, sockaddr=None)
+        return AuthURL(text='unix:' + unix + ':' + uri, host='', port=0, uri=uri,
+                       unix=unix, host_header=host_header or 'localhost',
+                       family=socket.AF_UNIX, sockaddr=None)
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
     sockaddr = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
-    return SimpleNamespace(text='http://%s:%d%s' % (host, port, uri), host=host, port=port,
-                           uri=uri, unix=None, host_header=host_header or host,
-                           family=family, sockaddr=sockaddr)
+    return AuthURL(text='http://%s:%d%s' % (host, port, uri), host=host, port=port,
+                   uri=uri, unix=None, host_header=host_header or host,
+                   family=family, sockaddr=sockaddr)
 
 
 def plain_req(**kw):
