@@ -165,7 +165,7 @@ class ProxyTarget:
         self.pid = None
         self.known = {}
         self.ini_text = render_ini(template, tmp=tmp, name=name, workers=workers,
-                                   auth_port=auth_port,
+                                   auth_port=auth_port, nofile=nofile,
                                    **{k + '_port': v for k, v in self.ports.items()},
                                    **(fields or {}))
         self.ini = os.path.join(tmp, name + '.ini')
