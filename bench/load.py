@@ -124,9 +124,11 @@ def logout_step(proto):
 # blocking client (throughput)
 
 class SyncClient:
-    def __init__(self, port, timeout=60.0):
+    def __init__(self, port, timeout=60.0, tls=None):
         self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:         # an ssl.SSLContext: implicit TLS, handshake here
+            self.sock = tls.wrap_socket(self.sock)
         self.buf = b''
 
     def expect(self, check, what):
@@ -178,13 +180,14 @@ class SyncClient:
             pass
 
 
-def throughput_worker(proto, port, size, direct, barrier, result_q, idx):
-    """One session moving `size` body bytes; puts (idx, ok, t0, t1, nbytes, error) on result_q."""
+def throughput_worker(proto, port, size, direct, barrier, result_q, idx, tls=None):
+    """One session moving `size` body bytes; puts (idx, ok, t0, t1, nbytes, error) on result_q.
+    tls: an ssl.SSLContext for implicit TLS."""
     raise_nofile()
     mv = memoryview(bytearray(1 << 20))
     t0 = t1 = 0.0
     try:
-        cl = SyncClient(port)
+        cl = SyncClient(port, tls=tls)
         cl.expect(greeting_check(proto), 'greeting')
         steps = direct_login_steps(proto) if direct else login_steps(proto)
         for data, check in steps:
@@ -392,12 +395,14 @@ def rate_steps(proto, direct):
     return steps
 
 
-def rate_worker(proto, port, direct, conc, start_at, duration, max_sessions, result_q, idx):
+def rate_worker(proto, port, direct, conc, start_at, duration, max_sessions, result_q, idx,
+                make_loop=Loop, steps=None):
     """Keep `conc` short sessions in flight from start_at for `duration` s (at most
-    `max_sessions` started); then let the ones in flight finish (5 s at most)."""
+    `max_sessions` started); then let the ones in flight finish (5 s at most).
+    make_loop(port): the Loop (load_tls.TLSLoop for TLS); steps: the session's script."""
     raise_nofile()
-    loop = Loop(port)
-    steps = rate_steps(proto, direct)
+    loop = make_loop(port)
+    steps = steps or rate_steps(proto, direct)
     started = 0
     lat = loop.latencies
     end_times = []
@@ -437,17 +442,20 @@ def rate_worker(proto, port, direct, conc, start_at, duration, max_sessions, res
     result_q.put((idx, dict(started=started, ok=loop.ok, in_window=in_window,
                             duration=duration, errors=loop.errors,
                             error_kinds=loop.error_kinds, latencies=lat,
-                            last_end=(max(end_times) - t_start) if end_times else 0.0)))
+                            last_end=(max(end_times) - t_start) if end_times else 0.0,
+                            handshakes=getattr(loop, 'handshakes', 0),
+                            reused=getattr(loop, 'reused', 0))))
 
 
-def idle_worker(proto, port, direct, count, inflight, conn, idx):
+def idle_worker(proto, port, direct, count, inflight, conn, idx, make_loop=Loop, steps=None):
     """Open `count` logged-in sessions (at most `inflight` logging in at once), report, then
     on 'noop' send a NOOP on every session at once and wait for all replies, on 'close'
-    close everything.  conn: a multiprocessing Pipe end."""
+    close everything.  conn: a multiprocessing Pipe end.  make_loop, steps: as rate_worker's."""
     raise_nofile()
-    loop = Loop(port)
-    steps = [(None, greeting_check(proto))]
-    steps += direct_login_steps(proto) if direct else login_steps(proto)
+    loop = make_loop(port)
+    if not steps:
+        steps = [(None, greeting_check(proto))]
+        steps += direct_login_steps(proto) if direct else login_steps(proto)
     idle = []
     opened = 0
     open_fail = 0

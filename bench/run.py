@@ -32,9 +32,10 @@ sys.path.insert(0, BENCH)
 import load      # noqa: E402
 import servers   # noqa: E402
 import targets as tg   # noqa: E402
+import tls_cases       # noqa: E402
 
 ALL_TARGETS = ['mailproxy', 'mailproxyauto', 'nginx1', 'nginxauto', 'direct']
-ALL_SCENARIOS = ['throughput', 'rate', 'idle']
+ALL_SCENARIOS = ['throughput', 'rate', 'idle'] + tls_cases.KINDS
 REFERENCE = 'nginx1'
 
 
@@ -89,12 +90,12 @@ class Services:
 # ---------------------------------------------------------------------------------------------
 # scenarios (one measurement of one target)
 
-def measure_throughput(target, proto, nsess, size, direct):
-    port = target.ports[proto]
+def measure_throughput(target, proto, nsess, size, direct, port=None, tls=None):
+    port = port or target.ports[proto]
     barrier = mp.Barrier(nsess + 1)
     q = mp.Queue()
     procs = [mp.Process(target=load.throughput_worker,
-                        args=(proto, port, size, direct, barrier, q, i), daemon=True)
+                        args=(proto, port, size, direct, barrier, q, i, tls), daemon=True)
              for i in range(nsess)]
     for p in procs:
         p.start()
@@ -138,13 +139,16 @@ def split(n, parts):
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def measure_rate(target, proto, conc, duration, direct, nproc):
-    port = target.ports[proto]
+def measure_rate(target, proto, conc, duration, direct, nproc, port=None, make_loop=load.Loop,
+                 steps=None):
+    port = port or target.ports[proto]
     q = mp.Queue()
     shares = [c for c in split(conc, nproc) if c]
-    start_at = time.time() + 0.3
+    # TLS resumption: each process first makes the session it resumes (before the window)
+    start_at = time.time() + (0.3 if make_loop is load.Loop else 1.0)
     procs = [mp.Process(target=load.rate_worker,
-                        args=(proto, port, direct, c, start_at, duration, 1000000, q, i),
+                        args=(proto, port, direct, c, start_at, duration, 1000000, q, i,
+                              make_loop, steps),
                         daemon=True) for i, c in enumerate(shares)]
     for p in procs:
         p.start()
@@ -180,11 +184,15 @@ def measure_rate(target, proto, conc, duration, direct, nproc):
                p50_ms=(pct(lat, 50) or 0) * 1000, p99_ms=(pct(lat, 99) or 0) * 1000)
     if cpu0 is not None and ok:
         out['cpu_us_per_session'] = (cpu1 - cpu0) * 1e6 / ok
+    handshakes = sum(r.get('handshakes', 0) for r in res)
+    if handshakes:
+        out['resumed_pct'] = 100.0 * sum(r.get('reused', 0) for r in res) / handshakes
     return out
 
 
-def measure_idle(target, proto, count, direct, nproc):
-    port = target.ports[proto]
+def measure_idle(target, proto, count, direct, nproc, port=None, make_loop=load.Loop,
+                 steps=None):
+    port = port or target.ports[proto]
     target.start()
     time.sleep(0.3)
     rss0 = target.rss_kb()
@@ -194,8 +202,8 @@ def measure_idle(target, proto, count, direct, nproc):
     procs = []
     for i, c in enumerate(shares):
         a, b = mp.Pipe()
-        p = mp.Process(target=load.idle_worker, args=(proto, port, direct, c, 16, b, i),
-                       daemon=True)
+        p = mp.Process(target=load.idle_worker,
+                       args=(proto, port, direct, c, 16, b, i, make_loop, steps), daemon=True)
         p.start()
         pipes.append(a)
         procs.append(p)
@@ -274,6 +282,7 @@ FIGURES = {
     'rss_kb_per_session': ('RSS KB/session', '%.1f', False),
     'rss_mb': ('RSS total MB', '%.1f', False),
     'threads': ('threads', '%.0f', False),
+    'resumed_pct': ('resumed %', '%.0f', True),
 }
 
 CASE_FIGURES = {
@@ -281,6 +290,9 @@ CASE_FIGURES = {
     'rate': ['rate', 'p50_ms', 'p99_ms', 'cpu_us_per_session', 'errors'],
     'idle': ['held', 'errors', 'open_s', 'noop_s', 'rss_kb_per_session', 'rss_mb', 'threads'],
 }
+CASE_FIGURES['tls-throughput'] = CASE_FIGURES['throughput']
+CASE_FIGURES['tls-rate'] = CASE_FIGURES['rate'][:-1] + ['resumed_pct', 'errors']
+CASE_FIGURES['tls-idle'] = CASE_FIGURES['idle']
 
 
 def cell(values, key, ref):
@@ -348,9 +360,14 @@ def main(argv=None):
     ap.add_argument('--quick', action='store_true', help='small version of everything (~2 min)')
     ap.add_argument('--targets', default=','.join(ALL_TARGETS))
     ap.add_argument('--scenarios', default=','.join(ALL_SCENARIOS),
-                    help='throughput, rate, idle (or a case name such as rate-imap-c16)')
+                    help='throughput, rate, idle, tls-throughput, tls-rate, tls-idle (or a case '
+                    'name such as rate-imap-c16)')
     ap.add_argument('--zipapp', help='run mailproxy from this zipapp instead of the checkout')
     ap.add_argument('--ini', default=os.path.join(BENCH, 'bench.ini'))
+    ap.add_argument('--tls-ini', default=os.path.join(BENCH, 'bench-tls.ini'),
+                    help='the INI of the tls-* scenarios')
+    ap.add_argument('--no-quickack', action='store_true',
+                    help='tls-rate/tls-idle clients with delayed ACKs (as most clients)')
     ap.add_argument('--reps', type=int, help='repetitions of each case')
     ap.add_argument('--json', help='also write the raw results here')
     ap.add_argument('--keep', action='store_true', help='keep the temporary folder')
@@ -372,24 +389,48 @@ def main(argv=None):
     else:
         p = dict(size=10 ** 8, tp_sessions=[1, 8], tp_reps=3, rate_conc=[16, 64],
                  rate_duration=2.0, rate_reps=3, idle_counts=[1000, 5000, max_idle], idle_reps=2)
+    p['tls'] = tls_cases.params(args.quick, max_idle)
     if args.reps:
         p.update(tp_reps=args.reps, rate_reps=args.reps, idle_reps=args.reps)
+        p['tls'].update(tp_reps=args.reps, rate_reps=args.reps, idle_reps=args.reps)
     gen_procs = max(2, ncpu)
 
     with open(args.ini) as f:
         template = f.read()
+
+    cases = []
+    for proto in tg.PROTOS:
+        for n in p['tp_sessions']:
+            cases.append(('throughput', '%s-%s-x%d' % (proto, 'FETCH' if proto == 'imap' else
+                                                         'RETR' if proto == 'pop3' else 'DATA', n),
+                          proto, n, p['tp_reps'], None))
+    for proto in tg.PROTOS:
+        for c in p['rate_conc']:
+            cases.append(('rate', 'rate-%s-c%d' % (proto, c), proto, c, p['rate_reps'], None))
+    for n in p['idle_counts']:
+        cases.append(('idle', 'idle-imap-%d' % n, 'imap', n, p['idle_reps'], None))
+    cases += tls_cases.cases(p['tls'])
+    cases = [c for c in cases if c[0] in wanted or c[1] in wanted]
+    use_tls = any(c[0].startswith('tls-') for c in cases)
+    if use_tls:
+        with open(args.tls_ini) as f:
+            tls_template = f.read()
     tmp = tempfile.mkdtemp(prefix='mailproxy-bench-')
     os.chmod(tmp, 0o755)
     mp_cmd = ([sys.executable, os.path.abspath(args.zipapp)] if args.zipapp
               else [sys.executable, os.path.join(tg.REPO, 'mailproxy.py')])
     svc = Services()
     tgts = {}
+    ttgts = {}          # the same targets on bench-tls.ini
     results = dict(machine=machine(), params=p, command=' '.join(['python3', 'bench/run.py']
                                                                   + (argv or sys.argv[1:])),
                    date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), order=[], cases={})
     t_begin = time.monotonic()
     try:
         svc.start()
+        if use_tls:     # both proxies read the same two certificates
+            os.makedirs(os.path.join(tmp, 'tls'))
+            fields = tls_cases.make_certs(tmp)
         log('backends %s, auth_http %d, tmp %s, RLIMIT_NOFILE %d'
             % (svc.backend_ports, svc.auth_port, tmp, nofile))
         for name in target_names:
@@ -406,38 +447,35 @@ def main(argv=None):
                                cmd=mp_cmd, nofile=nofile)
             t.check()
             tgts[name] = t
-        names = [n for n in target_names if n in tgts]
+            if use_tls:
+                t = tg.ProxyTarget(name, kind, workers, os.path.join(tmp, 'tls'), tls_template,
+                                   svc.auth_port, cmd=mp_cmd, nofile=nofile, fields=fields)
+                t.check()
+                ttgts[name] = t
+        groups = {'plain': tgts, 'tls': ttgts}
 
-        cases = []
-        for proto in tg.PROTOS:
-            for n in p['tp_sessions']:
-                cases.append(('throughput', '%s-%s-x%d' % (proto, 'FETCH' if proto == 'imap' else
-                                                             'RETR' if proto == 'pop3' else 'DATA', n),
-                              proto, n, p['tp_reps']))
-        for proto in tg.PROTOS:
-            for c in p['rate_conc']:
-                cases.append(('rate', 'rate-%s-c%d' % (proto, c), proto, c, p['rate_reps']))
-        for n in p['idle_counts']:
-            cases.append(('idle', 'idle-imap-%d' % n, 'imap', n, p['idle_reps']))
-        cases = [c for c in cases if c[0] in wanted or c[1] in wanted]
+        def tls_kw(kind, t, extra):
+            return tls_cases.kwargs(kind, t, extra, quickack=not args.no_quickack)
 
-        running = set()
-        for kind, case, proto, n, reps in cases:
-            if kind in ('throughput', 'rate'):
-                for name in names:
-                    if name not in running:
-                        tgts[name].start()
-                        running.add(name)
-            else:
-                for name in list(running):
-                    tgts[name].stop()
-                    running.discard(name)
+        running = set()         # (group, name)
+        for kind, case, proto, n, reps, extra in cases:
+            group = 'tls' if kind.startswith('tls-') else 'plain'
+            pool = groups[group]
+            names = [n_ for n_ in target_names if n_ in pool]
+            # throughput and rate run on started targets; idle starts one per measurement
+            want = set() if kind.endswith('idle') else {(group, n_) for n_ in names}
+            for key in sorted(running - want):
+                groups[key[0]][key[1]].stop()
+                running.discard(key)
+            for key in sorted(want - running):
+                groups[key[0]][key[1]].start()
+                running.add(key)
             results['order'].append(case)
             entry = results['cases'][case] = dict(kind=kind, runs={})
             for rep in range(reps):
                 order = names if rep % 2 == 0 else names[::-1]
                 for name in order:
-                    t = tgts[name]
+                    t = pool[name]
                     direct = name == 'direct'
                     t0 = time.monotonic()
                     try:
@@ -445,12 +483,21 @@ def main(argv=None):
                             r = measure_throughput(t, proto, n, p['size'], direct)
                         elif kind == 'rate':
                             r = measure_rate(t, proto, n, p['rate_duration'], direct, gen_procs)
-                        else:
+                        elif kind == 'idle':
                             r = measure_idle(t, proto, n, direct, max(2, (n + 2499) // 2500))
+                        elif kind == 'tls-throughput':
+                            r = measure_throughput(t, proto, n, p['tls']['size'], False,
+                                                   **tls_kw(kind, t, extra))
+                        elif kind == 'tls-rate':
+                            r = measure_rate(t, proto, n, p['tls']['rate_duration'], False,
+                                             gen_procs, **tls_kw(kind, t, extra))
+                        else:
+                            r = measure_idle(t, proto, n, False, max(2, (n + 2499) // 2500),
+                                             **tls_kw(kind, t, extra))
                     except Exception as e:      # one failed measurement does not end the run
                         log('%s rep %d %s FAILED: %s' % (case, rep + 1, name, e))
                         r = dict(errors=n, error_text=[str(e)[:300]])
-                        if kind != 'idle':
+                        if not kind.endswith('idle'):
                             try:
                                 t.stop()
                                 t.start()
@@ -461,16 +508,17 @@ def main(argv=None):
                     short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                              if k in ('mbps', 'cpu_ms_per_mb', 'rate', 'p99_ms',
                                       'cpu_us_per_session', 'held', 'noop_s',
-                                      'rss_kb_per_session', 'threads', 'errors')}
+                                      'rss_kb_per_session', 'threads', 'errors',
+                                      'resumed_pct')}
                     log('%s rep %d %s: %s' % (case, rep + 1, name, short))
                     if r.get('errors') and (r.get('error_kinds') or r.get('error_text')):
                         log('   errors: %s' % (r.get('error_kinds') or r.get('error_text')))
-        for name in list(running):
-            tgts[name].stop()
+        for key in list(running):
+            groups[key[0]][key[1]].stop()
     except KeyboardInterrupt:
         log('interrupted')
     finally:
-        for t in tgts.values():
+        for t in list(tgts.values()) + list(ttgts.values()):
             t.stop()
         svc.stop()
         if not args.keep:
@@ -484,6 +532,10 @@ def main(argv=None):
     print('median [min-max] (ratio to %s) over %s repetitions; %s\n'
           % (REFERENCE, '/'.join(str(p[k]) for k in ('tp_reps', 'rate_reps', 'idle_reps')),
              'throughput %d MB per session' % (p['size'] // 10 ** 6)))
+    if use_tls:
+        print('TLS: %d MB per session; median over %s repetitions'
+              % (p['tls']['size'] // 10 ** 6,
+                 '/'.join(str(p['tls'][k]) for k in ('tp_reps', 'rate_reps', 'idle_reps'))))
     print(table(results, [n for n in target_names if n in tgts]))
     if args.json:
         with open(args.json, 'w') as f:

@@ -147,7 +147,8 @@ class Direct:
 class ProxyTarget:
     is_proxy = True
 
-    def __init__(self, name, kind, workers, tmp, template, auth_port, cmd=None, nofile=1024):
+    def __init__(self, name, kind, workers, tmp, template, auth_port, cmd=None, nofile=1024,
+                 fields=None):
         self.name = name
         self.kind = kind                # 'mailproxy' or 'nginx'
         self.workers = workers
@@ -156,13 +157,17 @@ class ProxyTarget:
         self.auth_port = auth_port
         self.cmd = cmd
         self.nofile = nofile
-        self.ports = {p: free_port() for p in PROTOS}
+        # a port for every ${X_port} of the template (bench-tls.ini has imaps, pop3s, ...)
+        ids = string.Template(template).get_identifiers()
+        self.listened = [i[:-5] for i in ids if i.endswith('_port') and i != 'auth_port']
+        self.ports = {p: free_port() for p in set(PROTOS) | set(self.listened)}
         self.proc = None
         self.pid = None
         self.known = {}
         self.ini_text = render_ini(template, tmp=tmp, name=name, workers=workers,
-                                   auth_port=auth_port, imap_port=self.ports['imap'],
-                                   pop3_port=self.ports['pop3'], smtp_port=self.ports['smtp'])
+                                   auth_port=auth_port, nofile=nofile,
+                                   **{k + '_port': v for k, v in self.ports.items()},
+                                   **(fields or {}))
         self.ini = os.path.join(tmp, name + '.ini')
         with open(self.ini, 'w') as f:
             f.write(self.ini_text)
@@ -210,12 +215,13 @@ class ProxyTarget:
                     tail = ''
                 raise RuntimeError('%s did not start:\n%s' % (self.name, tail))
             time.sleep(0.02)
-        # ready when every port greets (the workers have started)
-        for proto, port in self.ports.items():
+        # ready when every port greets (the workers have started); a TLS port when it accepts
+        for proto in self.listened:
+            port = self.ports[proto]
             while True:
                 try:
                     with socket.create_connection(('127.0.0.1', port), timeout=2) as s:
-                        if s.recv(100):
+                        if proto not in PROTOS or s.recv(100):
                             break
                 except OSError:
                     pass
