@@ -157,15 +157,26 @@ class StartTLSRefused(Exception):
         self.reply = reply
 
 
-@dataclass(frozen=True)
 class Peer:
     """Where the client is and where it connected: the addresses a backend login may carry
-    (XCLIENT, IMAP ID).  `local` is our accepting address; `proxied_local` the destination a
-    trusted PROXY header named (set_real_ip_from), else None."""
-    ip: Optional[str]
-    port: Optional[int]
-    local: Optional[Tuple[str, int]] = None
-    proxied_local: Optional[Tuple[str, int]] = None
+    (XCLIENT, IMAP ID).  `local` is our accepting address, asked of `sockname` (the session's
+    getsockname) only when a login reads it: most logins never do, and it is a system call;
+    `proxied_local` is the destination a trusted PROXY header named (set_real_ip_from)."""
+
+    __slots__ = ("ip", "port", "proxied_local", "_local", "_sockname")
+
+    def __init__(self, ip: Optional[str], port: Optional[int],
+                 local: Optional[Tuple[str, int]] = None,
+                 proxied_local: Optional[Tuple[str, int]] = None,
+                 sockname: Optional[Callable[[], Optional[Tuple[str, int]]]] = None):
+        self.ip, self.port, self.proxied_local = ip, port, proxied_local
+        self._local, self._sockname = local, sockname
+
+    @property
+    def local(self) -> Optional[Tuple[str, int]]:
+        if self._local is None and self._sockname is not None:
+            self._local, self._sockname = self._sockname(), None
+        return self._local
 
 
 # ---- the client side ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import errno as errno_mod
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Tuple
 
 from . import auth_http, backend, ktimeout, limits, proxy_protocol, resolver
 from . import tls                   # implicit TLS, STARTTLS
@@ -410,16 +410,18 @@ class Session:
 
     def peer(self) -> Peer:
         """The addresses a backend login may carry (XCLIENT, IMAP ID)."""
-        try:
-            name = self.sock.getsockname()
-            local = (name[0], name[1]) if isinstance(name, tuple) else None
-        except OSError:
-            local = None
         hdr = self.proxy_header
         proxied = None
         if hdr and self.proxy_trusted and hdr[2] is not None:
             proxied = (hdr[2], hdr[3])      # where the client went: set_real_ip_from peers only
-        return Peer(self.client_ip, self.client_port, local, proxied)
+        return Peer(self.client_ip, self.client_port, None, proxied, self._sockname)
+
+    def _sockname(self) -> Optional[Tuple[str, int]]:
+        try:
+            name = self.sock.getsockname()
+        except OSError:
+            return None
+        return (name[0], name[1]) if isinstance(name, tuple) else None
 
     def connect_and_login(self, host: str, port: int, user: Optional[bytes],
                           passwd: Optional[bytes]) -> NoReturn:

@@ -5,8 +5,8 @@ import pytest
 
 from mailproxy import conversation
 from mailproxy.clientio import Refused
-from mailproxy.conversation import (CLOSE, Authenticate, BackendLogin, Conversation, Log, Reply,
-                                    StartTLS, ToBackend, safe_credential)
+from mailproxy.conversation import (CLOSE, Authenticate, BackendLogin, Conversation, Log, Peer,
+                                    Reply, StartTLS, ToBackend, safe_credential)
 from mailproxy.pop3 import Pop3Conversation
 from mailproxy.protocols import PORTS, PROTOCOLS
 from playbook import closing, reply
@@ -241,3 +241,17 @@ def test_each_descriptor_names_its_conversation():
     from mailproxy.listeners import Listener
     from mailproxy.session import Session
     assert Listener.session_class is Session
+
+
+def test_peer_asks_for_the_local_address_once_and_only_when_read():
+    calls = []
+
+    def sockname():
+        calls.append(1)
+        return ("127.0.0.1", 110)
+    peer = Peer("192.0.2.7", 40000, sockname=sockname)
+    assert (peer.ip, peer.port, peer.proxied_local) == ("192.0.2.7", 40000, None)
+    assert calls == []                      # a POP3 login never reads it: no system call
+    assert peer.local == ("127.0.0.1", 110) and peer.local == ("127.0.0.1", 110)
+    assert calls == [1]
+    assert Peer("192.0.2.7", 1, ("::1", 25)).local == ("::1", 25)
