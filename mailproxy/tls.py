@@ -269,6 +269,8 @@ def _build_context(conf, st, pairs, cert_key):
     # -- sessions
     if not conf.ssl_session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
+    elif len(st.ticket_keys or ()) == 1 and n.ticket_key(ctx, st.ticket_keys[0]):
+        pass    # one 80-byte key: OpenSSL's own ticket code uses it, no Python per handshake
     elif st.ticket_keys:
         try:
             # on the context itself: a session's SSLSocket keeps it, and so the callback, alive

@@ -69,6 +69,7 @@ class Native:
     SSL_CTRL_SET_SESS_CACHE_MODE = 44
     SSL_CTRL_SET_GROUPS_LIST = 92
     SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB = 72
+    SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
     TLS1_3_VERSION = 0x0304
     SSL_SESS_CACHE_OFF = 0
     SSL_SESS_CACHE_SERVER = 2
@@ -362,6 +363,16 @@ class Native:
         cb = self.ALPN_CB(select_cb)
         self.SSL_CTX_set_alpn_select_cb(self.ctx_ptr(context), cb, None)
         return (cb, buf)                # the caller keeps them alive with the context
+
+    def ticket_key(self, context: ssl.SSLContext, key: bytes) -> bool:
+        """One 80-byte key (nginx's layout: name, HMAC secret, AES-256 key, which is OpenSSL's
+        own) handed to OpenSSL itself (SSL_CTX_set_tlsext_ticket_keys): its tickets are then
+        made and read in C, with no callback into Python per handshake.  False if refused."""
+        if len(key) != 80:
+            return False
+        buf = self.ct.create_string_buffer(key, len(key))
+        return self.SSL_CTX_ctrl(self.ctx_ptr(context), self.SSL_CTRL_SET_TLSEXT_TICKET_KEYS,
+                                 len(key), self.ct.cast(buf, self.ct.c_void_p)) == 1
 
     def ticket_keys(self, context: ssl.SSLContext, keys: Sequence[bytes]) -> Tuple[Any, Any]:
         """ngx_ssl_session_ticket_keys + ngx_ssl_ticket_key_callback: `keys` (48 or 80 bytes in
