@@ -361,14 +361,22 @@ class Loop:
         if not r:
             self.fail(s, 'bad reply at step %d: %r' % (s.i, s.buf[:60]))
             return
+        sent = s.steps[s.i][0]
         s.buf = b''
         s.i += 1
         if s.i >= len(s.steps):
             on_done(s, now, 'done')
             return
+        if self.after_reply(s, sent, now, on_done):
+            return
         data = s.steps[s.i][0]
         if data:
             self.send(s, data)
+
+    def after_reply(self, s, sent, now, on_done):
+        """A step's reply came (`sent` was its command): True when the subclass took over
+        (load_tls.TLSLoop starts TLS after STARTTLS), else the next command is sent."""
+        return False
 
     def poll(self, timeout, on_done):
         try:

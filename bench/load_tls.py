@@ -160,28 +160,11 @@ class TLSLoop(load.Loop):
             self.ep.modify(s.fd, load.EPOLLIN | load.EPOLLOUT)
         return True
 
-    def advance(self, s, now, on_done):
-        if s.i >= len(s.steps):          # idle: nothing expected
-            s.buf = b''
-            return
-        r = s.steps[s.i][1](s.buf)
-        if r is None:
-            return
-        if not r:
-            self.fail(s, 'bad reply at step %d: %r' % (s.i, s.buf[:60]))
-            return
-        sent = s.steps[s.i][0]
-        s.buf = b''
-        s.i += 1
-        if s.i >= len(s.steps):
-            on_done(s, now, 'done')
-            return
-        if sent == STARTTLS:
-            self.start_tls(s, now, on_done)
-            return
-        data = s.steps[s.i][0]
-        if data:
-            self.send(s, data)
+    def after_reply(self, s, sent, now, on_done):
+        if sent != STARTTLS:
+            return False
+        self.start_tls(s, now, on_done)
+        return True
 
     def start_tls(self, s, now, on_done):
         # the SSLSocket takes over the same fd: the epoll registration stays
