@@ -2,10 +2,10 @@
 
 import socket
 
-from tests.support.common import as_line, to_bytes, track
+from tests.support.common import OwnsSocket, as_line, to_bytes, track
 
 
-class LineClient:
+class LineClient(OwnsSocket):
     """A raw TCP client that shows exact bytes: readline() keeps CRLF."""
 
     def __init__(self, host, port, timeout=5.0, family=None):
@@ -94,17 +94,6 @@ class LineClient:
             return True
         return False if got or self.eof else True
 
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------

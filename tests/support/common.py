@@ -99,3 +99,19 @@ def fail_on_errors(fake, what):
         errors = list(fake.errors)
         fake.errors.clear()
         pytest.fail(f"{what} met unexpected errors: {errors!r}", pytrace=False)
+
+
+class OwnsSocket:
+    """close() and `with` for a test client holding its socket in `self.sock`."""
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -4,7 +4,7 @@ process.py): client contexts on the test PKI, a byte-exact line client over an S
 
 import ssl
 
-from tests.support.common import CRLF, track
+from tests.support.common import CRLF, OwnsSocket, track
 
 
 def client_ctx(pki, cert=None, **attrs):
@@ -17,7 +17,7 @@ def client_ctx(pki, cert=None, **attrs):
     return ctx
 
 
-class TLSLines:
+class TLSLines(OwnsSocket):
     """A byte-exact line client over an SSLSocket."""
 
     def __init__(self, sock):
@@ -48,17 +48,6 @@ class TLSLines:
     def closed(self, timeout=3.0):
         return self.readline(timeout) == b""
 
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def readline_raw(sock, timeout=5.0):
