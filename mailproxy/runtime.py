@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
+import os
 import threading
 from typing import TYPE_CHECKING, Dict, Optional
 
@@ -30,11 +32,22 @@ class Runtime:
         self.admission = limits.Admission.from_config(config.main)   # this worker's limits
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
+        # drawn in each worker (Runtime is made after fork): ids never repeat across workers,
+        # restarts or instances, without a system call per session
+        self._sid_prefix = base64.urlsafe_b64encode(os.urandom(6)).decode("ascii")
+        self._sids = itertools.count(1)
 
     def next_conn_id(self) -> int:
         """nginx's *N connection counter (also advanced for auth and backend connections)."""
         with self._ids_lock:
             return next(self._ids)
+
+    def new_session_id(self) -> str:
+        """A 16-character id naming one client session in every log, the auth request and
+        the backend (letters, digits, '-' and '_' only: safe in any header or log field)."""
+        with self._ids_lock:
+            n = next(self._sids)
+        return "%s%08x" % (self._sid_prefix, n & 0xFFFFFFFF)
 
     def log_for(self, server_conf: ServerConf) -> ErrorLog:
         """The ErrorLog a session of this server writes to."""

@@ -72,6 +72,7 @@ class Session:
         self.rt = runtime
         self.log = runtime.log_for(conf)
         self.conn = runtime.next_conn_id()
+        self.session_id = runtime.new_session_id()
         self.client_ip = client_address[0] if client_address else None
         self.client_port = client_address[1] if client_address else None
         self.server_text = self._server_text(listen)
