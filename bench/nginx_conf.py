@@ -104,6 +104,8 @@ def nginx_conf(ini: Union[str, os.PathLike, config.Config], *, module: Optional[
     for name in _set_here(cfg.main, config.MAIN_KEYS):
         if name == "daemon" or name in extra:
             continue
+        if name == "worker_cpu_affinity" and cfg.main.worker_cpu_affinity is None:
+            continue        # our "off" is nginx's default, which nginx cannot spell
         lines = _lines(name, _formatted(name, getattr(cfg.main, name)), "")
         (events if name in EVENTS else top).extend(lines)
     for name, values in extra.items():

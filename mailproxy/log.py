@@ -71,7 +71,7 @@ def open_log_file(path: str) -> Tuple[int, bool]:
     CVE-2016-1247): O_NOFOLLOW refuses a planted symlink, O_NONBLOCK a planted FIFO (ENXIO
     instead of blocking), only regular files and character devices (/dev/null) are taken,
     and `created` tells whether this call made the file (O_EXCL), the only case in which the
-    caller may hand it to another user (supervisor._chown_logs).
+    caller may hand it to another user (master_setup.chown_logs).
     """
     for _ in range(3):          # bounded: the file may vanish between the two opens
         try:

@@ -17,6 +17,9 @@ import time
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .master_setup import (build_logs as _build_logs, chown_logs as _chown_logs,
+                           resolve_user as _resolve_user, warn_affinity as _warn_affinity,
+                           warn_native_tls as _warn_native_tls)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -43,35 +46,6 @@ def _signame(signo):
         return str(signo)
 
 
-def _build_logs(cfg):
-    """(main ErrorLog, {id(ServerConf): ErrorLog}); raises OSError naming the file."""
-    from .log import ErrorLog
-    opened = []
-    try:
-        main_log = _open_log(ErrorLog, cfg.main.error_log)
-        opened.append(main_log)
-        server_logs = {}
-        for conf in cfg.servers:
-            targets = conf.error_log
-            if targets:
-                lg = _open_log(ErrorLog, targets)
-                opened.append(lg)
-                server_logs[id(conf)] = lg
-    except BaseException:
-        for lg in opened:
-            lg.close()
-        raise
-    return main_log, server_logs
-
-
-def _open_log(ErrorLog, targets):
-    try:
-        return ErrorLog(targets or [])
-    except OSError as e:
-        path = e.filename or "?"
-        raise OSError(e.errno, 'open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror))
-
-
 def load_config(path: str) -> Config:
     """The configuration at `path` with every TLS context built (tls_contexts.prepare): the
     one way a configuration is read, by the command line (`-t`, start, `-s`) and by a reload.
@@ -82,63 +56,6 @@ def load_config(path: str) -> Config:
     return cfg
 
 
-def _warn_native_tls(cfg, log):
-    """Without the native OpenSSL layer, the directives that need it are start errors
-    (tls.build_server); the one thing left weaker, with no directive, is said here: a client
-    proposing another protocol by ALPN is not refused."""
-    tls_servers = [s for s in cfg.servers if s.starttls != "off"
-                   or any(li.ssl for li in s.listen)]
-    if not tls_servers:
-        return
-    from . import tls_native
-    if tls_native.native() is None:
-        log.log("warn", "native OpenSSL calls unavailable (%s): TLS clients that propose "
-                "another protocol by ALPN are not refused" % tls_native.native_error())
-
-
-def _chown_logs(logs, user):
-    """Give log files to the workers' user, as nginx does, so they can reopen them (USR1).
-
-    Only files this master created itself (log.open_log_file, never through a symlink): a
-    file that was already there stays with its owner (nginx's Debian CVE-2016-1247 handed
-    any root file to the workers' user this way)."""
-    if not user or os.geteuid() != 0:
-        return
-    for lg in logs:
-        for t in getattr(lg, "targets", ()):
-            fd = getattr(t, "fd", -1)
-            if getattr(t, "created", False) and fd is not None and fd >= 0:
-                try:
-                    os.fchown(fd, user[0], -1)
-                except OSError as e:
-                    lg.log("alert", 'chown() "%s" failed (%d: %s)'
-                           % (t.path, e.errno or 0, e.strerror or e))
-
-
-def _resolve_user(cfg, log):
-    """(uid, gid, name) to switch workers to, or None."""
-    user = cfg.main.user
-    if not user:
-        return None
-    if os.geteuid() != 0:
-        log.log("warn", 'the "user" directive makes sense only if the master process runs '
-                        'with super-user privileges, ignored')
-        return None
-    import pwd
-    import grp
-    name, group = user[0], (user[1] if len(user) > 1 else None)
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        raise ValueError('getpwnam("%s") failed' % name)
-    gid = pw.pw_gid
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ValueError('getgrnam("%s") failed' % group)
-    return (pw.pw_uid, gid, name)
-
 
 class Master:
     def __init__(self, path: str, cfg: Config):
@@ -148,6 +65,7 @@ class Master:
         self.server_logs = {}
         self.listeners = {}
         self.workers = {}           # pid -> start time (current generation)
+        self.numbers = {}           # pid -> worker number (0..N-1) of the current generation
         self.old_workers = set()    # pids told to QUIT after a reload
         self.stopping = False
         self.pidfile = None
@@ -202,6 +120,7 @@ class Master:
         try:
             self.log.log("notice", "%s/%s" % (NAME, __version__))
             _warn_native_tls(cfg, self.log)
+            _warn_affinity(cfg, self.log)
             self.notify("READY=1\nMAINPID=%d" % os.getpid())
             self.log.log("notice", "start worker processes")
             for _ in range(self._nworkers()):
@@ -248,11 +167,14 @@ class Master:
 
     # -- workers ----------------------------------------------------------------------------
     def _spawn(self):
+        # nginx's worker slot: a restarted worker takes the number of the one it replaces
+        taken = {self.numbers.get(p) for p in self.workers}
+        number = next(n for n in range(len(taken) + 1) if n not in taken)
         pid = os.fork()
         if pid == 0:
             code = 2
             try:
-                code = Worker(self).run()
+                code = Worker(self, number).run()
             except BaseException as e:  # never return into the master's code
                 try:
                     self.log.log("alert", "worker process failed: %r" % (e,))
@@ -261,6 +183,7 @@ class Master:
             finally:
                 os._exit(code)
         self.workers[pid] = time.monotonic()
+        self.numbers[pid] = number
         self.log.log("notice", "start worker process %d" % pid)
         return pid
 
@@ -277,6 +200,7 @@ class Master:
     def _exited(self, pid, status):
         current = pid in self.workers
         self.workers.pop(pid, None)
+        self.numbers.pop(pid, None)
         self.old_workers.discard(pid)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
@@ -402,6 +326,7 @@ class Master:
         if cfg.main.daemon:
             self.log.log("emerg", '"daemon on" is not supported')
             return
+        _warn_affinity(cfg, self.log)
         try:
             log, server_logs = _build_logs(cfg)
         except OSError as e:
@@ -457,8 +382,9 @@ def _noop(signo, frame):
 class Worker:
     """A worker process: serves every listener until told to stop."""
 
-    def __init__(self, master: Master):
+    def __init__(self, master: Master, number: int = 0):
         self.master = master
+        self.number = number                # 0..worker_processes-1 (worker_cpu_affinity)
         self.master_pid = os.getppid()
         self.cfg = master.cfg
         self.log = master.log
@@ -485,6 +411,7 @@ class Worker:
             return 2
         from .relay import Relay
         from .runtime import Runtime
+        self._bind_cpus()       # before any thread starts: threads inherit the binding
         # Handler threads need little stack: 1 MiB each instead of the usual 8 MiB
         # (ulimit -s) keeps limit_prelogin threads within an address-space limit.
         threading.stack_size(HANDLER_STACK)
@@ -511,6 +438,21 @@ class Worker:
             if sig == signal.SIGUSR1:
                 self._reopen()
             # SIGHUP: the master reloads; a worker ignores it
+
+    def _bind_cpus(self):
+        """nginx's ngx_setaffinity, same log lines."""
+        from .affinity import cpus_for
+        cpus = cpus_for(self.cfg.main.worker_cpu_affinity, self.number,
+                        os.sched_getaffinity(0))
+        if not cpus:
+            return
+        for cpu in sorted(cpus):
+            self.log.log("notice", "sched_setaffinity(): using cpu #%d" % cpu)
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as e:
+            self.log.log("alert", "sched_setaffinity() failed (%d: %s)"
+                         % (e.errno or 0, e.strerror))
 
     def _check_nofile(self):
         # Each session holds two descriptors (client, backend), and one more while it asks

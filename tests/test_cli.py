@@ -513,6 +513,38 @@ def test_two_workers_and_restart_of_a_killed_one(proxy):
         wait_for(lambda: not alive(pid), 3, "worker exit")
 
 
+def _cpus_allowed(pid):
+    """The CPUs every thread of process `pid` may run on, one set per thread."""
+    found = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+            line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+        found.append(line.split(":", 1)[1].strip())
+    return set(found)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
+def test_worker_cpu_affinity_auto_binds_each_worker_and_its_restart(proxy):
+    port = free_port()
+    cpus = sorted(os.sched_getaffinity(0))
+    p = proxy(config_text(port, workers=2, extra_main="worker_cpu_affinity = auto"))
+    first = p.wait_workers(2)
+    assert greeting(port).startswith(b"+OK")        # the session's threads exist too
+    bound = sorted(_cpus_allowed(pid).pop() for pid in first)
+    assert all(len(_cpus_allowed(pid)) == 1 for pid in first)
+    assert bound == sorted(str(c) for c in cpus[:2])
+    assert _cpus_allowed(p.pid) == {"%d-%d" % (cpus[0], cpus[-1])} or len(cpus) > 2
+    p.wait_log("sched_setaffinity(): using cpu #%d" % cpus[0])
+    p.wait_log("sched_setaffinity(): using cpu #%d" % cpus[1])
+    # a restarted worker takes the number, hence the CPU, of the one it replaces
+    lost = _cpus_allowed(first[0])
+    os.kill(first[0], signal.SIGKILL)
+    now = wait_for(lambda: len(p.workers()) == 2 and first[0] not in p.workers()
+                   and p.workers(), 5, "restarted worker")
+    new = [pid for pid in now if pid != first[1]][0]
+    assert _cpus_allowed(new) == lost
+
+
 def test_notify_socket(proxy, tmp_path):
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -884,3 +884,25 @@ def test_smtp_auth_none_needs_xclient(tmp_path, methods, route):
     assert cfg.servers[0].xclient is True
     # the backend learns the client from a PROXY header instead
     load(tmp_path, text + "proxy_protocol = on\n")
+
+
+def test_worker_cpu_affinity(tmp_path):
+    assert load(tmp_path, "[main]\n" + SERVER).main.worker_cpu_affinity is None
+    m = load(tmp_path, "[main]\nworker_cpu_affinity = auto\n" + SERVER).main
+    assert m.worker_cpu_affinity == (True, ())
+    m = load(tmp_path, "[main]\nworker_cpu_affinity = auto 0110\n" + SERVER).main
+    assert m.worker_cpu_affinity == (True, (frozenset({1, 2}),))
+    m = load(tmp_path, "[main]\nworker_cpu_affinity = 01 10\n" + SERVER).main
+    assert m.worker_cpu_affinity == (False, (frozenset({0}), frozenset({1})))
+    assert load(tmp_path, "[main]\nworker_cpu_affinity = off\n" + SERVER).main.worker_cpu_affinity is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0120", 'invalid character "2" in "worker_cpu_affinity"'),
+    ("auto 01 10", 'invalid number of arguments in "worker_cpu_affinity" directive'),
+    ("0000", 'invalid value "0000" in "worker_cpu_affinity"'),
+    ("1" * 1025, 'supports up to 1024 CPUs only'),
+])
+def test_worker_cpu_affinity_errors(tmp_path, value, message):
+    e = error(tmp_path, "[main]\nworker_cpu_affinity = %s\n" % value + SERVER)
+    assert message in str(e) and ":2" in str(e)

@@ -136,3 +136,10 @@ def f_user(v: Any) -> list[str]:
 
 def f_opt_token(v: Any) -> list[str]:
     return [] if v is None else [quote_token(v)]
+
+
+def f_cpu_affinity(v: Any) -> list[str]:
+    if v is None:
+        return ["off"]
+    masks = [format(sum(1 << c for c in m), "b") for m in v.masks]
+    return [join_tokens((["auto"] if v.auto else []) + masks)]

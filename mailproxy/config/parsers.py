@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Optional, Union
 
+from ..affinity import CpuAffinity, parse_mask
 from .syntax import Invalid, _TIME_HINT, parse_size, parse_time
 from .types import (AuthURL, DEFAULT_BACKLOG, LEVELS, Listen, LogTarget,
                     Resolver, SYSLOG_FACILITIES)
@@ -205,6 +206,27 @@ def p_worker_processes(args: list[str], ctx: _Ctx) -> int:
     if not args[0].isdigit() or int(args[0]) < 1:
         raise ctx.bad(args[0], 'a number of at least 1 or "auto"')
     return int(args[0])
+
+
+def p_cpu_affinity(args: list[str], ctx: _Ctx) -> Optional[CpuAffinity]:
+    """nginx's ngx_set_cpu_affinity: `auto [MASK]`, or binary masks, one per worker."""
+    if args == ["off"]:
+        return None     # ours: the default, written out (nginx has no way to say it)
+    auto = args[0] == "auto"
+    if auto and len(args) > 2:
+        raise Invalid('invalid number of arguments in "%s" directive' % ctx.key)
+    masks = []
+    for a in args[1:] if auto else args:
+        if len(a) > 1024:
+            raise Invalid('"%s" supports up to 1024 CPUs only' % ctx.key)
+        try:
+            mask = parse_mask(a)
+        except ValueError as e:
+            raise Invalid('%s in "%s"' % (e, ctx.key)) from None
+        if not mask:
+            raise ctx.bad(a, "a mask with at least one 1")
+        masks.append(mask)
+    return CpuAffinity(auto, tuple(masks))
 
 
 def p_user(args: list[str], ctx: _Ctx) -> tuple[str, Optional[str]]:

@@ -4,13 +4,13 @@
 import socket
 
 from .syntax import _page_size, split_tokens
-from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_daemon, p_enum,
-                      p_error_log, p_flag, p_listen, p_methods, p_num, p_pairs, p_path,
+from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_cpu_affinity,
+                      p_daemon, p_enum, p_error_log, p_flag, p_listen, p_methods, p_num, p_pairs, p_path,
                       p_path_list, p_pid, p_proxy_pass, p_realip, p_resolver, p_session_cache,
                       p_size, p_sni, p_ssl_protocols, p_ssl_removed, p_str, p_time, p_user,
                       p_words, p_worker_processes)
-from .dump import (f_auth_http, f_each_token, f_each_tuple, f_error_log, f_flag, f_listen, f_num,
-                   f_opt_time, f_opt_token, f_pid, f_proxy_pass, f_resolver, f_size, f_time,
+from .dump import (f_auth_http, f_cpu_affinity, f_each_token, f_each_tuple, f_error_log,
+                   f_flag, f_listen, f_num, f_opt_time, f_opt_token, f_pid, f_proxy_pass, f_resolver, f_size, f_time,
                    f_token, f_user, f_words)
 
 
@@ -34,6 +34,7 @@ _TABLE = [
     _d("daemon", _MAIN, "off", p_daemon, fmt=f_flag),
     _d("error_log", _ALL, None, p_error_log, multi=True, nargs=(1, 2), fmt=f_error_log),
     _d("worker_processes", _MAIN, "1", p_worker_processes, fmt=f_num),
+    _d("worker_cpu_affinity", _MAIN, "off", p_cpu_affinity, nargs=_ANY, fmt=f_cpu_affinity),
     _d("user", _MAIN, None, p_user, nargs=(1, 2), fmt=f_user),
     # no default, as nginx: a graceful stop or reload never cuts sessions unless this is set
     _d("worker_shutdown_timeout", _MAIN, None, p_time, fmt=f_opt_time),

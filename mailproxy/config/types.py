@@ -5,6 +5,7 @@ import socket
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
+from ..affinity import CpuAffinity
 from ..log import addr_text
 from ..protocols import PORTS
 
@@ -83,6 +84,7 @@ class MainConf:
     daemon: bool = False
     error_log: list[LogTarget] = field(default_factory=lambda: [LogTarget("stderr")])
     worker_processes: int = 1
+    worker_cpu_affinity: Optional[CpuAffinity] = None     # None: no binding, as nginx
     user: Optional[tuple[str, Optional[str]]] = None     # (user, group)
     worker_shutdown_timeout: Optional[float] = None    # None: no limit, as nginx
     worker_connections: int = 16384
