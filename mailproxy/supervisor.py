@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, metrics, metrics_http
 
 if TYPE_CHECKING:
     from .config import Config
@@ -191,6 +191,7 @@ class Master:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             self.listeners, _ = lmod.bind_all(cfg.servers)
+            metrics_http.prepare(cfg.main)      # the area and socket before any fork
         except lmod.ListenError as e:
             return self._fatal(str(e))
         try:
@@ -248,6 +249,7 @@ class Master:
 
     # -- workers ----------------------------------------------------------------------------
     def _spawn(self):
+        metrics.claim()                     # a metrics slot for the child
         pid = os.fork()
         if pid == 0:
             code = 2
@@ -261,6 +263,7 @@ class Master:
             finally:
                 os._exit(code)
         self.workers[pid] = time.monotonic()
+        metrics.assign(pid)
         self.log.log("notice", "start worker process %d" % pid)
         return pid
 
@@ -276,6 +279,7 @@ class Master:
 
     def _exited(self, pid, status):
         current = pid in self.workers
+        metrics.release(pid)
         self.workers.pop(pid, None)
         self.old_workers.discard(pid)
         if os.WIFSIGNALED(status):
@@ -297,6 +301,7 @@ class Master:
         # a worker dying again and again is restarted at most once a second
         delay = 1.0 if len(self.recent_deaths) > 3 else 0.0
         self.respawn.append(now + delay)
+        metrics.restarted()
 
     def _signal_all(self, sig, pids):
         for pid in list(pids):
@@ -410,6 +415,7 @@ class Master:
         try:
             self._preload()
             user = _resolve_user(cfg, log)
+            metrics_http.prepare(cfg.main)      # rebinds only a changed address
             bound, removed = self.lmod.bind_all(cfg.servers, self.listeners)
         except Exception as e:
             self.log.log("emerg", str(e))
@@ -493,6 +499,7 @@ class Worker:
         self.relay = relay
         self.runtime = Runtime(self.cfg, self.log, relay, self.server_logs)
         self._check_nofile()
+        metrics_http.start(self.runtime)    # its metrics slot, and GET /metrics if set
         for lst in self.listeners:
             lst.start(self.runtime)
         while True:
