@@ -219,3 +219,18 @@ def test_prometheus_scrapes_the_counters(instance, tmp_path):
             prom.kill()
             prom.wait(5)
         log.close()
+
+
+def test_reload_keeps_the_counts_and_moves_the_address(instance):
+    proxy, port, mport = instance
+    pop3_login(port)
+    wait_for(lambda: value(scrape(mport)[2], OK) == 1, 5, what="the login counted")
+    new = free_port()
+    proxy.conf_path.write_text(proxy.config_text.replace("127.0.0.1:%d" % mport,
+                                                         "127.0.0.1:%d" % new))
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: scrape(new)[0] == 200, 5, what="metrics on the new address")
+    assert value(request(new)[2], OK) == 1          # kept across the reload
+    pop3_login(port)
+    wait_for(lambda: value(scrape(new)[2], OK) == 2, 5, what="a login of the new workers")
+    wait_for(lambda: scrape(mport)[0] is None, 5, what="the old address closed")
