@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from . import ktimeout
+from . import ktimeout, metrics
 from .log import addr_text, sanitize
 
 __all__ = [
@@ -467,7 +467,8 @@ def query(url: Any, req: AuthRequest, timeout: Optional[float], *,
     request = build_request(url, req)
     peer = peer_name(url)
     for _ in range(max_rounds):
-        result = _exchange(url, request, req, peer, timeout)
+        result = metrics.timed("auth_http_duration_seconds", _exchange, url, request, req, peer,
+                               timeout)
         if result.status != 'WAIT':
             return result
         if sleep(result.wait or 0):

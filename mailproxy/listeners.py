@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from . import ktimeout, limits, realip
+from . import ktimeout, limits, metrics, realip
 from .protocols import PROTOCOLS
 from .session import Session
 from .log import addr_text, sanitize
@@ -336,7 +336,11 @@ class Listener(socketserver.ThreadingTCPServer):
                 if ticket is not None:
                     ticket.release()
                 return
-            session.run()     # the session owns the socket from here: it closes or hands it on
+            metrics.count("prelogin_sessions", conf.protocol)
+            try:
+                session.run()   # the session owns the socket from here: it closes or hands it on
+            finally:
+                metrics.count("prelogin_sessions", conf.protocol, n=-1)
         except Exception as e:
             self._log("alert", "session on %s ended by %s: %s"
                       % (self.text, type(e).__name__, sanitize(str(e))))
@@ -367,6 +371,7 @@ class Listener(socketserver.ThreadingTCPServer):
         """Admit the connection (limits.py), then hand it to a handler thread from the
         process's pool (not a new thread per connection)."""
         accepted = time.monotonic()
+        metrics.count("connections_accepted")
         routed = self.route(request)
         conf, listen = routed
         ip = client_address[0] if client_address else None
@@ -400,6 +405,7 @@ class Listener(socketserver.ThreadingTCPServer):
         client.  On an implicit-TLS port the greeting would need a TLS handshake, the very cost
         the limit exists to avoid: there the connection is closed after the log line."""
         adm = self.runtime.admission
+        metrics.count("connections_refused", reason)
         tls = listen.ssl
         log = self.runtime.log_for(conf)
         ip = client_address[0] if client_address else "-"

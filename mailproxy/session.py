@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Tuple
 
-from . import auth_http, backend, ktimeout, limits, proxy_protocol, resolver
+from . import auth_http, backend, ktimeout, limits, metrics, proxy_protocol, resolver
 from . import tls                   # implicit TLS, STARTTLS
 from . import realip                # PROXY protocol header in, set_real_ip_from
 from .clientio import (BackendRejected, ClientClosed, ClientTimeout, Close, HandedOver,
@@ -199,6 +199,7 @@ class Session:
         raise Close()
 
     def internal_error(self) -> NoReturn:
+        metrics.login(self.protocol, "error")       # the auth service or the backend failed
         self.send_close(self.descriptor.internal_error)
 
     def perform(self, actions: Iterable[object]) -> None:
@@ -299,6 +300,7 @@ class Session:
         reason = self.ticket.retarget(self.client_ip)
         if reason is not None:
             adm = self.rt.admission
+            metrics.count("connections_refused", reason)
             self.action = None
             held = adm.lines.allow((reason, limits.address_key(self.client_ip)), time.monotonic())
             tls = self.listen is not None and self.listen.ssl
@@ -386,6 +388,7 @@ class Session:
                 self.error(str(e))
                 self.internal_error()
             if res.status != "OK":
+                metrics.login(self.protocol, "failed")
                 self.info('client login failed: "%s"' % sanitize(res.message))
                 if res.wait:                        # at most auth_http.MAX_AUTH_WAIT
                     if self.rt.shutting_down.wait(res.wait):
@@ -432,7 +435,8 @@ class Session:
         try:
             # proxy_ssl (or the auth service's Auth-SSL-Backend): implicit TLS, or the
             # protocol's STARTTLS exchange then TLS, before the backend login
-            sock = backend.connect(host, port, conf.timeout)
+            sock = metrics.timed("backend_connect_duration_seconds", backend.connect, host,
+                                 port, conf.timeout)
             conn = backend.BackendConn(sock, conf.proxy_buffer, conf.timeout, timeout_set=True)
             if conf.proxy_protocol != "off":
                 self.action = "sending PROXY protocol header to upstream"
@@ -451,11 +455,13 @@ class Session:
             login = self.conv.backend_login(user, passwd, self.peer(), mode == "starttls")
             reply = self.login_backend(conn, login, ctx, tls_name)
         except backend.BackendError as e:
+            metrics.count("backend_errors", self.protocol)
             if conn is not None:
                 conn.close()
             self.error(str(e))
             self.internal_error()
         except LoginError as e:
+            metrics.count("backend_errors", self.protocol)
             conn.close()
             self.action = e.action
             self.error(str(e))
@@ -465,6 +471,7 @@ class Session:
             text = sanitize(e.text.rstrip(b"\r\n"), 512)
             if conf.proxy_pass is not None:
                 # Our static route: the backend decides, its refusal is an ordinary failure.
+                metrics.login(self.protocol, "failed")
                 self.info('client login failed: "%s"' % text)
                 self.send_close(e.reply)
             if conf.proxy_pass_error_message:
@@ -473,6 +480,7 @@ class Session:
             self.error('upstream sent invalid response: "%s"' % text)
             self.internal_error()
         self.action = None
+        metrics.login(self.protocol, "ok")
         self.info("client logged in")
         self.hand_over(conn, reply)
 
@@ -575,9 +583,11 @@ class Session:
             self.rt.relay.add(self.sock, conn.sock, to_backend=pending, to_client=reply,
                               client_buffer=self.relay_client_buffer(),
                               proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,
-                              on_done=done, name="*%d" % self.conn,
+                              on_done=metrics.relayed(self.protocol, done),
+                              name="*%d" % self.conn,
                               nodelay=False)    # both have TCP_NODELAY (listener, backend.connect)
         except BaseException:
+            metrics.count("relayed_sessions", self.protocol, n=-1)
             conn.close()        # the client socket is closed by run(); the backend's is ours
             raise
         raise HandedOver()

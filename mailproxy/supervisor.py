@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, metrics, metrics_http
 from .master_setup import (build_logs as _build_logs, chown_logs as _chown_logs,
                            resolve_user as _resolve_user, warn_affinity as _warn_affinity,
                            warn_native_tls as _warn_native_tls)
@@ -109,6 +109,7 @@ class Master:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             self.listeners, _ = lmod.bind_all(cfg.servers)
+            metrics_http.prepare(cfg.main)      # the area and socket before any fork
         except lmod.ListenError as e:
             return self._fatal(str(e))
         try:
@@ -170,6 +171,7 @@ class Master:
         # nginx's worker slot: a restarted worker takes the number of the one it replaces
         taken = {self.numbers.get(p) for p in self.workers}
         number = next(n for n in range(len(taken) + 1) if n not in taken)
+        metrics.claim()                     # a metrics slot for the child
         pid = os.fork()
         if pid == 0:
             code = 2
@@ -184,6 +186,7 @@ class Master:
                 os._exit(code)
         self.workers[pid] = time.monotonic()
         self.numbers[pid] = number
+        metrics.assign(pid)
         self.log.log("notice", "start worker process %d" % pid)
         return pid
 
@@ -199,6 +202,7 @@ class Master:
 
     def _exited(self, pid, status):
         current = pid in self.workers
+        metrics.release(pid)
         self.workers.pop(pid, None)
         self.numbers.pop(pid, None)
         self.old_workers.discard(pid)
@@ -221,6 +225,7 @@ class Master:
         # a worker dying again and again is restarted at most once a second
         delay = 1.0 if len(self.recent_deaths) > 3 else 0.0
         self.respawn.append(now + delay)
+        metrics.restarted()
 
     def _signal_all(self, sig, pids):
         for pid in list(pids):
@@ -335,6 +340,7 @@ class Master:
         try:
             self._preload()
             user = _resolve_user(cfg, log)
+            metrics_http.prepare(cfg.main)      # rebinds only a changed address
             bound, removed = self.lmod.bind_all(cfg.servers, self.listeners)
         except Exception as e:
             self.log.log("emerg", str(e))
@@ -420,6 +426,7 @@ class Worker:
         self.relay = relay
         self.runtime = Runtime(self.cfg, self.log, relay, self.server_logs)
         self._check_nofile()
+        metrics_http.start(self.runtime)    # its metrics slot, and GET /metrics if set
         for lst in self.listeners:
             lst.start(self.runtime)
         while True:

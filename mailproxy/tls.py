@@ -28,7 +28,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
-from . import tls_cache
+from . import metrics, tls_cache
 from .config.syntax import parse_size
 from .errors import ConfigError
 from .protocols import PROTOCOLS
@@ -515,6 +515,7 @@ def handshake(sock: socket.socket, conf: ServerConf, log: Callable[..., None],
                 return failed
     sock.setblocking(True)
     sock.settimeout(conf.timeout)
+    metrics.tls_handshake(sock.version(), sock.session_reused)
     if sock.session_reused:     # ngx_ssl_handshake_log's debug line
         log("debug", "SSL reused session")
     peer = None

@@ -393,6 +393,17 @@ def p_proxy_pass(args: list[str], ctx: _Ctx) -> tuple[str, int]:
     return (host, port)
 
 
+def p_metrics_listen(args: list[str], ctx: _Ctx) -> Optional[tuple[str, int]]:
+    """`off` or ADDR:PORT with an IP address (the one address the metrics are served on)."""
+    if args[0] == "off":
+        return None
+    host, port = _split_host_port(args[0], ctx, "metrics_listen")
+    ip = _literal_ip(host)
+    if ip is None or "%" in host:
+        raise ctx.bad(args[0], '"off" or ADDRESS:PORT with an IP address, e.g. 127.0.0.1:9143')
+    return (ip.compressed, port)
+
+
 def p_auth_http(args: list[str], ctx: _Ctx) -> AuthURL:
     text = args[0]
     if text.lower().startswith("https://"):

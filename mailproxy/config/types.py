@@ -90,6 +90,7 @@ class MainConf:
     worker_connections: int = 16384
     limit_prelogin: int = 1000
     limit_conn_per_ip: int = 0
+    metrics_listen: Optional[tuple[str, int]] = None     # (IP, port)
     _where: dict = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, key: str) -> tuple:
