@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, login_table
 
 if TYPE_CHECKING:
     from .config import Config
@@ -203,6 +203,7 @@ class Master:
             self.log.log("notice", "%s/%s" % (NAME, __version__))
             _warn_native_tls(cfg, self.log)
             self.notify("READY=1\nMAINPID=%d" % os.getpid())
+            login_table.shared()        # before any fork: every worker's login counts
             self.log.log("notice", "start worker processes")
             for _ in range(self._nworkers()):
                 self._spawn()
@@ -276,6 +277,7 @@ class Master:
 
     def _exited(self, pid, status):
         current = pid in self.workers
+        login_table.release_pid(pid)    # limit_sessions_per_user: a dead worker's sessions
         self.workers.pop(pid, None)
         self.old_workers.discard(pid)
         if os.WIFSIGNALED(status):
