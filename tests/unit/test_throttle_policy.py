@@ -323,3 +323,15 @@ def test_nothing_configured_touches_no_table(world, monkeypatch):
     world.result = FAIL
     world.make(LOGIN % b"a").run()
     assert login_table._shared is None
+
+
+@pytest.mark.parametrize("protocol, reply", [
+    ("imap", b"a1 NO [LIMIT] Too many sessions for this user\r\n"),
+    ("pop3", b"-ERR [IN-USE] Too many sessions for this user\r\n"),
+    ("smtp", b"454 4.7.0 Too many sessions for this user\r\n"),
+])
+def test_the_refusal_of_each_protocol(conf, protocol, reply):
+    from mailproxy.protocols import PROTOCOLS
+    conv = PROTOCOLS[protocol].conversation(conf(protocol))
+    conv.tag = b"a1 "
+    assert conv.auth_failed_reply(throttle._SEATS_FULL[protocol]) == reply
