@@ -18,7 +18,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Tuple
 
-from . import auth_http, backend, ktimeout, limits, metrics, proxy_protocol, resolver
+from . import (auth_http, backend, ktimeout, limits, metrics, proxy_protocol, resolver,
+               throttle)
 from . import tls                   # implicit TLS, STARTTLS
 from . import realip                # PROXY protocol header in, set_real_ip_from
 from .clientio import (BackendRejected, ClientClosed, ClientTimeout, Close, HandedOver,
@@ -87,6 +88,7 @@ class Session:
         self.tls_handshaked = False     # handshake done (close_notify on close)
         self.backend_ssl = None         # Auth-SSL-Backend (None: proxy_ssl)
         self.attempt = 0
+        self.seat = None                # limit_sessions_per_user's count (throttle.take_seat)
         self.action = None              # the "while ..." part of log lines
         self.upstream = None
         self.reader = LineReader(sock, self.conv.buffer_size(), conf.timeout, self.arm)
@@ -291,6 +293,7 @@ class Session:
                     pass
                 if self.ticket is not None:
                     self.ticket.release()
+                throttle.release(self)
 
     def recount(self) -> None:
         """A trusted balancer's PROXY header named the real client: limit_conn_per_ip counts
@@ -372,6 +375,7 @@ class Session:
         # are bounded per write by `timeout`.
         self.deadline = None
         user, passwd = conv.login, conv.passwd
+        throttle.before_auth(self)      # login_block, login_penalty (may close, or wait)
         if conf.auth_http is not None:
             self.action = "in http auth state"
             req = auth_http.AuthRequest(
@@ -389,6 +393,7 @@ class Session:
                 self.internal_error()
             if res.status != "OK":
                 metrics.login(self.protocol, "failed")
+                throttle.after_auth(self, False, user, passwd)
                 self.info('client login failed: "%s"' % sanitize(res.message))
                 if res.wait:                        # at most auth_http.MAX_AUTH_WAIT
                     if self.rt.shutting_down.wait(res.wait):
@@ -410,6 +415,7 @@ class Session:
             # Only the auth service can get here (Auth-User/Auth-Pass); clients are checked.
             self.error("auth http server sent a login or password with CR, LF or NUL")
             self.internal_error()
+        throttle.take_seat(self, user)
         self.connect_and_login(host, port, user, passwd)
 
     def peer(self) -> Peer:
@@ -473,6 +479,7 @@ class Session:
                 # Our static route: the backend decides, its refusal is an ordinary failure.
                 metrics.login(self.protocol, "failed")
                 self.info('client login failed: "%s"' % text)
+                throttle.after_auth(self, False, user, passwd)
                 self.send_close(e.reply)
             if conf.proxy_pass_error_message:
                 self.info('upstream sent invalid response: "%s"' % text)
@@ -482,6 +489,7 @@ class Session:
         self.action = None
         metrics.login(self.protocol, "ok")
         self.info("client logged in")
+        throttle.after_auth(self, True, user, passwd)
         self.hand_over(conn, reply)
 
     def login_backend(self, conn: backend.BackendConn, login: BackendLogin,
@@ -566,6 +574,7 @@ class Session:
             # after the real client field, which greedy log filters would take instead.
             if self.ticket is not None:
                 self.ticket.release()
+            throttle.release(self)
             if stats.reason == "client timed out":
                 self.action = "proxying"
                 self.info("client timed out", err=errno_mod.ETIMEDOUT)

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import __version__, metrics, metrics_http
+from . import __version__, login_table, metrics, metrics_http
 from .master_setup import (build_logs as _build_logs, chown_logs as _chown_logs,
                            resolve_user as _resolve_user, warn_affinity as _warn_affinity,
                            warn_native_tls as _warn_native_tls)
@@ -123,6 +123,7 @@ class Master:
             _warn_native_tls(cfg, self.log)
             _warn_affinity(cfg, self.log)
             self.notify("READY=1\nMAINPID=%d" % os.getpid())
+            login_table.shared()        # before any fork: every worker's login counts
             self.log.log("notice", "start worker processes")
             for _ in range(self._nworkers()):
                 self._spawn()
@@ -203,6 +204,7 @@ class Master:
     def _exited(self, pid, status):
         current = pid in self.workers
         metrics.release(pid)
+        login_table.release_pid(pid)    # limit_sessions_per_user: a dead worker's sessions
         self.workers.pop(pid, None)
         self.numbers.pop(pid, None)
         self.old_workers.discard(pid)

@@ -10,6 +10,8 @@ from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_cpu_af
                       p_proxy_pass, p_realip, p_resolver, p_session_cache,
                       p_size, p_sni, p_ssl_protocols, p_ssl_removed, p_str, p_time, p_user,
                       p_words, p_worker_processes)
+from .login_parsers import f_login_block, f_login_trusted, p_login_block, p_login_trusted
+from .login_parsers import p_penalty_max
 from .dump import (f_auth_http, f_cpu_affinity, f_each_token, f_each_tuple, f_error_log,
                    f_flag, f_listen, f_num, f_opt_time, f_opt_token, f_pid, f_proxy_pass,
                    f_resolver, f_size, f_time, f_token, f_user, f_words)
@@ -132,6 +134,12 @@ _TABLE = [
     _d("proxy_ssl_name", _MS, None, p_str, fmt=f_opt_token),
     _d("proxy_ssl_certificate", _MS, None, p_path, fmt=f_opt_token),
     _d("proxy_ssl_certificate_key", _MS, None, p_path, fmt=f_opt_token),
+    # login throttling and sessions per user (throttle.py; counts shared by the workers)
+    _d("login_penalty", _MS, "off", p_flag, fmt=f_flag),
+    _d("login_penalty_max", _MS, "15s", p_penalty_max, fmt=f_time),
+    _d("login_block", _MS, "off", p_login_block, fmt=f_login_block),
+    _d("login_trusted", _MS, "none", p_login_trusted, nargs=_ANY, fmt=f_login_trusted),
+    _d("limit_sessions_per_user", _MS, "0", p_num(0), fmt=f_num),
 ]
 
 # Known only to be refused with what replaces them (their parser always raises): in DIRECTIVES,

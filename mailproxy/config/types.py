@@ -172,6 +172,11 @@ class ServerConf:
     proxy_ssl_name: Optional[str]
     proxy_ssl_certificate: Optional[str]
     proxy_ssl_certificate_key: Optional[str]
+    login_penalty: bool
+    login_penalty_max: float
+    login_block: Optional[tuple[int, float]]    # (failures, period seconds), None: off
+    login_trusted: list[str]                    # networks (ipaddress text)
+    limit_sessions_per_user: int                # 0: no limit
     # where each directive was set, and what other modules build once per server and keep here
     _where: dict = field(default_factory=dict)
     _tls: Any = None                    # tls.ServerTLS (tls.check_server)
