@@ -37,7 +37,7 @@ T = TypeVar("T")
 PROTOCOLS = ("pop3", "imap", "smtp")
 # the refusals of limits.Admission.admit, Ticket.retarget and listeners.Listener.refuse
 REFUSALS = ("worker_connections", "limit_prelogin", "limit_conn_per_ip", "threads")
-LOGIN_RESULTS = ("ok", "failed", "throttled", "blocked", "error")
+LOGIN_RESULTS = ("ok", "failed", "throttled", "blocked", "limited", "error")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "other")
 # seconds: a local auth service answers in milliseconds, a slow one within auth_http_timeout
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -246,7 +246,8 @@ def timed(name: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def login(protocol: str, result: str) -> None:
-    """A login attempt's result: ok, failed, throttled, blocked or error."""
+    """A login attempt's result: ok, failed, throttled (delayed by login_penalty: also
+    counted by its outcome), blocked (login_block), limited (limit_sessions_per_user) or error."""
     count("logins", protocol, result)
 
 

@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
-from . import limits, login_table
+from . import limits, login_table, metrics
 from .auth_http import AuthResult
 from .log import sanitize
 
@@ -182,7 +182,8 @@ def before_auth(s: Any) -> None:
         failures, period = conf.login_block
         s.error("login blocked after %s within %s" % (_plural(int(recent(recs[0], now, period))),
                                                       _fmt(period)))
-        s.internal_error()
+        metrics.login(s.protocol, "blocked")
+        s.send_close(s.descriptor.internal_error)     # the reply of an auth service error
     if not conf.login_penalty:
         return
     waits = [delay(r, now, conf.login_penalty_max) for r in recs]
@@ -191,6 +192,7 @@ def before_auth(s: Any) -> None:
     if wait > 0:
         s.logmsg("warn", "login delayed %s after %s%s" % (
             _fmt(wait), _plural(rec.failures), "" if rec is recs[0] else " of this user"))
+        metrics.login(s.protocol, "throttled")
         s.action = "in login penalty delay"
         if s.rt.shutting_down.wait(wait):
             s.internal_error()
@@ -225,6 +227,7 @@ def take_seat(s: Any, user: Optional[bytes]) -> None:
     if seat is None:
         s.error("limiting sessions by limit_sessions_per_user (%d) for user \"%s\""
                 % (limit, sanitize(user, 128)))
+        metrics.login(s.protocol, "limited")
         s.perform(s.conv.auth_failed(_SEATS_FULL[s.protocol], retry=False))
     s.seat = seat
 

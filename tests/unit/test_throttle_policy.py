@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mailproxy import auth_http, backend, config, login_table, throttle
+from mailproxy import auth_http, backend, config, login_table, metrics, throttle
 from mailproxy.config.types import MainConf
 from mailproxy.errors import ConfigError
 from mailproxy.login_table import LoginTable
@@ -289,6 +289,21 @@ def test_a_blocked_address_gets_the_temporary_failure_without_asking(world, tabl
     table.clock.now += 1200
     world.make(LOGIN % b"e", login_block="2/10m").run()
     assert world.requests == 5               # aged out
+
+
+def test_throttling_results_are_counted_in_the_metrics(world, table, monkeypatch):
+    area = metrics.Area(slots=2)
+    monkeypatch.setattr(metrics, "_area", area)
+    monkeypatch.setattr(metrics, "_mine", 0)
+    world.result = FAIL
+    for pw in (b"a", b"b", b"c"):
+        world.make(LOGIN % pw, login_block="2/10m").run()
+    world.result = OK
+    world.make(LOGIN % b"pw", limit_sessions_per_user="1").run()
+    world.make(LOGIN % b"pw", limit_sessions_per_user="1", client=("192.0.2.8", 1)).run()
+    text = metrics.render_area()
+    for result, n in (("failed", 2), ("blocked", 1), ("limited", 1), ("error", 0)):
+        assert 'mailproxy_logins_total{protocol="pop3",result="%s"} %d' % (result, n) in text
 
 
 def test_sessions_per_user_are_limited_and_given_back(world, table):
