@@ -167,8 +167,9 @@ class AccessLog:
 
 class AccessLogs:
     """Every access log file of a configuration, each opened once however many servers name
-    it; `for_server` is what a Runtime keeps.  Shaped as an ErrorLog for supervisor's
-    log handling (`targets`, `log`, `reopen`, `close`)."""
+    it; `by_server` is what a Runtime keeps.  Shaped as an ErrorLog for supervisor's
+    log handling (`targets`, `log`, `reopen`, `close`), which keeps it among the servers'
+    error logs (key "access")."""
 
     def __init__(self, servers: Iterable[Any], errlog: Any = None) -> None:
         self.errlog = errlog
@@ -188,7 +189,7 @@ class AccessLogs:
             self.close()
             raise
 
-    def log(self, level: str, message: str) -> None:
+    def log(self, level: str, message: str, conn: object = None) -> None:
         if self.errlog is not None:
             self.errlog.log(level, message)
 

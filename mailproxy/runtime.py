@@ -29,7 +29,8 @@ class Runtime:
         self.relay = relay                  # relay.Relay
         self.server_logs = server_logs or {}  # id(ServerConf) -> ErrorLog for servers with error_log
         self.shutting_down = threading.Event()
-        self.access_logs: Dict[int, Any] = {}  # id(ServerConf) -> access_log.AccessLog
+        # id(ServerConf) -> access_log.AccessLog: supervisor keeps the files with the error logs
+        self.access_logs: Dict[int, Any] = getattr(self.server_logs.get("access"), "by_server", {})
         self.admission = limits.Admission.from_config(config.main)   # this worker's limits
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()

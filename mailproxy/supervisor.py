@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import NGINX_VERSION, __version__
 
 if TYPE_CHECKING:
     from .config import Config
@@ -57,6 +57,8 @@ def _build_logs(cfg):
                 lg = _open_log(ErrorLog, targets)
                 opened.append(lg)
                 server_logs[id(conf)] = lg
+        from . import access_log        # kept with the error logs, under this key
+        server_logs["access"] = access_log.open_all(cfg, main_log)
     except BaseException:
         for lg in opened:
             lg.close()
@@ -200,7 +202,8 @@ class Master:
             return self._fatal('open() "%s" failed (%d: %s)' % (cfg.main.pid, e.errno or 0,
                                                                e.strerror))
         try:
-            self.log.log("notice", "%s/%s" % (NAME, __version__))
+            # the nginx mail version whose behaviour mailproxy follows (mailproxy/__init__.py)
+            self.log.log("notice", "%s/%s (nginx/%s mail)" % (NAME, __version__, NGINX_VERSION))
             _warn_native_tls(cfg, self.log)
             self.notify("READY=1\nMAINPID=%d" % os.getpid())
             self.log.log("notice", "start worker processes")
