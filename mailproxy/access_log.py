@@ -6,7 +6,8 @@ Fields, in this order (README.md "Access log"):
     bytes_in bytes_out duration result
 
 `time` is local ISO 8601 with the UTC offset; `user` is always quoted (log.sanitize: no quote,
-backslash, control or line break survives), `-` stands for an absent value; `bytes_in` went
+backslash, control or line break survives; in JSON, the name as sent, JSON-escaped, null when
+absent), `-` stands for an absent value; `bytes_in` went
 client -> backend, `bytes_out` backend -> client (0 for a session that never logged in);
 `duration` is seconds from the accept; `result` is one of RESULTS.  With `json` each line is
 one JSON object with these names as keys.
@@ -80,14 +81,15 @@ def record(*, session: str, protocol: str, client_ip: Optional[str],
            client_port: Optional[int], user: Optional[bytes], backend: Optional[str],
            tls: Optional[Tuple[str, str]], bytes_in: int, bytes_out: int, duration: float,
            result: str, now: Optional[float] = None) -> Dict[str, Any]:
-    """The fields of one line (FIELDS order); text values are log-safe already."""
+    """The fields of one line (FIELDS order); `user` as the client sent it (text_line makes
+    it log-safe, json escapes it), the other values are ours."""
     return {
         "time": _time_text(time.time() if now is None else now),
         "session": session,
         "protocol": protocol,
         "client_ip": client_ip or "-",
         "client_port": client_port if client_port is not None else "-",
-        "user": sanitize(user, 128) if user is not None else None,
+        "user": bytes(user[:512]) if user is not None else None,
         "backend": backend or "-",
         "tls_version": tls[0] if tls and tls[0] else "-",
         "tls_cipher": tls[1] if tls and tls[1] else "-",
@@ -110,7 +112,7 @@ def text_line(rec: Dict[str, Any]) -> str:
     for name in FIELDS:
         value = rec[name]
         if name == "user":
-            out.append('"%s"' % ("-" if value is None else value))
+            out.append('"%s"' % ("-" if value is None else sanitize(value, 256)))
         elif name == "duration":
             out.append("%.3f" % value)
         else:
@@ -121,6 +123,8 @@ def text_line(rec: Dict[str, Any]) -> str:
 def json_line(rec: Dict[str, Any]) -> str:
     """One JSON object (ASCII only: controls and non-ASCII escaped by json), a newline."""
     obj = {name: rec[name] for name in FIELDS}
+    if obj["user"] is not None:
+        obj["user"] = obj["user"].decode("utf-8", "backslashreplace")
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 
