@@ -193,3 +193,24 @@ def test_config_errors(proxy_factory, tmp_path):
                        text=True, timeout=30)
     assert r.returncode != 0
     assert 'invalid value "xml" in "access_log"' in r.stderr and "mailproxy.ini:" in r.stderr
+
+
+def test_tls_version_and_cipher(proxy_factory, auth_server, pop3_backend, tmp_path, pki):
+    import poplib
+    from tests.support.common import track
+    from tests.support.process import free_port, server_block
+    from tests.support.tls import client_ctx
+    path, value = access(tmp_path, "text")
+    port = free_port()
+    auth_server.route_to(pop3_backend.port)
+    block = server_block("pop3", port, access_log=value, auth_http=auth_server.url,
+                         ssl_certificate=pki.server_rsa[0], ssl_certificate_key=pki.server_rsa[1])
+    block["listen"] = "127.0.0.1:%d ssl" % port
+    proxy_factory({"servers": {"pop3": block}})
+    p = track(poplib.POP3_SSL("127.0.0.1", port, context=client_ctx(pki), timeout=5))
+    version, cipher = p.sock.version(), p.sock.cipher()[0]
+    p.user("alice")
+    p.pass_("secret")
+    p.quit()
+    (rec,) = entries(path)
+    assert (rec["tls_version"], rec["tls_cipher"], rec["result"]) == (version, cipher, "ok")
