@@ -13,7 +13,6 @@ Control flow is plain blocking code; `Close` unwinds it.
 from __future__ import annotations
 
 import errno as errno_mod
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Tuple
