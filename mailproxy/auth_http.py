@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from . import ktimeout, metrics
+from . import ktimeout, metrics, trace as _trace
 from .log import addr_text, sanitize
 
 __all__ = [
@@ -68,6 +68,7 @@ class AuthRequest:
     smtp_to: Optional[bytes] = None
     ssl: list = field(default_factory=list)      # [(name, value)] Auth-SSL*; Auth-SSL-Cert raw PEM
     headers: list = field(default_factory=list)  # auth_http_header [(name, value)]
+    session_id: Optional[str] = None  # ours: Auth-Session-Id (the session's id in every log)
 
 
 @dataclass
@@ -170,6 +171,8 @@ def build_request(url: Any, req: AuthRequest) -> bytes:
         else:
             value = _safe(value)
         out += (name, b': ', value, b'\r\n')
+    if req.session_id:
+        out += (b'Auth-Session-Id: ', _safe(req.session_id), b'\r\n')
     for name, value in req.headers or ():
         out += (_safe(name), b': ', _safe(value), b'\r\n')
     out.append(b'\r\n')
@@ -389,7 +392,7 @@ def _timed_out(peer):
                          _errno.ETIMEDOUT)
 
 
-def _exchange(url, request, req, peer, timeout):
+def _exchange(url, request, req, peer, timeout, trace=None):
     if timeout is None:
         timeout = 60.0                      # auth_http_timeout's default
     deadline = time.monotonic() + timeout
@@ -443,17 +446,22 @@ def _exchange(url, request, req, peer, timeout):
                 raise AuthHttpError(_premature(peer))
             buf += chunk
             try:
-                return _parse(buf, req, peer)
+                result = _parse(buf, req, peer)
             except _Incomplete:
                 if len(buf) >= MAX_HEADER:
                     raise AuthHttpError(_too_large(peer)) from None
+            else:
+                if trace is not None:
+                    trace('response', _trace.auth_response_lines(buf))
+                return result
     finally:
         sock.close()
 
 
 def query(url: Any, req: AuthRequest, timeout: Optional[float], *,
           sleep: Callable[[float], Any] = time.sleep,
-          max_rounds: int = MAX_WAIT_ROUNDS) -> AuthResult:
+          max_rounds: int = MAX_WAIT_ROUNDS,
+          trace: Optional[Callable[[str, list], Any]] = None) -> AuthResult:
     """Ask the auth service about `req`; returns AuthResult ('OK' or 'FAIL').
 
     `Auth-Status: WAIT` is handled here: sleep Auth-Wait seconds (0 when
@@ -462,13 +470,18 @@ def query(url: Any, req: AuthRequest, timeout: Optional[float], *,
     bounds each round's connect + send + receive.  `sleep` may be replaced by
     an Event's wait: when it returns true (the worker is shutting down) the
     loop stops with AuthHttpError instead of asking again at once.
+    `trace(kind, lines)` (the `debug` log) gets the request's lines without Auth-Pass
+    (trace.auth_request_lines) and each response's header lines, Auth-Pass masked.
     Raises AuthHttpError.
     """
     request = build_request(url, req)
     peer = peer_name(url)
+    if trace is not None:
+        trace('request to ' + peer,
+              _trace.auth_request_lines(request, [name for name, _ in req.headers or ()]))
     for _ in range(max_rounds):
         result = metrics.timed("auth_http_duration_seconds", _exchange, url, request, req, peer,
-                               timeout)
+                               timeout, trace)
         if result.status != 'WAIT':
             return result
         if sleep(result.wait or 0):

@@ -161,15 +161,18 @@ class Peer:
     """Where the client is and where it connected: the addresses a backend login may carry
     (XCLIENT, IMAP ID).  `local` is our accepting address, asked of `sockname` (the session's
     getsockname) only when a login reads it: most logins never do, and it is a system call;
-    `proxied_local` is the destination a trusted PROXY header named (set_real_ip_from)."""
+    `proxied_local` is the destination a trusted PROXY header named (set_real_ip_from);
+    `session_id` the session's id (Runtime.new_session_id), for IMAP ID's x-session-id."""
 
-    __slots__ = ("ip", "port", "proxied_local", "_local", "_sockname")
+    __slots__ = ("ip", "port", "proxied_local", "session_id", "_local", "_sockname")
 
     def __init__(self, ip: Optional[str], port: Optional[int],
                  local: Optional[Tuple[str, int]] = None,
                  proxied_local: Optional[Tuple[str, int]] = None,
-                 sockname: Optional[Callable[[], Optional[Tuple[str, int]]]] = None):
+                 sockname: Optional[Callable[[], Optional[Tuple[str, int]]]] = None,
+                 session_id: Optional[str] = None):
         self.ip, self.port, self.proxied_local = ip, port, proxied_local
+        self.session_id = session_id
         self._local, self._sockname = local, sockname
 
     @property

@@ -296,7 +296,8 @@ class ImapConversation(Conversation):
 
     def backend_id_fields(self, peer: Peer) -> List[Tuple[str, object]]:
         """Dovecot's ID fields: who the client is and where it connected (our addition); the
-        session id is one per client connection."""
+        session id is one per client connection: the session's own (the one in its log lines
+        and its auth request), else one drawn here."""
         fields: List[Tuple[str, object]] = []
         if peer.ip is not None:
             fields += [("x-originating-ip", peer.ip), ("x-originating-port", peer.port)]
@@ -304,7 +305,7 @@ class ImapConversation(Conversation):
         if local is not None:
             fields += [("x-connected-ip", local[0]), ("x-connected-port", local[1])]
         if self.session_id is None:
-            self.session_id = secrets.token_urlsafe(12)
+            self.session_id = peer.session_id or secrets.token_urlsafe(12)
         fields.append(("x-session-id", self.session_id))
         return fields
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .log import ErrorLog
 
 
-def build_logs(cfg: Config) -> Tuple[ErrorLog, Dict[int, ErrorLog]]:
+def build_logs(cfg: Config) -> Tuple[ErrorLog, Dict[Any, Any]]:
     """(main ErrorLog, {id(ServerConf): ErrorLog}); raises OSError naming the file."""
     from .log import ErrorLog
     opened = []
@@ -26,6 +26,8 @@ def build_logs(cfg: Config) -> Tuple[ErrorLog, Dict[int, ErrorLog]]:
                 lg = open_log(ErrorLog, targets)
                 opened.append(lg)
                 server_logs[id(conf)] = lg
+        from . import access_log        # kept with the error logs, under this key
+        server_logs["access"] = access_log.open_all(cfg, main_log)
     except BaseException:
         for lg in opened:
             lg.close()

@@ -6,7 +6,7 @@ import base64
 import itertools
 import os
 import threading
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import limits
 
@@ -29,6 +29,8 @@ class Runtime:
         self.relay = relay                  # relay.Relay
         self.server_logs = server_logs or {}  # id(ServerConf) -> ErrorLog for servers with error_log
         self.shutting_down = threading.Event()
+        # id(ServerConf) -> access_log.AccessLog: supervisor keeps the files with the error logs
+        self.access_logs: Dict[int, Any] = getattr(self.server_logs.get("access"), "by_server", {})
         self.admission = limits.Admission.from_config(config.main)   # this worker's limits
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()

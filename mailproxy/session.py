@@ -13,7 +13,6 @@ Control flow is plain blocking code; `Close` unwinds it.
 from __future__ import annotations
 
 import errno as errno_mod
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Tuple
@@ -29,6 +28,7 @@ from .conversation import (Authenticate, BackendStartTLS, LoggedIn, LoginError, 
                            ToBackend, WaitQuiet, safe_credential)
 from .conversation import Close as CloseAction
 from .log import addr_text, sanitize
+from .session_log import SessionLog
 from .protocols import PROTOCOLS
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 
-class Session:
+class Session(SessionLog):
     """State and I/O of one client connection (one handler thread), for any protocol.
 
     Overridable (tests do): `run()`, `perform(actions)`, `authenticate()`,
@@ -66,7 +66,8 @@ class Session:
         self.ticket = ticket
         # `timeout` bounds the whole conversation before login, from the accept on, as nginx
         # arms it once (ngx_mail_init_session); a failed login with Auth-Wait arms it anew.
-        self.deadline = (accepted or time.monotonic()) + conf.timeout
+        self.started = accepted or time.monotonic()
+        self.deadline = self.started + conf.timeout
         self._armed = conf.timeout      # the kernel timeouts now on the socket
         self.conf = conf
         self.listen = listen
@@ -74,6 +75,10 @@ class Session:
         self.log = runtime.log_for(conf)
         self.conn = runtime.next_conn_id()
         self.session_id = runtime.new_session_id()
+        self.debug = self.log.enabled("debug")      # the trace (session_log.py) costs nothing else
+        self.access_log = runtime.access_logs.get(id(conf))
+        self.outcome = None             # what ended it, when known (access_log.RESULTS)
+        self.failed_logins = 0
         self.client_ip = client_address[0] if client_address else None
         self.client_port = client_address[1] if client_address else None
         self.server_text = self._server_text(listen)
@@ -141,55 +146,24 @@ class Session:
         """A fresh `timeout` for the conversation (after a failed login with Auth-Wait)."""
         self.deadline = time.monotonic() + self.conf.timeout
 
-    # ---- logging --------------------------------------------------------------------------
-
-    @staticmethod
-    def _server_text(listen):
-        if listen is None:
-            return "-"
-        return addr_text(listen.host or "0.0.0.0", listen.port)
-
-    def context(self) -> str:
-        parts = [", client: ", str(self.client_ip)]
-        if self.starttls_used:
-            parts.append(" using starttls")
-        parts += [", server: ", self.server_text]
-        if self.conv.login is not None:
-            parts += [', login: "', sanitize(self.conv.login, 128), '"']
-        if self.upstream:
-            parts += [", upstream: ", self.upstream]
-        return "".join(parts)
-
-    def logmsg(self, level: str, message: str, err: Optional[int] = None, action: bool = True,
-               tail: str = "") -> None:
-        if not self.log.enabled(level):
-            return
-        if err is not None:
-            message += " (%d: %s)" % (err, os.strerror(err))
-        if action and self.action:
-            message += " while " + self.action
-        self.log.log(level, message + self.context() + tail, self.conn)
-
-    def info(self, message: str, **kw: Any) -> None:
-        self.logmsg("info", message, **kw)
-
-    def error(self, message: str, **kw: Any) -> None:
-        self.logmsg("error", message, **kw)
-
     # ---- I/O ------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
         """Write one reply in one call, bounded by `timeout`."""
         if not data:
             return
+        if self.debug:
+            self.trace_reply(data)
         try:
             self.arm()
         except ClientTimeout:
+            self.outcome = "timeout"
             self.info("client timed out", err=errno_mod.ETIMEDOUT)
             raise Close() from None
         try:
             self.sock.sendall(data)
         except ktimeout.TIMEOUT_ERRORS:
+            self.outcome = "timeout"
             self.info("client timed out", err=errno_mod.ETIMEDOUT)
             raise Close() from None
         except OSError as e:
@@ -202,6 +176,7 @@ class Session:
 
     def internal_error(self) -> NoReturn:
         metrics.login(self.protocol, "error")       # the auth service or the backend failed
+        self.outcome = "error"
         self.send_close(self.descriptor.internal_error)
 
     def perform(self, actions: Iterable[object]) -> None:
@@ -248,8 +223,8 @@ class Session:
         handed = False
         try:
             if self.log.enabled("info"):
-                self.log.log("info", "client %s connected to %s"
-                             % (self._peer_text(), self.server_text), self.conn)
+                self.log.log("info", "client %s connected to %s, session: %s"
+                             % (self._peer_text(), self.server_text, self.session_id), self.conn)
             # A load balancer's PROXY protocol header comes before anything else, TLS included
             # (ngx_mail_proxy_protocol_handler); may replace client_ip/client_port
             # (set_real_ip_from)
@@ -273,10 +248,12 @@ class Session:
         except Close:
             pass
         except ClientTimeout:
+            self.outcome = "timeout"
             self.info("client timed out", err=errno_mod.ETIMEDOUT)
         except ClientClosed as e:
             self.info(str(e), err=e.errno)
         except Exception as e:   # a bug must never reach the client as a traceback
+            self.outcome = "error"
             self.logmsg("alert", "internal error: %s: %s" % (type(e).__name__, sanitize(str(e))))
             try:
                 self.sock.settimeout(1.0)
@@ -285,6 +262,7 @@ class Session:
                 pass
         finally:
             if not handed:
+                tls_info = self.tls_fields() if self.access_log is not None else None
                 if self.tls_handshaked:         # close_notify first
                     tls.shutdown(self.sock)
                 try:
@@ -294,6 +272,7 @@ class Session:
                 if self.ticket is not None:
                     self.ticket.release()
                 throttle.release(self)
+                self.access_prelogin(tls_info)
 
     def recount(self) -> None:
         """A trusted balancer's PROXY header named the real client: limit_conn_per_ip counts
@@ -307,6 +286,7 @@ class Session:
             self.action = None
             held = adm.lines.allow((reason, limits.address_key(self.client_ip)), time.monotonic())
             tls = self.listen is not None and self.listen.ssl
+            self.outcome = "refused"
             if held is not None:
                 self.error(limits.refusal_text(reason, adm.limit_of(reason), held, tls))
             if tls:             # as Listener.refuse: no handshake for a refused client
@@ -318,15 +298,14 @@ class Session:
         a command too long for the buffer is answered and closes."""
         kind, size = self.conv.next_input()
         try:
-            if kind == "bytes":
-                return self.reader.read_exact(size)
-            return self.reader.readline(size)
+            data = (self.reader.read_exact(size) if kind == "bytes"
+                    else self.reader.readline(size))
         except LineTooLong as e:
             self.perform(self.conv.too_long(e.data))
             raise Close() from None     # too_long() ends with Close: never reached
-
-    def _peer_text(self):
-        return addr_text(str(self.client_ip), self.client_port)
+        if self.debug:
+            self.trace_client(data, kind)
+        return data
 
     # ---- STARTTLS (ngx_mail_starttls_handler) ------------------------------------------------
 
@@ -341,6 +320,8 @@ class Session:
         failure), then the Auth-SSL-* headers, or the refused certificate's line and close."""
         self.sock = self.reader.sock = result.sock
         self.tls_handshaked = result.done
+        if result.reply is not None or not result.ok:
+            self.outcome = "tls-failed"
         if result.reply is not None:
             self.send_close(result.reply)
         if not result.ok:
@@ -382,18 +363,20 @@ class Session:
                 method=conv.method, user=conv.login or b"", passwd=conv.passwd or b"",
                 salt=conv.salt, protocol=self.protocol, attempt=self.attempt,
                 client_ip=self.client_ip or "", client_host=None, proxy=self.proxy_header,
-                ssl=self.ssl_headers, headers=conf.auth_http_header)
+                ssl=self.ssl_headers, headers=conf.auth_http_header, session_id=self.session_id)
             for name, value in conv.auth_request_fields().items():
                 setattr(req, name, value)
             try:
                 res = auth_http.query(conf.auth_http, req, conf.auth_http_timeout,
-                                      sleep=self.rt.shutting_down.wait)
+                                      sleep=self.rt.shutting_down.wait,
+                                      trace=self.trace_auth if self.debug else None)
             except auth_http.AuthHttpError as e:
                 self.error(str(e))
                 self.internal_error()
             if res.status != "OK":
                 metrics.login(self.protocol, "failed")
                 throttle.after_auth(self, False, user, passwd)
+                self.failed_logins += 1
                 self.info('client login failed: "%s"' % sanitize(res.message))
                 if res.wait:                        # at most auth_http.MAX_AUTH_WAIT
                     if self.rt.shutting_down.wait(res.wait):
@@ -424,7 +407,8 @@ class Session:
         proxied = None
         if hdr and self.proxy_trusted and hdr[2] is not None:
             proxied = (hdr[2], hdr[3])      # where the client went: set_real_ip_from peers only
-        return Peer(self.client_ip, self.client_port, None, proxied, self._sockname)
+        return Peer(self.client_ip, self.client_port, None, proxied, self._sockname,
+                    self.session_id)
 
     def _sockname(self) -> Optional[Tuple[str, int]]:
         try:
@@ -474,6 +458,7 @@ class Session:
             self.internal_error()
         except BackendRejected as e:
             conn.close()
+            self.failed_logins += 1
             text = sanitize(e.text.rstrip(b"\r\n"), 512)
             if conf.proxy_pass is not None:
                 # Our static route: the backend decides, its refusal is an ordinary failure.
@@ -500,6 +485,8 @@ class Session:
         while True:
             self.action = login.READING
             reply = conn.read_reply(login.complete)
+            if self.debug:
+                self.trace_backend(reply)
             try:
                 actions = login.receive(reply)
             except StartTLSRefused as e:
@@ -510,6 +497,8 @@ class Session:
                     self.action = act.action
                     if act.discard:
                         conn.discard()
+                    if self.debug:
+                        self.trace_backend(act.data, act.action)
                     conn.send(act.data)
                 elif kind is BackendStartTLS:
                     self.action = "SSL handshaking to upstream"
@@ -585,6 +574,12 @@ class Session:
             self.info("proxied session done",
                       tail=", bytes from/to client:%d/%d, duration: %.3fs (%s)"
                       % (stats.bytes_in, stats.bytes_out, stats.duration, stats.reason))
+            self.access_relayed(stats, tls_info)
+
+        tls_info = self.tls_fields() if self.access_log is not None else None
+        if self.debug:
+            self.trace("handing over to the relay, %d bytes pending to upstream, %d to client"
+                       % (len(pending), len(reply)))
 
         if self.ticket is not None:
             self.ticket.logged_in()

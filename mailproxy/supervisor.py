@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import __version__, login_table, metrics, metrics_http
+from . import NGINX_VERSION, __version__, login_table, metrics, metrics_http
 from .master_setup import (build_logs as _build_logs, chown_logs as _chown_logs,
                            resolve_user as _resolve_user, warn_affinity as _warn_affinity,
                            warn_native_tls as _warn_native_tls)
@@ -119,7 +119,8 @@ class Master:
             return self._fatal('open() "%s" failed (%d: %s)' % (cfg.main.pid, e.errno or 0,
                                                                e.strerror))
         try:
-            self.log.log("notice", "%s/%s" % (NAME, __version__))
+            # the nginx mail version whose behaviour mailproxy follows (mailproxy/__init__.py)
+            self.log.log("notice", "%s/%s (nginx/%s mail)" % (NAME, __version__, NGINX_VERSION))
             _warn_native_tls(cfg, self.log)
             _warn_affinity(cfg, self.log)
             self.notify("READY=1\nMAINPID=%d" % os.getpid())

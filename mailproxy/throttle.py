@@ -183,6 +183,7 @@ def before_auth(s: Any) -> None:
         s.error("login blocked after %s within %s" % (_plural(int(recent(recs[0], now, period))),
                                                       _fmt(period)))
         metrics.login(s.protocol, "blocked")
+        s.outcome = "blocked"
         s.send_close(s.descriptor.internal_error)     # the reply of an auth service error
     if not conf.login_penalty:
         return
@@ -228,6 +229,7 @@ def take_seat(s: Any, user: Optional[bytes]) -> None:
         s.error("limiting sessions by limit_sessions_per_user (%d) for user \"%s\""
                 % (limit, sanitize(user, 128)))
         metrics.login(s.protocol, "limited")
+        s.outcome = "limited"
         s.perform(s.conv.auth_failed(_SEATS_FULL[s.protocol], retry=False))
     s.seat = seat
 

@@ -1,6 +1,7 @@
 """The auth_http protocol end to end (ngx_mail_auth_http_module) with POP3 clients, and the
 auth-less `proxy_pass` route (our addition)."""
 
+import re
 import signal
 import time
 
@@ -99,6 +100,7 @@ def test_request_bytes_exact(pop3_setup, auth_server, backend_factory):
     c = st.connect()
     assert login(c, "alice smith", "p%w ") == OK_LOGGED_IN
     req = auth_server.wait_requests(1)[0]
+    sid = re.search(r"session: ([A-Za-z0-9_-]{16})", st.proxy.wait_log("connected to")).group(1)
     assert req.raw == (b"GET /auth HTTP/1.0\r\n"
                        b"Host: 127.0.0.1\r\n"
                        b"Auth-Method: plain\r\n"
@@ -107,6 +109,7 @@ def test_request_bytes_exact(pop3_setup, auth_server, backend_factory):
                        b"Auth-Protocol: pop3\r\n"
                        b"Auth-Login-Attempt: 1\r\n"
                        b"Client-IP: 127.0.0.1\r\n"
+                       b"Auth-Session-Id: " + sid.encode() + b"\r\n"   # ours
                        b"X-Secret: s3cr3t\r\n"
                        b"X-Other: a b\r\n"
                        b"\r\n")

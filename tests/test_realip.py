@@ -327,7 +327,7 @@ def test_malformed_header_closes_silently(pp_setup, auth_server, protocol, data,
     line = proxy.wait_log(logged)
     assert "[error]" in line
     assert re.search(r"while reading PROXY protocol, client: 127\.0\.0\.1, server: "
-                     r"127\.0\.0\.1:%d$" % port, line), line
+                     r"127\.0\.0\.1:%d, session: [A-Za-z0-9_-]{16}$" % port, line), line
     assert auth_server.requests == []
     c.close()
 

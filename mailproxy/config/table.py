@@ -3,6 +3,7 @@
 
 import socket
 
+from .. import access_log
 from .syntax import _page_size, split_tokens
 from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_cpu_affinity,
                       p_daemon, p_enum, p_error_log, p_flag, p_listen, p_methods,
@@ -36,6 +37,9 @@ _TABLE = [
     _d("pid", _MAIN, None, p_pid, fmt=f_pid),
     _d("daemon", _MAIN, "off", p_daemon, fmt=f_flag),
     _d("error_log", _ALL, None, p_error_log, multi=True, nargs=(1, 2), fmt=f_error_log),
+    # ours: one line per session at its end (access_log.py)
+    _d("access_log", _MS, "off", access_log.parse, nargs=(1, 2),
+       fmt=lambda v: f_words(access_log.tokens(v))),
     _d("worker_processes", _MAIN, "1", p_worker_processes, fmt=f_num),
     _d("worker_cpu_affinity", _MAIN, "off", p_cpu_affinity, nargs=_ANY, fmt=f_cpu_affinity),
     _d("user", _MAIN, None, p_user, nargs=(1, 2), fmt=f_user),

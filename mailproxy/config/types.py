@@ -114,6 +114,7 @@ class ServerConf:
     line: Optional[int]
     # the directives (table.py's SERVER_KEYS order)
     error_log: Optional[list[LogTarget]]
+    access_log: Optional[tuple[str, str]]       # (path, 'text' | 'json'); None: off
     listen: list[Listen]
     protocol: str                               # resolved from the listen port when unset
     server_name: str

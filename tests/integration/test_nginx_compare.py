@@ -687,7 +687,9 @@ class World:
             conn.closed.wait(max(0.0, deadline - time.monotonic()))
             header = conn.proxy_header or b""
             backend_raw.append(header + bytes(conn.raw))
-        auth = ["A: %r" % r.raw.replace(b"X-Proxy: %s\r\n" % proxy.encode(), b"")
+        # Auth-Session-Id: ours (README "With an auth service"), a random id per session
+        auth = ["A: %r" % re.sub(rb"Auth-Session-Id: [A-Za-z0-9_-]{16}\r\n", b"",
+                                 r.raw.replace(b"X-Proxy: %s\r\n" % proxy.encode(), b""))
                 for r in list(self.auth.requests)
                 if r.header("X-Case") == case.id and r.header("X-Proxy") == proxy]
         return {"client": "\n".join(client),

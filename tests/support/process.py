@@ -301,7 +301,7 @@ class SessionLog:
             m = re.search(r" (\d+)#\d+: \*(\d+) ", line)
             if not m:
                 continue
-            c = re.search(r"\*\d+ client [^ ]+:(\d+) connected to (\S+)", line)
+            c = re.search(r"\*\d+ client [^ ]+:(\d+) connected to ([^\s,]+)", line)
             if c and (int(c.group(1)) in self.ports or c.group(2) == self.server):
                 mine.add(m.groups())
             if m.groups() in mine:

@@ -13,6 +13,7 @@ a conversation events and compare the actions it returns, exactly.
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -180,14 +181,31 @@ class FakeSock:
         self.closed = True
 
 
+_SESSION_TAIL = re.compile(r", session: ([A-Za-z0-9_-]{16})\Z")
+
+
 class RecordingLog(common.RecordingLog):
     """tests/support's ErrorLog stand-in ((level, message) in `lines`), here writing onto a
-    timeline shared with FakeSock when given one."""
+    timeline shared with FakeSock when given one.  `debug` lines only when asked (as a real
+    error_log below debug); the session id that ends a session's line is kept apart in
+    `session_ids` (one per line that had it), so lines compare as nginx's."""
 
-    def __init__(self, lines: Optional[list] = None):
+    def __init__(self, lines: Optional[list] = None, debug: bool = False):
         super().__init__()
         if lines is not None:
             self.lines = lines
+        self.debug = debug
+        self.session_ids: List[str] = []
+
+    def enabled(self, level):
+        return level != "debug" or self.debug
+
+    def log(self, level, message, conn=None):
+        m = _SESSION_TAIL.search(message)
+        if m is not None:
+            self.session_ids.append(m.group(1))
+            message = message[:m.start()]
+        super().log(level, message, conn)
 
 
 def sent(events: list, name: str = "client") -> List[bytes]:

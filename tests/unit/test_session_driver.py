@@ -130,6 +130,23 @@ def test_run_until_the_client_leaves(session, events):
         ("info", "client 192.0.2.7:5555 connected to 127.0.0.1:110"),
         ("info", "client closed connection while in auth state" + CONTEXT)]
     assert s.sock.closed and s.ticket.released == 1
+    # every line of the session ends with its id (RecordingLog takes it off the line)
+    assert s.rt.log.session_ids == [s.session_id] * 2
+
+
+def test_debug_trace_masks_credentials(session, events):
+    s = session(b"USER bob\r\n", b"PASS secret\r\n")
+    s.rt.log.debug = True
+    s.debug = True
+    s.authenticate = lambda: s.send_close(b"-ERR no\r\n")
+    s.run()
+    assert [e[1] for e in lines(events, "debug")] == [
+        'sent to client "+OK POP3 ready"' + CONTEXT,
+        'client sent "USER bob"' + CONTEXT,
+        'sent to client "+OK"' + CONTEXT + ', login: "bob"',
+        'client sent "PASS ***"' + CONTEXT + ', login: "bob"',
+        'sent to client "-ERR no"' + CONTEXT + ', login: "bob"']
+    assert not any("secret" in str(e) for e in events if e[0] != "client")
 
 
 def test_run_quit(session, events):
@@ -156,7 +173,7 @@ def auth(monkeypatch, events):
     """Answers for auth_http.query: set `auth.result`; the requests land in `auth.requests`."""
     box = SimpleNamespace(result=None, requests=[])
 
-    def query(url, req, timeout, sleep=None):
+    def query(url, req, timeout, sleep=None, trace=None):
         box.requests.append(req)
         events.append(("auth", req.method, req.user, req.passwd))
         return box.result
@@ -389,7 +406,7 @@ def test_apop_logs_in_to_the_backend_with_the_auth_services_password(session, ev
 
 
 def test_apop_without_auth_pass_is_an_internal_error(session, events, upstream, monkeypatch):
-    def query(url, req, timeout, sleep=None):
+    def query(url, req, timeout, sleep=None, trace=None):
         return auth_http.parse_response(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"
                                         b"Auth-Server: 127.0.0.1\r\nAuth-Port: 1110\r\n\r\n",
                                         req, "127.0.0.1:9000")
