@@ -9,6 +9,7 @@ import threading
 from typing import TYPE_CHECKING, Dict, Optional
 
 from . import limits
+from .live import LiveSessions
 
 if TYPE_CHECKING:      # annotations only
     from .config import Config, ServerConf
@@ -30,6 +31,7 @@ class Runtime:
         self.server_logs = server_logs or {}  # id(ServerConf) -> ErrorLog for servers with error_log
         self.shutting_down = threading.Event()
         self.admission = limits.Admission.from_config(config.main)   # this worker's limits
+        self.live = LiveSessions()          # sessions now, for `sessions` and `kick`
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         # drawn in each worker (Runtime is made after fork): ids never repeat across workers,

@@ -243,6 +243,7 @@ class Session:
 
     def run(self) -> None:
         handed = False
+        self.rt.live.add(self)          # listed and kicked from now on (live.py)
         try:
             if self.log.enabled("info"):
                 self.log.log("info", "client %s connected to %s"
@@ -282,6 +283,7 @@ class Session:
                 pass
         finally:
             if not handed:
+                self.rt.live.remove(self)
                 if self.tls_handshaked:         # close_notify first
                     tls.shutdown(self.sock)
                 try:
@@ -558,6 +560,7 @@ class Session:
             # after the real client field, which greedy log filters would take instead.
             if self.ticket is not None:
                 self.ticket.release()
+            self.rt.live.remove(self)
             if stats.reason == "client timed out":
                 self.action = "proxying"
                 self.info("client timed out", err=errno_mod.ETIMEDOUT)
@@ -580,4 +583,5 @@ class Session:
         except BaseException:
             conn.close()        # the client socket is closed by run(); the backend's is ours
             raise
+        self.rt.live.relayed(self)
         raise HandedOver()

@@ -155,6 +155,7 @@ class Master:
         self.user = None
         self.respawn = []           # monotonic times at which to start a worker
         self.recent_deaths = []
+        self.hub = None             # master_loop.Hub: signals, control socket, channels
 
     # -- start-up ---------------------------------------------------------------------------
     def _fatal(self, msg):
@@ -189,14 +190,19 @@ class Master:
         # from here on signals wait for the loop (they are never lost, nor handled early)
         signal.signal(signal.SIGCHLD, _noop)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        from .master_loop import Hub
+        self.hub = Hub(HANDLED, lambda: self.log)
         try:
             self.listeners, _ = lmod.bind_all(cfg.servers)
-        except lmod.ListenError as e:
-            return self._fatal(str(e))
+            self.hub.listen(cfg.main.control_socket)
+        except (lmod.ListenError, OSError) as e:
+            self._close_listeners()
+            return self._fatal(e.strerror if isinstance(e, OSError) else str(e))
         try:
             self._write_pid(cfg.main.pid)
         except OSError as e:
             self._close_listeners()
+            self.hub.close()
             return self._fatal('open() "%s" failed (%d: %s)' % (cfg.main.pid, e.errno or 0,
                                                                e.strerror))
         try:
@@ -209,6 +215,7 @@ class Master:
             return self._loop()
         finally:
             self._remove_pid()
+            self.hub.close()
 
     def _nworkers(self):
         return self.cfg.main.worker_processes       # at least 1, "auto" resolved at load
@@ -248,11 +255,12 @@ class Master:
 
     # -- workers ----------------------------------------------------------------------------
     def _spawn(self):
+        channel = self.hub.pair()       # the worker's end answers `sessions` and `kick`
         pid = os.fork()
         if pid == 0:
             code = 2
             try:
-                code = Worker(self).run()
+                code = Worker(self, self.hub.in_child(channel)).run()
             except BaseException as e:  # never return into the master's code
                 try:
                     self.log.log("alert", "worker process failed: %r" % (e,))
@@ -260,6 +268,7 @@ class Master:
                     pass
             finally:
                 os._exit(code)
+        self.hub.spawned(pid, channel)
         self.workers[pid] = time.monotonic()
         self.log.log("notice", "start worker process %d" % pid)
         return pid
@@ -276,6 +285,7 @@ class Master:
 
     def _exited(self, pid, status):
         current = pid in self.workers
+        self.hub.gone(pid)
         self.workers.pop(pid, None)
         self.old_workers.discard(pid)
         if os.WIFSIGNALED(status):
@@ -311,8 +321,7 @@ class Master:
             timeout = 1.0
             if self.respawn:
                 timeout = max(0.0, min(self.respawn) - time.monotonic())
-            info = signal.sigtimedwait(HANDLED, timeout) if timeout > 0 else \
-                signal.sigtimedwait(HANDLED, 0)
+            info = self.hub.wait(max(0.0, timeout))    # and serves the control socket
             self._reap()
             if self.respawn:
                 now = time.monotonic()
@@ -358,7 +367,7 @@ class Master:
         self._close_listeners()
         deadline = time.monotonic() + FAST_EXIT_WAIT if sig == signal.SIGTERM else None
         while self.workers or self.old_workers:
-            info = signal.sigtimedwait(HANDLED, 0.05)
+            info = self.hub.wait(0.05)
             self._reap()
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT) and deadline is None:
@@ -420,6 +429,10 @@ class Master:
             return
         for lst in removed:
             lst.server_close()
+        try:
+            self.hub.listen(cfg.main.control_socket)    # anew only if the path changed
+        except OSError as e:
+            log.log("alert", "%s: no control socket" % e.strerror)
         old_log, old_server_logs = self.log, self.server_logs
         self.cfg, self.log, self.server_logs, self.user = cfg, log, server_logs, user
         _chown_logs([log] + list(server_logs.values()), user)
@@ -457,8 +470,9 @@ def _noop(signo, frame):
 class Worker:
     """A worker process: serves every listener until told to stop."""
 
-    def __init__(self, master: Master):
+    def __init__(self, master: Master, channel=None):
         self.master = master
+        self.channel = channel      # live.serve answers the master on it
         self.master_pid = os.getppid()
         self.cfg = master.cfg
         self.log = master.log
@@ -492,6 +506,9 @@ class Worker:
         relay.start()
         self.relay = relay
         self.runtime = Runtime(self.cfg, self.log, relay, self.server_logs)
+        if self.channel is not None:
+            from .live import serve
+            serve(self.channel, self.runtime)
         self._check_nofile()
         for lst in self.listeners:
             lst.start(self.runtime)

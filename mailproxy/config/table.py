@@ -6,7 +6,7 @@ import socket
 from .syntax import _page_size, split_tokens
 from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_daemon, p_enum,
                       p_error_log, p_flag, p_listen, p_methods, p_num, p_pairs, p_path,
-                      p_path_list, p_pid, p_proxy_pass, p_realip, p_resolver, p_session_cache,
+                      p_path_list, p_pid, p_control_socket, p_proxy_pass, p_realip, p_resolver, p_session_cache,
                       p_size, p_sni, p_ssl_protocols, p_ssl_removed, p_str, p_time, p_user,
                       p_words, p_worker_processes)
 from .dump import (f_auth_http, f_each_token, f_each_tuple, f_error_log, f_flag, f_listen, f_num,
@@ -43,6 +43,8 @@ _TABLE = [
     # address (IPv6 per /64; 0 = off)
     _d("limit_prelogin", _MAIN, "1000", p_num(0), fmt=f_num),
     _d("limit_conn_per_ip", _MAIN, "0", p_num(0), fmt=f_num),
+    # ours: the Unix socket of `mailproxy sessions` / `kick` (master_loop.py), off by default
+    _d("control_socket", _MAIN, None, p_control_socket, fmt=f_pid),
     # ngx_mail_core_module
     _d("listen", _S, "", p_listen, multi=True, nargs=_ANY, fmt=f_listen),
     _d("protocol", _S, None, p_enum("pop3", "imap", "smtp"), fmt=f_opt_token),

@@ -88,6 +88,7 @@ class MainConf:
     worker_connections: int = 16384
     limit_prelogin: int = 1000
     limit_conn_per_ip: int = 0
+    control_socket: Optional[str] = None    # the control socket's path (None: off)
     _where: dict = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, key: str) -> tuple:
