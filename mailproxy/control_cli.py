@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from .log import sanitize
 
@@ -101,7 +101,7 @@ def table(rows: List[Dict[str, Any]]) -> str:
 
 
 def run(path: Optional[str], conf_path: str, command: str, args: List[str],
-        out: TextIO = sys.stdout, err=None) -> int:
+        out: TextIO = sys.stdout, err: Optional[Callable[[str], None]] = None) -> int:
     """The command's exit code: 0 done, 1 an error (said on stderr)."""
     from .supervisor import err as say
     err = err or say

@@ -25,7 +25,9 @@ import socket
 import stat
 import struct
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+Pair = Tuple[socket.socket, socket.socket]
 
 ANSWER_WAIT = 2.0           # seconds the master waits for the workers' answers
 CLIENT_WAIT = 5.0           # seconds a control client has to send its request
@@ -35,7 +37,7 @@ MAX_REQUEST = 1 << 16
 MAX_ANSWER = 64 << 20       # bytes kept of one worker's answer
 
 
-def signalfd(signals) -> int:
+def signalfd(signals: Iterable[int]) -> int:
     """A non-blocking signalfd for `signals` (blocked by the caller), or -1 when it cannot
     be had (no ctypes, not Linux, or MAILPROXY_NO_SIGNALFD=1 for the tests)."""
     if os.environ.get("MAILPROXY_NO_SIGNALFD") == "1":
@@ -86,7 +88,7 @@ class _Channel:
 class Hub:
     """The master's selector and what waits in it (see the module docstring)."""
 
-    def __init__(self, signals, log) -> None:
+    def __init__(self, signals: Iterable[int], log: Callable[[], Any]) -> None:
         self.signals = tuple(signals)
         self.log = log                  # callable: the master's current ErrorLog
         self.sel = selectors.DefaultSelector()
@@ -157,11 +159,11 @@ class Hub:
 
     # -- workers' channels ------------------------------------------------------------------
     @staticmethod
-    def pair():
+    def pair() -> Pair:
         """(master end, worker end) of a new worker's channel, made before the fork."""
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
-    def in_child(self, pair) -> socket.socket:
+    def in_child(self, pair: Pair) -> socket.socket:
         """In a new worker right after fork: close every descriptor of the master's here
         (signalfd, selector, control socket and clients, other workers' channels); returns
         this worker's end of its channel."""
@@ -177,7 +179,7 @@ class Hub:
                 sock.close()
         return pair[1]
 
-    def spawned(self, pid: int, pair) -> None:
+    def spawned(self, pid: int, pair: Pair) -> None:
         pair[1].close()
         sock = pair[0]
         sock.setblocking(False)
@@ -197,7 +199,7 @@ class Hub:
                 self._maybe_finish(rid)
 
     # -- the wait -------------------------------------------------------------------------------
-    def wait(self, timeout: float):
+    def wait(self, timeout: float) -> Optional[Any]:
         """Wait up to `timeout` seconds; serve the control socket and the channels meanwhile.
         Returns the siginfo of a signal taken (sigtimedwait), or None."""
         now = time.monotonic()

@@ -14,11 +14,13 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from . import __version__
 
 if TYPE_CHECKING:
+    import socket
+
     from .config import Config
 
 NAME = "mailproxy"
@@ -229,6 +231,7 @@ class Master:
         (which calls this too) must fail on a Python that cannot import a module of the proxy."""
         from . import protocols, session  # noqa: F401  (every protocol module, via protocols)
         from . import limits, listeners, log, notify, pidfile, relay, runtime  # noqa: F401
+        from . import master_loop  # noqa: F401
 
     def _write_pid(self, path):
         """Exclusively created, renamed into place, kept open for `-s` (pidfile.py)."""
@@ -470,7 +473,7 @@ def _noop(signo, frame):
 class Worker:
     """A worker process: serves every listener until told to stop."""
 
-    def __init__(self, master: Master, channel=None):
+    def __init__(self, master: Master, channel: Optional[socket.socket] = None):
         self.master = master
         self.channel = channel      # live.serve answers the master on it
         self.master_pid = os.getppid()
