@@ -209,3 +209,23 @@ def test_errors_without_the_option_or_the_instance(proxy_factory, pop3_backend, 
     (tmp_path / "control.sock").write_text("not a socket")
     with pytest.raises(AssertionError, match="not a socket"):
         start(proxy_factory, pop3_backend, workers=1)
+
+
+def test_tls_version_listed(proxy_factory, pop3_backend, certs):
+    import ssl
+    port = free_port()
+    block = server_block("pop3", port, proxy_pass=f"127.0.0.1:{pop3_backend.port}",
+                         ssl_certificate=certs["server"], ssl_certificate_key=certs["server_key"])
+    block["listen"] += " ssl"
+    p = proxy_factory({"main": {"control_socket": "control.sock"}, "servers": {"pop3": block}})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    s = track(ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5)))
+    f = track(s.makefile("rb"))
+    assert f.readline().startswith(b"+OK")
+    s.sendall(b"USER alice\r\nPASS secret\r\n")
+    assert f.readline().startswith(b"+OK") and f.readline().startswith(b"+OK")
+    rows = wait_for(lambda: listing(p) or None, what="the TLS session listed")
+    assert [(r["user"], r["tls"]) for r in rows] == [("alice", s.version())]
+    assert cli(p, "kick", "alice").stdout == "1 session kicked\n"
+    assert closed(f)
