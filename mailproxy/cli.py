@@ -1,4 +1,5 @@
 """The command line: ``mailproxy [-c FILE] [-t|-T] [-q] [-v|-V] [-s stop|quit|reload|reopen] [-h]``
+and the commands ``sessions [USER]`` / ``kick USER|--backend ADDR`` (control_cli.py)
 
 Parses the options, loads and tests the configuration, signals a running master (-s), or
 starts one: the master and worker processes are supervisor.py's.
@@ -12,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__
+from .control_cli import COMMANDS
 from .supervisor import NAME, Master, err as _err, load_config
 
 if TYPE_CHECKING:
@@ -23,7 +25,7 @@ SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT,
            "reload": signal.SIGHUP, "reopen": signal.SIGUSR1}
 
 USAGE = """\
-Usage: mailproxy [-?hvVtTq] [-s signal] [-c filename]
+Usage: mailproxy [-?hvVtTq] [-s signal] [-c filename] [command]
 
 Options:
   -?,-h         : this help
@@ -34,6 +36,10 @@ Options:
   -q            : suppress non-error messages during configuration testing
   -s signal     : send signal to a master process: stop, quit, reopen, reload
   -c filename   : set configuration file (default: %s)
+
+Commands (through the running instance's control_socket):
+  sessions [USER] [--backend ADDR] [--json] : list live sessions
+  kick USER | --backend ADDR                : end them, print how many
 """ % DEFAULT_CONF
 
 
@@ -44,11 +50,14 @@ class _Usage(Exception):
 def parse_args(argv: List[str]) -> Dict[str, Any]:
     """nginx-style option parsing: flags may be combined (-tq), -c/-s take the rest or the next."""
     opts = {"conf": None, "test": False, "dump": False, "quiet": False, "version": False,
-            "features": False, "signal": None, "help": False}
+            "features": False, "signal": None, "help": False, "command": None, "args": []}
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
+        if arg in COMMANDS:     # the command's own words follow it (control_cli.parse)
+            opts["command"], opts["args"] = arg, argv[i:]
+            break
         if not arg.startswith("-") or arg == "-":
             raise _Usage('invalid option: "%s"' % arg)
         p = arg[1:]
@@ -153,6 +162,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if opts["signal"]:
         return send_signal(cfg, path, opts["signal"])
+    if opts["command"]:
+        from . import control_cli
+        return control_cli.run(cfg.main.control_socket, path, opts["command"], opts["args"])
     return Master(path, cfg).run()
 
 

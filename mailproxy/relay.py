@@ -159,6 +159,13 @@ class Relay:
             queued = sum(1 for kind, _ in self._cmds if kind == 'add')
         return self._live + queued
 
+    def visit(self, fn: Callable[[list, Callable[[Any, str], None]], Any]) -> None:
+        """Run fn(live, close) in the relay thread (thread-safe): `live` the live sessions
+        (`.name`, `.bytes_in`, `.bytes_out`), close(session, reason) ends one (live.py)."""
+        with self._lock:
+            self._cmds.append(('visit', fn))
+            self._wake_locked()
+
     def close_all(self, reason: str = 'shutdown') -> None:
         """End every session (thread-safe); each on_done gets `reason`."""
         with self._lock:
@@ -282,6 +289,8 @@ class Relay:
             try:
                 if kind == 'add':
                     self._start_session(payload, refuse=refuse)
+                elif kind == 'visit':
+                    payload(self._live_sessions(), self._close)
                 elif kind == 'close_all':
                     for sess in self._live_sessions():
                         self._close(sess, payload)

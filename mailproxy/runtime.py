@@ -9,6 +9,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import limits
+from .live import LiveSessions
 
 if TYPE_CHECKING:      # annotations only
     from .config import Config, ServerConf
@@ -32,6 +33,7 @@ class Runtime:
         # id(ServerConf) -> access_log.AccessLog: supervisor keeps the files with the error logs
         self.access_logs: Dict[int, Any] = getattr(self.server_logs.get("access"), "by_server", {})
         self.admission = limits.Admission.from_config(config.main)   # this worker's limits
+        self.live = LiveSessions()          # sessions now, for `sessions` and `kick`
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         # drawn in each worker (Runtime is made after fork): ids never repeat across workers,

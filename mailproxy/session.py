@@ -50,12 +50,6 @@ class Session(SessionLog):
     # more than this (a quick login costs no extra system call).
     ARM_SLACK = 0.25
 
-    @staticmethod
-    def busy_reply(conf: ServerConf) -> bytes:
-        """The temporary-failure greeting sent instead of the greeting when a limit refuses
-        the connection."""
-        return PROTOCOLS[conf.protocol].busy_reply(conf)
-
     def __init__(self, sock: socket.socket, client_address: Optional[tuple], conf: ServerConf,
                  listen: Optional[Listen], runtime: Runtime, timeout_set: bool = False,
                  ticket: Optional[limits.Ticket] = None, accepted: Optional[float] = None):
@@ -221,6 +215,7 @@ class Session(SessionLog):
 
     def run(self) -> None:
         handed = False
+        self.rt.live.add(self)          # listed and kicked from now on (live.py)
         try:
             if self.log.enabled("info"):
                 self.log.log("info", "client %s connected to %s, session: %s"
@@ -263,6 +258,7 @@ class Session(SessionLog):
         finally:
             if not handed:
                 tls_info = self.tls_fields() if self.access_log is not None else None
+                self.rt.live.remove(self)
                 if self.tls_handshaked:         # close_notify first
                     tls.shutdown(self.sock)
                 try:
@@ -291,7 +287,7 @@ class Session(SessionLog):
                 self.error(limits.refusal_text(reason, adm.limit_of(reason), held, tls))
             if tls:             # as Listener.refuse: no handshake for a refused client
                 raise Close()
-            self.send_close(self.busy_reply(self.conf))
+            self.send_close(self.descriptor.busy_reply(self.conf))
 
     def next_input(self) -> bytes:
         """The next client line (or the bytes of an IMAP literal, as the conversation asks);
@@ -547,11 +543,6 @@ class Session(SessionLog):
             return proxy_protocol.v2_header(self.client_ip, self.client_port, local[0], local[1])
         return proxy_protocol.v1_header(self.client_ip, self.client_port, local[0], local[1])
 
-    def relay_client_buffer(self) -> int:
-        """Limit of unsent client -> backend data in the relay: proxy_buffer, as for the other
-        direction (the *_client_buffer limits are the longest command before login)."""
-        return self.conf.proxy_buffer
-
     def hand_over(self, conn: backend.BackendConn, reply: bytes) -> NoReturn:
         conf = self.conf
         pending = self.reader.take()
@@ -564,6 +555,7 @@ class Session(SessionLog):
             if self.ticket is not None:
                 self.ticket.release()
             throttle.release(self)
+            self.rt.live.remove(self)
             if stats.reason == "client timed out":
                 self.action = "proxying"
                 self.info("client timed out", err=errno_mod.ETIMEDOUT)
@@ -585,7 +577,7 @@ class Session(SessionLog):
             self.ticket.logged_in()
         try:
             self.rt.relay.add(self.sock, conn.sock, to_backend=pending, to_client=reply,
-                              client_buffer=self.relay_client_buffer(),
+                              client_buffer=conf.proxy_buffer,   # as the other way
                               proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,
                               on_done=metrics.relayed(self.protocol, done),
                               name="*%d" % self.conn,
@@ -594,4 +586,5 @@ class Session(SessionLog):
             metrics.count("relayed_sessions", self.protocol, n=-1)
             conn.close()        # the client socket is closed by run(); the backend's is ours
             raise
+        self.rt.live.relayed(self)
         raise HandedOver()

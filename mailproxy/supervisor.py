@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from . import NGINX_VERSION, __version__, login_table, metrics, metrics_http
 from .master_setup import (build_logs as _build_logs, chown_logs as _chown_logs,
@@ -22,6 +22,8 @@ from .master_setup import (build_logs as _build_logs, chown_logs as _chown_logs,
                            warn_native_tls as _warn_native_tls)
 
 if TYPE_CHECKING:
+    import socket
+
     from .config import Config
 
 NAME = "mailproxy"
@@ -73,6 +75,7 @@ class Master:
         self.user = None
         self.respawn = []           # monotonic times at which to start a worker
         self.recent_deaths = []
+        self.hub = None             # master_loop.Hub: signals, control socket, channels
 
     # -- start-up ---------------------------------------------------------------------------
     def _fatal(self, msg):
@@ -107,15 +110,20 @@ class Master:
         # from here on signals wait for the loop (they are never lost, nor handled early)
         signal.signal(signal.SIGCHLD, _noop)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        from .master_loop import Hub
+        self.hub = Hub(HANDLED, lambda: self.log)
         try:
             self.listeners, _ = lmod.bind_all(cfg.servers)
             metrics_http.prepare(cfg.main)      # the area and socket before any fork
-        except lmod.ListenError as e:
-            return self._fatal(str(e))
+            self.hub.listen(cfg.main.control_socket)
+        except (lmod.ListenError, OSError) as e:
+            self._close_listeners()
+            return self._fatal(e.strerror if isinstance(e, OSError) else str(e))
         try:
             self._write_pid(cfg.main.pid)
         except OSError as e:
             self._close_listeners()
+            self.hub.close()
             return self._fatal('open() "%s" failed (%d: %s)' % (cfg.main.pid, e.errno or 0,
                                                                e.strerror))
         try:
@@ -131,6 +139,7 @@ class Master:
             return self._loop()
         finally:
             self._remove_pid()
+            self.hub.close()
 
     def _nworkers(self):
         return self.cfg.main.worker_processes       # at least 1, "auto" resolved at load
@@ -144,6 +153,7 @@ class Master:
         (which calls this too) must fail on a Python that cannot import a module of the proxy."""
         from . import protocols, session  # noqa: F401  (every protocol module, via protocols)
         from . import limits, listeners, log, notify, pidfile, relay, runtime  # noqa: F401
+        from . import master_loop  # noqa: F401
 
     def _write_pid(self, path):
         """Exclusively created, renamed into place, kept open for `-s` (pidfile.py)."""
@@ -174,11 +184,12 @@ class Master:
         taken = {self.numbers.get(p) for p in self.workers}
         number = next(n for n in range(len(taken) + 1) if n not in taken)
         metrics.claim()                     # a metrics slot for the child
+        channel = self.hub.pair()       # the worker's end answers `sessions` and `kick`
         pid = os.fork()
         if pid == 0:
             code = 2
             try:
-                code = Worker(self, number).run()
+                code = Worker(self, number, self.hub.in_child(channel)).run()
             except BaseException as e:  # never return into the master's code
                 try:
                     self.log.log("alert", "worker process failed: %r" % (e,))
@@ -186,6 +197,7 @@ class Master:
                     pass
             finally:
                 os._exit(code)
+        self.hub.spawned(pid, channel)
         self.workers[pid] = time.monotonic()
         self.numbers[pid] = number
         metrics.assign(pid)
@@ -206,6 +218,7 @@ class Master:
         current = pid in self.workers
         metrics.release(pid)
         login_table.release_pid(pid)    # limit_sessions_per_user: a dead worker's sessions
+        self.hub.gone(pid)
         self.workers.pop(pid, None)
         self.numbers.pop(pid, None)
         self.old_workers.discard(pid)
@@ -243,8 +256,7 @@ class Master:
             timeout = 1.0
             if self.respawn:
                 timeout = max(0.0, min(self.respawn) - time.monotonic())
-            info = signal.sigtimedwait(HANDLED, timeout) if timeout > 0 else \
-                signal.sigtimedwait(HANDLED, 0)
+            info = self.hub.wait(max(0.0, timeout))    # and serves the control socket
             self._reap()
             if self.respawn:
                 now = time.monotonic()
@@ -290,7 +302,7 @@ class Master:
         self._close_listeners()
         deadline = time.monotonic() + FAST_EXIT_WAIT if sig == signal.SIGTERM else None
         while self.workers or self.old_workers:
-            info = signal.sigtimedwait(HANDLED, 0.05)
+            info = self.hub.wait(0.05)
             self._reap()
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT) and deadline is None:
@@ -354,6 +366,10 @@ class Master:
             return
         for lst in removed:
             lst.server_close()
+        try:
+            self.hub.listen(cfg.main.control_socket)    # anew only if the path changed
+        except OSError as e:
+            log.log("alert", "%s: no control socket" % e.strerror)
         old_log, old_server_logs = self.log, self.server_logs
         self.cfg, self.log, self.server_logs, self.user = cfg, log, server_logs, user
         _chown_logs([log] + list(server_logs.values()), user)
@@ -391,9 +407,11 @@ def _noop(signo, frame):
 class Worker:
     """A worker process: serves every listener until told to stop."""
 
-    def __init__(self, master: Master, number: int = 0):
+    def __init__(self, master: Master, number: int = 0,
+                 channel: Optional[socket.socket] = None):
         self.master = master
         self.number = number                # 0..worker_processes-1 (worker_cpu_affinity)
+        self.channel = channel              # live.serve answers the master on it
         self.master_pid = os.getppid()
         self.cfg = master.cfg
         self.log = master.log
@@ -428,6 +446,9 @@ class Worker:
         relay.start()
         self.relay = relay
         self.runtime = Runtime(self.cfg, self.log, relay, self.server_logs)
+        if self.channel is not None:
+            from .live import serve
+            serve(self.channel, self.runtime)
         self._check_nofile()
         metrics_http.start(self.runtime)    # its metrics slot, and GET /metrics if set
         for lst in self.listeners:

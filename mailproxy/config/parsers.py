@@ -193,6 +193,14 @@ def p_pid(args: list[str], ctx: _Ctx) -> Optional[str]:
     return ctx.path(args[0])
 
 
+def p_control_socket(args: list[str], ctx: _Ctx) -> Optional[str]:
+    path = p_pid(args, ctx)
+    if path is not None and len(os.fsencode(path)) > 107:     # sun_path holds 108 bytes
+        raise Invalid('path "%s" in "%s" is too long for a Unix socket (at most 107 bytes)'
+                      % (path, ctx.key))
+    return path
+
+
 def p_daemon(args: list[str], ctx: _Ctx) -> bool:
     if p_flag(args, ctx):
         raise Invalid('"daemon on" is not supported: mailproxy always runs in the foreground; '

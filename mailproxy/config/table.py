@@ -5,8 +5,8 @@ import socket
 
 from .. import access_log
 from .syntax import _page_size, split_tokens
-from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_cpu_affinity,
-                      p_daemon, p_enum, p_error_log, p_flag, p_listen, p_methods,
+from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_control_socket,
+                      p_cpu_affinity, p_daemon, p_enum, p_error_log, p_flag, p_listen, p_methods,
                       p_metrics_listen, p_num, p_pairs, p_path, p_path_list, p_pid,
                       p_proxy_pass, p_realip, p_resolver, p_session_cache,
                       p_size, p_sni, p_ssl_protocols, p_ssl_removed, p_str, p_time, p_user,
@@ -53,6 +53,8 @@ _TABLE = [
     _d("limit_conn_per_ip", _MAIN, "0", p_num(0), fmt=f_num),
     # ours: GET /metrics for Prometheus on this address (metrics_http.py)
     _d("metrics_listen", _MAIN, "off", p_metrics_listen, fmt=f_proxy_pass),
+    # ours: the Unix socket of `mailproxy sessions` / `kick` (master_loop.py), off by default
+    _d("control_socket", _MAIN, None, p_control_socket, fmt=f_pid),
     # ngx_mail_core_module
     _d("listen", _S, "", p_listen, multi=True, nargs=_ANY, fmt=f_listen),
     _d("protocol", _S, None, p_enum("pop3", "imap", "smtp"), fmt=f_opt_token),

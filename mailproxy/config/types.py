@@ -91,6 +91,7 @@ class MainConf:
     limit_prelogin: int = 1000
     limit_conn_per_ip: int = 0
     metrics_listen: Optional[tuple[str, int]] = None     # (IP, port)
+    control_socket: Optional[str] = None    # the control socket's path (None: off)
     _where: dict = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, key: str) -> tuple:
