@@ -38,6 +38,7 @@ RESULTS = (
     "blocked",              # login_block: too many failed logins from its address
     "limited",              # limit_sessions_per_user: the user has enough sessions
     "shutdown",             # the worker stopped (worker_shutdown_timeout)
+    "kicked",               # ended by `mailproxy kick` (live.py)
     "error",                # the auth service, the backend or the proxy failed
 )
 
@@ -153,6 +154,8 @@ def relay_result(reason: str) -> str:
         return "timeout"
     if reason.startswith("shutdown"):
         return "shutdown"
+    if reason.startswith("kicked"):
+        return "kicked"
     return "error"
 
 

@@ -123,6 +123,7 @@ class LiveSessions:
             if e.relayed:
                 names.add(relay_name(sess))
             else:
+                sess.outcome = "kicked"     # its access_log line (access_log.RESULTS)
                 try:        # the plain socket's own call: an SSLSocket's would drop its state
                     socket.socket.shutdown(sess.sock, socket.SHUT_RDWR)
                 except (OSError, TypeError):

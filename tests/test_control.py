@@ -34,7 +34,8 @@ def listing(proxy, *words):
 def start(proxy_factory, backend, workers=2, env=None, **main):
     port = free_port()
     main.setdefault("control_socket", "control.sock")
-    block = server_block("pop3", port, proxy_pass=f"127.0.0.1:{backend.port}")
+    block = server_block("pop3", port, proxy_pass=f"127.0.0.1:{backend.port}",
+                         access_log="access.log json")
     p = proxy_factory({"main": dict(worker_processes=workers, **main),
                        "servers": {"pop3": block}}, env=env)
     p.port = port
@@ -143,6 +144,10 @@ def test_sessions_and_kick_across_two_workers(proxy_factory, backend_factory):
     assert closed(pre_f)
     wait_for(lambda: listing(p) == [], what="no session left")
     assert cli(p, "kick", "nobody").stdout == "0 sessions kicked\n"
+    # every kicked session's access_log line says so, relayed or not
+    ended = [json.loads(ln) for ln in (p.dir / "access.log").read_text().splitlines()]
+    assert len(ended) == len(clients) + 1
+    assert {e["result"] for e in ended} == {"kicked"}
 
 
 def test_socket_mode_reload_and_exit(proxy_factory, pop3_backend, tmp_path):

@@ -132,6 +132,7 @@ def test_results():
     assert access_log.relay_result("client closed") == "ok"
     assert access_log.relay_result("backend closed") == "ok"
     assert access_log.relay_result("client timed out") == "timeout"
+    assert access_log.relay_result("kicked by control command") == "kicked"
     assert access_log.relay_result("shutdown timeout") == "shutdown"
     assert access_log.relay_result("read error from client (104: x)") == "error"
     for r in ("timeout", "too-many-errors", "auth-failed", "closed-before-login", "ok",
