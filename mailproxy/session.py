@@ -468,6 +468,9 @@ class Session(SessionLog):
             self.error('upstream sent invalid response: "%s"' % text)
             self.internal_error()
         self.action = None
+        if self.outcome == "kicked":    # live.kick shut the client down meanwhile
+            conn.close()
+            raise Close()
         metrics.login(self.protocol, "ok")
         self.info("client logged in")
         throttle.after_auth(self, True, user, passwd)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mailproxy import auth_http, backend, tls
+from mailproxy import auth_http, backend, live, tls
 from mailproxy.clientio import BackendRejected, Close, HandedOver
 from mailproxy.config.types import MainConf
 from mailproxy.conversation import (CLOSE, Authenticate, BackendLogin, BackendStartTLS,
@@ -417,3 +417,48 @@ def test_apop_without_auth_pass_is_an_internal_error(session, events, upstream, 
             "auth state" + CONTEXT + ', login: "alice"') in events
     assert sent(events)[-1] == INTERNAL and s.sock.closed
     assert upstream.socks == []
+
+
+# ---- a kick (live.py) meets a session on its way to the relay -----------------------------------
+
+class KickRelay(FakeRelay):
+    """A relay that runs `visit` at once (as its thread would, after the adds before it)."""
+
+    def __init__(self, events):
+        super().__init__(events)
+        self.on_add = None
+
+    def add(self, client, backend_sock, **kw):
+        super().add(client, backend_sock, **kw)
+        self.on_done = kw["on_done"]
+        if self.on_add is not None:
+            self.on_add()
+
+    def visit(self, fn):
+        self.events.append(("visit",))
+
+
+@pytest.fixture
+def shutdowns(monkeypatch, events):
+    """live.kick's shutdown of a client socket lands on the timeline (no socket module here)."""
+    fake = SimpleNamespace(shutdown=lambda sock, how: events.append(("shutdown", sock.name)))
+    monkeypatch.setattr(live, "socket", SimpleNamespace(socket=fake, SHUT_RDWR=2))
+
+
+def test_a_session_kicked_during_its_login_is_not_relayed(session, events, auth, upstream,
+                                                          shutdowns):
+    auth.result = auth_http.AuthResult("OK", server="127.0.0.1", port=1110)
+    upstream.replies = [b"+OK ready\r\n", b"+OK\r\n", b"+OK welcome\r\n"]
+    s = session(b"USER bob\r\nPASS secret\r\n")
+    kicked = []
+
+    def query(url, req, timeout, sleep=None, trace=None):     # the kick comes meanwhile
+        kicked.append(s.rt.live.kick(s.rt.relay, "bob", None))
+        return auth.result
+    auth_http.query = query             # the `auth` fixture's monkeypatch restores it
+    s.run()
+    assert kicked == [1] and ("shutdown", "client") in events
+    assert not [e for e in events if e[0] == "relay"]
+    assert s.outcome == "kicked" and s.sock.closed and upstream.socks[0].closed
+    assert len(s.rt.live) == 0 and s.ticket.released == 1
+    assert not [e for e in events if e[0] == "info" and e[1].startswith("client logged in")]
