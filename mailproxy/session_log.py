@@ -123,4 +123,6 @@ class SessionLog:
 
     def access_relayed(self, stats: Any, tls: Optional[Tuple[str, str]]) -> None:
         """The line of a relayed session (relay.Stats: bytes each way, why it ended)."""
-        self.access(access_log.relay_result(stats.reason), stats.bytes_in, stats.bytes_out, tls)
+        # kicked between the relay's add and LiveSessions.relayed: its socket was shut down
+        result = "kicked" if self.outcome == "kicked" else access_log.relay_result(stats.reason)
+        self.access(result, stats.bytes_in, stats.bytes_out, tls)

@@ -462,3 +462,22 @@ def test_a_session_kicked_during_its_login_is_not_relayed(session, events, auth,
     assert s.outcome == "kicked" and s.sock.closed and upstream.socks[0].closed
     assert len(s.rt.live) == 0 and s.ticket.released == 1
     assert not [e for e in events if e[0] == "info" and e[1].startswith("client logged in")]
+
+
+def test_a_kick_right_after_the_hand_over_is_the_access_logs_result(session, events, shutdowns):
+    # kicked between Relay.add and LiveSessions.relayed: its client socket is shut down, the
+    # relay ends it as "client closed", and its access_log line says what ended it
+    s = session()
+    s.rt.relay = relay = KickRelay(events)
+    s.rt.live.add(s)
+    s.conv.login = b"bob"
+    s.access_log = SimpleNamespace(write=lambda rec: events.append(("access", rec["result"])))
+    kicked = []
+    relay.on_add = lambda: kicked.append(s.rt.live.kick(relay, "bob", None))
+    conn = SimpleNamespace(sock="BACKEND", close=lambda: None)
+    with pytest.raises(HandedOver):
+        s.hand_over(conn, b"+OK\r\n")
+    assert kicked == [1] and ("shutdown", "client") in events
+    relay.on_done(SimpleNamespace(bytes_in=0, bytes_out=5, duration=0.1, reason="client closed"))
+    assert events[-1] == ("access", "kicked")
+    assert len(s.rt.live) == 0
