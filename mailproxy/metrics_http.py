@@ -13,6 +13,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from . import metrics
@@ -96,8 +97,8 @@ def _serve(sock: socket.socket, runtime: Runtime) -> None:
 
 def _answer(conn: socket.socket, clients: threading.BoundedSemaphore) -> None:
     try:
-        conn.settimeout(READ_TIMEOUT)
         request = _read_request(conn)
+        conn.settimeout(READ_TIMEOUT)       # sendall: a bound on the whole answer
         if request is not None:
             conn.sendall(respond(request))
     except OSError:
@@ -109,9 +110,14 @@ def _answer(conn: socket.socket, clients: threading.BoundedSemaphore) -> None:
 
 def _read_request(conn: socket.socket) -> Optional[bytes]:
     """The request head (up to the blank line), or what came before the limit, EOF or
-    timeout; None when nothing came."""
+    READ_TIMEOUT from now (for the whole head, not each recv); None when nothing came."""
     data = b""
+    deadline = time.monotonic() + READ_TIMEOUT
     while b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < REQUEST_LIMIT:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        conn.settimeout(left)
         try:
             chunk = conn.recv(REQUEST_LIMIT - len(data))
         except socket.timeout:

@@ -2,6 +2,7 @@
 histograms, the text format and OpenMetrics, Accept negotiation; metrics_http.respond."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -202,3 +203,28 @@ def test_http_answers(area):
                 b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n", b"GET  /metrics HTTP/1.1\r\n\r\n",
                 b"GET /metrics SPDY/3\r\n\r\n", b"GET /metrics HTTP/1.1\r\n : x\r\n\r\n"):
         assert status(metrics_http.respond(bad)) == 400, bad
+
+
+
+def test_a_slow_scraper_gets_read_timeout_in_all(monkeypatch):
+    # one byte a second never ends the head: READ_TIMEOUT bounds the whole read, not each
+    # recv (MAX_CLIENTS such clients would otherwise keep every scrape out for hours)
+    clock = [1000.0]
+
+    class Trickle:
+        def __init__(self):
+            self.timeouts = []
+
+        def settimeout(self, t):
+            self.timeouts.append(t)
+
+        def recv(self, n):
+            clock[0] += 1.0
+            return b"G"
+    monkeypatch.setattr(metrics_http, "time", SimpleNamespace(monotonic=lambda: clock[0]),
+                        raising=False)
+    conn = Trickle()
+    data = metrics_http._read_request(conn)
+    assert data is not None and len(data) <= metrics_http.READ_TIMEOUT + 1
+    assert clock[0] - 1000.0 <= metrics_http.READ_TIMEOUT + 1
+    assert conn.timeouts and all(0 < t <= metrics_http.READ_TIMEOUT for t in conn.timeouts)
