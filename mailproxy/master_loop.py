@@ -298,6 +298,9 @@ class Hub:
         line = json.dumps(fwd).encode("ascii") + b"\n"
         req = _Request(c, ())
         c.request = rid
+        # not read while the workers answer: a client's end-of-file (a half-close after its
+        # request) would wake every wait until then
+        self._unregister(c.sock)
         self.requests[rid] = req
         for pid, ch in self.channels.items():
             try:
@@ -360,7 +363,8 @@ class Hub:
         c.out = json.dumps(answer).encode("ascii") + b"\n"
         c.deadline = time.monotonic() + CLIENT_WAIT
         c.request = -1
-        self.sel.modify(c.sock, selectors.EVENT_WRITE, c)
+        self._unregister(c.sock)
+        self.sel.register(c.sock, selectors.EVENT_WRITE, c)
         self._client_event(c, selectors.EVENT_WRITE)
 
     def _drop(self, c):

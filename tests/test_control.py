@@ -234,3 +234,49 @@ def test_tls_version_listed(proxy_factory, pop3_backend, certs):
     assert [(r["user"], r["tls"]) for r in rows] == [("alice", s.version())]
     assert cli(p, "kick", "alice").stdout == "1 session kicked\n"
     assert closed(f)
+
+
+def test_a_client_that_half_closes_gets_its_answer_without_spinning_the_master(tmp_path):
+    # `nc -N` and the like shut their sending side after the request: while the workers
+    # answer, that end-of-file must not wake the master's wait again and again
+    import time
+    from types import SimpleNamespace
+    from mailproxy.master_loop import Hub
+    hub = Hub((signal.SIGUSR2,), lambda: SimpleNamespace(log=lambda *a: None))
+    worker, worker_end = socket.socketpair()
+    try:
+        hub.listen(str(tmp_path / "c.sock"))
+        hub.spawned(4242, (worker, socket.socket()))   # a worker that has not answered yet
+        c = track(socket.socket(socket.AF_UNIX))
+        c.settimeout(5)
+        c.connect(str(tmp_path / "c.sock"))
+        c.sendall(b'{"op": "sessions"}\n')
+        c.shutdown(socket.SHUT_WR)
+        worker_end.setblocking(False)
+        forwarded = b""
+        for _ in range(50):
+            hub.wait(0.1)
+            try:
+                forwarded += worker_end.recv(4096)
+            except BlockingIOError:
+                pass
+            if forwarded.endswith(b"\n"):
+                break
+        request = json.loads(forwarded)
+        assert request["op"] == "sessions"
+        rounds, start = 0, time.monotonic()
+        while time.monotonic() - start < 0.5:
+            hub.wait(0.25)
+            rounds += 1
+        assert rounds <= 4, "the master's wait returned %d times in 0.5s" % rounds
+        worker_end.sendall(json.dumps({"id": request["id"], "pid": 4242,
+                                       "sessions": []}).encode() + b"\n")
+        for _ in range(20):
+            hub.wait(0.1)
+            if not hub.clients:
+                break
+        assert json.loads(c.recv(65536)) == {"sessions": [], "kicked": 0, "missing": [],
+                                             "workers": 1}
+    finally:
+        hub.close()
+        worker_end.close()
