@@ -463,6 +463,7 @@ class Session(SessionLog):
                 throttle.after_auth(self, False, user, passwd)
                 self.send_close(e.reply)
             if conf.proxy_pass_error_message:
+                metrics.login(self.protocol, "failed")  # as its access_log line: auth-failed
                 self.info('upstream sent invalid response: "%s"' % text)
                 self.send_close(e.reply)
             self.error('upstream sent invalid response: "%s"' % text)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mailproxy import auth_http, backend, live, tls
+from mailproxy import auth_http, backend, live, metrics, tls
 from mailproxy.clientio import BackendRejected, Close, HandedOver
 from mailproxy.config.types import MainConf
 from mailproxy.conversation import (CLOSE, Authenticate, BackendLogin, BackendStartTLS,
@@ -481,3 +481,20 @@ def test_a_kick_right_after_the_hand_over_is_the_access_logs_result(session, eve
     relay.on_done(SimpleNamespace(bytes_in=0, bytes_out=5, duration=0.1, reason="client closed"))
     assert events[-1] == ("access", "kicked")
     assert len(s.rt.live) == 0
+
+
+# ---- each login attempt counted once in the metrics (logins by result) --------------------------
+
+@pytest.mark.parametrize("error_message, result", [("off", "error"), ("on", "failed")])
+def test_a_backend_refusal_after_the_auth_service_is_counted(session, events, auth, upstream,
+                                                              monkeypatch, error_message, result):
+    area = metrics.Area(slots=2)
+    monkeypatch.setattr(metrics, "_area", area)
+    monkeypatch.setattr(metrics, "_mine", 0)
+    auth.result = auth_http.AuthResult("OK", server="127.0.0.1", port=1110)
+    upstream.replies = [b"-ERR [AUTH] wrong\r\n"]
+    s = session(b"USER bob\r\nPASS pw\r\n", proxy_pass_error_message=error_message)
+    s.run()
+    logins = metrics._BY_NAME["logins"]
+    counted = {r: area.sums()[logins.index(("pop3", r))] for r in metrics.LOGIN_RESULTS}
+    assert counted == {r: int(r == result) for r in metrics.LOGIN_RESULTS}
