@@ -123,11 +123,7 @@ class LiveSessions:
             if e.relayed:
                 names.add(relay_name(sess))
             else:
-                sess.outcome = "kicked"     # its access_log line (access_log.RESULTS)
-                try:        # the plain socket's own call: an SSLSocket's would drop its state
-                    socket.socket.shutdown(sess.sock, socket.SHUT_RDWR)
-                except (OSError, TypeError):
-                    pass
+                _end(sess, "kicked")
         if names:
             def close(live, close_one):
                 for s in live:
@@ -135,6 +131,25 @@ class LiveSessions:
                         close_one(s, KICK_REASON)
             relay.visit(close)
         return n
+
+
+    def end_prelogin(self, outcome: str) -> int:
+        """End every session before login (worker_shutdown_timeout): `outcome` is the result
+        of its access_log line; returns how many."""
+        ended = [e.session for e in self.entries() if not e.relayed]
+        for sess in ended:
+            _end(sess, outcome)
+        return len(ended)
+
+
+def _end(sess: Session, outcome: str) -> None:
+    """A session before login ends: its client socket is shut down, and its handler thread
+    then ends it as a closed client, its access_log line saying `outcome`."""
+    sess.outcome = outcome          # access_log.RESULTS
+    try:        # the plain socket's own call: an SSLSocket's would drop its state
+        socket.socket.shutdown(sess.sock, socket.SHUT_RDWR)
+    except (OSError, TypeError):
+        pass
 
 
 def describe(entry: _Entry, now: float, pid: int, counts: Dict[str, tuple]) -> Dict[str, Any]:

@@ -33,6 +33,8 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
            signal.SIGUSR1, signal.SIGCHLD)
 
 FAST_EXIT_WAIT = 5.0        # seconds the master waits for workers after TERM before KILL
+PRELOGIN_WAIT = 1.0         # seconds a worker at worker_shutdown_timeout waits for the
+                            # sessions before login it ended to write their lines
 
 
 def err(msg: str) -> None:
@@ -527,6 +529,7 @@ class Worker:
                     self.relay.close_all("shutdown timeout")
                 except Exception:
                     pass
+                self._end_prelogin()
                 break
             info = signal.sigtimedwait(HANDLED, 0.05)
             if info is not None:
@@ -540,6 +543,15 @@ class Worker:
             pass
         self.log.log("notice", "exiting")
         return 0
+
+    def _end_prelogin(self):
+        """Sessions before login end too, each with its access_log line; their threads get
+        PRELOGIN_WAIT seconds (one waiting for the auth service may take longer: cut)."""
+        if not self.runtime.live.end_prelogin("shutdown"):
+            return
+        until = time.monotonic() + PRELOGIN_WAIT
+        while sum(lst.active() for lst in self.listeners) and time.monotonic() < until:
+            time.sleep(0.02)
 
     def _relay_count(self):
         try:

@@ -214,3 +214,23 @@ def test_tls_version_and_cipher(proxy_factory, auth_server, pop3_backend, tmp_pa
     p.quit()
     (rec,) = entries(path)
     assert (rec["tls_version"], rec["tls_cipher"], rec["result"]) == (version, cipher, "ok")
+
+
+def test_session_before_login_cut_at_worker_shutdown_timeout(proxy_factory, pop3_backend,
+                                                             tmp_path):
+    # as a relayed session, one still logging in when the old worker's time is up ends with
+    # its line (result shutdown) instead of vanishing with the process
+    from tests.support.process import Setup, free_port, server_block
+    path = tmp_path / "access.log"
+    port = free_port()
+    block = server_block("pop3", port, timeout="30s", access_log=str(path),
+                         proxy_pass=f"127.0.0.1:{pop3_backend.port}")
+    p = proxy_factory({"main": {"worker_shutdown_timeout": "500ms"}, "servers": {"pop3": block}})
+    c = Setup(p, "127.0.0.1", port, None, pop3_backend).connect()
+    c.send(b"USER alice\r\n")
+    assert c.readline().startswith(b"+OK")
+    p.signal(signal.SIGHUP)
+    p.wait_log("gracefully shutting down")
+    assert c.closed(timeout=4)
+    (rec,) = entries(path)
+    assert rec["result"] == "shutdown" and rec["user"] == "alice"
