@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from . import ktimeout, metrics, trace as _trace
+from . import ktimeout, metrics, oauth, trace as _trace
 from .log import addr_text, sanitize
 
 __all__ = [
@@ -55,6 +55,7 @@ class AuthHttpError(Exception):
 @dataclass
 class AuthRequest:
     method: str                      # 'plain' | 'apop' | 'cram-md5' | 'external' | 'none'
+                                     # | 'oauthbearer' | 'xoauth2' (passwd: the bearer token)
     user: bytes
     passwd: bytes
     salt: Optional[bytes] = None     # sent as Auth-Salt for apop / cram-md5 only
@@ -83,6 +84,10 @@ class AuthResult:
     error_code: Optional[str] = None  # Auth-Error-Code (SMTP), None when absent or empty
     peer: str = ''
     ssl_backend: Optional[str] = None  # ours: Auth-SSL-Backend on|off|starttls, None if absent
+    # token logins (README "OAuth 2.0 logins"): Auth-Error-SASL as a challenge's base64 text;
+    # Auth-Method 'plain' (only with Auth-Pass): the backend login uses that password
+    sasl_error: Optional[bytes] = None
+    method: Optional[str] = None
 
 
 # --- request -----------------------------------------------------------------
@@ -270,6 +275,7 @@ def _parse(data, req, peer):
     server = port = user = passwd = error_code = None
     sleep = None
     ssl_backend = None                              # ours: Auth-SSL-Backend
+    sasl_error = method = None                      # token logins (oauth.py)
     bad_header = 'auth http server %s sent invalid header in response' % peer
 
     while True:
@@ -324,10 +330,17 @@ def _parse(data, req, peer):
                 raise AuthHttpError('auth http server %s sent invalid "Auth-SSL-Backend" '
                                     'header: "%s"' % (peer, _shown(value)))
             ssl_backend = ssl_backend.decode('ascii')
+        elif name == b'auth-error-sasl':
+            sasl_error = oauth.error_challenge(value)
+            if sasl_error is None:
+                raise AuthHttpError('auth http server %s sent invalid "Auth-Error-SASL" '
+                                    'header: "%s"' % (peer, _shown(value)))
+        elif name == b'auth-method':
+            method = 'plain' if value.lower() == b'plain' else None
 
     if failure is not None:
         return AuthResult('FAIL', message=failure, user=user, passwd=passwd,
-                          wait=sleep, error_code=error_code, peer=peer)
+                          wait=sleep, error_code=error_code, peer=peer, sasl_error=sasl_error)
     if wait_status:
         return AuthResult('WAIT', wait=sleep, peer=peer)
     if not server or not port:
@@ -345,7 +358,7 @@ def _parse(data, req, peer):
                             % (peer, _shown(port)))
     return AuthResult('OK', server=address, port=p, user=user, passwd=passwd,
                       wait=sleep, error_code=error_code, peer=peer,
-                      ssl_backend=ssl_backend)
+                      ssl_backend=ssl_backend, method=method if passwd is not None else None)
 
 
 def parse_response(data: bytes, req: AuthRequest, peer: str) -> AuthResult:

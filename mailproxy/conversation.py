@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Collection, List, NoReturn, Optional, Tuple, Type
 
-from . import sasl
+from . import oauth, sasl
 from .clientio import Refused
 from .log import sanitize
 
@@ -211,6 +211,10 @@ class Conversation:
         self.method: Optional[str] = None
         self.expect: Optional[Callable[[bytes], None]] = None  # the next line is a SASL response
         self.sasl_user: Optional[bytes] = None   # AUTH LOGIN's user name, before the password
+        # the auth service's Auth-Method for the backend login ('plain': its Auth-Pass is a
+        # password, not the client's token); set by the session with the answer
+        self.backend_method: Optional[str] = None
+        self._failure: Optional[Tuple[bytes, bool]] = None  # owed after an error challenge
         self._out: List[object] = []
 
     # ---- events -------------------------------------------------------------------------------
@@ -221,6 +225,9 @@ class Conversation:
 
     def receive(self, line: bytes) -> list:
         """One client line, with its LF."""
+        if self.expect == self.sasl_error_response:
+            self.expect = None
+            return self._run(self.sasl_error_response, line)
         return self._run(self.handle_line, line)
 
     def too_long(self, data: bytes) -> list:
@@ -237,15 +244,33 @@ class Conversation:
 
     def auth_failed(self, result: AuthResult, retry: bool) -> list:
         """The auth service refused the login; `retry`: Auth-Wait passed, the client may try
-        again (ngx_mail_auth_http_process_headers), else the session ends."""
-        self.say(self.auth_failed_reply(result))
+        again (ngx_mail_auth_http_process_headers), else the session ends.  A token login
+        refused with Auth-Error-SASL gets the error challenge first (RFC 7628 section 3.2.3);
+        the failure reply follows the client's dummy response."""
+        challenge = result.sasl_error if self.method in oauth.METHODS else None
+        if challenge:
+            self._failure = (self.auth_failed_reply(result), retry)
+            self.say(self.CONTINUE + challenge + b"\r\n")
+            self.expect = self.sasl_error_response
+            return self._take()
+        self._failed(self.auth_failed_reply(result), retry)
+        return self._take()
+
+    def sasl_error_response(self, line: bytes) -> None:
+        """The line after the error challenge: ^A (XOAUTH2 clients send an empty line, some
+        cancel with `*`); whatever it holds, the failure reply comes now."""
+        reply, retry = self._failure or (self.INVALID, False)
+        self._failure = None
+        self._failed(reply, retry)
+
+    def _failed(self, reply: bytes, retry: bool) -> None:
+        self.say(reply)
         if not retry:
             self._out.append(CLOSE)
-            return self._take()
+            return
         self.login = self.passwd = self.method = self.sasl_user = None
         self.expect = None
         self.reset()
-        return self._take()
 
     def next_input(self) -> Tuple[str, Optional[int]]:
         """What to read next: ("line", LIMIT) for a line of at most LIMIT bytes (None: the
@@ -357,6 +382,28 @@ class Conversation:
 
     def auth_external(self, response: bytes) -> NoReturn:
         self.authenticate("external", sasl.decode_external(response), self.EXTERNAL_PASSWD)
+
+    def auth_token(self, mech: bytes, initial: Optional[bytes]) -> NoReturn:
+        """OAUTHBEARER / XOAUTH2 (`mech`): the initial response, or first an empty challenge."""
+        step = self.auth_oauthbearer if mech == b"OAUTHBEARER" else self.auth_xoauth2
+        if initial is None:
+            self.challenge(b"", step)
+        step(initial)
+
+    def auth_oauthbearer(self, response: bytes) -> NoReturn:
+        user, token = oauth.decode_oauthbearer(response)
+        self.authenticate("oauthbearer", user, token)
+
+    def auth_xoauth2(self, response: bytes) -> NoReturn:
+        user, token = oauth.decode_xoauth2(response)
+        self.authenticate("xoauth2", user, token)
+
+    def token_mechanism(self) -> Optional[str]:
+        """The backend login's token mechanism: the client's, unless the auth service answered
+        with a password (Auth-Method: plain with Auth-Pass); None for a password login."""
+        if self.method not in oauth.METHODS or self.backend_method == "plain":
+            return None
+        return self.method
 
     def cram_md5_challenge(self) -> NoReturn:
         """The CRAM-MD5 challenge, with the session's salt (made once, as nginx's s->salt)."""

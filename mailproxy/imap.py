@@ -12,7 +12,7 @@ import secrets
 from typing import (TYPE_CHECKING, Collection, Iterable, List, NoReturn, Optional,
                     Tuple, Union)
 
-from . import sasl
+from . import oauth, sasl
 from .clientio import BackendRejected, Refused
 from .conversation import (BackendLogin, BackendStartTLS, Conversation, LoggedIn, Peer,
                            Protocol, StartTLSRefused)
@@ -34,6 +34,7 @@ ID_REPLY = b"* ID NIL\r\n"
 # Dovecot-style ID fields sent to the backend with `imap_client_id on` (our addition).
 BACKEND_ID_TAG = b"mailproxy-id "
 BACKEND_STARTTLS_TAG = b"mpTLS "        # proxy_ssl starttls
+BACKEND_CAPABILITY_TAG = b"mpCAP "      # token logins: does the backend take SASL-IR?
 
 
 def capability_line(capabilities: Iterable[Union[str, bytes]], methods: Collection[str],
@@ -278,6 +279,10 @@ class ImapConversation(Conversation):
             if n == 1:
                 self.challenge(sasl.USERNAME_PROMPT, self.auth_external)
             self.auth_external(args[1])
+        elif oauth.MECHANISMS.get(mech) in methods:
+            if n > 2:
+                raise Refused()
+            self.auth_token(mech, args[1] if n == 2 else None)
         else:
             raise Refused()
 
@@ -312,25 +317,32 @@ class ImapConversation(Conversation):
     def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
                       starttls: bool) -> ImapLogin:
         fields = self.backend_id_fields(peer) if self.conf.imap_client_id else None
-        return ImapLogin(self.tag, user, passwd, fields, starttls)
+        return ImapLogin(self.tag, user, passwd, fields, starttls, self.token_mechanism())
 
 
 class ImapLogin(BackendLogin):
     """ngx_mail_proxy_imap_handler: greeting `* OK`, then (ours) the ID command whose answer is
     ignored, then LOGIN with synchronising literals (each `+` before the next part) under the
     client's tag; the final reply goes to the client.  With `proxy_ssl starttls`,
-    `mpTLS STARTTLS` and the handshake come right after the greeting."""
+    `mpTLS STARTTLS` and the handshake come right after the greeting.  A token login (`mech`)
+    is `AUTHENTICATE MECH`, with the response on the same line when the backend's capabilities
+    (in its greeting, else asked for) include SASL-IR, else after its `+`."""
 
     def __init__(self, tag: bytes, user: bytes, passwd: bytes,
-                 id_fields: Optional[list] = None, starttls: bool = False):
+                 id_fields: Optional[list] = None, starttls: bool = False,
+                 mech: Optional[str] = None):
         super().__init__()
         self.tag, self.user, self.passwd = tag, user, passwd
         self.id_fields = id_fields
         self.starttls = starttls
+        self.mech = mech
+        self.caps: Optional[List[bytes]] = None     # the backend's, once known
 
     def on_greeting(self, reply: bytes) -> list:
         if not reply.startswith(b"* OK"):
             raise BackendRejected(reply)
+        if not self.starttls:           # over TLS they are to be asked again (RFC 3501 6.2.1)
+            self.caps = capabilities(reply)
         if self.starttls:
             return [self.send(BACKEND_STARTTLS_TAG + b"STARTTLS" + CRLF,
                               "sending STARTTLS to upstream", "starttls", _starttls_complete)]
@@ -353,6 +365,8 @@ class ImapLogin(BackendLogin):
         return [self.send_login()]          # whatever it answers (NO/BAD too)
 
     def send_login(self) -> ToBackend:
+        if self.mech is not None:
+            return self.send_token()
         return self.send(self.tag + b"LOGIN {%d}\r\n" % len(self.user),
                          "sending LOGIN command to upstream", "login")
 
@@ -372,6 +386,72 @@ class ImapLogin(BackendLogin):
         check_login_reply(reply, self.tag)
         return [LoggedIn(reply)]
 
+    # ---- token logins (OAUTHBEARER, XOAUTH2) -------------------------------------------
+
+    def send_token(self) -> ToBackend:
+        if self.caps is None:
+            return self.send(BACKEND_CAPABILITY_TAG + b"CAPABILITY" + CRLF,
+                             "sending CAPABILITY command to upstream", "capability",
+                             _capability_complete)
+        command = self.tag + b"AUTHENTICATE " + self.mech.upper().encode()
+        response = oauth.encode(self.mech, self.user, self.passwd)
+        if b"SASL-IR" in self.caps:
+            return self.send(command + b" " + response + CRLF, "sending token to upstream",
+                             "token", self.tagged_or_continue)
+        return self.send(command + CRLF, "sending AUTHENTICATE command to upstream",
+                         "authenticate", self.tagged_or_continue)
+
+    def tagged_or_continue(self, buf: bytes) -> bool:
+        last = _last_line(buf)
+        return last.startswith(b"+") or last.startswith(self.tag)
+
+    def on_capability(self, reply: bytes) -> list:
+        self.caps = capabilities(reply) or []
+        return [self.send_token()]
+
+    def on_authenticate(self, reply: bytes) -> list:
+        if not _last_line(reply).startswith(b"+"):
+            self.refused(reply)
+        return [self.send(oauth.encode(self.mech, self.user, self.passwd) + CRLF,
+                          "sending token to upstream", "token", self.tagged_or_continue)]
+
+    def on_token(self, reply: bytes) -> list:
+        last = _last_line(reply)
+        if last.startswith(b"+"):       # the error challenge: the dummy response, then NO
+            return [self.send(oauth.dummy_response(self.mech) + CRLF,
+                              "sending token to upstream", "token_error",
+                              self.tagged_or_continue)]
+        if not last.startswith(self.tag + b"OK"):
+            self.refused(reply)
+        return [LoggedIn(reply)]
+
+    def on_token_error(self, reply: bytes) -> list:
+        self.refused(reply)
+
+    def refused(self, reply: bytes) -> NoReturn:
+        last = _last_line(reply)
+        raise BackendRejected(reply, last[len(self.tag):] if last.startswith(self.tag) else last,
+                              refused=True)
+
+
+def _last_line(buf: bytes) -> bytes:
+    return buf[buf.rfind(b"\n", 0, len(buf) - 2) + 1:]
+
+
+def capabilities(reply: bytes) -> Optional[List[bytes]]:
+    """The capabilities in a `* CAPABILITY` line or a greeting's `[CAPABILITY ...]` code
+    (upper case), None when the reply has neither."""
+    for line in reply.upper().split(CRLF):
+        if line.startswith(b"* CAPABILITY "):
+            return line.split()[2:]
+        if line.startswith(b"* OK [CAPABILITY "):
+            return line[len(b"* OK [CAPABILITY "):].partition(b"]")[0].split()
+    return None
+
+
+def _capability_complete(buf: bytes) -> bool:
+    return buf.startswith(BACKEND_CAPABILITY_TAG) or (b"\n" + BACKEND_CAPABILITY_TAG) in buf
+
 
 def _starttls_complete(buf):
     return buf.startswith(BACKEND_STARTTLS_TAG) or (b"\n" + BACKEND_STARTTLS_TAG) in buf
@@ -384,6 +464,7 @@ PROTOCOL = Protocol(
     internal_error=b"* BAD internal server error\r\n",
     temp_failure=b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",  # RFC 5530
     sasl_order=(("plain", "AUTH=PLAIN"), ("login", "AUTH=LOGIN"), ("cram-md5", "AUTH=CRAM-MD5"),
-                ("external", "AUTH=EXTERNAL")),
+                ("external", "AUTH=EXTERNAL"), ("oauthbearer", "AUTH=OAUTHBEARER"),
+                ("xoauth2", "AUTH=XOAUTH2")),
     conversation=ImapConversation)
 ImapConversation.descriptor = PROTOCOL

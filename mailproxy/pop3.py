@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, NoReturn, Optional, Tuple
 
-from . import sasl
+from . import oauth, sasl
 from .clientio import BackendRejected, Refused, strip_eol
 from .conversation import (BackendLogin, BackendStartTLS, Conversation, LoggedIn, Peer,
                            Protocol, StartTLSRefused)
@@ -56,6 +56,8 @@ class Pop3Conversation(Conversation):
         self.state = "start"
 
     def buffer_size(self) -> int:
+        if any(m in oauth.METHODS for m in self.conf.pop3_auth):
+            return oauth.BUFFER
         return BUFFER_SIZE
 
     def greeting(self) -> None:
@@ -201,22 +203,27 @@ class Pop3Conversation(Conversation):
             if initial is None:
                 self.challenge(sasl.USERNAME_PROMPT, self.auth_external)
             self.auth_external(initial)
+        elif oauth.MECHANISMS.get(mech) in methods:
+            self.auth_token(mech, initial)
         else:
             raise Refused()
 
     def backend_login(self, user: bytes, passwd: Optional[bytes], peer: Peer,
                       starttls: bool) -> Pop3Login:
-        return Pop3Login(user, passwd, starttls)
+        return Pop3Login(user, passwd, starttls, self.token_mechanism())
 
 
 class Pop3Login(BackendLogin):
     """ngx_mail_proxy_pop3_handler: greeting, USER, PASS; only the exact "+OK" counts at every
     step (ngx_mail_proxy_read_response), and the last reply goes to the client.  With
-    `proxy_ssl starttls`, STLS and the handshake come first."""
+    `proxy_ssl starttls`, STLS and the handshake come first.  A token login (`mech`) is
+    `AUTH MECH <initial response>` instead of USER/PASS."""
 
-    def __init__(self, user: bytes, passwd: bytes, starttls: bool = False):
+    def __init__(self, user: bytes, passwd: bytes, starttls: bool = False,
+                 mech: Optional[str] = None):
         super().__init__()
         self.user, self.passwd, self.starttls = user, passwd, starttls
+        self.mech = mech
 
     def on_greeting(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):
@@ -231,6 +238,10 @@ class Pop3Login(BackendLogin):
         return [BackendStartTLS(), self.send_user()]
 
     def send_user(self) -> ToBackend:
+        if self.mech is not None:
+            return self.send(b"AUTH %s %s\r\n" % (self.mech.upper().encode(),
+                                                  oauth.encode(self.mech, self.user, self.passwd)),
+                             "sending token to upstream", "token")
         return self.send(b"USER " + self.user + b"\r\n", "sending user name to upstream", "user")
 
     def on_user(self, reply: bytes) -> list:
@@ -238,6 +249,17 @@ class Pop3Login(BackendLogin):
             raise BackendRejected(reply)
         return [self.send(b"PASS " + self.passwd + b"\r\n", "sending password to upstream",
                           "pass")]
+
+    def on_token(self, reply: bytes) -> list:
+        if reply.startswith(b"+ "):         # the error challenge: the dummy response, then -ERR
+            return [self.send(oauth.dummy_response(self.mech) + b"\r\n",
+                              "sending token to upstream", "token_error")]
+        if not reply.startswith(b"+OK"):
+            raise BackendRejected(reply, refused=True)
+        return [LoggedIn(reply)]
+
+    def on_token_error(self, reply: bytes) -> list:
+        raise BackendRejected(reply, refused=True)
 
     def on_pass(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):
@@ -253,6 +275,7 @@ PROTOCOL = Protocol(
     temp_failure=b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",  # RFC 3206
     # `pop3_auth plain` enables both (ngx_mail_pop3_merge_srv_conf)
     sasl_order=(("plain", "PLAIN"), ("plain", "LOGIN"), ("cram-md5", "CRAM-MD5"),
-                ("external", "EXTERNAL")),
+                ("external", "EXTERNAL"), ("oauthbearer", "OAUTHBEARER"),
+                ("xoauth2", "XOAUTH2")),
     conversation=Pop3Conversation)
 Pop3Conversation.descriptor = PROTOCOL

@@ -377,14 +377,17 @@ class Session(SessionLog):
                 if res.wait:                        # at most auth_http.MAX_AUTH_WAIT
                     if self.rt.shutting_down.wait(res.wait):
                         self.perform(conv.auth_failed(res, retry=False))  # not on the way out
+                        return              # (an error challenge first: RFC 7628 3.2.3)
                     self.rearm()
                     self.perform(conv.auth_failed(res, retry=True))
                     return
                 self.perform(conv.auth_failed(res, retry=False))
+                return                      # the error challenge awaits the client's answer
             if res.user is not None:
                 user = conv.login = res.user
             if res.passwd is not None:
                 passwd = res.passwd
+            conv.backend_method = res.method        # token logins: a password instead
             host, port = res.server, res.port
             self.backend_ssl = res.ssl_backend      # ours: Auth-SSL-Backend (None: config)
         else:
@@ -456,8 +459,9 @@ class Session(SessionLog):
             conn.close()
             self.failed_logins += 1
             text = sanitize(e.text.rstrip(b"\r\n"), 512)
-            if conf.proxy_pass is not None:
-                # Our static route: the backend decides, its refusal is an ordinary failure.
+            if conf.proxy_pass is not None or e.refused:
+                # Our static route (or a token it refused): the backend decides, its refusal
+                # is an ordinary failure.
                 metrics.login(self.protocol, "failed")
                 self.info('client login failed: "%s"' % text)
                 throttle.after_auth(self, False, user, passwd)

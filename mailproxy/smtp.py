@@ -15,9 +15,10 @@ HELO/EHLO replayed, then MAIL+RCPT (none), AUTH PLAIN (`proxy_smtp_auth`) or not
 
 from __future__ import annotations
 
+import base64
 from typing import TYPE_CHECKING, Collection, Iterable, List, Optional, Union
 
-from . import resolver, sasl
+from . import oauth, resolver, sasl
 from .clientio import BackendRejected, Refused, strip_eol
 from .conversation import (CLOSE, BackendLogin, BackendStartTLS, Conversation, LoggedIn,
                            LoginError, Log, Peer, Protocol, Reply, ResolveClient, RestartTimer,
@@ -160,6 +161,16 @@ def ehlo_reply(name: Union[str, bytes], capabilities: Iterable[Union[str, bytes]
         raw = line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape")
         out.append(b"250" + sep.encode() + raw + CRLF)
     return b"".join(out)
+
+
+def auth_mechanisms(reply: bytes) -> Optional[List[bytes]]:
+    """The mechanisms of an EHLO reply's AUTH line (`AUTH=` too, as old servers write it), in
+    upper case; None without one (nothing to choose by: nginx's AUTH PLAIN then)."""
+    for line in reply.upper().split(CRLF)[1:]:
+        word = line[4:]
+        if word.startswith(b"AUTH ") or word.startswith(b"AUTH="):
+            return word[5:].split()
+    return None
 
 
 def rejected_text(data: bytes) -> str:
@@ -314,6 +325,10 @@ class SmtpConversation(Conversation):
             if len(args) == 1:
                 self.challenge(sasl.USERNAME_PROMPT, self.auth_external)
             self.auth_external(args[1])
+        elif oauth.MECHANISMS.get(mech) in methods:
+            if len(args) > 2:
+                raise Refused()
+            self.auth_token(mech, args[1] if len(args) == 2 else None)
         else:
             raise Refused()
 
@@ -395,6 +410,8 @@ class SmtpLogin(BackendLogin):
         self.esmtp, self.helo, self.host = conv.esmtp, conv.helo, conv.host
         self.smtp_from, self.smtp_to = conv.smtp_from, conv.smtp_to
         self.name = conv._name()
+        self.mech = conv.token_mechanism()      # a token login (proxy_smtp_auth)
+        self.offered: Optional[List[bytes]] = None  # AUTH mechanisms of the backend's EHLO
 
     def step(self, line: bytes, action: str, state: str) -> ToBackend:
         return self.send(line, action, state, reply_complete, discard=True)
@@ -437,6 +454,8 @@ class SmtpLogin(BackendLogin):
     def on_helo(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):
             raise BackendRejected(reply)
+        if self.esmtp or self.conf.xclient:     # said EHLO (say_helo)
+            self.offered = auth_mechanisms(reply)
         if self.conf.xclient:
             return [self.step(self.xclient_line(), "sending XCLIENT to upstream", "xclient")]
         return self.after_xclient()
@@ -452,6 +471,8 @@ class SmtpLogin(BackendLogin):
     def on_client_helo(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):
             raise BackendRejected(reply)
+        if self.esmtp:                  # the client's EHLO replayed: what the backend says now
+            self.offered = auth_mechanisms(reply)
         return self.after_xclient()
 
     def after_xclient(self) -> list:
@@ -460,9 +481,62 @@ class SmtpLogin(BackendLogin):
         if self.conf.proxy_smtp_auth:
             if self.passwd is None:
                 raise LoginError("no password available", "sending AUTH to upstream")
-            line = b"AUTH PLAIN " + sasl.encode_plain(self.user, self.passwd)
-            return [self.step(line + CRLF, "sending AUTH to upstream", "auth")]
+            return [self.send_auth(self.choose())]
         return [LoggedIn(AUTH_OK)]
+
+    # ---- proxy_smtp_auth: the mechanism the backend's EHLO offers --------------------------
+
+    def choose(self) -> bytes:
+        """PLAIN, else LOGIN (as Exchange offers) for a password; the client's token mechanism,
+        else the other one, for a token.  Without an AUTH line to read (HELO, or an EHLO reply
+        without one), the first, as nginx sends AUTH PLAIN regardless."""
+        if self.mech is None:
+            wanted = [b"PLAIN", b"LOGIN"]
+        else:
+            wanted = sorted(oauth.MECHANISMS, key=lambda m: oauth.MECHANISMS[m] != self.mech)
+        if self.offered is None:
+            return wanted[0]
+        for mech in wanted:
+            if mech in self.offered:
+                return mech
+        raise LoginError('upstream offers no usable AUTH mechanism for a %s login (%s needed), '
+                         'it offers "%s"' % ("token" if self.mech else "password",
+                                             " or ".join(m.decode() for m in wanted),
+                                             sanitize(b" ".join(self.offered), 256)),
+                         "sending AUTH to upstream")
+
+    def send_auth(self, mech: bytes) -> ToBackend:
+        if mech == b"PLAIN":
+            line = b"AUTH PLAIN " + sasl.encode_plain(self.user, self.passwd)
+            return self.step(line + CRLF, "sending AUTH to upstream", "auth")
+        if mech == b"LOGIN":
+            return self.step(b"AUTH LOGIN" + CRLF, "sending AUTH to upstream", "login_user")
+        self.mech = oauth.MECHANISMS[mech]
+        line = b"AUTH " + mech + b" " + oauth.encode(self.mech, self.user, self.passwd)
+        return self.step(line + CRLF, "sending AUTH to upstream", "token")
+
+    def on_login_user(self, reply: bytes) -> list:
+        if not reply.startswith(b"334"):
+            raise BackendRejected(reply)
+        return [self.step(base64.b64encode(self.user) + CRLF,
+                          "sending user name to upstream", "login_pass")]
+
+    def on_login_pass(self, reply: bytes) -> list:
+        if not reply.startswith(b"334"):
+            raise BackendRejected(reply)
+        return [self.step(base64.b64encode(self.passwd) + CRLF,
+                          "sending password to upstream", "auth")]
+
+    def on_token(self, reply: bytes) -> list:
+        if reply.startswith(b"334"):    # the error challenge: the dummy response, then 535
+            return [self.step(oauth.dummy_response(self.mech) + CRLF,
+                              "sending token to upstream", "token_error")]
+        if not reply.startswith(b"235"):
+            raise BackendRejected(reply, refused=True)
+        return [LoggedIn(AUTH_OK)]
+
+    def on_token_error(self, reply: bytes) -> list:
+        raise BackendRejected(reply, refused=True)
 
     def on_from(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):
@@ -485,6 +559,7 @@ PROTOCOL = Protocol(
     internal_error=b"451 4.3.2 Internal server error\r\n",
     temp_failure=b"421 4.7.0 %s Too many connections, try again later\r\n",
     sasl_order=(("plain", "PLAIN"), ("login", "LOGIN"), ("cram-md5", "CRAM-MD5"),
-                ("external", "EXTERNAL")),
+                ("external", "EXTERNAL"), ("oauthbearer", "OAUTHBEARER"),
+                ("xoauth2", "XOAUTH2")),
     conversation=SmtpConversation)
 SmtpConversation.descriptor = PROTOCOL

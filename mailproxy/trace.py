@@ -53,16 +53,17 @@ def client_line(protocol: str, line: bytes, sasl: bool = False, continued: bool 
 
 def backend_line(data: bytes, action: str) -> str:
     """What a backend login sends (conversation.ToBackend), the password masked: the step that
-    sends it says so in its action (`sending password to upstream`), and AUTH carries it."""
+    sends it says so in its action (`sending password to upstream`, `sending token to
+    upstream`), and AUTH / AUTHENTICATE with an initial response carry it."""
     body = _strip(bytes(data))
-    if "password" in action:
+    if "password" in action or "token" in action:      # a token's response or dummy line
         if body[:5].upper() == b"PASS ":
             return "PASS " + MASK
         return MASK
     words = body.split()
     if words and words[0].upper() in (b"AUTH", b"AUTHENTICATE") and len(words) > 2:
         return sanitize(b" ".join(words[:2]), LIMIT) + " " + MASK
-    if len(words) > 1 and words[1].upper() == b"LOGIN" and len(words) > 3:
+    if len(words) > 3 and words[1].upper() in (b"LOGIN", b"AUTHENTICATE"):
         return sanitize(b" ".join(words[:3]), LIMIT) + " " + MASK
     return sanitize(body, LIMIT)
 

@@ -1,6 +1,8 @@
 """Ready-made POP3, IMAP and SMTP backends (ScriptedBackend subclasses with a fake mailbox)
 and the deterministic big message they stream."""
 
+import base64
+import binascii
 import hashlib
 import re
 
@@ -9,6 +11,33 @@ from tests.support.common import CRLF
 
 IMAP_LOGGED_IN = b"OK [CAPABILITY IMAP4rev1 IDLE] Logged in"
 IMAP_REFUSED = b"NO [AUTHENTICATIONFAILED] Authentication failed."
+# what a backend answers a refused token with (RFC 7628 section 3.2.2), as its challenge
+TOKEN_ERROR = base64.b64encode(b'{"status":"invalid_token","scope":"mail"}')
+
+
+def token_login(mech, response):
+    """(user, token) from an OAUTHBEARER / XOAUTH2 response (base64), None when malformed."""
+    try:
+        msg = base64.b64decode(response, validate=True)
+    except binascii.Error:
+        return None
+    mech = mech.upper()
+    if mech == b"XOAUTH2":
+        m = re.fullmatch(rb"user=([^\x01]*)\x01auth=Bearer ([^\x01]+)\x01\x01", msg)
+    elif mech == b"OAUTHBEARER":
+        m = re.fullmatch(rb"n,a=([^,]*),\x01(?:[a-z]+=[^\x01]*\x01)*?auth=Bearer ([^\x01]+)"
+                         rb"\x01(?:[a-z]+=[^\x01]*\x01)*\x01", msg)
+    else:
+        return None
+    return (m.group(1), m.group(2)) if m else None
+
+
+def check_token(tokens, mech, response, conn):
+    """Record the login in conn.data['auth'] (mech, user, token); True when `tokens` (a dict
+    {token: user}, bytes) holds that token for that user."""
+    got = token_login(mech, response)
+    conn.data["auth"] = (mech.upper(),) + (got or (None, None))
+    return got is not None and tokens.get(got[1]) == got[0]
 
 
 # --- the big message: deterministic, generated in chunks, never starts a line with "."
@@ -65,8 +94,9 @@ class Pop3Backend(ScriptedBackend):
                  user_reply=b"+OK", pass_reply=b"+OK logged in",
                  refuse=b"-ERR [AUTH] Authentication failed.", refuse_user=None,
                  close_after=None, stall_at=None, reset_at=None, extra_after_pass=(),
-                 host="127.0.0.1", proxy_protocol=False):
+                 host="127.0.0.1", proxy_protocol=False, tokens=None):
         self.users = dict(users if users is not None else {"alice": "secret"})
+        self.tokens = dict(tokens or {})      # AUTH OAUTHBEARER/XOAUTH2: {token: user}
         self.messages = list(messages if messages is not None else [
             b"From: a@example.com\r\nSubject: one\r\n\r\nhello\r\n",
             b"From: b@example.com\r\nSubject: two\r\n\r\n.leading dot\r\nworld\r\n",
@@ -147,6 +177,15 @@ class Pop3Backend(ScriptedBackend):
                     conn.sendline(self.refuse)
                 if self._after(conn, "pass"):
                     return
+            elif verb == b"AUTH" and not authed:
+                mech, _, response = arg.partition(b" ")
+                if check_token(self.tokens, mech, response, conn):
+                    authed = True
+                    conn.sendline(self.pass_reply)
+                else:
+                    conn.sendline(b"+ " + TOKEN_ERROR)
+                    conn.data["dummy"] = conn.readline()
+                    conn.sendline(self.refuse)
             elif verb == b"QUIT":
                 conn.sendline(b"+OK bye")
                 conn.close()
@@ -207,8 +246,10 @@ class ImapBackend(ScriptedBackend):
                  continuation=b"+ OK", untagged=None, login_ok=IMAP_LOGGED_IN,
                  refuse=IMAP_REFUSED,
                  id_reply=(b'* ID ("name" "fake")', b"{tag}OK ID completed."), big_size=None,
-                 host="127.0.0.1"):
+                 host="127.0.0.1", tokens=None, capabilities=b"IMAP4rev1"):
         self.users = dict(users if users is not None else {b"alice": b"secret"})
+        self.tokens = dict(tokens or {})      # AUTHENTICATE OAUTHBEARER/XOAUTH2: {token: user}
+        self.capabilities = capabilities      # CAPABILITY's answer (SASL-IR, AUTH=...)
         self.greeting = greeting
         self.continuation = continuation
         self.untagged = untagged
@@ -259,6 +300,22 @@ class ImapBackend(ScriptedBackend):
                     conn.sendline(tag + self.login_ok)
                 else:
                     conn.sendline(tag + self.refuse)
+            elif verb == b"AUTHENTICATE" and not authed:
+                mech, _, response = arg.partition(b" ")
+                conn.data["commands"] = conn.data.get("commands", []) + [text]
+                if not response:
+                    conn.sendline(b"+ ")
+                    response = conn.readline().rstrip(b"\r\n")
+                if check_token(self.tokens, mech, response, conn):
+                    authed = True
+                    conn.sendline(tag + self.login_ok)
+                else:
+                    conn.sendline(b"+ " + TOKEN_ERROR)
+                    conn.data["dummy"] = conn.readline()
+                    conn.sendline(tag + self.refuse)
+            elif verb == b"CAPABILITY":
+                conn.sendline(b"* CAPABILITY " + self.capabilities)
+                conn.sendline(tag + b"OK Capability completed.")
             elif verb == b"ID":
                 for r in self.id_reply:
                     conn.sendline(r.replace(b"{tag}", tag))
@@ -284,9 +341,41 @@ class SmtpBackend(ScriptedBackend):
     or 'greeting'): a line, a list of lines, or callable(conn, line) -> line(s).
     DATA bodies are hashed, not stored: conn.data['messages'] = [(size, sha256)]."""
 
-    def __init__(self, replies=None, **kw):
+    def __init__(self, replies=None, auth=None, tokens=None, users=None, **kw):
         self.replies = dict(replies or {})
+        # auth: the mechanisms EHLO offers (e.g. "PLAIN LOGIN XOAUTH2"), checked by AUTH against
+        # `users` ({user: password}) and `tokens` ({token: user}), bytes; None: AUTH as `replies`
+        self.auth = auth
+        self.tokens = dict(tokens or {})
+        self.users = dict(users or {})
         super().__init__(None, **kw)
+
+    def _auth(self, conn, text):
+        """AUTH PLAIN / LOGIN / XOAUTH2 / OAUTHBEARER (the offered ones), recorded in
+        conn.data['auth']."""
+        words = text.split(b" ")
+        mech = words[1].upper() if len(words) > 1 else b""
+        if mech.decode() not in self.auth.upper().split():
+            conn.sendline("504 5.5.4 Unrecognized authentication type")
+            return
+        if mech == b"PLAIN":
+            _, user, password = base64.b64decode(words[2]).split(b"\0")
+            conn.data["auth"] = (mech, user, password)
+            ok = self.users.get(user) == password
+        elif mech == b"LOGIN":
+            conn.sendline("334 VXNlcm5hbWU6")
+            user = base64.b64decode(conn.readline().strip())
+            conn.sendline("334 UGFzc3dvcmQ6")
+            password = base64.b64decode(conn.readline().strip())
+            conn.data["auth"] = (mech, user, password)
+            ok = self.users.get(user) == password
+        else:
+            ok = check_token(self.tokens, mech, words[2] if len(words) > 2 else b"", conn)
+            if not ok:
+                conn.sendline(b"334 " + TOKEN_ERROR)
+                conn.data["dummy"] = conn.readline()
+        conn.sendline("235 2.7.0 Authentication successful" if ok
+                      else "535 5.7.8 Error: authentication failed")
 
     def _reply(self, conn, key, line, default):
         r = self.replies.get(key, default)
@@ -307,12 +396,16 @@ class SmtpBackend(ScriptedBackend):
             text = line.rstrip(b"\r\n")
             verb = text.split(b" ", 1)[0].upper()
             if verb == b"EHLO":
+                offer = ["250-AUTH " + self.auth] if self.auth else []
                 self._reply(conn, verb, text, ["250-backend.test", "250-PIPELINING",
-                                               "250-XCLIENT ADDR LOGIN NAME", "250 8BITMIME"])
+                                               "250-XCLIENT ADDR LOGIN NAME"] + offer
+                            + ["250 8BITMIME"])
             elif verb == b"HELO":
                 self._reply(conn, verb, text, "250 backend.test")
             elif verb == b"XCLIENT":
                 self._reply(conn, verb, text, "220 backend.test ESMTP Postfix")
+            elif verb == b"AUTH" and self.auth is not None:
+                self._auth(conn, text)
             elif verb == b"AUTH":
                 self._reply(conn, verb, text, "235 2.7.0 Authentication successful")
             elif verb == b"MAIL":

@@ -350,7 +350,7 @@ class SharedProxy:
     the other); a test that signals or reloads the process keeps a proxy of its own.
     """
 
-    def __init__(self, directory, configs, defaults=None, name="shared"):
+    def __init__(self, directory, configs, defaults=None, name="shared", log_level="info"):
         from tests.support.auth import AuthServer
         self.auth = AuthServer()
         for attempt in range(3):
@@ -358,7 +358,8 @@ class SharedProxy:
             try:
                 # many blocks (TLS contexts) load slower on a busy machine: a generous bound
                 self.proxy = ProxyProcess(directory, {"servers": servers},
-                                          name=f"{name}{attempt}", start_timeout=30.0)
+                                          name=f"{name}{attempt}", start_timeout=30.0,
+                                          log_level=log_level)
                 return
             except AssertionError as e:
                 # another process took one of the free ports meanwhile: new ports, once more
