@@ -87,12 +87,16 @@ class _AuthHandler(socketserver.StreamRequestHandler):
         srv = self.server.owner
         if srv.ssl_context is not None:
             self.request.settimeout(self.timeout)
+            tls = srv.ssl_context.wrap_socket(self.request, server_side=True,
+                                              do_handshake_on_connect=False)
             try:
-                self.request = srv.ssl_context.wrap_socket(self.request, server_side=True)
+                tls.do_handshake()
             except OSError as exc:      # a refused client certificate, a client that refused us
                 srv.handshake_errors.append(exc)
+                tls.close()
                 self.request = None
                 return
+            self.request = tls
         with srv.lock:
             srv.connections += 1
             self.conn_no = srv.connections
@@ -107,6 +111,8 @@ class _AuthHandler(socketserver.StreamRequestHandler):
     def finish(self):
         if self.request is not None:
             super().finish()
+            if self.server.owner.ssl_context is not None:
+                self.request.close()        # the wrapper: socketserver closes the plain one
 
     def _one(self):
         """One request and its answer; True when the connection stays open for another
@@ -147,7 +153,7 @@ class _AuthHandler(socketserver.StreamRequestHandler):
                             + "Connection: keep-alive\r\nContent-Length: %d\r\n\r\n"
                             % len(body)).encode("latin-1")) + body
         self._act(result)
-        return keep
+        return keep and not srv.close_kept
 
     def _act(self, result):
         srv = self.server.owner
@@ -225,6 +231,7 @@ class AuthServer:
         self.ssl_context = ssl_context      # https: an ssl.SSLContext (server side)
         self.keepalive = keepalive          # answer HTTP/1.1 keep-alive requests in kind
         self.body = body                    # sent after a keep-alive answer's header
+        self.close_kept = False             # close after a keep-alive answer (a stale one)
         self.connections = 0                # connections accepted (TLS: handshakes done)
         self.handshake_errors = []
         self.requests = []
