@@ -29,7 +29,9 @@ from mailproxy import config
 NOT_IN_NGINX = frozenset({
     "limit_prelogin", "limit_conn_per_ip", "proxy_pass", "imap_client_id", "xclient_extended",
     "ssl_certificate_sni", "proxy_ssl", "proxy_ssl_verify", "proxy_ssl_trusted_certificate",
-    "proxy_ssl_name", "proxy_ssl_certificate", "proxy_ssl_certificate_key"})
+    "proxy_ssl_name", "proxy_ssl_certificate", "proxy_ssl_certificate_key",
+    "auth_http_keepalive", "auth_http_trusted_certificate", "auth_http_certificate",
+    "auth_http_certificate_key", "auth_http_cache"})
 # main-level directives that nginx has in events {}
 EVENTS = ("worker_connections",)
 DEBIAN_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"

@@ -2,6 +2,7 @@
 """mailproxy against nginx's mail proxy, on loopback, in one command.
 
     python3 bench/run.py [--quick] [--targets mailproxy,mailproxyauto,nginx1,nginxauto,direct]
+        (also mailproxyka0: auth_http_keepalive = 0; mailproxycache: auth_http_cache on)
                          [--scenarios throughput,rate,idle] [--zipapp FILE] [--ini FILE]
                          [--reps N] [--json FILE]
 
@@ -37,6 +38,10 @@ import tls_cases       # noqa: E402
 ALL_TARGETS = ['mailproxy', 'mailproxyauto', 'nginx1', 'nginxauto', 'direct']
 ALL_SCENARIOS = ['throughput', 'rate', 'idle'] + tls_cases.KINDS
 REFERENCE = 'nginx1'
+# mailproxy with one worker and one directive added to bench.ini's [mail]: the auth_http
+# client's figures beside `mailproxy` (keep-alive at its default, no cache) and nginx1
+VARIANTS = {'mailproxyka0': 'auth_http_keepalive = 0',
+            'mailproxycache': 'auth_http_cache = valid=5m size=100000'}
 
 
 def log(msg):
@@ -355,6 +360,14 @@ def machine():
                 nofile=resource.getrlimit(resource.RLIMIT_NOFILE))
 
 
+def _variant(template, name):
+    """The INI template of target `name`: VARIANTS' directive added first in [mail]."""
+    extra = VARIANTS.get(name)
+    if extra is None:
+        return template
+    return template.replace('[mail]\n', '[mail]\n%s\n' % extra, 1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--quick', action='store_true', help='small version of everything (~2 min)')
@@ -375,8 +388,9 @@ def main(argv=None):
 
     target_names = [t.strip() for t in args.targets.split(',') if t.strip()]
     for t in target_names:
-        if t not in ALL_TARGETS:
-            ap.error('unknown target %r (known: %s)' % (t, ', '.join(ALL_TARGETS)))
+        if t not in ALL_TARGETS and t not in VARIANTS:
+            ap.error('unknown target %r (known: %s)'
+                     % (t, ', '.join(ALL_TARGETS + list(VARIANTS))))
     wanted = [s.strip() for s in args.scenarios.split(',') if s.strip()]
 
     nofile = servers.raise_nofile()       # inherited by the proxies and the generator
@@ -442,13 +456,14 @@ def main(argv=None):
                 log('nginx not installed: target %s skipped' % name)
                 continue
             workers = {'mailproxy': '1', 'mailproxyauto': 'auto', 'nginx1': '1',
-                       'nginxauto': 'auto'}[name]
-            t = tg.ProxyTarget(name, kind, workers, tmp, template, svc.auth_port,
+                       'nginxauto': 'auto'}.get(name, '1')
+            t = tg.ProxyTarget(name, kind, workers, tmp, _variant(template, name), svc.auth_port,
                                cmd=mp_cmd, nofile=nofile)
             t.check()
             tgts[name] = t
             if use_tls:
-                t = tg.ProxyTarget(name, kind, workers, os.path.join(tmp, 'tls'), tls_template,
+                t = tg.ProxyTarget(name, kind, workers, os.path.join(tmp, 'tls'),
+                                   _variant(tls_template, name),
                                    svc.auth_port, cmd=mp_cmd, nofile=nofile, fields=fields)
                 t.check()
                 ttgts[name] = t

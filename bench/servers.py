@@ -11,7 +11,9 @@ multiprocessing).  Nothing holds a large body in memory:
 * Every other command gets a short positive answer; LOGOUT / QUIT answer and close.
 
 The auth service answers every request with `Auth-Status: OK` and the backend port of the
-request's `Auth-Protocol`, HTTP/1.0 style (one request per connection, server closes).
+request's `Auth-Protocol`: HTTP/1.0 style (one request per connection, server closes) to
+nginx's HTTP/1.0 requests, and keeping the connection open (Content-Length: 0) for HTTP/1.1
+requests (mailproxy's auth_http_keepalive).
 
 For bench/soak.py two options (off for run.py, whose figures they would change):
 * `hash_data`: SMTP `DATA` also feeds the body, up to and including the final `.CRLF`, to
@@ -333,30 +335,38 @@ class Server:
 
     def _auth(self, c, data):
         c.rbuf += data
-        if b'\r\n\r\n' not in c.rbuf:
-            if len(c.rbuf) > 65536:
-                self._close(c)
-                return False
-            return True
+        while b'\r\n\r\n' in c.rbuf and not c.close_after:
+            end = c.rbuf.index(b'\r\n\r\n') + 4
+            head, c.rbuf = c.rbuf[:end], c.rbuf[end:]
+            c.out.append(self._auth_answer(c, head))
+        if len(c.rbuf) > 65536:
+            self._close(c)
+            return False
+        if c.out:
+            self._write(c)
+        return c.fd in self.conns
+
+    def _auth_answer(self, c, head):
+        """nginx's HTTP/1.0 request gets HTTP/1.0 and close; an HTTP/1.1 one asking for
+        keep-alive (mailproxy's auth_http_keepalive) gets Content-Length and stays open."""
+        lower = head.lower()
         proto = b''
-        i = c.rbuf.find(b'\nAuth-Protocol:')
-        if i < 0:
-            i = c.rbuf.lower().find(b'\nauth-protocol:')
+        i = lower.find(b'\nauth-protocol:')
         if i >= 0:
-            j = c.rbuf.find(b'\r\n', i + 1)
-            proto = c.rbuf[i + 15:j].strip().lower()
+            j = head.find(b'\r\n', i + 1)
+            proto = head[i + 15:j].strip().lower()
+        keep = (head[:head.find(b'\r\n')].endswith(b'HTTP/1.1')
+                and b'\nconnection: close' not in lower)
         port = self.ports.get(proto.decode('ascii', 'replace'))
         if port is None:
-            resp = (b'HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n'
-                    b'Auth-Wait: 0\r\n\r\n')
+            fields = b'Auth-Status: Invalid login or password\r\nAuth-Wait: 0\r\n'
         else:
-            resp = (b'HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\n'
-                    b'Auth-Port: %d\r\n\r\n' % port)
-        c.out.append(resp)
+            fields = (b'Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\n'
+                      b'Auth-Port: %d\r\n' % port)
+        if keep:
+            return b'HTTP/1.1 200 OK\r\n' + fields + b'Content-Length: 0\r\n\r\n'
         c.close_after = True
-        c.rbuf = b''
-        self._write(c)
-        return c.fd in self.conns
+        return b'HTTP/1.0 200 OK\r\n' + fields + b'\r\n'
 
     # -- writing ---------------------------------------------------------------------------
     def _write(self, c):

@@ -474,7 +474,8 @@ def _exchange(url, request, req, peer, timeout, trace=None):
 def query(url: Any, req: AuthRequest, timeout: Optional[float], *,
           sleep: Callable[[float], Any] = time.sleep,
           max_rounds: int = MAX_WAIT_ROUNDS,
-          trace: Optional[Callable[[str, list], Any]] = None) -> AuthResult:
+          trace: Optional[Callable[[str, list], Any]] = None,
+          client: Optional[Any] = None) -> AuthResult:
     """Ask the auth service about `req`; returns AuthResult ('OK' or 'FAIL').
 
     `Auth-Status: WAIT` is handled here: sleep Auth-Wait seconds (0 when
@@ -485,15 +486,19 @@ def query(url: Any, req: AuthRequest, timeout: Optional[float], *,
     loop stops with AuthHttpError instead of asking again at once.
     `trace(kind, lines)` (the `debug` log) gets the request's lines without Auth-Pass
     (trace.auth_request_lines) and each response's header lines, Auth-Pass masked.
-    Raises AuthHttpError.
+    `client` (auth_client.py: keep-alive, https) frames the request and replaces the
+    exchange on a new connection. Raises AuthHttpError.
     """
     request = build_request(url, req)
+    exchange = _exchange
+    if client is not None:
+        request, exchange = client.frame(request), client.exchange
     peer = peer_name(url)
     if trace is not None:
         trace('request to ' + peer,
               _trace.auth_request_lines(request, [name for name, _ in req.headers or ()]))
     for _ in range(max_rounds):
-        result = metrics.timed("auth_http_duration_seconds", _exchange, url, request, req, peer,
+        result = metrics.timed("auth_http_duration_seconds", exchange, url, request, req, peer,
                                timeout, trace)
         if result.status != 'WAIT':
             return result

@@ -196,6 +196,8 @@ def answer(runtime: Runtime, request: Dict[str, Any]) -> Dict[str, Any]:
         out["sessions"] = runtime.live.rows(runtime.relay, user, backend)
     elif request.get("op") == "kick":
         out["kicked"] = runtime.live.kick(runtime.relay, user, backend)
+        if user is not None:        # a kicked user's cached auth_http answers go too
+            runtime.auth.forget(user.encode("utf-8", "surrogateescape"))
     else:
         out["error"] = "unknown request %s" % sanitize(str(request.get("op")), 64)
     return out

@@ -83,6 +83,8 @@ METRICS: List[Metric] = [
            [("protocol", PROTOCOLS), ("result", LOGIN_RESULTS)]),
     Metric("auth_http_duration_seconds", "histogram",
            "Time of each auth_http request (connect, send, answer)."),
+    Metric("auth_http_cache", "counter", "auth_http_cache lookups by result.",
+           [("result", ("hit", "miss"))]),
     Metric("backend_connect_duration_seconds", "histogram", "Time to connect to a backend."),
     Metric("backend_errors", "counter",
            "Backend connections or logins that failed (the client got an internal error).",

@@ -9,6 +9,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import limits
+from .auth_client import AuthClient
 from .live import LiveSessions
 
 if TYPE_CHECKING:      # annotations only
@@ -34,6 +35,7 @@ class Runtime:
         self.access_logs: Dict[int, Any] = getattr(self.server_logs.get("access"), "by_server", {})
         self.admission = limits.Admission.from_config(config.main)   # this worker's limits
         self.live = LiveSessions()          # sessions now, for `sessions` and `kick`
+        self.auth = AuthClient()            # auth_http connections, failover state, cache
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         # drawn in each worker (Runtime is made after fork): ids never repeat across workers,

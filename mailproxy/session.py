@@ -363,9 +363,9 @@ class Session(SessionLog):
             for name, value in conv.auth_request_fields().items():
                 setattr(req, name, value)
             try:
-                res = auth_http.query(conf.auth_http, req, conf.auth_http_timeout,
-                                      sleep=self.rt.shutting_down.wait,
-                                      trace=self.trace_auth if self.debug else None)
+                res = self.rt.auth.query(conf, req, log=self.logmsg,
+                                         sleep=self.rt.shutting_down.wait,
+                                         trace=self.trace_auth if self.debug else None)
             except auth_http.AuthHttpError as e:
                 self.error(str(e))
                 self.internal_error()

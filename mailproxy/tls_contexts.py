@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import backend, tls
+from . import auth_pool, backend, tls
 from .config.syntax import parse_size
 from .errors import ConfigError
 
@@ -48,5 +48,12 @@ def prepare(cfg: Config) -> None:
         try:
             backend.client_context(conf, shared)
         except backend.BackendTLSConfigError as e:
+            f, line = conf.where(e.key)
+            raise ConfigError(str(e), f or conf.file, line or conf.line, e.key) from None
+    shared = {}             # https:// auth URLs (auth_pool.py): one context per settings
+    for conf in cfg.servers:
+        try:
+            auth_pool.client_context(conf, shared)
+        except auth_pool.TLSConfigError as e:
             f, line = conf.where(e.key)
             raise ConfigError(str(e), f or conf.file, line or conf.line, e.key) from None

@@ -94,15 +94,20 @@ def assert_backend_login(backend, user=b"alice", password=b"secret", i=0):
 
 # --- OK and the exact request --------------------------------------------------------------
 
-def test_request_bytes_exact(pop3_setup, auth_server, backend_factory):
+@pytest.mark.parametrize("keepalive", ["0", "8"])
+def test_request_bytes_exact(pop3_setup, auth_server, backend_factory, keepalive):
+    """auth_http_keepalive = 0 sends nginx's request byte for byte; keep-alive says HTTP/1.1
+    and adds Connection after Host, nothing else."""
     backend = backend_factory(Pop3Backend, users={"alice smith": "p%w "})
-    st = pop3_setup(backend=backend, auth_http_header=["X-Secret s3cr3t", 'X-Other "a b"'])
+    st = pop3_setup(backend=backend, auth_http_header=["X-Secret s3cr3t", 'X-Other "a b"'],
+                    auth_http_keepalive=keepalive)
     c = st.connect()
     assert login(c, "alice smith", "p%w ") == OK_LOGGED_IN
     req = auth_server.wait_requests(1)[0]
     sid = re.search(r"session: ([A-Za-z0-9_-]{16})", st.proxy.wait_log("connected to")).group(1)
-    assert req.raw == (b"GET /auth HTTP/1.0\r\n"
-                       b"Host: 127.0.0.1\r\n"
+    head = (b"GET /auth HTTP/1.0\r\nHost: 127.0.0.1\r\n" if keepalive == "0" else
+            b"GET /auth HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n")
+    assert req.raw == (head +
                        b"Auth-Method: plain\r\n"
                        b"Auth-User: alice%20smith\r\n"
                        b"Auth-Pass: p%25w%20\r\n"
@@ -126,14 +131,14 @@ def test_uri_and_query_kept_verbatim(pop3_setup, auth_server, pop3_backend):
     st = pop3_setup(auth_http=f"127.0.0.1:{auth_server.port}/mail/auth.php?x=1&y=%41")
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
-    assert auth_server.wait_requests(1)[0].request_line == "GET /mail/auth.php?x=1&y=%41 HTTP/1.0"
+    assert auth_server.wait_requests(1)[0].request_line == "GET /mail/auth.php?x=1&y=%41 HTTP/1.1"
 
 
 def test_uri_defaults_to_slash(pop3_setup, auth_server, pop3_backend):
     st = pop3_setup(auth_http=f"127.0.0.1:{auth_server.port}")
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
-    assert auth_server.wait_requests(1)[0].request_line == "GET / HTTP/1.0"
+    assert auth_server.wait_requests(1)[0].request_line == "GET / HTTP/1.1"
 
 
 def test_unix_auth_url(pop3_setup, unix_auth_server, pop3_backend):
@@ -142,7 +147,7 @@ def test_unix_auth_url(pop3_setup, unix_auth_server, pop3_backend):
     c = st.connect()
     assert login(c) == OK_LOGGED_IN
     req = unix_auth_server.wait_requests(1)[0]
-    assert req.request_line == "GET /auth HTTP/1.0"
+    assert req.request_line == "GET /auth HTTP/1.1"
     assert req.headers[0] == ("Host", "localhost")
     assert_backend_login(pop3_backend)
 
@@ -341,7 +346,9 @@ def test_slow_auth_server_within_timeout(pop3_setup, auth_server, pop3_backend):
 
 
 def test_one_auth_connection_per_attempt(pop3_setup, auth_server, pop3_backend):
-    st = pop3_setup()
+    """auth_http_keepalive = 0: nginx's one connection per request (keep-alive reuse is in
+    tests/test_auth_client.py)."""
+    st = pop3_setup(auth_http_keepalive="0")
     for _ in range(2):
         c = st.connect()
         assert login(c) == OK_LOGGED_IN

@@ -519,7 +519,7 @@ def test_protocol_unknown(tmp_path):
 ])
 def test_auth_http_urls(tmp_path, value, host, port, uri, family):
     cfg = load(tmp_path, server(proxy_pass=None, auth_http=value))
-    u = cfg.servers[0].auth_http
+    (u,) = cfg.servers[0].auth_http
     assert (u.text, u.host, u.port, u.uri, u.unix, u.host_header) == \
         (value, host, port, uri, None, host)
     if family is not None:
@@ -529,16 +529,16 @@ def test_auth_http_urls(tmp_path, value, host, port, uri, family):
 
 def test_auth_http_unix(tmp_path):
     cfg = load(tmp_path, server(proxy_pass=None, auth_http="unix:/run/auth.sock:/auth?a=b"))
-    u = cfg.servers[0].auth_http
+    (u,) = cfg.servers[0].auth_http
     assert (u.unix, u.uri, u.host_header, u.sockaddr, u.family) == \
         ("/run/auth.sock", "/auth?a=b", "localhost", None, socket.AF_UNIX)
     cfg = load(tmp_path, server(proxy_pass=None, auth_http="unix:auth.sock"))
-    u = cfg.servers[0].auth_http
+    (u,) = cfg.servers[0].auth_http
     assert (u.unix, u.uri) == (str(tmp_path / "auth.sock"), "/")
 
 
 @pytest.mark.parametrize("value,message", [
-    ("https://127.0.0.1/", "https is not supported"),
+    ("https://", "invalid value"),
     ("http://127.0.0.1:0/", "invalid port"),
     ("http:///x", "invalid value"),
     ("unix:", "invalid value"),
@@ -553,7 +553,7 @@ def test_auth_http_errors(tmp_path, value, message):
 
 def test_auth_http_inherited_from_mail(tmp_path):
     cfg = load(tmp_path, "[mail]\nauth_http = 127.0.0.1:9000\n" + server(proxy_pass=None))
-    assert cfg.servers[0].auth_http.port == 9000
+    assert cfg.servers[0].auth_http[0].port == 9000
     assert cfg.servers[0].where("auth_http") == (cfg.path, 2)
 
 
@@ -765,9 +765,8 @@ def effective(cfg):
                              li.rcvbuf, li.sndbuf, li.ipv6only, li.so_keepalive, li.multipath,
                              li.bind) for li in s.listen]
         if values["auth_http"] is not None:
-            u = values["auth_http"]
-            values["auth_http"] = (u.host, u.port, u.uri, u.unix, u.host_header, u.family,
-                                   u.sockaddr)
+            values["auth_http"] = [(u.host, u.port, u.uri, u.unix, u.host_header, u.family,
+                                    u.sockaddr, u.tls) for u in values["auth_http"]]
         out["servers"].append((s.name, values))
     return out
 

@@ -72,7 +72,8 @@ def test_debug_trace_at_each_level(level, proxy_factory, auth_server, backend_fa
     expected = [
         'client sent "a0 LOGIN alice ***"',
         'sent to client "* OK IMAP4 ready"',
-        'auth http request to 127.0.0.1:%d "GET /auth HTTP/1.0"' % auth_server.port,
+        'auth http request to 127.0.0.1:%d "GET /auth HTTP/1.1"' % auth_server.port,
+        'auth http request to 127.0.0.1:%d Connection "keep-alive"' % auth_server.port,
         'auth http request to 127.0.0.1:%d Auth-User "alice"' % auth_server.port,
         'auth http request to 127.0.0.1:%d X-Auth-Key "***"' % auth_server.port,
         'auth http request to 127.0.0.1:%d Auth-Session-Id "%s"' % (auth_server.port, sids[0]),

@@ -39,7 +39,8 @@ def test_user_pass_transcripts(pop3_setup, auth_server, pop3_backend):
     c = st.connect()
     assert login_userpass(c) == OK_LOGGED_IN
     req = auth_server.wait_requests(1)[0]
-    assert req.headers[:7] == [("Host", "127.0.0.1"), ("Auth-Method", "plain"), ("Auth-User", "alice"),
+    assert req.headers[:8] == [("Host", "127.0.0.1"), ("Connection", "keep-alive"),
+                               ("Auth-Method", "plain"), ("Auth-User", "alice"),
                                ("Auth-Pass", "secret"), ("Auth-Protocol", "pop3"),
                                ("Auth-Login-Attempt", "1"), ("Client-IP", "127.0.0.1")]
     s = assert_backend_login(pop3_backend)

@@ -98,11 +98,14 @@ def f_error_log(v: Any) -> list[str]:
 
 
 def f_auth_http(v: Any) -> list[str]:
-    if v is None:
-        return []
-    if v.unix is not None:
-        return [quote_token("unix:%s:%s" % (v.unix, v.uri))]
-    return [quote_token("http://%s%s" % (_addr_text(v.host, v.port), v.uri))]
+    out = []
+    for u in v or ():
+        if u.unix is not None:
+            out.append(quote_token("unix:%s:%s" % (u.unix, u.uri)))
+        else:
+            scheme = "https" if u.tls else "http"
+            out.append(quote_token("%s://%s%s" % (scheme, _addr_text(u.host, u.port), u.uri)))
+    return out
 
 
 def f_proxy_pass(v: Any) -> list[str]:

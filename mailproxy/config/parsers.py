@@ -412,10 +412,11 @@ def p_metrics_listen(args: list[str], ctx: _Ctx) -> Optional[tuple[str, int]]:
     return (ip.compressed, port)
 
 
-def p_auth_http(args: list[str], ctx: _Ctx) -> AuthURL:
+def p_auth_http(args: list[str], ctx: _Ctx) -> list[AuthURL]:
+    """One auth URL per line (ours: several lines are tried in order, auth_client.py):
+    [http://]host[:port][/uri], https://host[:port][/uri] or unix:/path[:/uri]."""
     text = args[0]
-    if text.lower().startswith("https://"):
-        raise Invalid('https is not supported in "auth_http" "%s"' % text)
+    tls = text.lower().startswith("https://")
     if text.startswith("unix:"):
         rest = text[5:]
         path, sep, uri = rest.partition(":")
@@ -423,11 +424,12 @@ def p_auth_http(args: list[str], ctx: _Ctx) -> AuthURL:
             raise ctx.bad(text, "unix:/path[:/uri]")
         if sep and not uri.startswith("/"):
             raise ctx.bad(text, "unix:/path[:/uri] with the URI starting with /")
-        return AuthURL(text=text, host="localhost", port=80, uri=uri or "/", unix=ctx.path(path),
-                       host_header="localhost", family=socket.AF_UNIX, sockaddr=None)
-    rest = text[7:] if text.lower().startswith("http://") else text
+        return [AuthURL(text=text, host="localhost", port=80, uri=uri or "/", unix=ctx.path(path),
+                        host_header="localhost", family=socket.AF_UNIX, sockaddr=None)]
+    expected = "[http://]host[:port][/uri], https://host[:port][/uri] or unix:/path[:/uri]"
+    rest = text[8:] if tls else text[7:] if text.lower().startswith("http://") else text
     if "://" in rest:
-        raise ctx.bad(text, "[http://]host[:port][/uri] or unix:/path[:/uri]")
+        raise ctx.bad(text, expected)
     cut = len(rest)
     for c in "/?":
         i = rest.find(c)
@@ -437,13 +439,14 @@ def p_auth_http(args: list[str], ctx: _Ctx) -> AuthURL:
     if uri.startswith("?"):
         uri = "/" + uri
     if not hostport:
-        raise ctx.bad(text, "[http://]host[:port][/uri] or unix:/path[:/uri]")
-    host, port = _split_host_port(hostport, ctx, "auth_http", need_port=False, default_port=80)
+        raise ctx.bad(text, expected)
+    host, port = _split_host_port(hostport, ctx, "auth_http", need_port=False,
+                                  default_port=443 if tls else 80)
     if _literal_ip(host) is None and not _HOSTNAME.match(host):
-        raise ctx.bad(text, "[http://]host[:port][/uri] or unix:/path[:/uri]")
+        raise ctx.bad(text, expected)
     fam, _ip, sa = _resolve(host, port, ctx, text)[0]
-    return AuthURL(text=text, host=host, port=port, uri=uri or "/", unix=None,
-                   host_header=host, family=fam, sockaddr=sa)
+    return [AuthURL(text=text, host=host, port=port, uri=uri or "/", unix=None,
+                    host_header=host, family=fam, sockaddr=sa, tls=tls)]
 
 
 def p_realip(args: list[str], ctx: _Ctx) -> list[str]:

@@ -13,6 +13,7 @@ from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_contro
                       p_words, p_worker_processes)
 from .login_parsers import f_login_block, f_login_trusted, p_login_block, p_login_trusted
 from .login_parsers import p_penalty_max
+from .auth_parsers import f_auth_http_cache, p_auth_http_cache
 from .dump import (f_auth_http, f_cpu_affinity, f_each_token, f_each_tuple, f_error_log,
                    f_flag, f_listen, f_num, f_opt_time, f_opt_token, f_pid, f_proxy_pass,
                    f_resolver, f_size, f_time, f_token, f_user, f_words)
@@ -74,11 +75,18 @@ _TABLE = [
     _d("proxy_timeout", _MS, "24h", p_time, fmt=f_time),
     _d("xclient", _MS, "on", p_flag, fmt=f_flag),
     # ngx_mail_auth_http_module
-    _d("auth_http", _MS, None, p_auth_http, fmt=f_auth_http),
+    # several lines (ours): tried in order, one that is down skipped for a while
+    _d("auth_http", _MS, None, p_auth_http, multi=True, fmt=f_auth_http),
     _d("auth_http_header", _MS, "", p_auth_http_header, multi=True, nargs=(2, 2),
        fmt=f_each_tuple),
     _d("auth_http_pass_client_cert", _MS, "off", p_flag, fmt=f_flag),
     _d("auth_http_timeout", _MS, "60s", p_time, fmt=f_time),
+    # ours (auth_pool.py, auth_cache.py): HTTP/1.1 keep-alive, https, the answer cache
+    _d("auth_http_keepalive", _MS, "8", p_num(0), fmt=f_num),
+    _d("auth_http_trusted_certificate", _MS, None, p_path, fmt=f_opt_token),
+    _d("auth_http_certificate", _MS, None, p_path, fmt=f_opt_token),
+    _d("auth_http_certificate_key", _MS, None, p_path, fmt=f_opt_token),
+    _d("auth_http_cache", _MS, "off", p_auth_http_cache, nargs=_ANY, fmt=f_auth_http_cache),
     # ngx_mail_ssl_module
     _d("starttls", _MS, "off", p_enum("off", "on", "only"), fmt=f_token),
     _d("ssl_certificate", _MS, "", p_path_list(("data:",)),

@@ -67,6 +67,7 @@ class AuthURL:
     host_header: str = ""
     family: int = socket.AF_INET
     sockaddr: Any = None
+    tls: bool = False               # https://
 
 
 @dataclass
@@ -130,10 +131,15 @@ class ServerConf:
     proxy_smtp_auth: bool
     proxy_timeout: float
     xclient: bool
-    auth_http: Optional[AuthURL]
+    auth_http: Optional[list[AuthURL]]         # tried in order (auth_client.py)
     auth_http_header: list[tuple[str, str]]
     auth_http_pass_client_cert: bool
     auth_http_timeout: float
+    auth_http_keepalive: int                    # idle connections per auth service, 0: off
+    auth_http_trusted_certificate: Optional[str]
+    auth_http_certificate: Optional[str]
+    auth_http_certificate_key: Optional[str]
+    auth_http_cache: Optional[tuple[float, float, int]]    # (valid, invalid, size), None: off
     starttls: str                               # 'off' | 'on' | 'only'
     ssl_certificate: list[str]
     ssl_certificate_key: list[str]
@@ -184,6 +190,7 @@ class ServerConf:
     _tls: Any = None                    # tls.ServerTLS (tls.check_server)
     _proxy_ssl_context: Any = None      # backend.client_context
     _realip_networks: Any = None        # realip._networks
+    _auth_http_tls: Any = None          # auth_pool.client_context (https:// auth URLs)
 
     def where(self, key: str) -> tuple:
         """(file, line) where the effective value of `key` was set, or (None, None)."""

@@ -77,13 +77,46 @@ def auth_fail(text, wait=None, extra=()):
 
 
 # what ngx_mail_auth_http_create_request writes first
-_REQUEST_LINE = re.compile(r"GET \S+ HTTP/1\.0$")
+_REQUEST_LINE = re.compile(r"GET \S+ HTTP/1\.[01]$")
 
 
 class _AuthHandler(socketserver.StreamRequestHandler):
     timeout = 10
 
+    def setup(self):
+        srv = self.server.owner
+        if srv.ssl_context is not None:
+            self.request.settimeout(self.timeout)
+            tls = srv.ssl_context.wrap_socket(self.request, server_side=True,
+                                              do_handshake_on_connect=False)
+            try:
+                tls.do_handshake()
+            except OSError as exc:      # a refused client certificate, a client that refused us
+                srv.handshake_errors.append(exc)
+                tls.close()
+                self.request = None
+                return
+            self.request = tls
+        with srv.lock:
+            srv.connections += 1
+            self.conn_no = srv.connections
+        super().setup()
+
     def handle(self):
+        if self.request is None:
+            return
+        while self._one():
+            pass
+
+    def finish(self):
+        if self.request is not None:
+            super().finish()
+            if self.server.owner.ssl_context is not None:
+                self.request.close()        # the wrapper: socketserver closes the plain one
+
+    def _one(self):
+        """One request and its answer; True when the connection stays open for another
+        (an HTTP/1.1 keep-alive request answered with header lines, unless `keepalive` is off)."""
         srv = self.server.owner
         raw = bytearray()
         try:
@@ -96,8 +129,11 @@ class _AuthHandler(socketserver.StreamRequestHandler):
                     break
         except OSError:
             pass
+        if not raw and srv.requests and getattr(self, "answered", 0):
+            return False                    # a kept connection closed by the proxy
         peer = self.client_address
         req = AuthRequest(bytes(raw), peer)
+        req.conn = self.conn_no
         with srv.lock:
             srv.requests.append(req)
             srv.cond.notify_all()
@@ -107,8 +143,17 @@ class _AuthHandler(socketserver.StreamRequestHandler):
             result = srv.respond(req)
         except Exception as exc:  # a broken test handler: record, answer nothing
             srv.errors.append(exc)
-            return
+            return False
+        self.answered = getattr(self, "answered", 0) + 1
+        keep = (srv.keepalive and isinstance(result, list) and req.request_line.endswith("1.1")
+                and (req.header("Connection") or "").lower() == "keep-alive")
+        if keep:
+            body = srv.body
+            result = bytes(("HTTP/1.1 200 OK\r\n" + "".join(f"{h}\r\n" for h in result)
+                            + "Connection: keep-alive\r\nContent-Length: %d\r\n\r\n"
+                            % len(body)).encode("latin-1")) + body
         self._act(result)
+        return keep and not srv.close_kept
 
     def _act(self, result):
         srv = self.server.owner
@@ -167,10 +212,13 @@ class _UnixAuthServer(_Recording, socketserver.ThreadingUnixStreamServer):
 
 
 class AuthServer:
-    """A recording auth_http server (HTTP/1.0 GET in, scripted answer out).
+    """A recording auth_http server (HTTP/1.0 or 1.1 GET in, scripted answer out).
 
     respond(request) -> one of:
       list of header lines  -> sent after `HTTP/1.0 200 OK`, then an empty line, then close;
+                               to an HTTP/1.1 keep-alive request (unless keepalive=False):
+                               `HTTP/1.1 200 OK`, Content-Length, `body`, and the connection
+                               waits for the next request (request.conn numbers connections);
       bytes                 -> sent raw (broken responses, custom status lines), then close;
       Delay(s, then)        -> sleep first (timeouts), then act on `then`;
       CLOSE / None, RESET, HANG.
@@ -178,7 +226,14 @@ class AuthServer:
     `requests` holds every AuthRequest in arrival order.
     """
 
-    def __init__(self, respond=None, host="127.0.0.1", unix_path=None):
+    def __init__(self, respond=None, host="127.0.0.1", unix_path=None, ssl_context=None,
+                 keepalive=True, body=b""):
+        self.ssl_context = ssl_context      # https: an ssl.SSLContext (server side)
+        self.keepalive = keepalive          # answer HTTP/1.1 keep-alive requests in kind
+        self.body = body                    # sent after a keep-alive answer's header
+        self.close_kept = False             # close after a keep-alive answer (a stale one)
+        self.connections = 0                # connections accepted (TLS: handshakes done)
+        self.handshake_errors = []
         self.requests = []
         self.errors = []                     # unexpected: the fixture's teardown fails on them
         self.expect_errors = False
@@ -206,7 +261,8 @@ class AuthServer:
         if self.unix_path:
             return f"unix:{self.unix_path}:/auth"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/auth"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}/auth"
 
     def route_to(self, port, server="127.0.0.1", **kw):
         """Default answer: OK to server:port."""

@@ -53,7 +53,7 @@ def imap_session(conf, monkeypatch):
         events = []
         out = SimpleNamespace(requests=[], backend=None, relay=None, waited=[])
 
-        def query(url, req, timeout, sleep=None, trace=None):
+        def query(url, req, timeout, sleep=None, trace=None, client=None):
             out.requests.append(req)
             result = results.pop(0)
             if isinstance(result, Exception):

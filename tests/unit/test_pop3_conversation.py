@@ -55,7 +55,7 @@ def auth_request(conv) -> list:
                                 attempt=1, client_ip="127.0.0.1")
     for name, value in conv.auth_request_fields().items():
         setattr(req, name, value)
-    return auth_http.build_request(conv.conf.auth_http, req).split(b"\r\n")[1:-2]
+    return auth_http.build_request(conv.conf.auth_http[0], req).split(b"\r\n")[1:-2]
 
 
 def backend_lines(login: Pop3Login) -> list:

@@ -173,7 +173,7 @@ def auth(monkeypatch, events):
     """Answers for auth_http.query: set `auth.result`; the requests land in `auth.requests`."""
     box = SimpleNamespace(result=None, requests=[])
 
-    def query(url, req, timeout, sleep=None, trace=None):
+    def query(url, req, timeout, sleep=None, trace=None, client=None):
         box.requests.append(req)
         events.append(("auth", req.method, req.user, req.passwd))
         return box.result
@@ -406,7 +406,7 @@ def test_apop_logs_in_to_the_backend_with_the_auth_services_password(session, ev
 
 
 def test_apop_without_auth_pass_is_an_internal_error(session, events, upstream, monkeypatch):
-    def query(url, req, timeout, sleep=None, trace=None):
+    def query(url, req, timeout, sleep=None, trace=None, client=None):
         return auth_http.parse_response(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"
                                         b"Auth-Server: 127.0.0.1\r\nAuth-Port: 1110\r\n\r\n",
                                         req, "127.0.0.1:9000")

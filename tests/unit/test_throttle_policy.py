@@ -205,7 +205,7 @@ def world(monkeypatch, conf):
     service answers `world.result` and whose waits land in `world.waits`."""
     box = SimpleNamespace(result=None, events=[], waits=[], requests=0)
 
-    def query(url, req, timeout, sleep=None, trace=None):
+    def query(url, req, timeout, sleep=None, trace=None, client=None):
         box.requests += 1
         return box.result
 

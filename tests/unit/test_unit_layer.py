@@ -46,7 +46,7 @@ def test_swallowed_attempt_still_fails_in_teardown(no_io):
 def test_conf_is_a_real_server_conf(conf):
     c = conf("pop3")
     assert c.protocol == "pop3" and c.server_name == "mx.example.test"
-    assert isinstance(c.auth_http, AuthURL) and c.proxy_pass is None
+    assert isinstance(c.auth_http[0], AuthURL) and c.proxy_pass is None
     assert c.pop3_auth == ["plain"] and c.starttls == "off" and c.max_errors == 5
     assert c.pop3_capabilities == ["TOP", "USER", "UIDL"]
     c = conf("pop3", pop3_auth="apop cram-md5", starttls="only", max_errors="2",
