@@ -37,6 +37,14 @@ pytestmark = pytest.mark.integration
 SERVER_NAME = "mx.test"
 
 
+
+def _http10(raw):
+    """An auth request as nginx writes it: HTTP/1.0, no keep-alive line."""
+    if raw.startswith(b"GET ") and b" HTTP/1.1\r\n" in raw.split(b"\r\n", 1)[0] + b"\r\n":
+        raw = raw.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        raw = raw.replace(b"\r\nConnection: keep-alive\r\n", b"\r\n", 1)
+    return raw
+
 class Case:
     def __init__(self, id, protocol, steps, directives=None, auth=None, backend=None,
                  known=None):
@@ -687,9 +695,10 @@ class World:
             conn.closed.wait(max(0.0, deadline - time.monotonic()))
             header = conn.proxy_header or b""
             backend_raw.append(header + bytes(conn.raw))
-        # Auth-Session-Id: ours (README "With an auth service"), a random id per session
-        auth = ["A: %r" % re.sub(rb"Auth-Session-Id: [A-Za-z0-9_-]{16}\r\n", b"",
-                                 r.raw.replace(b"X-Proxy: %s\r\n" % proxy.encode(), b""))
+        # Auth-Session-Id: ours (README "With an auth service"), a random id per session;
+        # HTTP/1.1 keep-alive: ours (README "The auth_http client"; 0 gives nginx's request)
+        auth = ["A: %r" % re.sub(rb"Auth-Session-Id: [A-Za-z0-9_-]{16}\r\n", b"", _http10(
+                                 r.raw.replace(b"X-Proxy: %s\r\n" % proxy.encode(), b"")))
                 for r in list(self.auth.requests)
                 if r.header("X-Case") == case.id and r.header("X-Proxy") == proxy]
         return {"client": "\n".join(client),
