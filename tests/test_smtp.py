@@ -133,9 +133,9 @@ def test_auth_plain_xclient(setup):
     assert s.backend.sessions[0].data["messages"] == [(len(body),
                                                        hashlib.sha256(body).hexdigest())]
     req = s.auth.requests[0]
-    assert req.header_names()[:8] == ["Host", "Auth-Method", "Auth-User", "Auth-Pass",
-                                      "Auth-Protocol", "Auth-Login-Attempt", "Client-IP",
-                                      "Client-Host"]
+    assert req.header_names()[:9] == ["Host", "Connection", "Auth-Method", "Auth-User",
+                                      "Auth-Pass", "Auth-Protocol", "Auth-Login-Attempt",
+                                      "Client-IP", "Client-Host"]
     assert req.header("Auth-Method") == "plain"
     assert req.header("Auth-User") == "alice"
     assert req.header("Auth-Pass") == "secret"

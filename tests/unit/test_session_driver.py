@@ -452,7 +452,7 @@ def test_a_session_kicked_during_its_login_is_not_relayed(session, events, auth,
     s = session(b"USER bob\r\nPASS secret\r\n")
     kicked = []
 
-    def query(url, req, timeout, sleep=None, trace=None):     # the kick comes meanwhile
+    def query(url, req, timeout, sleep=None, trace=None, client=None):  # the kick comes now
         kicked.append(s.rt.live.kick(s.rt.relay, "bob", None))
         return auth.result
     auth_http.query = query             # the `auth` fixture's monkeypatch restores it
