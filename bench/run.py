@@ -341,6 +341,18 @@ def table(results, target_names):
 
 # ---------------------------------------------------------------------------------------------
 
+def with_main(template, directives):
+    """The INI template with `KEY=VALUE` lines added at the top of its [main] section."""
+    extra = ''.join('%s = %s\n' % tuple(x.strip() for x in d.split('=', 1))
+                    for d in directives)
+    if not extra:
+        return template
+    head, sep, rest = template.partition('[main]\n')
+    if not sep:
+        raise SystemExit('bench: no [main] section to add %s to' % ', '.join(directives))
+    return head + sep + extra + rest
+
+
 def machine():
     model = ''
     try:
@@ -379,6 +391,9 @@ def main(argv=None):
     ap.add_argument('--ini', default=os.path.join(BENCH, 'bench.ini'))
     ap.add_argument('--tls-ini', default=os.path.join(BENCH, 'bench-tls.ini'),
                     help='the INI of the tls-* scenarios')
+    ap.add_argument('--main', action='append', default=[], metavar='KEY=VALUE',
+                    help='add a [main] directive to both INIs (e.g. worker_cpu_affinity=auto); '
+                         'both proxies get it')
     ap.add_argument('--no-quickack', action='store_true',
                     help='tls-rate/tls-idle clients with delayed ACKs (as most clients)')
     ap.add_argument('--reps', type=int, help='repetitions of each case')
@@ -410,7 +425,7 @@ def main(argv=None):
     gen_procs = max(2, ncpu)
 
     with open(args.ini) as f:
-        template = f.read()
+        template = with_main(f.read(), args.main)
 
     cases = []
     for proto in tg.PROTOS:
@@ -428,7 +443,7 @@ def main(argv=None):
     use_tls = any(c[0].startswith('tls-') for c in cases)
     if use_tls:
         with open(args.tls_ini) as f:
-            tls_template = f.read()
+            tls_template = with_main(f.read(), args.main)
     tmp = tempfile.mkdtemp(prefix='mailproxy-bench-')
     os.chmod(tmp, 0o755)
     mp_cmd = ([sys.executable, os.path.abspath(args.zipapp)] if args.zipapp
