@@ -64,13 +64,16 @@ class LineTooLong(Exception):
 class BackendRejected(Exception):
     """The backend answered a login step with something other than success."""
 
-    def __init__(self, reply: bytes, text: Optional[bytes] = None, refused: bool = False):
+    def __init__(self, reply: bytes, text: Optional[bytes] = None, refused: bool = False,
+                 challenge: Optional[bytes] = None):
         super().__init__("upstream sent invalid response")
         self.reply = reply              # raw bytes, relayed verbatim when allowed
         self.text = reply if text is None else text   # what is logged
         # the backend refused the client's own token (it may have expired since the auth
         # service saw it): an ordinary login failure, its reply relayed
         self.refused = refused
+        # its RFC 7628 error challenge (base64), for the client before that reply
+        self.challenge = challenge
 
 
 class LineReader:

@@ -248,13 +248,24 @@ class Conversation:
         refused with Auth-Error-SASL gets the error challenge first (RFC 7628 section 3.2.3);
         the failure reply follows the client's dummy response."""
         challenge = result.sasl_error if self.method in oauth.METHODS else None
-        if challenge:
-            self._failure = (self.auth_failed_reply(result), retry)
+        self._refused(self.auth_failed_reply(result), retry, challenge)
+        return self._take()
+
+    def backend_refused(self, reply: bytes, challenge: Optional[bytes]) -> list:
+        """The backend refused the login (BackendRejected relayed as a failure): its `reply`
+        ends the session.  A token it refused with an error challenge (clientio's
+        BackendRejected.challenge) gets that challenge as ours first, as the auth service's
+        Auth-Error-SASL: the backend's failure reply follows the client's dummy response."""
+        self._refused(reply, False, challenge)
+        return self._take()
+
+    def _refused(self, reply: bytes, retry: bool, challenge: Optional[bytes]) -> None:
+        if challenge and self.method in oauth.METHODS:     # RFC 7628 section 3.2.3
+            self._failure = (reply, retry)
             self.say(self.CONTINUE + challenge + b"\r\n")
             self.expect = self.sasl_error_response
-            return self._take()
-        self._failed(self.auth_failed_reply(result), retry)
-        return self._take()
+            return
+        self._failed(reply, retry)
 
     def sasl_error_response(self, line: bytes) -> None:
         """The line after the error challenge: ^A (XOAUTH2 clients send an empty line, some

@@ -337,6 +337,7 @@ class ImapLogin(BackendLogin):
         self.starttls = starttls
         self.mech = mech
         self.caps: Optional[List[bytes]] = None     # the backend's, once known
+        self.challenge: Optional[bytes] = None      # its error challenge, for the client
 
     def on_greeting(self, reply: bytes) -> list:
         if not reply.startswith(b"* OK"):
@@ -418,6 +419,7 @@ class ImapLogin(BackendLogin):
     def on_token(self, reply: bytes) -> list:
         last = _last_line(reply)
         if last.startswith(b"+"):       # the error challenge: the dummy response, then NO
+            self.challenge = oauth.backend_challenge(last, b"+ ")
             return [self.send(oauth.dummy_response(self.mech) + CRLF,
                               "sending token to upstream", "token_error",
                               self.tagged_or_continue)]
@@ -431,7 +433,7 @@ class ImapLogin(BackendLogin):
     def refused(self, reply: bytes) -> NoReturn:
         last = _last_line(reply)
         raise BackendRejected(reply, last[len(self.tag):] if last.startswith(self.tag) else last,
-                              refused=True)
+                              refused=True, challenge=self.challenge)
 
 
 def _last_line(buf: bytes) -> bytes:

@@ -15,7 +15,8 @@ from typing import Dict, Optional, Tuple
 from .sasl import SaslError, check_credential, decode_base64
 
 __all__ = ['METHODS', 'MECHANISMS', 'DUMMY', 'BUFFER', 'decode_oauthbearer', 'decode_xoauth2',
-           'encode_oauthbearer', 'encode_xoauth2', 'error_challenge', 'dummy_response']
+           'encode_oauthbearer', 'encode_xoauth2', 'error_challenge', 'backend_challenge',
+           'dummy_response']
 
 # the `*_auth` method names and the SASL words that select them
 METHODS = ("oauthbearer", "xoauth2")
@@ -154,5 +155,17 @@ def error_challenge(value: bytes) -> Optional[bytes]:
             return None
         return base64.b64encode(value)
     if not value or not _B64.match(value):      # canonical base64 only
+        return None
+    return value
+
+
+def backend_challenge(line: bytes, prefix: bytes) -> Optional[bytes]:
+    """A backend's error challenge line (`+ eyJ...`, SMTP `334 eyJ...`; `prefix` is the
+    protocol's) -> its base64 text, to be the client's error challenge; None when it holds none
+    or not canonical base64 (nothing else may reach a client line)."""
+    if not line.startswith(prefix):
+        return None
+    value = line[len(prefix):].rstrip(b"\r\n").strip(b" ")
+    if not value or not _B64.match(value):
         return None
     return value

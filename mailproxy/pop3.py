@@ -224,6 +224,7 @@ class Pop3Login(BackendLogin):
         super().__init__()
         self.user, self.passwd, self.starttls = user, passwd, starttls
         self.mech = mech
+        self.challenge: Optional[bytes] = None      # its error challenge, for the client
 
     def on_greeting(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):
@@ -252,6 +253,7 @@ class Pop3Login(BackendLogin):
 
     def on_token(self, reply: bytes) -> list:
         if reply.startswith(b"+ "):         # the error challenge: the dummy response, then -ERR
+            self.challenge = oauth.backend_challenge(reply, b"+ ")
             return [self.send(oauth.dummy_response(self.mech) + b"\r\n",
                               "sending token to upstream", "token_error")]
         if not reply.startswith(b"+OK"):
@@ -259,7 +261,7 @@ class Pop3Login(BackendLogin):
         return [LoggedIn(reply)]
 
     def on_token_error(self, reply: bytes) -> list:
-        raise BackendRejected(reply, refused=True)
+        raise BackendRejected(reply, refused=True, challenge=self.challenge)
 
     def on_pass(self, reply: bytes) -> list:
         if not reply.startswith(b"+OK"):

@@ -417,7 +417,7 @@ class Session(SessionLog):
         return (name[0], name[1]) if isinstance(name, tuple) else None
 
     def connect_and_login(self, host: str, port: int, user: Optional[bytes],
-                          passwd: Optional[bytes]) -> NoReturn:
+                          passwd: Optional[bytes]) -> None:
         conf = self.conf
         self.action = "connecting to upstream"
         conn = None
@@ -465,7 +465,8 @@ class Session(SessionLog):
                 metrics.login(self.protocol, "failed")
                 self.info('client login failed: "%s"' % text)
                 throttle.after_auth(self, False, user, passwd)
-                self.send_close(e.reply)
+                self.perform(self.conv.backend_refused(e.reply, e.challenge))
+                return          # its error challenge awaits the client's dummy response
             if conf.proxy_pass_error_message:
                 metrics.login(self.protocol, "failed")  # as its access_log line: auth-failed
                 self.info('upstream sent invalid response: "%s"' % text)

@@ -412,6 +412,7 @@ class SmtpLogin(BackendLogin):
         self.name = conv._name()
         self.mech = conv.token_mechanism()      # a token login (proxy_smtp_auth)
         self.offered: Optional[List[bytes]] = None  # AUTH mechanisms of the backend's EHLO
+        self.challenge: Optional[bytes] = None      # its error challenge, for the client
 
     def step(self, line: bytes, action: str, state: str) -> ToBackend:
         return self.send(line, action, state, reply_complete, discard=True)
@@ -529,6 +530,7 @@ class SmtpLogin(BackendLogin):
 
     def on_token(self, reply: bytes) -> list:
         if reply.startswith(b"334"):    # the error challenge: the dummy response, then 535
+            self.challenge = oauth.backend_challenge(reply, b"334 ")
             return [self.step(oauth.dummy_response(self.mech) + CRLF,
                               "sending token to upstream", "token_error")]
         if not reply.startswith(b"235"):
@@ -536,7 +538,7 @@ class SmtpLogin(BackendLogin):
         return [LoggedIn(AUTH_OK)]
 
     def on_token_error(self, reply: bytes) -> list:
-        raise BackendRejected(reply, refused=True)
+        raise BackendRejected(reply, refused=True, challenge=self.challenge)
 
     def on_from(self, reply: bytes) -> list:
         if not reply.startswith(b"250"):

@@ -4,7 +4,8 @@ ports, as a child of the test process, and stopped by pid.
 
   need(*programs)            fail (CI=true) or skip (locally) when a program is not installed
   TempDir()                  a world-traversable folder under /tmp (daemons drop privileges)
-  Dovecot(dir, users)        IMAP + POP3 (+ haproxy listeners, + auth socket for Postfix SASL)
+  Dovecot(dir, users)        IMAP + POP3 (+ haproxy listeners, + auth socket for Postfix SASL,
+                             + an oauth2 passdb for OAUTHBEARER/XOAUTH2 with `oauth2=`)
   Postfix(dir, ...)          smtpd on a loopback port, virtual Maildir delivery into dir
   HAProxy(dir, cfg)          haproxy -f cfg (foreground)
   Nginx(dir, config, ports)  nginx on our INI dict (servers/mail), translated by
@@ -199,9 +200,11 @@ class Dovecot(Child):
     Postfix SASL at dir/auth-client. Trusts 127.0.0.0/8 for ID (login_trusted_networks) and
     PROXY headers (haproxy_trusted_networks)."""
 
-    def __init__(self, tmp, users, cert=None):
+    def __init__(self, tmp, users, cert=None, oauth2=None):
         """cert: (certificate, key) files to offer TLS (STARTTLS on the plain listeners, plus
-        implicit-TLS imaps / pop3s listeners); None: ssl = no."""
+        implicit-TLS imaps / pop3s listeners); None: ssl = no.  oauth2: the text of a
+        dovecot-oauth2.conf.ext: OAUTHBEARER and XOAUTH2 through an oauth2 passdb (the
+        passwd-file one keeps the other mechanisms), refusals without auth_failure_delay."""
         self.dir = Path(tmp)
         self.users = dict(users)
         names = ["imap", "imap_haproxy", "pop3", "pop3_haproxy"]
@@ -230,6 +233,15 @@ class Dovecot(Child):
         passwd = self.dir / "passwd"
         passwd.write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
         os.chmod(passwd, 0o644)
+        mechanisms, oauth_passdb, passwd_mechs, delay = "plain login cram-md5", "", "", ""
+        if oauth2 is not None:
+            ext = self.dir / "dovecot-oauth2.conf.ext"
+            ext.write_text(oauth2)
+            mechanisms += " oauthbearer xoauth2"
+            delay = "auth_failure_delay = 0\n"
+            oauth_passdb = ("passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+                            f"  args = {ext}\n}}\n")
+            passwd_mechs = "  mechanisms = plain login cram-md5\n"
         conf = f"""
 base_dir = {self.dir}/run
 state_dir = {self.dir}/state
@@ -237,13 +249,13 @@ log_path = {self.log_path}
 protocols = imap pop3
 listen = {LOOPBACK}
 {ssl}disable_plaintext_auth = no
-auth_mechanisms = plain login cram-md5
+auth_mechanisms = {mechanisms}
 auth_verbose = yes
-login_trusted_networks = 127.0.0.0/8
+{delay}login_trusted_networks = 127.0.0.0/8
 haproxy_trusted_networks = 127.0.0.0/8
-passdb {{
+{oauth_passdb}passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {passwd}
+{passwd_mechs}  args = scheme=PLAIN username_format=%u {passwd}
 }}
 userdb {{
   driver = static

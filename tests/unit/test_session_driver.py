@@ -17,7 +17,7 @@ from mailproxy.conversation import (CLOSE, Authenticate, BackendLogin, BackendSt
 from mailproxy.pop3 import Pop3Login
 from mailproxy.runtime import Runtime
 from mailproxy.session import Session
-from playbook import FakeSock, RecordingLog, sent
+from playbook import FakeSock, RecordingLog, b64, sent
 
 CLIENT = ("192.0.2.7", 5555)
 CONTEXT = ", client: 192.0.2.7, server: 127.0.0.1:110"
@@ -498,3 +498,23 @@ def test_a_backend_refusal_after_the_auth_service_is_counted(session, events, au
     logins = metrics._BY_NAME["logins"]
     counted = {r: area.sums()[logins.index(("pop3", r))] for r in metrics.LOGIN_RESULTS}
     assert counted == {r: int(r == result) for r in metrics.LOGIN_RESULTS}
+
+
+def test_a_token_the_backend_refuses_gets_its_error_challenge(session, events, auth, upstream):
+    # the auth service said OK, the backend (Dovecot's oauth2 passdb) refuses the token with
+    # an RFC 7628 error challenge: the client gets it, its dummy response, then the failure
+    auth.result = auth_http.AuthResult("OK", server="127.0.0.1", port=1110)
+    challenge = b64(b'{"status":"invalid_token"}')
+    upstream.replies = [b"+OK ready\r\n", b"+ " + challenge + b"\r\n",
+                        b"-ERR [AUTH] Authentication failed.\r\n"]
+    response = b64(b"n,a=bob,\x01auth=Bearer tok\x01\x01")
+    s = session(b"AUTH OAUTHBEARER " + response + b"\r\n", b"AQ==\r\n",
+                pop3_auth="oauthbearer")
+    s.run()
+    assert sent(events) == [b"+OK POP3 ready\r\n", b"+ " + challenge + b"\r\n",
+                            b"-ERR [AUTH] Authentication failed.\r\n"]
+    assert sent(events, "backend") == [b"AUTH OAUTHBEARER " + response + b"\r\n", b"AQ==\r\n"]
+    assert ("info", 'client login failed: "-ERR [AUTH] Authentication failed." while reading '
+            'response from upstream' + CONTEXT + ', login: "bob", upstream: 127.0.0.1:1110') \
+        in events
+    assert upstream.socks[0].closed and s.sock.closed and s.failed_logins == 1
