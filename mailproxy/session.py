@@ -386,7 +386,10 @@ class Session(SessionLog, BackendSide):
             host, port = res.server, res.port
             self.backend_ssl = res.ssl_backend      # ours: Auth-SSL-Backend (None: config)
         else:
-            host, port = conf.proxy_pass
+            target = self.static_route(user, passwd)    # proxy_pass or proxy_map's backends
+            if target is None:
+                return                      # no proxy_map line: the protocol's failure sent
+            host, port = target
         self.upstream = addr_text(host, port)
         if not safe_credential(user) or not safe_credential(passwd):
             # Only the auth service can get here (Auth-User/Auth-Pass); clients are checked.
