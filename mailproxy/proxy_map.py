@@ -1,7 +1,8 @@
 """`proxy_map = FILE` (ours): a static map of users to backends, for sites with several
 backends and no auth service.
 
-One line per `user@domain`, `@domain` or `*`, then the backends as `proxy_pass` takes them
+One line per `user@domain` (or a whole user name without a domain), `@domain` or `*`, then
+the backends as `proxy_pass` takes them
 (parameters included); `#` starts a comment.  The most specific entry wins: the whole user
 name, then its domain (the part after the last @), then `*`.  Names are compared without
 regard to case.  The file is read by config/pool_parsers.py at start, `-t` and every reload.
@@ -53,8 +54,8 @@ class ProxyMap:
             table, key = self.domains, p[1:]
         else:
             table, key = self.users, p
-        if not key or key.startswith("@") or (table is self.users and "@" not in key) \
-                or any(c in key for c in "*\\\"") or not key.isprintable():
+        if not key or key.startswith("@") or any(c in key for c in "*\\\"") \
+                or not key.isprintable():
             return 'invalid pattern "%s": expected user@domain, @domain or *' % pattern
         if key in table:
             return 'duplicate entry "%s"' % pattern

@@ -187,7 +187,8 @@ def test_map_without_default(tmp_path):
 
 @pytest.mark.parametrize("text,line,message", [
     ("\n\nalice@example.com\n", 3, '"alice@example.com" needs a backend'),
-    ("alice 10.0.0.1:143\n", 1, 'invalid pattern "alice"'),
+    ("al*ce 10.0.0.1:143\n", 1, 'invalid pattern "al*ce"'),
+    ("@ 10.0.0.1:143\n", 1, 'invalid pattern "@"'),
     ("* 10.0.0.1:143\n* 10.0.0.2:143\n", 2, 'duplicate entry "*"'),
     ("@a.org 10.0.0.1:143 weight=x\n", 1, 'invalid value "weight=x"'),
     ("@a.org 10.0.0.1\n", 1, "no port"),
