@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from . import limits
 from .auth_client import AuthClient
 from .live import LiveSessions
+from .upstreams import Upstreams
 
 if TYPE_CHECKING:      # annotations only
     from .config import Config, ServerConf
@@ -36,6 +37,7 @@ class Runtime:
         self.admission = limits.Admission.from_config(config.main)   # this worker's limits
         self.live = LiveSessions()          # sessions now, for `sessions` and `kick`
         self.auth = AuthClient()            # auth_http connections, failover state, cache
+        self.upstreams = Upstreams(config, log, self.shutting_down)   # pools' health, checks
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         # drawn in each worker (Runtime is made after fork): ids never repeat across workers,

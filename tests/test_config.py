@@ -154,7 +154,7 @@ def test_defaults(tmp_path):
     assert s.resolver is None and s.resolver_timeout == 30.0
     assert s.error_log is None and s.set_real_ip_from == [] and s.ssl_certificate == []
     assert s.xclient is True and s.imap_client_id is False and s.smtp_greeting_delay == 0
-    assert s.proxy_pass == ("127.0.0.1", 110)
+    assert [b.key for b in s.proxy_pass] == [("127.0.0.1", 110)]
     assert s.where("timeout") == (None, None)
     assert s.where("proxy_pass") == (cfg.path, 4)
     (li,) = s.listen
@@ -560,10 +560,13 @@ def test_auth_http_inherited_from_mail(tmp_path):
 @pytest.mark.parametrize("value,expected", [
     ("127.0.0.1:110", ("127.0.0.1", 110)),
     ("[::1]:110", ("::1", 110)),
-    ("backend.example.com:1110", ("backend.example.com", 1110)),
+    ("localhost:1110", ("localhost", 1110)),
 ])
 def test_proxy_pass(tmp_path, value, expected):
-    assert load(tmp_path, server(proxy_pass=value)).servers[0].proxy_pass == expected
+    (b,) = load(tmp_path, server(proxy_pass=value)).servers[0].proxy_pass
+    assert b.key == expected and (b.weight, b.max_fails, b.fail_timeout, b.backup) == \
+        (1, 1, 10.0, False)
+    assert b.addrs and all(sa[0] in ("127.0.0.1", "::1") for _f, sa in b.addrs)
 
 
 @pytest.mark.parametrize("value,message", [
@@ -579,7 +582,8 @@ def test_proxy_pass_errors(tmp_path, value, message):
 
 def test_routing_errors(tmp_path):
     err = error(tmp_path, "[mail]\n" + server(proxy_pass=None))
-    assert err.message == 'no "auth_http" or "proxy_pass" is defined for server "pop"'
+    assert err.message == 'no "auth_http", "proxy_pass" or "proxy_map" is defined for server ' \
+        '"pop"'
     assert err.line == 2
     text = "[mail]\nauth_http = 127.0.0.1:9000\n" + server()
     err = error(tmp_path, text)
@@ -767,6 +771,8 @@ def effective(cfg):
         if values["auth_http"] is not None:
             values["auth_http"] = [(u.host, u.port, u.uri, u.unix, u.host_header, u.family,
                                     u.sockaddr, u.tls) for u in values["auth_http"]]
+        if values["proxy_pass"] is not None:
+            values["proxy_pass"] = [(b.tokens(), b.addrs) for b in values["proxy_pass"]]
         out["servers"].append((s.name, values))
     return out
 
@@ -836,8 +842,8 @@ def test_sample_config_loads():
     cfg = config.load(path)
     assert cfg.main.pid == os.path.join(ROOT, "etc", "mailproxy.pid")     # not in /tmp
     assert [(t.kind, t.level) for t in cfg.main.error_log] == [("stderr", "info")]
-    routes = [(s.name, s.protocol, [(li.host, li.port) for li in s.listen], s.proxy_pass,
-               s.auth_http) for s in cfg.servers]
+    routes = [(s.name, s.protocol, [(li.host, li.port) for li in s.listen],
+               s.proxy_pass[0].key, s.auth_http) for s in cfg.servers]
     assert routes == [
         ("pop3", "pop3", [("127.0.0.1", 1110)], ("127.0.0.1", 110), None),
         ("imap", "imap", [("127.0.0.1", 1143)], ("127.0.0.1", 143), None),

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from .syntax import Invalid, split_tokens
 from .types import Listen, MainConf, PROTOCOL_PORTS, ServerConf
 from .parsers import _Ctx
+from .pool_parsers import check_routes
 from .table import DIRECTIVES, MAIN_KEYS, SERVER_KEYS, _NEEDS_AUTH_SERVICE, _default_value
 
 
@@ -377,9 +378,10 @@ def _check_server(s, own, seen_listen):
         else:
             raise ConfigError('unknown mail protocol for server "%s": set "protocol"' % s.name,
                               path, s.line, "protocol")
-    if s.auth_http is None and s.proxy_pass is None:
-        raise ConfigError('no "auth_http" or "proxy_pass" is defined for server "%s"' % s.name,
-                          path, s.line, "auth_http")
+    if s.auth_http is None and s.proxy_pass is None and s.proxy_map is None:
+        raise ConfigError('no "auth_http", "proxy_pass" or "proxy_map" is defined for server '
+                          '"%s"' % s.name, path, s.line, "auth_http")
+    static = check_routes(s, path)          # proxy_map's conflicts, backend names resolved
     if s.auth_http is not None and s.proxy_pass is not None:
         af, al = s.where("auth_http")
         raise ConfigError('"proxy_pass" and "auth_http" (set at line %d) cannot both be used in '
@@ -398,20 +400,20 @@ def _check_server(s, own, seen_listen):
                           "XCLIENT hosts (Postfix: smtpd_authorized_xclient_hosts)",
                           path, s.where("xclient")[1] or s.where("smtp_auth")[1] or s.line,
                           "xclient")
-    if s.proxy_pass is not None:
+    if static is not None:
         key = "%s_auth" % s.protocol
         methods = getattr(s, key)
         bad = [m for m in methods if m in _NEEDS_AUTH_SERVICE]
         if bad:
-            raise ConfigError('"%s %s" cannot be used with "proxy_pass": %s needs the password '
+            raise ConfigError('"%s %s" cannot be used with "%s": %s needs the password '
                               "(Auth-Pass) or certificate check from an auth service; use "
-                              '"auth_http" or remove %s' % (key, " ".join(bad), " and ".join(bad),
-                                                            " and ".join(bad)),
-                              path, s.where(key)[1] or s.where("proxy_pass")[1], key)
+                              '"auth_http" or remove %s' % (key, " ".join(bad), static,
+                                                            " and ".join(bad), " and ".join(bad)),
+                              path, s.where(key)[1] or s.where(static)[1], key)
         if s.protocol == "smtp" and not s.proxy_smtp_auth:
             # AUTH PLAIN/LOGIN are always accepted; without an auth service only the backend
             # can check the password, so it must get it (else XCLIENT LOGIN= would vouch for
             # an unchecked user).
-            raise ConfigError('"proxy_pass" in an SMTP server needs "proxy_smtp_auth on": '
-                              "without an auth service the backend must check the password",
-                              path, s.where("proxy_pass")[1], "proxy_pass")
+            raise ConfigError('"%s" in an SMTP server needs "proxy_smtp_auth on": '
+                              "without an auth service the backend must check the password"
+                              % static, path, s.where(static)[1], static)

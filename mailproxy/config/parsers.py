@@ -391,16 +391,6 @@ def _parse_keepalive(val):
     return tuple(out)
 
 
-def p_proxy_pass(args: list[str], ctx: _Ctx) -> tuple[str, int]:
-    host, port = _split_host_port(args[0], ctx, "proxy_pass")
-    if _literal_ip(host) is None:
-        if args[0].startswith("[") or not _HOSTNAME.match(host):
-            raise ctx.bad(args[0], "HOST:PORT with an IP address, [IPv6] or a host name")
-    elif ":" not in host:
-        host = _literal_ip(host).compressed
-    return (host, port)
-
-
 def p_metrics_listen(args: list[str], ctx: _Ctx) -> Optional[tuple[str, int]]:
     """`off` or ADDR:PORT with an IP address (the one address the metrics are served on)."""
     if args[0] == "off":

@@ -8,11 +8,13 @@ from .syntax import _page_size, split_tokens
 from .parsers import (Directive, _Ctx, p_auth_http, p_auth_http_header, p_control_socket,
                       p_cpu_affinity, p_daemon, p_enum, p_error_log, p_flag, p_listen, p_methods,
                       p_metrics_listen, p_num, p_pairs, p_path, p_path_list, p_pid,
-                      p_proxy_pass, p_realip, p_resolver, p_session_cache,
+                      p_realip, p_resolver, p_session_cache,
                       p_size, p_sni, p_ssl_protocols, p_ssl_removed, p_str, p_time, p_user,
                       p_words, p_worker_processes)
 from .login_parsers import f_login_block, f_login_trusted, p_login_block, p_login_trusted
 from .login_parsers import p_penalty_max
+from .pool_parsers import (f_health_check, f_proxy_map, f_proxy_pass_pool, p_health_check,
+                           p_proxy_map, p_proxy_pass)
 from .auth_parsers import f_auth_http_cache, p_auth_http_cache
 from .dump import (f_auth_http, f_cpu_affinity, f_each_token, f_each_tuple, f_error_log,
                    f_flag, f_listen, f_num, f_opt_time, f_opt_token, f_pid, f_proxy_pass,
@@ -139,7 +141,10 @@ _TABLE = [
     _d("smtp_client_buffer", _MS, _page_size, p_size(1), fmt=f_size),
     _d("smtp_greeting_delay", _MS, "0", p_time, fmt=f_time),
     # our additions
-    _d("proxy_pass", _S, None, p_proxy_pass, fmt=f_proxy_pass),
+    # one or several backends with nginx upstream's parameters (upstreams.py); a map file
+    _d("proxy_pass", _S, None, p_proxy_pass, multi=True, nargs=_ANY, fmt=f_proxy_pass_pool),
+    _d("proxy_map", _MS, "off", p_proxy_map, fmt=f_proxy_map),
+    _d("proxy_health_check", _MS, "off", p_health_check, fmt=f_health_check),
     _d("imap_client_id", _MS, "off", p_flag, fmt=f_flag),
     _d("xclient_extended", _MS, "off", p_flag, fmt=f_flag),
     _d("ssl_certificate_sni", _MS, "", p_sni,

@@ -8,6 +8,8 @@ from typing import Any, Optional, Union
 from ..affinity import CpuAffinity
 from ..log import addr_text
 from ..protocols import PORTS
+from ..proxy_map import ProxyMap
+from ..upstreams import Backend
 
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
@@ -170,7 +172,9 @@ class ServerConf:
     smtp_capabilities: list[str]
     smtp_client_buffer: int
     smtp_greeting_delay: float
-    proxy_pass: Optional[tuple[str, int]]
+    proxy_pass: Optional[list[Backend]]        # one or several (upstreams.py)
+    proxy_map: Optional[ProxyMap]
+    proxy_health_check: Optional[float]         # interval seconds, None: off
     imap_client_id: bool
     xclient_extended: bool
     ssl_certificate_sni: list[tuple[str, str, str]]

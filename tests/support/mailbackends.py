@@ -94,7 +94,7 @@ class Pop3Backend(ScriptedBackend):
                  user_reply=b"+OK", pass_reply=b"+OK logged in",
                  refuse=b"-ERR [AUTH] Authentication failed.", refuse_user=None,
                  close_after=None, stall_at=None, reset_at=None, extra_after_pass=(),
-                 host="127.0.0.1", proxy_protocol=False, tokens=None):
+                 host="127.0.0.1", proxy_protocol=False, tokens=None, port=0):
         self.users = dict(users if users is not None else {"alice": "secret"})
         self.tokens = dict(tokens or {})      # AUTH OAUTHBEARER/XOAUTH2: {token: user}
         self.messages = list(messages if messages is not None else [
@@ -111,7 +111,7 @@ class Pop3Backend(ScriptedBackend):
         self.stall_at = stall_at
         self.reset_at = reset_at
         self.extra_after_pass = list(extra_after_pass)
-        super().__init__(None, host=host, proxy_protocol=proxy_protocol)
+        super().__init__(None, host=host, port=port, proxy_protocol=proxy_protocol)
 
     def _sizes(self):
         sizes = [len(m) for m in self.messages]

@@ -62,7 +62,7 @@ def imap_session(conf, monkeypatch):
                 return auth_http.parse_response(result, req, "127.0.0.1:9000")
             return result
 
-        def connect(host, port, timeout):
+        def connect(host, port, timeout, addresses=None):
             sock = FakeSock(events, "backend", upstream or [])
             out.backend = sock
             return sock

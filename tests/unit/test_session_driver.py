@@ -186,7 +186,7 @@ def upstream(monkeypatch, events):
     """backend.connect returns a FakeSock named "backend" answering `upstream.replies`."""
     box = SimpleNamespace(replies=[], socks=[])
 
-    def connect(host, port, timeout):
+    def connect(host, port, timeout, addresses=None):
         events.append(("connect", host, port))
         sock = FakeSock(events, "backend", box.replies)
         box.socks.append(sock)

@@ -209,7 +209,7 @@ def world(monkeypatch, conf):
         box.requests += 1
         return box.result
 
-    def connect(host, port, timeout):
+    def connect(host, port, timeout, addresses=None):
         return FakeSock(box.events, "backend", [b"+OK\r\n", b"+OK\r\n", b"+OK in\r\n"])
 
     monkeypatch.setattr(auth_http, "query", query)
