@@ -250,7 +250,7 @@ class Conversation:
         challenge = result.sasl_error if self.method in oauth.METHODS else None
         if challenge:
             self._failure = (self.auth_failed_reply(result), retry)
-            self.say(self.CONTINUE + challenge + b"\r\n")
+            self.say(self.continuation(challenge))
             self.expect = self.sasl_error_response
             return self._take()
         self._failed(self.auth_failed_reply(result), retry)
@@ -358,9 +358,13 @@ class Conversation:
     CONTINUE = b"+ "            # SMTP: b"334 "
     EXTERNAL_PASSWD: Optional[bytes] = b""   # SMTP: None (the auth service must send one)
 
+    def continuation(self, text: bytes) -> bytes:
+        """A challenge line with `text` (base64); ManageSieve's is a quoted string."""
+        return self.CONTINUE + text + b"\r\n"
+
     def challenge(self, text: bytes, step: Callable[[bytes], None]) -> NoReturn:
         """Send a continuation with `text` (base64); the client's next line goes to `step`."""
-        self.say(self.CONTINUE + text + b"\r\n")
+        self.say(self.continuation(text))
         self.expect = step
         raise _Stop()
 

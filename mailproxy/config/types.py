@@ -170,6 +170,9 @@ class ServerConf:
     smtp_capabilities: list[str]
     smtp_client_buffer: int
     smtp_greeting_delay: float
+    sieve_auth: list[str]
+    sieve_capabilities: list[str]               # `NAME value` each
+    sieve_client_buffer: int
     proxy_pass: Optional[tuple[str, int]]
     imap_client_id: bool
     xclient_extended: bool
