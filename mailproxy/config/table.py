@@ -32,9 +32,8 @@ _ANY = (1, None)
 SIEVE_CAPABILITIES = ('"IMPLEMENTATION mailproxy" "SIEVE fileinto reject envelope '
                       'encoded-character vacation subaddress comparator-i;ascii-numeric '
                       'relational regex imap4flags copy include variables body enotify '
-                      'environment mailbox date index ihave duplicate mime foreverypart extracttext" '
-                      '"NOTIFY mailto" '
-                      '"VERSION 1.0"')
+                      'environment mailbox date index ihave duplicate mime foreverypart '
+                      'extracttext" "NOTIFY mailto" "VERSION 1.0"')
 
 
 def _d(name, contexts, default, parse, multi=False, nargs=(1, 1), fmt=None):
