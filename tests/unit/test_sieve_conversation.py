@@ -442,3 +442,11 @@ def test_unused_helpers_of_the_playbook_still_apply(sieve):
     out = sieve().receive(b"FOO\r\n")
     assert logs(out) == [("info", "client sent invalid command: unknown command")]
     assert replies(out) == [INVALID]
+
+
+def test_debug_trace_masks_sieve_credentials():
+    from mailproxy import trace
+    assert trace.client_line("sieve", b'AUTHENTICATE "PLAIN" "AGFsaWNlAHNlY3JldA=="\r\n') == \
+        "AUTHENTICATE \\x22PLAIN\\x22 ***"
+    assert trace.client_line("sieve", b'"c2VjcmV0"\r\n', sasl=True) == "***"
+    assert trace.backend_line(PLAIN, "sending password to upstream") == "***"
