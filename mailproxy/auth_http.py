@@ -59,7 +59,7 @@ class AuthRequest:
     user: bytes
     passwd: bytes
     salt: Optional[bytes] = None     # sent as Auth-Salt for apop / cram-md5 only
-    protocol: str = 'pop3'           # 'pop3' | 'imap' | 'smtp'
+    protocol: str = 'pop3'           # 'pop3' | 'imap' | 'smtp' | 'sieve'
     attempt: int = 1
     client_ip: str = ''
     client_host: Optional[str] = None  # SMTP: header present only when not None

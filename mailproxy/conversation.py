@@ -262,7 +262,7 @@ class Conversation:
     def _refused(self, reply: bytes, retry: bool, challenge: Optional[bytes]) -> None:
         if challenge and self.method in oauth.METHODS:     # RFC 7628 section 3.2.3
             self._failure = (reply, retry)
-            self.say(self.CONTINUE + challenge + b"\r\n")
+            self.say(self.continuation(challenge))
             self.expect = self.sasl_error_response
             return
         self._failed(reply, retry)
@@ -369,9 +369,13 @@ class Conversation:
     CONTINUE = b"+ "            # SMTP: b"334 "
     EXTERNAL_PASSWD: Optional[bytes] = b""   # SMTP: None (the auth service must send one)
 
+    def continuation(self, text: bytes) -> bytes:
+        """A challenge line with `text` (base64); ManageSieve's is a quoted string."""
+        return self.CONTINUE + text + b"\r\n"
+
     def challenge(self, text: bytes, step: Callable[[bytes], None]) -> NoReturn:
         """Send a continuation with `text` (base64); the client's next line goes to `step`."""
-        self.say(self.CONTINUE + text + b"\r\n")
+        self.say(self.continuation(text))
         self.expect = step
         raise _Stop()
 

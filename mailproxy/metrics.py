@@ -34,7 +34,7 @@ __all__ = ["METRICS", "Area", "count", "observe", "timed", "login", "tls_handsha
 
 T = TypeVar("T")
 
-PROTOCOLS = ("pop3", "imap", "smtp")
+PROTOCOLS = ("pop3", "imap", "smtp", "sieve")
 # the refusals of limits.Admission.admit, Ticket.retarget and listeners.Listener.refuse
 REFUSALS = ("worker_connections", "limit_prelogin", "limit_conn_per_ip", "threads")
 LOGIN_RESULTS = ("ok", "failed", "throttled", "blocked", "limited", "error")

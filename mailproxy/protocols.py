@@ -4,10 +4,11 @@ them.  A new protocol is one module with its Conversation, BackendLogin and PROT
 name in the tuple below.
 """
 
-from . import imap, pop3, smtp
+from . import imap, pop3, sieve, smtp
 from .conversation import Protocol
 
-PROTOCOLS = {p.name: p for p in (pop3.PROTOCOL, imap.PROTOCOL, smtp.PROTOCOL)}
+PROTOCOLS = {p.name: p for p in (pop3.PROTOCOL, imap.PROTOCOL, smtp.PROTOCOL,
+                                          sieve.PROTOCOL)}
 
 # the port a `listen` names -> the protocol it implies (ngx_mail_core_listen's guess)
 PORTS = {port: p.name for p in PROTOCOLS.values() for port in p.ports}

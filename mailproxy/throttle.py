@@ -151,6 +151,7 @@ _SEATS_FULL = {
     "imap": AuthResult("FAIL", b"[LIMIT] Too many sessions for this user"),
     "pop3": AuthResult("FAIL", b"[IN-USE] Too many sessions for this user"),
     "smtp": AuthResult("FAIL", b"Too many sessions for this user", error_code="454 4.7.0"),
+    "sieve": AuthResult("FAIL", b"Too many sessions for this user"),
 }
 
 

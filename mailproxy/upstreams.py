@@ -34,7 +34,9 @@ DEFAULT_FAIL_TIMEOUT = 10.0
 # names re-resolved while running, with a `resolver` without valid=
 RESOLVE_EVERY = 30.0
 # the greetings the active check takes as alive, by protocol (any line for others)
-GREETINGS = {"pop3": (b"+OK",), "imap": (b"* OK", b"* PREAUTH"), "smtp": (b"220",)}
+# ManageSieve greets with its capability list: every line starts with a quoted name
+GREETINGS = {"pop3": (b"+OK",), "imap": (b"* OK", b"* PREAUTH"), "smtp": (b"220",),
+             "sieve": (b'"',)}
 PROBE_LIMIT = 4096
 
 

@@ -16,6 +16,7 @@ from .login_parsers import p_penalty_max
 from .pool_parsers import (f_health_check, f_proxy_map, f_proxy_pass_pool, p_health_check,
                            p_proxy_map, p_proxy_pass)
 from .auth_parsers import f_auth_http_cache, p_auth_http_cache
+from .sieve_parsers import p_sieve_capabilities
 from .dump import (f_auth_http, f_cpu_affinity, f_each_token, f_each_tuple, f_error_log,
                    f_flag, f_listen, f_num, f_opt_time, f_opt_token, f_pid, f_proxy_pass,
                    f_resolver, f_size, f_time, f_token, f_user, f_words)
@@ -29,6 +30,12 @@ _S = frozenset({"server"})
 _ALL = frozenset({"main", "mail", "server"})
 
 _ANY = (1, None)
+
+SIEVE_CAPABILITIES = ('"IMPLEMENTATION mailproxy" "SIEVE fileinto reject envelope '
+                      'encoded-character vacation subaddress comparator-i;ascii-numeric '
+                      'relational regex imap4flags copy include variables body enotify '
+                      'environment mailbox date index ihave duplicate mime foreverypart '
+                      'extracttext" "NOTIFY mailto" "VERSION 1.0"')
 
 
 def _d(name, contexts, default, parse, multi=False, nargs=(1, 1), fmt=None):
@@ -60,7 +67,7 @@ _TABLE = [
     _d("control_socket", _MAIN, None, p_control_socket, fmt=f_pid),
     # ngx_mail_core_module
     _d("listen", _S, "", p_listen, multi=True, nargs=_ANY, fmt=f_listen),
-    _d("protocol", _S, None, p_enum("pop3", "imap", "smtp"), fmt=f_opt_token),
+    _d("protocol", _S, None, p_enum("pop3", "imap", "smtp", "sieve"), fmt=f_opt_token),
     _d("server_name", _MS, socket.gethostname, p_str, fmt=f_token),
     _d("timeout", _MS, "60s", p_time, fmt=f_time),
     _d("resolver", _MS, "off", p_resolver, nargs=_ANY, fmt=f_resolver),
@@ -140,6 +147,14 @@ _TABLE = [
     _d("smtp_capabilities", _MS, "", p_words, nargs=_ANY, fmt=f_words),
     _d("smtp_client_buffer", _MS, _page_size, p_size(1), fmt=f_size),
     _d("smtp_greeting_delay", _MS, "0", p_time, fmt=f_time),
+    # ours: ManageSieve (sieve.py); each capability token `NAME value`, SASL and STARTTLS added
+    _d("sieve_auth", _MS, "plain",
+       p_methods("plain", "login", "cram-md5", "external", "oauthbearer", "xoauth2"),
+       nargs=_ANY, fmt=f_words),
+    _d("sieve_capabilities", _MS, SIEVE_CAPABILITIES, p_sieve_capabilities, nargs=_ANY,
+       fmt=f_words),
+    # room for a bearer token in AUTHENTICATE (a page, as imap_client_buffer, can be short)
+    _d("sieve_client_buffer", _MS, "8k", p_size(1), fmt=f_size),
     # our additions
     # one or several backends with nginx upstream's parameters (upstreams.py); a map file
     _d("proxy_pass", _S, None, p_proxy_pass, multi=True, nargs=_ANY, fmt=f_proxy_pass_pool),

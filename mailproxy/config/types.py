@@ -172,6 +172,9 @@ class ServerConf:
     smtp_capabilities: list[str]
     smtp_client_buffer: int
     smtp_greeting_delay: float
+    sieve_auth: list[str]
+    sieve_capabilities: list[str]               # `NAME value` each
+    sieve_client_buffer: int
     proxy_pass: Optional[list[Backend]]        # one or several (upstreams.py)
     proxy_map: Optional[ProxyMap]
     proxy_health_check: Optional[float]         # interval seconds, None: off

@@ -1,4 +1,4 @@
-"""Ready-made POP3, IMAP and SMTP backends (ScriptedBackend subclasses with a fake mailbox)
+"""Ready-made POP3, IMAP, SMTP and ManageSieve backends (ScriptedBackend subclasses with a fake mailbox)
 and the deterministic big message they stream."""
 
 import base64
@@ -333,6 +333,99 @@ class ImapBackend(ScriptedBackend):
                 conn.send(b")\r\n" + tag + b"OK Fetch completed.\r\n")
             else:
                 conn.sendline(tag + b"OK " + verb + b" completed.")
+
+
+SIEVE_GREETING = (b'"IMPLEMENTATION" "Fake Pigeonhole"', b'"SIEVE" "fileinto vacation"',
+                  b'"SASL" "PLAIN"', b'"STARTTLS"', b'"VERSION" "1.0"', b'OK "Fake ready."')
+
+
+class SieveBackend(ScriptedBackend):
+    """A ManageSieve server (RFC 5804) taking AUTHENTICATE "PLAIN" (or a token mechanism) with
+    an initial response, then PUTSCRIPT (literals), LISTSCRIPTS, GETSCRIPT, LOGOUT; records
+    conn.data["auth"] (the command line) and ["login"] (user, password).
+
+    users:    {login: password} (bytes); tokens: {token: user} for OAUTHBEARER / XOAUTH2
+    greeting: its lines (capabilities, then OK)
+    refuse:   the line answering a bad login
+    """
+
+    def __init__(self, users=None, tokens=None, greeting=SIEVE_GREETING,
+                 refuse=b'NO "Authentication failed."', host="127.0.0.1", proxy_protocol=False):
+        self.users = dict(users if users is not None else {b"alice": b"secret"})
+        self.tokens = dict(tokens or {})
+        self.greeting = greeting
+        self.refuse = refuse
+        self.scripts = {}
+        super().__init__(None, host=host, proxy_protocol=proxy_protocol)
+
+    @staticmethod
+    def _strings(conn, text):
+        """The strings of a command line (quoted, or `{n+}` literals read on from conn)."""
+        out = []
+        while True:
+            m = re.match(rb' *"((?:[^"\\]|\\.)*)"', text)
+            if m:
+                out.append(re.sub(rb"\\(.)", rb"\1", m.group(1)))
+                text = text[m.end():]
+                continue
+            m = re.match(rb" *\{(\d+)\+?\}$", text)
+            if m:
+                out.append(conn.read_exact(int(m.group(1))))
+                text = conn.readline().rstrip(b"\r\n")
+                continue
+            return out
+
+    def handle(self, conn):
+        for line in self.greeting:
+            conn.sendline(line)
+        authed = False
+        while True:
+            line = conn.readline()
+            if line is None:
+                return
+            text = line.rstrip(b"\r\n")
+            verb, _, rest = text.partition(b" ")
+            verb = verb.upper()
+            args = self._strings(conn, rest)
+            if verb == b"AUTHENTICATE" and not authed:
+                conn.data["auth"] = text
+                mech = args[0].upper() if args else b""
+                response = args[1] if len(args) > 1 else b""
+                if mech == b"PLAIN":
+                    try:
+                        _, user, password = base64.b64decode(response).split(b"\0")
+                    except ValueError:
+                        user = password = None
+                    conn.data["login"] = (user, password)
+                    ok = user is not None and self.users.get(user) == password
+                else:
+                    ok = check_token(self.tokens, mech, response, conn)
+                    if not ok:
+                        conn.sendline(b'"' + TOKEN_ERROR + b'"')
+                        conn.data["dummy"] = conn.readline()
+                if ok:
+                    authed = True
+                    conn.sendline(b'OK "Logged in."')
+                else:
+                    conn.sendline(self.refuse)
+            elif verb == b"LOGOUT":
+                conn.send(b'OK "Logout completed."\r\n')
+                conn.close()
+                return
+            elif not authed:
+                conn.sendline(b'NO "Authenticate first"')
+            elif verb == b"PUTSCRIPT" and len(args) == 2:
+                self.scripts[args[0]] = args[1]
+                conn.sendline(b'OK "PUTSCRIPT completed."')
+            elif verb == b"LISTSCRIPTS":
+                for name in self.scripts:
+                    conn.sendline(b'"' + name + b'"')
+                conn.sendline(b'OK "Listscripts completed."')
+            elif verb == b"GETSCRIPT" and args and args[0] in self.scripts:
+                body = self.scripts[args[0]]
+                conn.send(b"{%d}\r\n" % len(body) + body + b'\r\nOK "Getscript completed."\r\n')
+            else:
+                conn.sendline(b'NO "Unknown command"')
 
 
 class SmtpBackend(ScriptedBackend):

@@ -5,7 +5,8 @@ ports, as a child of the test process, and stopped by pid.
   need(*programs)            fail (CI=true) or skip (locally) when a program is not installed
   TempDir()                  a world-traversable folder under /tmp (daemons drop privileges)
   Dovecot(dir, users)        IMAP + POP3 (+ haproxy listeners, + auth socket for Postfix SASL,
-                             + an oauth2 passdb for OAUTHBEARER/XOAUTH2 with `oauth2=`)
+                             + an oauth2 passdb for OAUTHBEARER/XOAUTH2 with `oauth2=`),
+                             ManageSieve (Pigeonhole) when dovecot-managesieved is installed
   Postfix(dir, ...)          smtpd on a loopback port, virtual Maildir delivery into dir
   HAProxy(dir, cfg)          haproxy -f cfg (foreground)
   Nginx(dir, config, ports)  nginx on our INI dict (servers/mail), translated by
@@ -47,6 +48,8 @@ PROGRAMS = {
     "nginx": "/usr/sbin/nginx",
     "swaks": "/usr/bin/swaks",
     "curl": "/usr/bin/curl",
+    "managesieve": "/usr/lib/dovecot/managesieve",
+    "sieve-connect": "/usr/bin/sieve-connect",
     "openssl": "/usr/bin/openssl",
 }
 NGINX_MAIL_MODULE = DEBIAN_MAIL_MODULE
@@ -208,6 +211,10 @@ class Dovecot(Child):
         self.dir = Path(tmp)
         self.users = dict(users)
         names = ["imap", "imap_haproxy", "pop3", "pop3_haproxy"]
+        # ManageSieve (dovecot-managesieved) when installed: the sieve tests need() it
+        self.sieve = program("managesieve") is not None
+        if self.sieve:
+            names += ["sieve", "sieve_haproxy"]
         if cert:
             names += ["imaps", "pop3s"]
         self.ports = {k: free_port() for k in names}
@@ -224,6 +231,21 @@ class Dovecot(Child):
                      f"    ssl = yes\n  }}\n")
         else:
             ssl, imaps, pop3s = "ssl = no\n", "", ""
+        sieve = ""
+        if self.sieve:
+            sieve = f"""service managesieve-login {{
+  inet_listener sieve {{
+    port = {self.ports['sieve']}
+  }}
+  inet_listener sieve_haproxy {{
+    port = {self.ports['sieve_haproxy']}
+    haproxy = yes
+  }}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
+"""
         self.log_path = self.dir / "dovecot.log"
         self.auth_socket = self.dir / "auth-client"
         nobody = pwd.getpwnam("nobody")
@@ -246,7 +268,7 @@ class Dovecot(Child):
 base_dir = {self.dir}/run
 state_dir = {self.dir}/state
 log_path = {self.log_path}
-protocols = imap pop3
+protocols = imap pop3{" sieve" if self.sieve else ""}
 listen = {LOOPBACK}
 {ssl}disable_plaintext_auth = no
 auth_mechanisms = {mechanisms}
@@ -281,7 +303,7 @@ service pop3-login {{
     haproxy = yes
   }}
 {pop3s}}}
-service auth {{
+{sieve}service auth {{
   unix_listener {self.auth_socket} {{
     mode = 0666
   }}
@@ -292,7 +314,7 @@ service auth {{
         self.log = LogWatch(self.log_path)
         self._spawn([program("dovecot"), "-F", "-c", str(self.conf_path)], self.dir, "dovecot.out")
         with self._stopped_on_error():
-            for name in ("imap", "pop3"):
+            for name in ("imap", "pop3") + (("sieve",) if self.sieve else ()):
                 wait_port(LOOPBACK, self.ports[name], proc=self.proc, what="dovecot " + name,
                           log=self.out_path)
 

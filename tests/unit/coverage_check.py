@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULES = ("conversation.py", "pop3.py", "imap.py", "imap_parse.py", "smtp.py", "sasl.py",
-           "protocols.py")
+           "protocols.py", "sieve.py")
 PRAGMA = "pragma: no cover"
 
 

@@ -31,7 +31,7 @@ class IOInUnitTest(BaseException):
     BaseException, so that neither `except OSError` nor `except Exception` in the code under
     test can swallow it."""
 
-PORTS = {"pop3": 110, "imap": 143, "smtp": 25}
+PORTS = {"pop3": 110, "imap": 143, "smtp": 25, "sieve": 4190}
 
 
 # ---- configuration ------------------------------------------------------------------------

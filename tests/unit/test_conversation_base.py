@@ -160,6 +160,7 @@ def test_defaults(echo):
     ("pop3", ["apop"], []),
     ("imap", ["external", "login", "plain"], ["AUTH=PLAIN", "AUTH=LOGIN", "AUTH=EXTERNAL"]),
     ("smtp", ["cram-md5", "login"], ["LOGIN", "CRAM-MD5"]),
+    ("sieve", ["xoauth2", "external", "login", "plain"], ["PLAIN", "LOGIN", "EXTERNAL", "XOAUTH2"]),
 ])
 def test_mechanisms_in_the_protocols_order(echo, protocol, methods, words):
     conv = echo()
@@ -200,6 +201,7 @@ def test_starttls_refused_and_login_error():
     ("pop3", b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"),
     ("imap", b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"),
     ("smtp", b"421 4.7.0 mx.example.test Too many connections, try again later\r\n"),
+    ("sieve", b'BYE (TRYLATER) "Too many connections, try again later"\r\n'),
 ])
 def test_busy_reply(conf, protocol, busy):
     assert PROTOCOLS[protocol].busy_reply(conf(protocol)) == busy
@@ -218,16 +220,19 @@ def test_smtp_busy_reply_names_the_server_in_utf8(conf):
      b"* BYE No required SSL certificate\r\n"),
     ("smtp", b"451 4.3.2 Internal server error\r\n", b"421 4.7.1 SSL certificate error\r\n",
      b"421 4.7.1 No required SSL certificate\r\n"),
+    ("sieve", b'BYE (TRYLATER) "Internal server error"\r\n', b'BYE "SSL certificate error"\r\n',
+     b'BYE "No required SSL certificate"\r\n'),
 ])
 def test_descriptor_replies(protocol, internal, cert_error, no_cert):
     p = PROTOCOLS[protocol]
-    assert (p.name, p.alpn) == (protocol, protocol.encode())
+    alpn = {"sieve": b"managesieve"}.get(protocol, protocol.encode())     # IANA's ALPN ids
+    assert (p.name, p.alpn) == (protocol, alpn)
     assert (p.internal_error, p.cert_error, p.no_cert) == (internal, cert_error, no_cert)
 
 
 def test_ports_imply_protocols():
     assert PORTS == {110: "pop3", 995: "pop3", 143: "imap", 993: "imap",
-                     25: "smtp", 465: "smtp", 587: "smtp"}
+                     25: "smtp", 465: "smtp", 587: "smtp", 4190: "sieve"}
 
 
 def test_each_descriptor_names_its_conversation():
@@ -236,6 +241,8 @@ def test_each_descriptor_names_its_conversation():
     assert PROTOCOLS["pop3"].conversation is Pop3Conversation
     assert PROTOCOLS["imap"].conversation is ImapConversation
     assert PROTOCOLS["smtp"].conversation is SmtpConversation
+    from mailproxy.sieve import SieveConversation
+    assert PROTOCOLS["sieve"].conversation is SieveConversation
     for name, proto in PROTOCOLS.items():
         assert proto.conversation.protocol == name and proto.conversation.descriptor is proto
     from mailproxy.listeners import Listener
