@@ -117,6 +117,7 @@ class Master:
         try:
             self.listeners, _ = lmod.bind_all(cfg.servers)
             metrics_http.prepare(cfg.main)      # the area and socket before any fork
+            metrics_http.commit()
             self.hub.listen(cfg.main.control_socket)
         except (lmod.ListenError, OSError) as e:
             self._close_listeners()
@@ -357,15 +358,17 @@ class Master:
         try:
             self._preload()
             user = _resolve_user(cfg, log)
-            metrics_http.prepare(cfg.main)      # rebinds only a changed address
+            metrics_http.prepare(cfg.main)      # a changed address: bound, not yet in use
             bound, removed = self.lmod.bind_all(cfg.servers, self.listeners)
         except Exception as e:
+            metrics_http.abandon()
             self.log.log("emerg", str(e))
             self.log.log("alert", "reload failed: the old configuration stays in use")
             log.close()
             for lg in server_logs.values():
                 lg.close()
             return
+        metrics_http.commit()
         for lst in removed:
             lst.server_close()
         try:
