@@ -220,7 +220,9 @@ class Master:
     def _exited(self, pid, status):
         current = pid in self.workers
         metrics.release(pid)
-        login_table.release_pid(pid)    # limit_sessions_per_user: a dead worker's sessions
+        if login_table.release_pid(pid) is None:    # a dead worker's limit_sessions_per_user
+            self.log.log("warn", "the login table is locked: the sessions of worker process "
+                         "%d are given back later" % pid)
         self.hub.gone(pid)
         self.workers.pop(pid, None)
         self.numbers.pop(pid, None)
@@ -261,6 +263,7 @@ class Master:
                 timeout = max(0.0, min(self.respawn) - time.monotonic())
             info = self.hub.wait(max(0.0, timeout))    # and serves the control socket
             self._reap()
+            login_table.release_pending()   # what the lock did not let _exited give back
             if self.respawn:
                 now = time.monotonic()
                 due = [t for t in self.respawn if t <= now]
