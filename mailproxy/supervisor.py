@@ -186,9 +186,15 @@ class Master:
         # nginx's worker slot: a restarted worker takes the number of the one it replaces
         taken = {self.numbers.get(p) for p in self.workers}
         number = next(n for n in range(len(taken) + 1) if n not in taken)
-        metrics.claim()                     # a metrics slot for the child
         channel = self.hub.pair()       # the worker's end answers `sessions` and `kick`
-        pid = os.fork()
+        metrics.claim()                 # a metrics slot for the child (given back if no fork)
+        try:
+            pid = os.fork()
+        except OSError:
+            metrics.unclaim()
+            for end in channel:
+                end.close()
+            raise
         if pid == 0:
             code = 2
             try:
