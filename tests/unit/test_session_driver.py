@@ -498,3 +498,19 @@ def test_a_backend_refusal_after_the_auth_service_is_counted(session, events, au
     logins = metrics._BY_NAME["logins"]
     counted = {r: area.sums()[logins.index(("pop3", r))] for r in metrics.LOGIN_RESULTS}
     assert counted == {r: int(r == result) for r in metrics.LOGIN_RESULTS}
+
+
+def test_a_kick_finds_a_relayed_session_by_the_name_it_was_handed_over_with(session, events):
+    s = session()
+    s.rt.relay = relay = KickRelay(events)
+    s.rt.live.add(s)
+    s.conv.login = b"bob"
+    names, closed = [], []
+    relay.add = lambda client, backend_sock, **kw: names.append(kw["name"])
+    relay.visit = lambda fn: fn([SimpleNamespace(name=n) for n in names],
+                                lambda one, reason: closed.append((one.name, reason)))
+    with pytest.raises(HandedOver):
+        s.hand_over(SimpleNamespace(sock="BACKEND", close=lambda: None), b"+OK\r\n")
+    assert names == [s.relay_name]                  # one name, the session's
+    assert s.rt.live.kick(relay, "bob", None) == 1
+    assert closed == [(s.relay_name, live.KICK_REASON)]
