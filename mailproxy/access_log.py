@@ -23,7 +23,7 @@ import json
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from .log import FileTarget, sanitize
+from .log import FileTarget, sanitize, word
 
 FORMATS = ("text", "json")
 
@@ -103,12 +103,6 @@ def record(*, session: str, protocol: str, client_ip: Optional[str],
     }
 
 
-def _word(value: Any) -> str:
-    """An unquoted field: never empty, never a space (its values are ours or addresses)."""
-    text = sanitize(str(value), 256).replace(" ", "\\x20")
-    return text or "-"
-
-
 def text_line(rec: Dict[str, Any]) -> str:
     """The text format: FIELDS space-separated, `user` quoted, a newline at the end."""
     out = []
@@ -119,7 +113,7 @@ def text_line(rec: Dict[str, Any]) -> str:
         elif name == "duration":
             out.append("%.3f" % value)
         else:
-            out.append(_word(value))
+            out.append(word(value))
     return " ".join(out) + "\n"
 
 

@@ -10,7 +10,7 @@ import socket
 import sys
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from .log import sanitize
+from .log import sanitize, word
 
 COMMANDS = ("sessions", "kick")
 TIMEOUT = 10.0          # seconds for the whole exchange (the master waits 2 s per worker)
@@ -87,9 +87,7 @@ def _cell(row: Dict[str, Any], key: str) -> str:
         return "-"
     if key == "age":
         return "%d" % int(v)
-    text = sanitize(str(v), 256)
-    # one cell one word: a client's spaces in a user name would shift the columns
-    return text.replace(" ", "\\x20") or "-"
+    return word(v)          # one cell one word: a client's spaces would shift the columns
 
 
 def table(rows: List[Dict[str, Any]]) -> str:

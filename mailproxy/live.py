@@ -35,11 +35,6 @@ class _Entry:
         self.relayed = False
 
 
-def relay_name(session: Any) -> str:
-    """The name session.hand_over gives the session in the relay."""
-    return "*%d" % session.conn
-
-
 def user_text(login: Optional[bytes]) -> Optional[str]:
     """A login as text for JSON (bytes that are not UTF-8 kept as surrogates: a kick by the
     same name from the command line matches it)."""
@@ -121,7 +116,7 @@ class LiveSessions:
             sess.logmsg("notice", "session %s kicked by control command" % sess.session_id,
                         action=False)
             if e.relayed:
-                names.add(relay_name(sess))
+                names.add(sess.relay_name)
             else:
                 _end(sess, "kicked")
         if names:
@@ -162,7 +157,7 @@ def describe(entry: _Entry, now: float, pid: int, counts: Dict[str, tuple]) -> D
             tls = s.sock.version()
         except (AttributeError, ValueError, OSError):
             tls = None
-    b_in, b_out = counts.get(relay_name(s), (0, 0)) if entry.relayed else (0, 0)
+    b_in, b_out = counts.get(s.relay_name, (0, 0)) if entry.relayed else (0, 0)
     return {"id": s.session_id, "protocol": s.protocol, "user": user_text(s.conv.login),
             "client": addr_text(str(s.client_ip), s.client_port), "backend": s.upstream,
             "tls": tls, "bytes_in": b_in, "bytes_out": b_out,

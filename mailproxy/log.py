@@ -375,3 +375,12 @@ def sanitize(data: object, limit: Optional[int] = 256) -> str:
             end = m.end()
         return text[:end] + "..."
     return text
+
+
+def word(value: object, limit: int = 256) -> str:
+    """One space-free field of a line (an access_log text field, a cell of the `sessions`
+    listing): sanitized, its spaces escaped (a client's space would shift the fields), `-`
+    when None or empty."""
+    if value is None:
+        return "-"
+    return sanitize(str(value), limit).replace(" ", "\\x20") or "-"

@@ -12,7 +12,8 @@ A slot: the key's digest (a keyed BLAKE2b of its kind and text: clients cannot a
 set), its kind, the pid of the worker holding it (seats only), when it was last updated, and 32
 bytes of payload the caller packs.  Sessions of a user (`Seats`) are one total per (protocol,
 user) and one count per worker; when a worker dies the master gives back what it held
-(`release_pid`), so a crash never leaves a user locked out.
+(`release_pid`), so a crash never leaves a user locked out; it never waits long for the lock
+(a worker stopped while holding it): a release not done is retried at its next round.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import struct
 import threading
 import time
-from typing import Any, Callable, ContextManager, Iterator, Optional, Tuple
+from typing import Any, Callable, ContextManager, Iterator, Optional, Set, Tuple
 
 from .tls_cache import ProcessLock
 
@@ -44,7 +45,8 @@ EMPTY = bytes(PAYLOAD)
 
 class LoginTable:
     """SETS * WAYS slots of shared memory.  `read`, `write`, `delete` and `slots` must be
-    called holding `lock` (one lock round for what has to be seen and changed at once)."""
+    called holding `lock` (one lock round for what has to be seen and changed at once); the
+    lock has threading.Lock's acquire(timeout=) and release (tls_cache.ProcessLock)."""
 
     def __init__(self, sets: int = SETS, ways: int = WAYS,
                  lock: Optional[ContextManager[Any]] = None,
@@ -161,15 +163,20 @@ class LoginTable:
         else:
             self.delete(SEATS, total_key)
 
-    def release_pid(self, pid: int) -> int:
-        """Give back every session a worker held (it died, or ended); returns how many."""
-        freed = 0
-        with self.lock:
+    def release_pid(self, pid: int, timeout: Optional[float] = None) -> Optional[int]:
+        """Give back every session a worker held (it died, or ended); returns how many, or
+        None when the lock was not had within `timeout` seconds (None: wait for it)."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
+            freed = 0
             held = [(d, pl) for _i, d, k, p, pl in self.slots() if k == SEAT_PID and p == pid]
             for mine, pl in held:
                 n = _count(pl)
                 self._give_back(pl[_COUNT.size:_COUNT.size + 16], mine, pid, n)
                 freed += n
+        finally:
+            self.lock.release()
         return freed
 
 
@@ -196,6 +203,8 @@ class Seat:
 
 
 _shared: Optional[LoginTable] = None
+_pending: Set[int] = set()          # the master's: dead workers whose seats wait for the lock
+RELEASE_WAIT = 0.05                 # seconds the master waits for the lock each time
 
 
 def shared() -> LoginTable:
@@ -207,6 +216,27 @@ def shared() -> LoginTable:
     return _shared
 
 
-def release_pid(pid: int) -> int:
-    """The master's hook when a worker exits: what it held is free again."""
-    return 0 if _shared is None else _shared.release_pid(pid)
+def release_pid(pid: int) -> Optional[int]:
+    """The master's hook when a worker exits: what it held is free again.  The master never
+    waits long for the lock (a worker stopped while holding it would hang it): None when
+    put off to `release_pending`, which the master calls at each round of its loop."""
+    if _shared is None:
+        return 0
+    _pending.add(pid)
+    freed = _shared.release_pid(pid, RELEASE_WAIT)
+    if freed is not None:
+        _pending.discard(pid)
+    return freed
+
+
+def release_pending() -> int:
+    """The master, each round: the releases put off so far, as far as the lock allows now;
+    returns the sessions given back."""
+    freed = 0
+    for pid in sorted(_pending):
+        n = _shared.release_pid(pid, RELEASE_WAIT) if _shared is not None else 0
+        if n is None:
+            break
+        _pending.discard(pid)
+        freed += n
+    return freed

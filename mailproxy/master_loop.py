@@ -10,7 +10,9 @@ short timeout, then the selector without waiting.  No threads: the master forks.
 A control client sends one JSON line (`{"op": "sessions"|"kick", "user", "backend"}`); the
 master forwards it to every worker, current and old (draining after a reload), gathers their
 answers (live.py) for at most ANSWER_WAIT seconds and answers one JSON line:
-`{"sessions": [...], "kicked": N, "missing": [pids that did not answer]}`.
+`{"sessions": [...], "kicked": N, "missing": [pids that did not answer]}`.  A request goes
+to a channel whole: what a non-blocking send leaves is queued (MAX_PENDING) and finished when
+the channel is writable, so a worker slow to read never gets half a line.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ POLL = 0.05                 # the selector's poll interval without signalfd
 MAX_CLIENTS = 16            # control connections at once (the socket is the owner's only)
 MAX_REQUEST = 1 << 16
 MAX_ANSWER = 64 << 20       # bytes kept of one worker's answer
+MAX_PENDING = 1 << 20       # bytes of requests queued for a worker's channel
 
 
 def signalfd(signals: Iterable[int]) -> int:
@@ -77,12 +80,13 @@ class _Request:
 
 
 class _Channel:
-    __slots__ = ("pid", "sock", "inbuf")
+    __slots__ = ("pid", "sock", "inbuf", "out")
 
     def __init__(self, pid, sock):
         self.pid = pid
         self.sock = sock
         self.inbuf = b""
+        self.out = b""          # what a send left of the requests: finished when writable
 
 
 class Hub:
@@ -223,7 +227,10 @@ class Hub:
             elif tag == "listener":
                 self._accept()
             elif isinstance(tag, _Channel):
-                self._channel_readable(tag)
+                if ev & selectors.EVENT_WRITE:
+                    self._channel_flush(tag)
+                if ev & selectors.EVENT_READ:
+                    self._channel_readable(tag)
             elif isinstance(tag, _Client):
                 self._client_event(tag, ev)
         self._expire()
@@ -303,15 +310,39 @@ class Hub:
         self._unregister(c.sock)
         self.requests[rid] = req
         for pid, ch in self.channels.items():
-            try:
-                sent = ch.sock.send(line)
-            except OSError:
-                sent = 0
-            if sent == len(line):
+            if self._channel_send(ch, line):
                 req.waiting.add(pid)
-            else:       # a channel so full that a small line does not fit: not answering
+            else:       # MAX_PENDING bytes of requests unread, or a broken channel
                 req.answers.append({"pid": pid, "gone": True})
         self._maybe_finish(rid)
+
+    def _channel_send(self, ch, line):
+        """Send a whole request line to a worker: what the socket does not take now is queued
+        and finished by the selector (a line is never cut: the next one would be garbage to
+        the worker).  False when the queue is full or the channel is broken."""
+        if len(ch.out) + len(line) > MAX_PENDING:
+            return False
+        ch.out += line
+        return self._channel_flush(ch)
+
+    def _channel_flush(self, ch):
+        try:
+            n = ch.sock.send(ch.out) if ch.out else 0
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:             # the worker is gone: _exited will say gone()
+            ch.out = b""
+            self._unregister(ch.sock)
+            return False
+        ch.out = ch.out[n:]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if ch.out else 0)
+        try:
+            if self.sel.get_key(ch.sock).events != events:
+                self.sel.modify(ch.sock, events, ch)
+        except (KeyError, ValueError):  # unregistered at its end-of-file: the line is lost
+            ch.out = b""
+            return False
+        return True
 
     def _channel_readable(self, ch):
         try:

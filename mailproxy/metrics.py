@@ -179,6 +179,14 @@ def assign(pid: int) -> None:
         _area.values[_claimed * WIDTH + _PID] = pid
 
 
+def unclaim() -> None:
+    """Master: the fork failed; the slot claimed for it is free again."""
+    global _claimed
+    if _area is not None and _claimed is not None:
+        _area.values[_claimed * WIDTH + _PID] = 0
+    _claimed = None
+
+
 def attach() -> None:
     """Worker, after the fork: write the slot the master claimed for it (nothing without)."""
     global _mine

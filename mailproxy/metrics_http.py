@@ -1,7 +1,7 @@
 """`metrics_listen`: the tiny HTTP server of `GET /metrics` (metrics.py renders the answer).
 
 The master binds the socket (`prepare`, at start and reload: kept while the address stays,
-as a listen socket) and makes the shared area before it forks; every worker accepts on the
+as a listen socket; a new one takes over at `commit`, when the reload succeeded) and makes the shared area before it forks; every worker accepts on the
 socket in one thread of its own (`start`) and answers from the shared area, so whichever
 worker answers gives the instance's sums.  Only `GET`/`HEAD /metrics` is served: another path
 is 404, another method 405, anything unparsable 400; a request is read within REQUEST_LIMIT
@@ -31,22 +31,39 @@ POLL = 1.0                  # seconds between looks at shutting_down and the thr
 
 _sock: Optional[socket.socket] = None
 _addr: Optional[Tuple[str, int]] = None
+_next: Optional[Tuple[Optional[socket.socket], Optional[Tuple[str, int]]]] = None
 
 
 def prepare(main: MainConf) -> None:
-    """Master, at start and on reload, before forking: the area (when metrics are on) and
-    the listening socket of `main.metrics_listen` (rebound only when the address changed).
-    Raises ListenError (start: fatal; reload: the old configuration stays)."""
-    global _sock, _addr
-    addr = main.metrics_listen
-    if addr is not None:
+    """Master, at start and on reload, before forking: bind the socket of
+    `main.metrics_listen` when the address changed, kept aside until `commit` (the start or
+    reload goes on) or `abandon` (it failed: the address in use stays).  Raises ListenError
+    (start: fatal; reload: the old configuration stays)."""
+    global _next
+    abandon()
+    if main.metrics_listen != _addr:
+        addr = main.metrics_listen
+        _next = (_bind(addr) if addr is not None else None, addr)
+
+
+def commit() -> None:
+    """The configuration `prepare` saw is in use: its socket replaces the old one (old
+    workers keep their copy until they end); the area is made when metrics are on."""
+    global _sock, _addr, _next
+    if _next is not None:
+        if _sock is not None:
+            _sock.close()
+        (_sock, _addr), _next = _next, None
+    if _addr is not None:
         metrics.setup()
-    if addr == _addr:
-        return
-    new = _bind(addr) if addr is not None else None
-    if _sock is not None:
-        _sock.close()           # old workers keep their copy until they end
-    _sock, _addr = new, addr
+
+
+def abandon() -> None:
+    """The reload failed: a socket `prepare` bound for it is closed."""
+    global _next
+    if _next is not None and _next[0] is not None:
+        _next[0].close()
+    _next = None
 
 
 def _bind(addr: Tuple[str, int]) -> socket.socket:

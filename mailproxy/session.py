@@ -467,7 +467,7 @@ class Session(SessionLog, BackendSide):
                               client_buffer=conf.proxy_buffer,   # as the other way
                               proxy_buffer=conf.proxy_buffer, proxy_timeout=conf.proxy_timeout,
                               on_done=metrics.relayed(self.protocol, done),
-                              name="*%d" % self.conn,
+                              name=self.relay_name,
                               nodelay=False)    # both have TCP_NODELAY (listener, backend.connect)
         except BaseException:
             metrics.count("relayed_sessions", self.protocol, n=-1)

@@ -18,6 +18,12 @@ from .log import addr_text, sanitize
 class SessionLog:
     """Logging of session.Session (see there for the attributes read here)."""
 
+    @property
+    def relay_name(self) -> str:
+        """The session's name in the relay (nginx's `*N` connection number): given at the
+        hand-over, and how live.py finds it there to list and kick it."""
+        return "*%d" % self.conn
+
     # ---- error_log lines --------------------------------------------------------------------
 
     @staticmethod

@@ -117,6 +117,7 @@ class Master:
         try:
             self.listeners, _ = lmod.bind_all(cfg.servers)
             metrics_http.prepare(cfg.main)      # the area and socket before any fork
+            metrics_http.commit()
             self.hub.listen(cfg.main.control_socket)
         except (lmod.ListenError, OSError) as e:
             self._close_listeners()
@@ -185,9 +186,15 @@ class Master:
         # nginx's worker slot: a restarted worker takes the number of the one it replaces
         taken = {self.numbers.get(p) for p in self.workers}
         number = next(n for n in range(len(taken) + 1) if n not in taken)
-        metrics.claim()                     # a metrics slot for the child
         channel = self.hub.pair()       # the worker's end answers `sessions` and `kick`
-        pid = os.fork()
+        metrics.claim()                 # a metrics slot for the child (given back if no fork)
+        try:
+            pid = os.fork()
+        except OSError:
+            metrics.unclaim()
+            for end in channel:
+                end.close()
+            raise
         if pid == 0:
             code = 2
             try:
@@ -219,7 +226,9 @@ class Master:
     def _exited(self, pid, status):
         current = pid in self.workers
         metrics.release(pid)
-        login_table.release_pid(pid)    # limit_sessions_per_user: a dead worker's sessions
+        if login_table.release_pid(pid) is None:    # a dead worker's limit_sessions_per_user
+            self.log.log("warn", "the login table is locked: the sessions of worker process "
+                         "%d are given back later" % pid)
         self.hub.gone(pid)
         self.workers.pop(pid, None)
         self.numbers.pop(pid, None)
@@ -260,6 +269,7 @@ class Master:
                 timeout = max(0.0, min(self.respawn) - time.monotonic())
             info = self.hub.wait(max(0.0, timeout))    # and serves the control socket
             self._reap()
+            login_table.release_pending()   # what the lock did not let _exited give back
             if self.respawn:
                 now = time.monotonic()
                 due = [t for t in self.respawn if t <= now]
@@ -357,15 +367,17 @@ class Master:
         try:
             self._preload()
             user = _resolve_user(cfg, log)
-            metrics_http.prepare(cfg.main)      # rebinds only a changed address
+            metrics_http.prepare(cfg.main)      # a changed address: bound, not yet in use
             bound, removed = self.lmod.bind_all(cfg.servers, self.listeners)
         except Exception as e:
+            metrics_http.abandon()
             self.log.log("emerg", str(e))
             self.log.log("alert", "reload failed: the old configuration stays in use")
             log.close()
             for lg in server_logs.values():
                 lg.close()
             return
+        metrics_http.commit()
         for lst in removed:
             lst.server_close()
         try:

@@ -66,6 +66,33 @@ class ProcessLock:
         return self
 
     def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """As threading.Lock's: within `timeout` seconds (retrying the record lock without
+        blocking), for a caller that must never wait on a stopped holder (the master)."""
+        if blocking and timeout < 0:
+            self.__enter__()
+            return True
+        deadline = time.monotonic() + max(0.0, timeout if blocking else 0.0)
+        if not self._threads.acquire(True, max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            while True:
+                try:
+                    fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except (BlockingIOError, PermissionError):     # held elsewhere
+                    if time.monotonic() >= deadline:
+                        break
+                time.sleep(0.005)
+        except BaseException:
+            self._threads.release()
+            raise
+        self._threads.release()
+        return False
+
+    def release(self) -> None:
         try:
             fcntl.lockf(self._file, fcntl.LOCK_UN)
         finally:

@@ -911,3 +911,11 @@ def test_worker_cpu_affinity(tmp_path):
 def test_worker_cpu_affinity_errors(tmp_path, value, message):
     e = error(tmp_path, "[main]\nworker_cpu_affinity = %s\n" % value + SERVER)
     assert message in str(e) and ":2" in str(e)
+
+
+def test_the_package_docstring_names_every_main_key():
+    import re
+    doc = config.__doc__
+    listed = doc[doc.index("``[main]``"):doc.index("``[mail]``")].split(":", 1)[1]
+    names = re.findall(r"[a-z_]+", listed)
+    assert sorted(names) == sorted(config.MAIN_KEYS)

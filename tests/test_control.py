@@ -280,3 +280,57 @@ def test_a_client_that_half_closes_gets_its_answer_without_spinning_the_master(t
     finally:
         hub.close()
         worker_end.close()
+
+
+class _Stingy(socket.socket):
+    """A master end of a channel whose first sends write only a few bytes (a channel the
+    worker has not drained yet)."""
+    short = 2
+
+    def send(self, data, *flags):
+        if self.short:
+            self.short -= 1
+            return super().send(data[:5], *flags)
+        return super().send(data, *flags)
+
+
+def test_a_partly_sent_request_is_finished_and_the_next_one_answered(tmp_path):
+    # a non-blocking send to a worker's channel may write only part of the line: the rest
+    # goes when the channel is writable, never leaving half a line before the next request
+    from types import SimpleNamespace
+    from mailproxy.master_loop import Hub
+    hub = Hub((signal.SIGUSR2,), lambda: SimpleNamespace(log=lambda *a: None))
+    master_end, worker_end = socket.socketpair()
+    worker = _Stingy(fileno=master_end.detach())
+    worker_end.setblocking(False)
+    path = str(tmp_path / "c.sock")
+    try:
+        hub.listen(path)
+        hub.spawned(4242, (worker, socket.socket()))
+        for op in ("sessions", "kick"):
+            c = track(socket.socket(socket.AF_UNIX))
+            c.settimeout(5)
+            c.connect(path)
+            c.sendall(json.dumps({"op": op, "user": "alice"}).encode() + b"\n")
+            got, answered = b"", False
+            for _ in range(50):
+                hub.wait(0.05)
+                try:
+                    got += worker_end.recv(4096)
+                except BlockingIOError:
+                    pass
+                while b"\n" in got:
+                    line, got = got.split(b"\n", 1)
+                    request = json.loads(line)      # whole lines only
+                    assert request["op"] == op
+                    worker_end.sendall(json.dumps({"id": request["id"], "pid": 4242,
+                                                   "sessions": [], "kicked": 1}).encode()
+                                       + b"\n")
+                    answered = True
+                if answered and not hub.clients:
+                    break
+            assert answered, "the worker never got a whole %s request" % op
+            assert json.loads(c.recv(65536))["missing"] == []
+    finally:
+        hub.close()
+        worker_end.close()

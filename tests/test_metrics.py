@@ -234,3 +234,27 @@ def test_reload_keeps_the_counts_and_moves_the_address(instance):
     pop3_login(port)
     wait_for(lambda: value(scrape(new)[2], OK) == 2, 5, what="a login of the new workers")
     wait_for(lambda: scrape(mport)[0] is None, 5, what="the old address closed")
+
+
+def test_a_failed_reload_leaves_the_metrics_address(instance):
+    proxy, port, mport = instance
+    workers = [int(p) for p in re.findall(r"start worker process (\d+)", proxy.log_text())]
+    assert len(workers) == 2
+    new = free_port()
+    with socket.socket() as busy:           # the reload's mail address is taken
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = busy.getsockname()[1]
+        proxy.conf_path.write_text(
+            proxy.config_text.replace("127.0.0.1:%d" % mport, "127.0.0.1:%d" % new)
+            .replace("127.0.0.1:%d" % port, "127.0.0.1:%d" % taken))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log("reload failed")
+    with pytest.raises(ConnectionRefusedError):     # never bound by the master
+        socket.create_connection(("127.0.0.1", new), timeout=5).close()
+    # workers started after the failed reload answer on the old address
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)        # workers of the proxy this test started
+        proxy.wait_log("worker process %d exited on signal 9" % pid)
+    wait_for(lambda: value(scrape(mport)[2], "mailproxy_worker_restarts_total") == 2, 5,
+             what="both workers restarted, answering on the old address")

@@ -170,3 +170,41 @@ def test_sessions_per_user_over_two_workers_and_a_dead_workers_given_back(
     reply, _t, again = login(port, "127.0.0.2", b"alice", b"secret")
     assert reply.startswith(b"+OK"), reply
     again.close()
+
+
+def test_a_stopped_worker_holding_the_lock_never_hangs_the_masters_release(monkeypatch):
+    # the record lock of login_table's ProcessLock held by another process that is stopped:
+    # the master's release is put off (bounded wait), then done once the holder has died
+    import threading
+    from mailproxy import login_table
+    from mailproxy.tls_cache import ProcessLock
+    table = login_table.LoginTable(sets=8, ways=4, lock=ProcessLock())
+    monkeypatch.setattr(login_table, "_shared", table)
+    table.take_seat("pop3", b"bob", 5, pid=4242)
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:                      # holds the lock, then stops
+        try:
+            table.lock.__enter__()
+            os.write(ready_w, b"x")
+            os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"x"
+        got = []
+        t = threading.Thread(target=lambda: got.append(login_table.release_pid(4242)),
+                             daemon=True)
+        started = time.monotonic()
+        t.start()
+        t.join(3.0)
+        assert not t.is_alive(), "the master's release waited for a stopped worker's lock"
+        assert got == [None] and time.monotonic() - started < 1.0
+        assert login_table.release_pending() == 0       # still held: put off again
+    finally:
+        os.kill(child, signal.SIGKILL)  # the child this test forked
+        os.waitpid(child, 0)
+        os.close(ready_r)
+    assert login_table.release_pending() == 1 and table.held("pop3", b"bob") == 0

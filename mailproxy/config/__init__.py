@@ -6,8 +6,9 @@ loader.py (reading the file, inheritance, cross-checks); this module is their in
 
 The file has three kinds of sections:
 
-* ``[main]``   process level: pid, daemon, error_log, worker_processes, user,
-               worker_shutdown_timeout, worker_connections, limit_prelogin, limit_conn_per_ip.
+* ``[main]``   process level: pid, daemon, error_log, worker_processes, worker_cpu_affinity,
+               user, worker_shutdown_timeout, worker_connections, limit_prelogin,
+               limit_conn_per_ip, metrics_listen, control_socket.
 * ``[mail]``   nginx's ``mail {}`` level: defaults for every server (optional).
 * ``[server NAME]`` one per nginx ``server {}`` block.
 

@@ -76,3 +76,15 @@ def test_combine_sorts_sums_and_reports_missing():
     got = master_loop.combine(answers, [4])
     assert [r["age"] for r in got["sessions"]] == [9.0, 1.0]
     assert got["kicked"] == 3 and got["missing"] == [3, 4] and got["workers"] == 4
+
+
+def test_one_word_of_a_line_for_the_access_log_and_the_listing():
+    from mailproxy import access_log, log
+    assert log.word("a much\tlonger name\r\n") == "a\\x20much\\tlonger\\x20name\\r\\n"
+    assert log.word(None) == "-" and log.word("") == "-" and log.word(110) == "110"
+    evil = "x y\r\nFAKE\x1b[2J"
+    assert control_cli.table([row(user=evil)]).splitlines()[1].split()[2] == log.word(evil)
+    rec = access_log.record(session="s", protocol="pop3", client_ip="127.0.0.1",
+                            client_port=1, user=None, backend=evil, tls=None, bytes_in=0,
+                            bytes_out=0, duration=0.0, result="ok", now=0.0)
+    assert access_log.text_line(rec).split()[6] == log.word(evil)

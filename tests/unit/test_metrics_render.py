@@ -228,3 +228,27 @@ def test_a_slow_scraper_gets_read_timeout_in_all(monkeypatch):
     assert data is not None and len(data) <= metrics_http.READ_TIMEOUT + 1
     assert clock[0] - 1000.0 <= metrics_http.READ_TIMEOUT + 1
     assert conn.timeouts and all(0 < t <= metrics_http.READ_TIMEOUT for t in conn.timeouts)
+
+
+def test_a_failed_fork_gives_its_slot_back(area, monkeypatch):
+    import errno
+    import os
+    from mailproxy.supervisor import Master
+
+    class End:
+        closed = False
+
+        def close(self):
+            self.closed = True
+    ends = (End(), End())
+
+    def no_fork():
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    monkeypatch.setattr(os, "fork", no_fork)
+    master = Master("m.ini", SimpleNamespace())
+    master.hub = SimpleNamespace(pair=lambda: ends)
+    with pytest.raises(OSError):
+        master._spawn()
+    assert area.workers() == [] and area.values[metrics.WIDTH + metrics._PID] == 0
+    assert all(e.closed for e in ends)             # nor does its channel stay open
+    assert as_worker(101) == 1                      # the slot is there for the next fork

@@ -518,3 +518,19 @@ def test_a_token_the_backend_refuses_gets_its_error_challenge(session, events, a
             'response from upstream' + CONTEXT + ', login: "bob", upstream: 127.0.0.1:1110') \
         in events
     assert upstream.socks[0].closed and s.sock.closed and s.failed_logins == 1
+
+
+def test_a_kick_finds_a_relayed_session_by_the_name_it_was_handed_over_with(session, events):
+    s = session()
+    s.rt.relay = relay = KickRelay(events)
+    s.rt.live.add(s)
+    s.conv.login = b"bob"
+    names, closed = [], []
+    relay.add = lambda client, backend_sock, **kw: names.append(kw["name"])
+    relay.visit = lambda fn: fn([SimpleNamespace(name=n) for n in names],
+                                lambda one, reason: closed.append((one.name, reason)))
+    with pytest.raises(HandedOver):
+        s.hand_over(SimpleNamespace(sock="BACKEND", close=lambda: None), b"+OK\r\n")
+    assert names == [s.relay_name]                  # one name, the session's
+    assert s.rt.live.kick(relay, "bob", None) == 1
+    assert closed == [(s.relay_name, live.KICK_REASON)]

@@ -350,3 +350,23 @@ def test_the_refusal_of_each_protocol(conf, protocol, reply):
     conv = PROTOCOLS[protocol].conversation(conf(protocol))
     conv.tag = b"a1 "
     assert conv.auth_failed_reply(throttle._SEATS_FULL[protocol]) == reply
+
+
+def test_the_masters_release_never_waits_long_for_the_lock(monkeypatch):
+    # a worker stopped (SIGSTOP) while holding the table's lock must not hang the master:
+    # the release of a dead worker's seats is put off to a later round
+    import threading
+    held = threading.Lock()
+    t = LoginTable(sets=8, ways=4, lock=held)
+    monkeypatch.setattr(login_table, "_shared", t)
+    t.take_seat("imap", b"bob", 5, pid=102)
+    got = []
+    with held:                          # the stopped holder
+        done = threading.Thread(target=lambda: got.append(login_table.release_pid(102)),
+                                daemon=True)
+        done.start()
+        done.join(2.0)
+        assert not done.is_alive(), "the master waited for the lock"
+        assert got == [None] and login_table.release_pending() == 0
+    assert login_table.release_pending() == 1 and t.held("imap", b"bob") == 0
+    assert login_table.release_pending() == 0      # given back once
