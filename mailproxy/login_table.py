@@ -75,6 +75,18 @@ class LoginTable:
             h.update(p)
         return int.from_bytes(h.digest(), "little")
 
+    def maybe_holds(self, kind: int, digest: bytes) -> bool:
+        """Whether the key may have a slot, read WITHOUT the lock: a login with nothing
+        recorded (the common case) then takes no lock at all.  A slot written meanwhile by
+        another worker may be missed or misread; callers only skip work on False (as if the
+        lookup had come a moment earlier) and read under the lock on True."""
+        mem, off = self.mem, self._off
+        for i in self._set(digest):
+            at = off(i)
+            if mem[at:at + 16] == digest and mem[at + 16] == kind:
+                return True
+        return False
+
     # -- under the lock ---------------------------------------------------------------------------
     def _set(self, digest: bytes) -> range:
         first = (int.from_bytes(digest[:4], "little") % self.sets) * self.ways

@@ -176,9 +176,12 @@ def before_auth(s: Any) -> None:
     if not _watched(s):
         return
     table, conf = login_table.shared(), s.conf
+    keys = _keys(table, s, s.conv.login)
+    if not any(table.maybe_holds(kind, key) for kind, key in keys):
+        return                  # no failure recorded for the address or the user
     now = table.clock()
     with table.lock:
-        recs = [Record.unpack(table.read(kind, key)) for kind, key in _keys(table, s, s.conv.login)]
+        recs = [Record.unpack(table.read(kind, key)) for kind, key in keys]
     if blocked(recs[0], now, conf.login_block):
         failures, period = conf.login_block
         s.error("login blocked after %s within %s" % (_plural(int(recent(recs[0], now, period))),
@@ -206,11 +209,14 @@ def after_auth(s: Any, ok: bool, user: Optional[bytes], passwd: Optional[bytes])
     if not _watched(s):
         return
     table, conf = login_table.shared(), s.conf
+    keys = _keys(table, s, None if ok else user)
+    if ok and not table.maybe_holds(*keys[0]):
+        return                  # a success with no failure to clear
     now = table.clock()
     period = conf.login_block[1] if conf.login_block is not None else FORGET
     pw = table.short_hash(user or b"", passwd or b"")
     with table.lock:
-        for kind, key in _keys(table, s, None if ok else user):
+        for kind, key in keys:
             rec = Record.unpack(table.read(kind, key))
             rec = succeeded(rec) if ok else failed(rec, now, pw, period)
             if rec == Record() or (ok and rec.window == 0 and rec.previous == 0):

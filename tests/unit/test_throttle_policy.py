@@ -370,3 +370,39 @@ def test_the_masters_release_never_waits_long_for_the_lock(monkeypatch):
         assert got == [None] and login_table.release_pending() == 0
     assert login_table.release_pending() == 1 and t.held("imap", b"bob") == 0
     assert login_table.release_pending() == 0      # given back once
+
+
+class CountingLock:
+    def __init__(self):
+        self.rounds = 0
+
+    def __enter__(self):
+        self.rounds += 1
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_maybe_holds_sees_written_keys_only():
+    t = LoginTable(sets=16, ways=4, clock=Clock())
+    k = t.key(login_table.ADDRESS, b"192.0.2.7")
+    assert not t.maybe_holds(login_table.ADDRESS, k)
+    t.write(login_table.ADDRESS, k, b"x")
+    assert t.maybe_holds(login_table.ADDRESS, k)
+    assert not t.maybe_holds(login_table.USER, k)       # another kind
+    t.delete(login_table.ADDRESS, k)
+    assert not t.maybe_holds(login_table.ADDRESS, k)
+
+
+def test_logins_with_nothing_recorded_take_no_lock(world, table):
+    table.lock = lock = CountingLock()
+    world.result = OK
+    for _ in range(3):
+        world.make(LOGIN % b"pw", login_penalty="on", login_block="2/10m").run()
+    assert lock.rounds == 0 and world.waits == []
+    world.result = FAIL
+    world.make(LOGIN % b"bad", login_penalty="on", login_block="2/10m").run()
+    assert lock.rounds == 1                  # the failure is written
+    world.result = OK
+    world.make(LOGIN % b"pw", login_penalty="on", login_block="2/10m").run()
+    assert lock.rounds == 3                  # read before the request, cleared after it
