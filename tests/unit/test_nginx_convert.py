@@ -211,3 +211,14 @@ def test_no_mail_block_is_said():
 ])
 def test_paths_as_nginx_resolves_them(name, args, expected):
     assert resolve_paths(name, args, "/p/", "/c/") == expected
+
+
+# -- check's certificate expiry (probes.expiry, pure) ----------------------------------------------
+
+def test_expiry_severities():
+    from mailproxy.probes import EXPIRY_WARN, expiry
+    now = 1_000_000_000.0
+    assert expiry(now - 1, "c", now).severity == "error"
+    assert expiry(now + EXPIRY_WARN - 60, "c", now).severity == "warn"
+    assert expiry(now + EXPIRY_WARN + 60, "c", now).severity == "ok"
+    assert expiry(now - 1, "c", now).text == "c expired on 2001-09-09 01:46:39 UTC"
