@@ -44,7 +44,7 @@ Commands (through the running instance's control_socket):
   kick USER | --backend ADDR                : end them, print how many
 
 Commands without a running instance:
-  check                                     : test the configuration, then probe what it
+  check [--timeout seconds]                 : test the configuration, then probe what it
                                               points at (exit 0 ok, 1 warnings, 2 errors)
   convert [-p prefix] [-o file] nginx.conf  : write nginx's mail configuration as this INI
 """ % DEFAULT_CONF
