@@ -1,5 +1,6 @@
 """The command line: ``mailproxy [-c FILE] [-t|-T] [-q] [-v|-V] [-s stop|quit|reload|reopen] [-h]``
-and the commands ``sessions [USER]`` / ``kick USER|--backend ADDR`` (control_cli.py)
+and the commands ``sessions [USER]`` / ``kick USER|--backend ADDR`` (control_cli.py),
+``check`` (check.py) and ``convert NGINX.CONF`` (convert.py)
 
 Parses the options, loads and tests the configuration, signals a running master (-s), or
 starts one: the master and worker processes are supervisor.py's.
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 DEFAULT_CONF = "/etc/mailproxy.ini"
+TOOLS = ("check", "convert")
 
 SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT,
            "reload": signal.SIGHUP, "reopen": signal.SIGUSR1}
@@ -40,6 +42,11 @@ Options:
 Commands (through the running instance's control_socket):
   sessions [USER] [--backend ADDR] [--json] : list live sessions
   kick USER | --backend ADDR                : end them, print how many
+
+Commands without a running instance:
+  check [--timeout seconds]                 : test the configuration, then probe what it
+                                              points at (exit 0 ok, 1 warnings, 2 errors)
+  convert [-p prefix] [-o file] nginx.conf  : write nginx's mail configuration as this INI
 """ % DEFAULT_CONF
 
 
@@ -55,7 +62,7 @@ def parse_args(argv: List[str]) -> Dict[str, Any]:
     while i < len(argv):
         arg = argv[i]
         i += 1
-        if arg in COMMANDS:     # the command's own words follow it (control_cli.parse)
+        if arg in COMMANDS + TOOLS:     # the command's own words follow it
             opts["command"], opts["args"] = arg, argv[i:]
             break
         if not arg.startswith("-") or arg == "-":
@@ -128,6 +135,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.flush()
         if not opts["test"] and not opts["signal"]:
             return 0
+    if opts["command"] == "convert":        # reads nginx.conf, not ours
+        from . import convert
+        return convert.main(opts["args"])
     path = os.path.abspath(opts["conf"] or DEFAULT_CONF)
 
     from .errors import ConfigError
@@ -135,26 +145,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(path)     # the configuration and every TLS context, as a reload
     except ConfigError as e:
         _err("[emerg] %s" % e)
-        if opts["test"]:
-            _err("configuration file %s test failed" % path)
-        return 1
+        return _failed(opts, path)
     except OSError as e:
         _err('[emerg] open() "%s" failed (%d: %s)' % (path, e.errno or 0, e.strerror or e))
-        if opts["test"]:
-            _err("configuration file %s test failed" % path)
-        return 1
+        return _failed(opts, path)
 
-    if opts["test"]:
+    checking = opts["command"] == "check"
+    if opts["test"] or checking:
         # -t loads every module the start loads, so a Python that cannot run them fails here
         try:
             Master._preload()
         except Exception as e:
             _err("[emerg] cannot load the proxy's modules with this Python: %s" % e)
             _err("configuration file %s test failed" % path)
-            return 1
+            return 2 if checking else 1
         if not opts["quiet"]:
             _err("the configuration file %s syntax is ok" % path)
             _err("configuration file %s test is successful" % path)
+        if checking and not opts["test"]:
+            from . import check
+            return check.main(cfg, opts["args"])
         if opts["dump"]:
             text = cfg.dump()
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -166,6 +176,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import control_cli
         return control_cli.run(cfg.main.control_socket, path, opts["command"], opts["args"])
     return Master(path, cfg).run()
+
+
+def _failed(opts: Dict[str, Any], path: str) -> int:
+    """-t and check say the test failed; check's exit status for errors is 2."""
+    if opts["test"] or opts["command"] == "check":
+        _err("configuration file %s test failed" % path)
+    return 2 if opts["command"] == "check" else 1
 
 
 def send_signal(cfg: Config, path: str, name: str) -> int:

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Optional
 
-from . import NGINX_VERSION, __version__, login_table, metrics, metrics_http
+from . import NGINX_VERSION, __version__, login_table, metrics, metrics_http, probes
 from .master_setup import (build_logs as _build_logs, chown_logs as _chown_logs,
                            resolve_user as _resolve_user, warn_affinity as _warn_affinity,
                            warn_native_tls as _warn_native_tls)
@@ -139,6 +139,7 @@ class Master:
             self.log.log("notice", "start worker processes")
             for _ in range(self._nworkers()):
                 self._spawn()
+            probes.say_unreachable(cfg, self.log)
             return self._loop()
         finally:
             self._remove_pid()

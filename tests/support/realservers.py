@@ -356,10 +356,11 @@ class Postfix(Child):
     """A private Postfix (`postfix -c DIR start-fg`): smtpd on a loopback port, trusting
     127.0.0.0/8 for XCLIENT, delivering mail for `domain` to Maildirs under dir/vmail
     (one per `mailboxes` local part), logging to dir/maillog. With `sasl_path` (a Dovecot
-    auth socket), smtpd offers AUTH through Dovecot."""
+    auth socket), smtpd offers AUTH through Dovecot. `xclient_hosts`: who may send XCLIENT
+    ("" for nobody: the common mistake `mailproxy check` finds)."""
 
     def __init__(self, tmp, mailboxes=("alice", "bob"), domain="example.org", sasl_path=None,
-                 hostname="backend.test"):
+                 hostname="backend.test", xclient_hosts="127.0.0.0/8"):
         self.dir = Path(tmp)
         self.port = free_port()
         self.domain = domain
@@ -396,7 +397,7 @@ maillog_file_prefixes = /tmp
 maillog_file = {self.maillog}
 alias_maps =
 alias_database =
-smtpd_authorized_xclient_hosts = 127.0.0.0/8
+smtpd_authorized_xclient_hosts = {xclient_hosts}
 smtpd_banner = $myhostname ESMTP Postfix
 smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
 virtual_mailbox_domains = {domain}
