@@ -314,9 +314,18 @@ def _quit(conn: _Conn, protocol: str) -> None:
 # -- the master's look at start -----------------------------------------------------------------
 
 def backend_targets(conf: Any) -> List[Tuple[str, int]]:
-    """The backends of server `conf` known without a login: today proxy_pass; pool members and
-    proxy_map targets are added here (check probes each one, the master's start looks at each)."""
-    return [conf.proxy_pass] if conf.proxy_pass else []
+    """The backends of server `conf` known without a login: every member of its proxy_pass
+    pool and every target of its proxy_map, once each, in order (check probes each one, the
+    master's start looks at each)."""
+    members = list(conf.proxy_pass or [])
+    if conf.proxy_map is not None:
+        members += conf.proxy_map.backends()
+    seen, out = set(), []
+    for b in members:
+        if b.key not in seen:
+            seen.add(b.key)
+            out.append(b.key)
+    return out
 
 
 def say_unreachable(cfg: Any, log: Any, limit: float = 1.0) -> None:

@@ -252,7 +252,7 @@ def test_version_and_features():
     lines = r.stderr.splitlines()
     assert lines[0] == "mailproxy version: mailproxy/%s" % __version__
     assert any(x.startswith("Python 3.") for x in lines)
-    assert "protocols: pop3, imap, smtp" in lines
+    assert "protocols: pop3, imap, smtp, sieve" in lines
     # every directive of the table is supported: no line lists pending ones
     assert not any("not supported yet" in x for x in lines)
 

@@ -222,3 +222,16 @@ def test_expiry_severities():
     assert expiry(now + EXPIRY_WARN - 60, "c", now).severity == "warn"
     assert expiry(now + EXPIRY_WARN + 60, "c", now).severity == "ok"
     assert expiry(now - 1, "c", now).text == "c expired on 2001-09-09 01:46:39 UTC"
+
+
+def test_check_targets_are_every_pool_member_and_map_target_once():
+    from types import SimpleNamespace
+    from mailproxy import probes
+    from mailproxy.upstreams import Backend
+    pool = [Backend("127.0.0.1", 1143), Backend("127.0.0.2", 1143, backup=True)]
+    mapped = SimpleNamespace(backends=lambda: [Backend("127.0.0.2", 1143),
+                                               Backend("127.0.0.3", 143)])
+    conf = SimpleNamespace(proxy_pass=pool, proxy_map=mapped)
+    assert probes.backend_targets(conf) == [("127.0.0.1", 1143), ("127.0.0.2", 1143),
+                                            ("127.0.0.3", 143)]
+    assert probes.backend_targets(SimpleNamespace(proxy_pass=None, proxy_map=None)) == []
