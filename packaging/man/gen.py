@@ -92,9 +92,9 @@ def _sections(d):
     return ", ".join("[%s]" % n if n != "server" else "[server NAME]" for n in names)
 
 
-def man_ini(version, date):
+def man_ini(version, date, sample=SAMPLE):
     directives, removed = _table()
-    docs = sample_docs(known=set(directives))
+    docs = sample_docs(sample, known=set(directives))
     missing = [name for name in directives if not docs.get(name, ([], []))[0]]
     if missing:
         raise SystemExit("gen.py: etc/mailproxy.ini describes no %s: add a comment above it"
