@@ -88,6 +88,22 @@ def test_a_name_with_two_addresses_tried_in_turn(proxy_factory, backend_factory,
     assert len(server.queries) == queries           # never resolved per login
 
 
+
+def test_an_auth_server_name_with_two_addresses_tried_in_turn(proxy_factory, backend_factory,
+                                                              auth_server, dns):
+    (b,) = backends(backend_factory, 1)
+    server = dns({("mail.test", T_A): [(T_A, 60, "127.0.0.2"), (T_A, 60, "127.0.0.1")]})
+    auth_server.route_to(b.port, server="mail.test")
+    port = free_port()
+    start(proxy_factory, port, resolver="127.0.0.1:%d ipv6=off" % server.port,
+          auth_http=auth_server.url)
+    assert login(port, "u1")[1] == "b0"             # 127.0.0.2 refused, then 127.0.0.1
+    queries = len(server.queries)
+    assert queries >= 1                             # through `resolver`'s servers
+    for u in ("u2", "u3"):
+        login(port, u)
+    assert len(server.queries) == queries           # its cache: not resolved per login
+
 def test_proxy_map_reloaded_on_hup(proxy_factory, backend_factory, tmp_path):
     b0, b1 = backends(backend_factory, 2)
     mapfile = tmp_path / "users.map"
