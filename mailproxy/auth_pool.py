@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import selectors
 import socket
 import ssl
 import threading
@@ -264,6 +265,19 @@ def _timed_out(peer: str) -> Unreachable:
                        _errno.ETIMEDOUT)
 
 
+def _spoke(sock: Any) -> bool:
+    """An idle connection the service wrote to (or closed) since its last answer: readable
+    now, as urllib3's is_connection_dropped."""
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None:
+        return False                    # nothing to poll (tests/unit's stand-ins)
+    if fileno() < 0:
+        return True
+    with selectors.DefaultSelector() as sel:
+        sel.register(fileno(), selectors.EVENT_READ)
+        return bool(sel.select(0))
+
+
 class Pool:
     """This worker's idle auth connections: at most `keepalive` per auth service (its address
     and TLS context), each kept IDLE_TIMEOUT seconds, the most recently used taken first (the
@@ -289,7 +303,12 @@ class Pool:
         with self._lock:
             self._sweep(now, closing)
             conns = self._idle.get(key)
-            conn = conns.pop()[1] if conns else None
+            conn = None
+            while conns and conn is None:
+                conn = conns.pop()[1]
+                if _spoke(conn):        # closed, or bytes that answer no request of ours
+                    closing.append(conn)
+                    conn = None
         for c in closing:
             _close(c)
         return conn

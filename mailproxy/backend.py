@@ -71,19 +71,20 @@ def _addresses(host, port, timeout):
     return seen
 
 
-def connect(host: str, port: int, timeout: float,
-            addresses: Optional[list] = None) -> socket.socket:
+def connect(host: str, port: int, timeout: float, addresses: Optional[list] = None,
+            resolve: Optional[Callable[[str, int, float], list]] = None) -> socket.socket:
     """Connect to the backend within `timeout` seconds (all addresses of a name share it).
 
     Returns a blocking socket with TCP_NODELAY set and `timeout` as the kernel's limit of
     each recv and send (SO_RCVTIMEO/SO_SNDTIMEO, see ktimeout; no Python timeout).
     Raises BackendError with nginx's text.  `addresses`: [(family, sockaddr)] already
-    resolved (a pool's backend, resolved at load: upstreams.py), each tried in turn.
+    resolved (a pool's backend, resolved at load: upstreams.py), each tried in turn;
+    `resolve(host, port, timeout)` gives them for a name instead of the system's resolver.
     """
     deadline = time.monotonic() + timeout
     last = None
     first = True
-    addresses = addresses or _addresses(host, port, timeout)
+    addresses = addresses or (resolve or _addresses)(host, port, timeout)
     if len(addresses) != 1 or addresses[0][1][0] != host:
         first = False       # a name: its connects get what the lookup left of `timeout`
     for family, sockaddr in addresses:

@@ -16,6 +16,7 @@ from .sasl import SaslError, check_credential, decode_base64
 
 __all__ = ['METHODS', 'MECHANISMS', 'DUMMY', 'BUFFER', 'decode_oauthbearer', 'decode_xoauth2',
            'encode_oauthbearer', 'encode_xoauth2', 'error_challenge', 'backend_challenge',
+           'canonical',
            'dummy_response']
 
 # the `*_auth` method names and the SASL words that select them
@@ -165,7 +166,12 @@ def backend_challenge(line: bytes, prefix: bytes) -> Optional[bytes]:
     or not canonical base64 (nothing else may reach a client line)."""
     if not line.startswith(prefix):
         return None
-    value = line[len(prefix):].rstrip(b"\r\n").strip(b" ")
+    return canonical(line[len(prefix):].rstrip(b"\r\n").strip(b" "))
+
+
+def canonical(value: Optional[bytes]) -> Optional[bytes]:
+    """`value` when it is non-empty canonical base64, else None (ManageSieve's challenge is
+    a string: its content is checked here)."""
     if not value or not _B64.match(value):
         return None
     return value

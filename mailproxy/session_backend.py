@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from . import backend, metrics, proxy_protocol, throttle
+from . import backend, metrics, proxy_protocol, resolver, throttle, upstreams
 from .clientio import BackendRejected, Close
 from .conversation import BackendStartTLS, LoggedIn, LoginError, Peer, StartTLSRefused, ToBackend
 from .auth_http import AuthResult
@@ -101,7 +101,9 @@ class BackendSide:
             try:
                 # proxy_ssl (or the auth service's Auth-SSL-Backend): implicit TLS, or the
                 # protocol's STARTTLS exchange then TLS, before the backend login
-                more = {} if pb is None else {"addresses": pb.addrs}   # resolved at load
+                more = {"addresses": pb.addrs} if pb is not None else \
+                    {"resolve": self.resolve_server} if conf.resolver not in (None, "system") \
+                    else {}     # a pool's backend: resolved at load
                 sock = metrics.timed("backend_connect_duration_seconds", backend.connect,
                                      host, port, conf.timeout, **more)
                 conn = backend.BackendConn(sock, conf.proxy_buffer, conf.timeout,
@@ -139,6 +141,15 @@ class BackendSide:
         self.info("client logged in")
         throttle.after_auth(self, True, user, passwd)
         self.hand_over(conn, reply)
+
+    def resolve_server(self, host: str, port: int, timeout: float) -> list:
+        """An Auth-Server name through `resolver`'s servers and their cache (its valid= or
+        the TTL), as proxy_pass names: not asked again at each login."""
+        try:
+            return upstreams.lookup(host, port, self.conf.resolver,
+                                    min(timeout, self.conf.resolver_timeout))
+        except (resolver.LookupFailed, OSError) as e:
+            raise backend.BackendError("%s could not be resolved (%s)" % (host, e)) from None
 
     def backend_failed(self, e: Exception, user: Optional[bytes],
                        passwd: Optional[bytes]) -> None:

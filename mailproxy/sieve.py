@@ -433,6 +433,7 @@ class SieveLogin(BackendLogin):
         super().__init__()
         self.user, self.passwd, self.starttls, self.mech = user, passwd, starttls, mech
         self.complete = status_complete
+        self.challenge: Optional[bytes] = None      # its error challenge, for the client
 
     def expect_ok(self, reply: bytes) -> None:
         final = _final(reply)
@@ -472,6 +473,7 @@ class SieveLogin(BackendLogin):
     def on_token(self, reply: bytes) -> list:
         final = _final(reply)
         if final[:1] in (b'"', b"{"):       # the error challenge: the dummy response, then NO
+            self.challenge = oauth.canonical(_string(reply))   # for the client, before NO
             return [self.send(quote(oauth.dummy_response(self.mech)) + CRLF,
                               "sending token to upstream", "token_error", status_complete)]
         if not _is_ok(final):
@@ -479,7 +481,20 @@ class SieveLogin(BackendLogin):
         return [LoggedIn(reply)]
 
     def on_token_error(self, reply: bytes) -> list:
-        raise BackendRejected(reply, _final(reply), refused=True)
+        raise BackendRejected(reply, _final(reply), refused=True, challenge=self.challenge)
+
+
+def _string(reply: bytes) -> Optional[bytes]:
+    """The one string (quoted or a literal) of a backend's challenge; None when it is not."""
+    parts = [reply]
+    m = re.match(rb"\{(\d+)\+?\}\r?\n", reply)
+    if m is not None:
+        end = m.end() + int(m.group(1))
+        parts = [reply[:m.end()], reply[m.end():end], reply[end:]]
+    try:
+        return parse_response(parts, len(reply))
+    except (ParseError, TooLong, _NeedMore):
+        return None
 
 
 PROTOCOL = Protocol(

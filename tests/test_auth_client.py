@@ -187,3 +187,26 @@ def test_cache_hit_changed_password_and_kick(proxy_factory, servers, backend):
     assert len(auth.requests) == 4                      # and only hers
     log = (p.dir / "cache.log").read_text()
     assert log.count("auth_http cache hit") == 3 and "secret" not in log
+
+
+def test_an_idle_connection_that_spoke_is_never_reused():
+    # bytes the service sent while the connection was idle (a late 408, garbage) are no
+    # answer to the next request: that connection is closed, the next idle one is taken
+    import socket
+
+    from mailproxy import auth_pool
+    pool = auth_pool.Pool(2)
+    quiet, quiet_peer = socket.socketpair()
+    spoke, spoke_peer = socket.socketpair()
+    try:
+        pool.give(("k",), quiet)
+        pool.give(("k",), spoke)
+        spoke_peer.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        assert pool.take(("k",)) is quiet
+        assert spoke.fileno() == -1
+        pool.give(("k",), quiet)
+        quiet_peer.close()                      # closed by the service: not taken either
+        assert pool.take(("k",)) is None and quiet.fileno() == -1
+    finally:
+        for s in (quiet, quiet_peer, spoke, spoke_peer):
+            s.close()

@@ -20,10 +20,11 @@ def backends(backend_factory, n, **kw):
             for i in range(n)]
 
 
-def start(proxy_factory, port, **directives):
+def start(proxy_factory, port, main=None, **directives):
     directives.setdefault("timeout", "2s")
     directives.setdefault("pop3_auth", "plain")
-    return proxy_factory({"servers": {"pop3": server_block("pop3", port, **directives)}})
+    return proxy_factory({"servers": {"pop3": server_block("pop3", port, **directives)},
+                          "main": main})
 
 
 def login(port, user, host="127.0.0.1"):
@@ -87,6 +88,22 @@ def test_a_name_with_two_addresses_tried_in_turn(proxy_factory, backend_factory,
     assert len(server.queries) == queries           # never resolved per login
 
 
+
+def test_an_auth_server_name_with_two_addresses_tried_in_turn(proxy_factory, backend_factory,
+                                                              auth_server, dns):
+    (b,) = backends(backend_factory, 1)
+    server = dns({("mail.test", T_A): [(T_A, 60, "127.0.0.2"), (T_A, 60, "127.0.0.1")]})
+    auth_server.route_to(b.port, server="mail.test")
+    port = free_port()
+    start(proxy_factory, port, resolver="127.0.0.1:%d ipv6=off" % server.port,
+          auth_http=auth_server.url)
+    assert login(port, "u1")[1] == "b0"             # 127.0.0.2 refused, then 127.0.0.1
+    queries = len(server.queries)
+    assert queries >= 1                             # through `resolver`'s servers
+    for u in ("u2", "u3"):
+        login(port, u)
+    assert len(server.queries) == queries           # its cache: not resolved per login
+
 def test_proxy_map_reloaded_on_hup(proxy_factory, backend_factory, tmp_path):
     b0, b1 = backends(backend_factory, 2)
     mapfile = tmp_path / "users.map"
@@ -131,3 +148,23 @@ def test_proxy_map_errors_in_t(tmp_path):
     r = subprocess.run(proxy_command() + ["-t", "-c", str(conf)], capture_output=True,
                        text=True, timeout=20, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
+
+
+def test_health_check_marks_a_silent_backend_down_then_up_without_logins(proxy_factory,
+                                                                          backend_factory):
+    bs = backends(backend_factory, 2)
+    port = free_port()
+    p = start(proxy_factory, port, proxy_pass="%s %s" % (bs[0].address, bs[1].address),
+              proxy_health_check="interval=1s")
+    silent = bs[1]
+    wait_for(lambda: len(silent.sessions) >= 1, 3, 0.05, "a first check")
+    silent.stall_at = "greeting"                        # accepts, never greets
+    p.wait_log("backend %s marked down" % silent.address, timeout=5)
+    assert "health check: no greeting" in p.log_text()
+    assert not any(c.lines for c in silent.sessions)    # no login went to it, only checks
+    home = [u for u in USERS if login(port, u)[1] == "b0"]
+    assert len(home) == len(USERS)                      # every user on the live one
+    assert "failover" not in p.log_text()               # skipped, not tried first
+    silent.stall_at = None
+    p.wait_log("backend %s is up again" % silent.address, timeout=5)
+    assert "b1" in {login(port, u)[1] for u in USERS}

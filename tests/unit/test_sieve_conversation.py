@@ -432,6 +432,20 @@ def test_backend_token_login():
     assert e.value.refused
 
 
+
+def test_backend_error_challenge_goes_to_the_client():
+    # the backend's error challenge (a string) travels with its refusal, as IMAP's and POP3's
+    # do, so that the client gets it before the NO; anything but canonical base64 stays out
+    for line, challenge in ((b'"eyJzdGF0dXMiOiI0MDEifQ=="\r\n', b"eyJzdGF0dXMiOiI0MDEifQ=="),
+                            (b'"not base64!"\r\n', None), (b"{4}\r\nabcd\r\n", b"abcd"),
+                            (b'"eyJ\\"x"\r\n', None), (b'"eyJ\r\n', None)):
+        login = SieveLogin(b"bob", b"tok", mech="oauthbearer")
+        login.receive(GREETING)
+        login.receive(line)
+        with pytest.raises(BackendRejected) as e:
+            login.receive(b'NO "Invalid token"\r\n')
+        assert e.value.refused and e.value.challenge == challenge, line
+
 def test_quote():
     assert quote("é\"\\") == '"é\\"\\\\"'.encode()
     assert quote(b"x") == b'"x"'
