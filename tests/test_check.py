@@ -10,7 +10,7 @@ import pytest
 from tests.support.auth import AuthServer, auth_ok
 from tests.support.mailbackends import ImapBackend, Pop3Backend, SmtpBackend
 from tests.support.process import free_port, ini
-from tests.test_proxy_ssl import TlsBackend, server_context
+from tests.support.tlsbackend import TlsBackend, server_context
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = [sys.executable, str(REPO / "mailproxy.py")]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from bench.nginx_conf import nginx_conf
-from tests.integration.test_nginx_compare import BY_ID, converse, normalise
 from tests.support.auth import AuthServer, auth_ok
+from tests.support.compare_cases import BY_ID, converse, normalise
 from tests.support.mailbackends import ImapBackend, Pop3Backend, SmtpBackend
 from tests.support.process import ProxyProcess, free_port, ini
 

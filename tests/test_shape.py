@@ -1,6 +1,7 @@
 """The package's shape: data flows one way through the modules of mailproxy/ (no import cycle,
-function-level imports included), and no module passes about 600 lines.  The same checks from
-the command line:
+function-level imports included), and no module passes about 600 lines.  The tests' shape: no
+module under tests/ imports a test module (test_*.py); what tests share lives in tests/support/
+(and tests/unit/playbook.py).  The same checks from the command line:
 
     python3 tests/test_shape.py
 """
@@ -10,6 +11,7 @@ import pathlib
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mailproxy"
+TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def import_graph(package=PACKAGE):
@@ -80,6 +82,59 @@ def test_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [("a", "b", "c", "a")]
 
 
+def _is_test_module(dotted):
+    return any(part.startswith("test_") for part in dotted.split(".") if part)
+
+
+def cross_test_imports(tests=TESTS):
+    """[(path, line, module)] where a module under `tests` imports a test module: `import
+    tests.test_x`, `from tests.x.test_y import ...`, `from tests import test_x`, `import
+    test_x` (pytest's rootdir-relative sys.path) or the relative forms (`from .test_x`,
+    `from . import test_x`), function-level imports included."""
+    out = []
+    for path in sorted(tests.rglob("*.py")):
+        rel = str(path.relative_to(tests.parent))
+        for n in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(n, ast.Import):
+                bad = [a.name for a in n.names if _is_test_module(a.name)]
+            elif isinstance(n, ast.ImportFrom):
+                base = "." * n.level + (n.module or "")
+                if _is_test_module(n.module or ""):
+                    bad = [base]
+                elif n.level or (n.module or "").split(".")[0] == "tests":
+                    # from . import test_x, from tests.integration import test_y
+                    sep = "" if base.endswith(".") else "."
+                    bad = [base + sep + a.name for a in n.names if a.name.startswith("test_")]
+                else:
+                    bad = []
+            else:
+                continue
+            out.extend((rel, n.lineno, m) for m in bad)
+    return sorted(out)
+
+
+def test_no_test_module_imports_another():
+    assert cross_test_imports() == []
+
+
+def test_test_import_finder_finds_each_form(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "test_a.py").write_text(
+        "import os\n"
+        "from tests.support.tls import client_ctx\n"
+        "from tests.test_b import x\n"
+        "import tests.integration.test_c\n"
+        "from tests.integration import test_d, conftest\n"
+        "from .test_e import y\n"
+        "from .. import test_f\n"
+        "def f():\n"
+        "    import test_g\n")
+    found = cross_test_imports(tmp_path)
+    assert found == [("%s/sub/test_a.py" % tmp_path.name, line, m) for line, m in [
+        (3, "tests.test_b"), (4, "tests.integration.test_c"), (5, "tests.integration.test_d"),
+        (6, ".test_e"), (7, "..test_f"), (9, "test_g")]]
+
+
 if __name__ == "__main__":
     found = cycles(import_graph())
     for c in found:
@@ -87,4 +142,8 @@ if __name__ == "__main__":
     big = oversized()
     for path, n in big:
         print("%s: %d lines (at most %d)" % (path, n, MAX_LINES))
-    sys.exit(1 if found or big else 0)
+    crossed = cross_test_imports()
+    for path, line, module in crossed:
+        print("%s:%d: imports test module %s (shared test code goes in tests/support/)"
+              % (path, line, module))
+    sys.exit(1 if found or big or crossed else 0)

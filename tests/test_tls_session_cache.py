@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.common import REPO
 from tests.support.process import ProxyProcess, free_port
-from tests.test_tls_tickets import REUSED, _block, _line_of, _reused_pids, _worker_pids
+from tests.support.resumption import REUSED, line_of, reused_pids, tls_block, worker_pids
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed")
@@ -30,7 +30,7 @@ VERSIONS = ["-tls1_2", "-tls1_3"]
 
 def _proxy(proxy_factory, pki, cache, workers=2, **extra):
     port = free_port()
-    block = _block(pki, port, ssl_session_cache=cache, ssl_session_tickets="off", **extra)
+    block = tls_block(pki, port, ssl_session_cache=cache, ssl_session_tickets="off", **extra)
     p = proxy_factory({"main": {"worker_processes": str(workers)}, "servers": {"p": block}},
                       log_level="debug")
     return p, port
@@ -52,10 +52,10 @@ def _s_client(pki, port, version, sess_out=None, sess_in=None):
 
 def _workers(p, n=2):
     deadline = time.monotonic() + 5
-    while len(_worker_pids(p)) < n:
+    while len(worker_pids(p)) < n:
         assert time.monotonic() < deadline, p.diagnostics()
         time.sleep(0.05)
-    return set(_worker_pids(p))
+    return set(worker_pids(p))
 
 
 def _resume_everywhere(p, pki, port, tmp_path, version):
@@ -68,7 +68,7 @@ def _resume_everywhere(p, pki, port, tmp_path, version):
     while tries < 40 and time.monotonic() < deadline:
         tries += 1
         reused += _s_client(pki, port, version, sess_in=sess)
-        if _reused_pids(p) == workers and tries >= 6:
+        if reused_pids(p) == workers and tries >= 6:
             break
     return reused, tries, workers
 
@@ -78,7 +78,7 @@ def _resume_everywhere(p, pki, port, tmp_path, version):
 def test_a_session_resumes_in_every_worker(proxy_factory, pki, tmp_path, version, cache):
     p, port = _proxy(proxy_factory, pki, cache)
     reused, tries, workers = _resume_everywhere(p, pki, port, tmp_path, version)
-    assert reused == tries and _reused_pids(p) == workers, (reused, tries, _reused_pids(p))
+    assert reused == tries and reused_pids(p) == workers, (reused, tries, reused_pids(p))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -86,7 +86,7 @@ def test_builtin_alone_does_not_cross_workers(proxy_factory, pki, tmp_path, vers
     p, port = _proxy(proxy_factory, pki, "builtin")
     reused, tries, workers = _resume_everywhere(p, pki, port, tmp_path, version)
     # only the worker that made the session resumes it: the other one missed at least once
-    assert len(_reused_pids(p)) <= 1 and reused < tries, (reused, tries, _reused_pids(p))
+    assert len(reused_pids(p)) <= 1 and reused < tries, (reused, tries, reused_pids(p))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -97,19 +97,19 @@ def test_a_reload_keeps_resuming(proxy_factory, pki, tmp_path, version):
     assert not _s_client(pki, port, version, sess_out=sess)
     p.signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while len(_worker_pids(p)) < 2 or os.path.exists("/proc/%s" % old_pid):
+    while len(worker_pids(p)) < 2 or os.path.exists("/proc/%s" % old_pid):
         assert time.monotonic() < deadline, p.diagnostics()
         time.sleep(0.05)
     assert _s_client(pki, port, version, sess_in=sess)
-    assert _reused_pids(p) == {_worker_pids(p)[-1]}
+    assert reused_pids(p) == {worker_pids(p)[-1]}
 
 
 def test_server_blocks_sharing_a_zone_keep_their_sessions(proxy_factory, pki, tmp_path):
     a_port, b_port = free_port(), free_port()
     p = proxy_factory({"main": {"worker_processes": "1"}, "servers": {
-        "a": _block(pki, a_port, ssl_session_cache="shared:SSL:1m", ssl_session_tickets="off"),
-        "b": _block(pki, b_port, cert=pki.server_ec, ssl_session_cache="shared:SSL:1m",
-                    ssl_session_tickets="off")}}, log_level="debug")
+        "a": tls_block(pki, a_port, ssl_session_cache="shared:SSL:1m", ssl_session_tickets="off"),
+        "b": tls_block(pki, b_port, cert=pki.server_ec, ssl_session_cache="shared:SSL:1m",
+                       ssl_session_tickets="off")}}, log_level="debug")
     sess = str(tmp_path / "sess")
     assert not _s_client(pki, a_port, "-tls1_2", sess_out=sess)
     assert not _s_client(pki, b_port, "-tls1_2", sess_in=sess)
@@ -130,7 +130,7 @@ def _dash_t(tmp_path, pki, servers, env=None, name="t"):
 @pytest.mark.parametrize("cache", ["shared:SSL:10m", "builtin:1000 shared:SSL:10m",
                                    "shared:SSL:32k builtin"])
 def test_dash_t_accepts(pki, tmp_path, cache):
-    _p, r = _dash_t(tmp_path, pki, {"p": _block(pki, free_port(), ssl_session_cache=cache)})
+    _p, r = _dash_t(tmp_path, pki, {"p": tls_block(pki, free_port(), ssl_session_cache=cache)})
     assert r.returncode == 0, r.stderr
 
 
@@ -141,16 +141,16 @@ def test_dash_t_accepts(pki, tmp_path, cache):
     ("shared:SSL:16k", 'session cache "shared:SSL:16k" is too small'),
 ])
 def test_dash_t_refuses_with_nginx_s_messages(pki, tmp_path, cache, message):
-    p, r = _dash_t(tmp_path, pki, {"p": _block(pki, free_port(), ssl_session_cache=cache)})
+    p, r = _dash_t(tmp_path, pki, {"p": tls_block(pki, free_port(), ssl_session_cache=cache)})
     assert r.returncode != 0
-    assert "%s in %s:%d" % (message, p.conf_path, _line_of(p.conf_path, "ssl_session_cache")) \
+    assert "%s in %s:%d" % (message, p.conf_path, line_of(p.conf_path, "ssl_session_cache")) \
         in r.stderr, r.stderr
 
 
 def test_dash_t_refuses_one_zone_of_two_sizes(pki, tmp_path):
     p, r = _dash_t(tmp_path, pki, {
-        "a": _block(pki, free_port(), ssl_session_cache="shared:SSL:1m"),
-        "b": _block(pki, free_port(), ssl_session_cache="shared:SSL:2m")})
+        "a": tls_block(pki, free_port(), ssl_session_cache="shared:SSL:1m"),
+        "b": tls_block(pki, free_port(), ssl_session_cache="shared:SSL:2m")})
     assert r.returncode != 0
     assert 'the size 2097152 of shared memory zone "SSL" conflicts with already declared size ' \
         '1048576 in %s:' % p.conf_path in r.stderr, r.stderr
@@ -158,8 +158,8 @@ def test_dash_t_refuses_one_zone_of_two_sizes(pki, tmp_path):
 
 def test_dash_t_without_the_native_layer_is_a_config_error(pki, tmp_path):
     env = dict(os.environ, MAILPROXY_NO_NATIVE_TLS="1")
-    p, r = _dash_t(tmp_path, pki, {"p": _block(pki, free_port(),
-                                               ssl_session_cache="shared:SSL:10m")}, env=env)
+    p, r = _dash_t(tmp_path, pki, {"p": tls_block(pki, free_port(),
+                                                  ssl_session_cache="shared:SSL:10m")}, env=env)
     assert r.returncode != 0
     assert '"ssl_session_cache" cannot be honoured' in r.stderr, r.stderr
-    assert "in %s:%d" % (p.conf_path, _line_of(p.conf_path, "ssl_session_cache")) in r.stderr
+    assert "in %s:%d" % (p.conf_path, line_of(p.conf_path, "ssl_session_cache")) in r.stderr

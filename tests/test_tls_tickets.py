@@ -24,12 +24,12 @@ import pytest
 
 from tests.support.common import REPO
 from tests.support.process import ProxyProcess, free_port
+from tests.support.resumption import REUSED, line_of, reused_pids, tls_block, worker_pids
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed")
 
 VERSIONS = ["-tls1_2", "-tls1_3"]
-REUSED = "SSL reused session"
 
 
 def _key(tmp_path, name, size):
@@ -38,21 +38,10 @@ def _key(tmp_path, name, size):
     return str(path)
 
 
-def _block(pki, port, keys=None, cert=None, **extra):
-    cert = cert or pki.server_rsa
-    block = {"listen": "127.0.0.1:%d ssl" % port, "protocol": "pop3",
-             "proxy_pass": "127.0.0.1:%d" % free_port(), "timeout": "3s",
-             "ssl_certificate": cert[0], "ssl_certificate_key": cert[1]}
-    if keys:
-        block["ssl_session_ticket_key"] = list(keys)
-    block.update(extra)
-    return block
-
-
 def _proxy(proxy_factory, pki, keys=None, workers=1, **block):
     port = free_port()
     p = proxy_factory({"main": {"worker_processes": str(workers)},
-                       "servers": {"p": _block(pki, port, keys, **block)}}, log_level="debug")
+                       "servers": {"p": tls_block(pki, port, keys, **block)}}, log_level="debug")
     return p, port
 
 
@@ -167,31 +156,22 @@ def test_tickets_are_nginx_s_format(proxy_factory, pki, tmp_path, size):
 # ---------------------------------------------------------------------------------------------
 # one instance without a key file: its workers, its reloads
 
-def _reused_pids(p):
-    return {m.group(1) for m in (re.search(r"\] (\d+)#\d+: .*" + REUSED, ln)
-                                 for ln in p.log_lines()) if m}
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 def test_workers_of_one_instance_share_the_ticket_key(proxy_factory, pki, tmp_path, version):
     p, port = _proxy(proxy_factory, pki, workers=2)
     deadline = time.monotonic() + 5
-    while len(_worker_pids(p)) < 2:
+    while len(worker_pids(p)) < 2:
         assert time.monotonic() < deadline, p.diagnostics()
         time.sleep(0.05)
-    workers = set(_worker_pids(p))
+    workers = set(worker_pids(p))
     sess = str(tmp_path / "sess")
     assert not _s_client(pki, port, version, sess_out=sess)
     deadline = time.monotonic() + 20
     for _ in range(60):                 # whichever worker accepts, the ticket resumes
         assert _s_client(pki, port, version, sess_in=sess)
-        if _reused_pids(p) == workers or time.monotonic() > deadline:
+        if reused_pids(p) == workers or time.monotonic() > deadline:
             break
-    assert _reused_pids(p) == workers, (workers, _reused_pids(p))
-
-
-def _worker_pids(p):
-    return re.findall(r"start worker process (\d+)", p.log_text())
+    assert reused_pids(p) == workers, (workers, reused_pids(p))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -203,13 +183,13 @@ def test_tickets_survive_a_reload(proxy_factory, pki, tmp_path, version):
     assert not _s_client(pki, port, version, sess_out=sess)
     p.signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while len(_worker_pids(p)) < 2 or os.path.exists("/proc/%s" % old_pid):
+    while len(worker_pids(p)) < 2 or os.path.exists("/proc/%s" % old_pid):
         assert time.monotonic() < deadline, "no new worker, or the old one stays\n" + \
             p.diagnostics()
         time.sleep(0.05)
-    new_pid = _worker_pids(p)[-1]
+    new_pid = worker_pids(p)[-1]
     assert _s_client(pki, port, version, sess_in=sess)
-    assert _reused_pids(p) == {new_pid}
+    assert reused_pids(p) == {new_pid}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,36 +200,31 @@ def _dash_t(p):
                           text=True, timeout=30, cwd=str(REPO))
 
 
-def _line_of(path, key):
-    with open(path) as f:
-        return next(n for n, text in enumerate(f, 1) if text.startswith(key + " ="))
-
-
 @pytest.mark.parametrize("size", [0, 47, 49, 79, 81, 128])
 def test_wrong_key_size_is_a_config_error(pki, tmp_path, size):
     bad = _key(tmp_path, "bad", size)
     good = _key(tmp_path, "good", 80)
-    p = ProxyProcess(tmp_path, {"servers": {"p": _block(pki, free_port(), [good, bad])}},
+    p = ProxyProcess(tmp_path, {"servers": {"p": tls_block(pki, free_port(), [good, bad])}},
                      start=False, name="badkey")
     r = _dash_t(p)
     assert r.returncode != 0
-    line = _line_of(p.conf_path, "ssl_session_ticket_key")
+    line = line_of(p.conf_path, "ssl_session_ticket_key")
     want = '"%s" must be 48 or 80 bytes in %s:%d' % (bad, p.conf_path, line)
     assert want in r.stderr, r.stderr
 
 
 def test_missing_key_file_is_a_config_error(pki, tmp_path):
     missing = str(tmp_path / "missing")
-    p = ProxyProcess(tmp_path, {"servers": {"p": _block(pki, free_port(), [missing])}},
+    p = ProxyProcess(tmp_path, {"servers": {"p": tls_block(pki, free_port(), [missing])}},
                      start=False, name="nokey")
     r = _dash_t(p)
     assert r.returncode != 0
     assert 'open() "%s" failed (2: No such file or directory) in %s:%d' % (
-        missing, p.conf_path, _line_of(p.conf_path, "ssl_session_ticket_key")) in r.stderr, r.stderr
+        missing, p.conf_path, line_of(p.conf_path, "ssl_session_ticket_key")) in r.stderr, r.stderr
 
 
 def test_good_key_files_pass_dash_t(pki, tmp_path):
-    p = ProxyProcess(tmp_path, {"servers": {"p": _block(
+    p = ProxyProcess(tmp_path, {"servers": {"p": tls_block(
         pki, free_port(), [_key(tmp_path, "a", 48), _key(tmp_path, "b", 80)])}},
         start=False, name="goodkeys")
     r = _dash_t(p)
@@ -257,13 +232,13 @@ def test_good_key_files_pass_dash_t(pki, tmp_path):
 
 
 def test_key_file_without_the_native_layer_is_a_config_error(pki, tmp_path):
-    p = ProxyProcess(tmp_path, {"servers": {"p": _block(pki, free_port(),
-                                                        [_key(tmp_path, "k", 80)])}},
+    p = ProxyProcess(tmp_path, {"servers": {"p": tls_block(pki, free_port(),
+                                                           [_key(tmp_path, "k", 80)])}},
                      start=False, name="nonative")
     env = dict(os.environ, MAILPROXY_NO_NATIVE_TLS="1")
     r = subprocess.run(p.command + ["-t", "-c", str(p.conf_path)], capture_output=True,
                        text=True, timeout=30, cwd=str(REPO), env=env)
     assert r.returncode != 0
     assert '"ssl_session_ticket_key" cannot be honoured' in r.stderr, r.stderr
-    assert "in %s:%d" % (p.conf_path, _line_of(p.conf_path, "ssl_session_ticket_key")) \
+    assert "in %s:%d" % (p.conf_path, line_of(p.conf_path, "ssl_session_ticket_key")) \
         in r.stderr, r.stderr
