@@ -14,6 +14,7 @@ import re
 import secrets
 import selectors
 import socket
+import struct
 import ssl
 import tempfile
 import time
@@ -370,6 +371,8 @@ def unreachable(targets: List[Tuple[str, int]], limit: float = 1.0) -> List[Tupl
                 code = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     found.append((key.data, "%d: %s" % (code, os.strerror(code))))
+                else:       # a look, not a session: closed with a reset, nothing sent
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sel.unregister(s)
                 del pending[s]
                 s.close()

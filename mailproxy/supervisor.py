@@ -122,6 +122,8 @@ class Master:
         except (lmod.ListenError, OSError) as e:
             self._close_listeners()
             return self._fatal(e.strerror if isinstance(e, OSError) else str(e))
+        # before the pid file says "ready": the backends see the looks before any session
+        probes.say_unreachable(cfg, self.log)
         try:
             self._write_pid(cfg.main.pid)
         except OSError as e:
@@ -139,7 +141,6 @@ class Master:
             self.log.log("notice", "start worker processes")
             for _ in range(self._nworkers()):
                 self._spawn()
-            probes.say_unreachable(cfg, self.log)
             return self._loop()
         finally:
             self._remove_pid()
@@ -158,6 +159,7 @@ class Master:
         from . import protocols, session  # noqa: F401  (every protocol module, via protocols)
         from . import limits, listeners, log, notify, pidfile, relay, runtime  # noqa: F401
         from . import master_loop  # noqa: F401
+        from . import check, convert, nginx_syntax  # noqa: F401  (the commands: -t loads them)
 
     def _write_pid(self, path):
         """Exclusively created, renamed into place, kept open for `-s` (pidfile.py)."""

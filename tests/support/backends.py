@@ -3,6 +3,7 @@ handler(conn) per connection and records every byte (BackendConn), and `script(.
 handlers from steps. Exceptions in a handler land in `errors`; the fixture's teardown fails
 the test on them."""
 
+import errno
 import socket
 import struct
 import threading
@@ -38,10 +39,23 @@ class BackendConn:
         self.proxy_header = None
         self.closed = threading.Event()
         self.eof = False
+        self.peer_reset = False              # the peer reset the connection
         self.data = {}                       # free for handler scripts
         self._buf = bytearray()
         self._cond = threading.Condition()
         self.sock.settimeout(backend.io_timeout)
+
+    def looked_only(self):
+        """Reset by the peer before it sent a byte: a look at the backend, not a session."""
+        return (self.peer_reset or self.eof and self._reset_seen()) and not self.raw \
+            and self.proxy_header is None
+
+    def _reset_seen(self):
+        try:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return False
+        return err == errno.ECONNRESET
 
     # receiving -----------------------------------------------------------------------------
     def _fill(self, timeout=None):
@@ -54,7 +68,8 @@ class BackendConn:
             data = self.sock.recv(65536)
         except socket.timeout:
             return False
-        except OSError:
+        except OSError as e:
+            self.peer_reset = isinstance(e, ConnectionResetError)
             data = b""
         finally:
             if timeout is not None:
@@ -225,8 +240,12 @@ class ScriptedBackend:
                 continue
             except OSError:
                 return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = BackendConn(sock, self)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = BackendConn(sock, self)
+            except OSError:         # reset before the accept: the proxy's start-up look
+                sock.close()
+                continue
             with self._cond:
                 self.sessions.append(conn)
                 self._cond.notify_all()
@@ -239,6 +258,9 @@ class ScriptedBackend:
             if self.proxy_protocol:
                 conn.read_proxy_header()
             self.handle(conn)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            if not conn.looked_only():
+                self.errors.append(exc)
         except Exception as exc:  # recorded; the fixture's teardown fails the test on it
             self.errors.append(exc)
         finally:
@@ -246,6 +268,12 @@ class ScriptedBackend:
                 conn.sock.close()
             except OSError:
                 pass
+            if conn.looked_only():
+                # the proxy's start-up look at its backends (probes.unreachable): connected,
+                # then reset with nothing sent; not a session of any test
+                with self._cond:
+                    self.sessions.remove(conn)
+                    self._cond.notify_all()
             conn.closed.set()
 
     def handle(self, conn):
