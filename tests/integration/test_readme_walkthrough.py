@@ -90,7 +90,7 @@ def test_readme_shows_the_test_servers_settings(dovecot, postfix):
     section = text[text.index("## A first real configuration"):]
     section = section[:section.index("\n## ", 1)]
     conf = dovecot.conf_path.read_text()
-    for setting in ("haproxy_trusted_networks = 127.0.0.0/8",
+    for setting in ("haproxy_trusted_networks = 127.0.0.0/8", "disable_plaintext_auth = no",
                     "login_trusted_networks = 127.0.0.0/8", "haproxy = yes"):
         assert setting in section and setting in conf, setting
     main_cf = (postfix.etc / "main.cf").read_text()
