@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 from . import auth_http, auth_pool
+from .proxy_protocol import SIGNATURE
 
 EXPIRY_WARN = 14 * 86400        # a certificate closer than this to its end: warn
 # the proxy does these itself before login; the others reach the backend after it
@@ -243,6 +244,12 @@ def backend(conf: Any, host: str, port: int, timeout: float) -> List[Finding]:
         return [Finding("error", "%s: connect() failed (%s)" % (what, _oserr(e)))]
     conn = _Conn(sock)
     try:
+        # a backend that expects the PROXY header (Dovecot's haproxy = yes) greets only after
+        # one: the address-less kind, as upstreams.py's health check sends
+        if conf.proxy_protocol == "on":
+            conn.send(b"PROXY UNKNOWN\r\n")
+        elif conf.proxy_protocol == "v2":
+            conn.send(SIGNATURE + b"\x20\x00\x00\x00")
         if conf.proxy_ssl == "on":
             _tls(conn, conf, host, out, what)
         good, greeting = _greeting(conn, conf.protocol)

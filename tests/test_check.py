@@ -168,3 +168,16 @@ def test_start_says_which_static_backends_it_cannot_reach(tmp_path, backend_fact
         assert not [x for x in proxy.log_lines() if up.address + " is not" in x]
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("version,header", [("on", b"PROXY UNKNOWN\r\n"),
+                                            ("v2", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")])
+def test_backend_behind_proxy_protocol_gets_a_local_header(tmp_path, backend_factory, version,
+                                                           header):
+    # a backend that reads a PROXY header first (Dovecot's haproxy = yes) greets only after it
+    pop3 = backend_factory(Pop3Backend, proxy_protocol=True, expect_errors=True)
+    code, lines, err = check(tmp_path, {
+        "pop3": server("pop3", proxy_pass=pop3.address, proxy_protocol=version)})
+    assert code == 0, lines + [err]
+    line(lines, "ok    [server pop3] backend %s (pop3) greets" % pop3.address)
+    assert pop3.wait_session(0).proxy_header == header

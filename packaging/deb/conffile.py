@@ -17,7 +17,8 @@ HEADER = """\
 # and apply it with `systemctl reload mailproxy` (or `mailproxy -s reload`).
 #
 # As installed it proxies POP3 on 127.0.0.1:1110, IMAP on 127.0.0.1:1143 and SMTP
-# submission on 127.0.0.1:1587 to the mail server on this machine (ports 110, 143, 25).
+# submission on 127.0.0.1:1587 to the mail server on this machine (ports 110, 143, 25;
+# the notes below say what it expects there).
 # The master runs as root (systemd's mailproxy.service, or by hand) and its workers as the
 # user mailproxy; logs go to /var/log/mailproxy, the pid file and control socket to
 # /run/mailproxy (made by systemd; by hand: `install -d /run/mailproxy` first).
