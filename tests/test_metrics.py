@@ -19,6 +19,7 @@ import pytest
 from tests.support.common import wait_for
 from tests.support.mailbackends import Pop3Backend
 from tests.support.process import free_port, server_block
+from tests.support.scrape import request, scrape, value
 
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -37,31 +38,6 @@ def instance(proxy_factory, auth_server, backend_factory):
                            "servers": {"pop3": block}})
     wait_for(lambda: scrape(mport)[0] == 200, 5, what="the metrics answer")
     return proxy, port, mport
-
-
-def request(mport, method="GET", path="/metrics", headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)
-    try:
-        conn.request(method, path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.getheader("Content-Type"), resp.read().decode()
-    finally:
-        conn.close()
-
-
-def scrape(mport, headers=None):
-    try:
-        return request(mport, headers=headers)
-    except OSError:
-        return None, None, ""
-
-
-def value(text, sample):
-    """The value of one sample line (name with its labels, as written), or None."""
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def pop3_login(port):

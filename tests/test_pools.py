@@ -157,7 +157,8 @@ def test_health_check_marks_a_silent_backend_down_then_up_without_logins(proxy_f
     p = start(proxy_factory, port, proxy_pass="%s %s" % (bs[0].address, bs[1].address),
               proxy_health_check="interval=1s")
     silent = bs[1]
-    wait_for(lambda: len(silent.sessions) >= 1, 3, 0.05, "a first check")
+    # the start-up look, then a first check
+    wait_for(lambda: silent.accepted >= 2, 3, 0.05, "a first check")
     silent.stall_at = "greeting"                        # accepts, never greets
     p.wait_log("backend %s marked down" % silent.address, timeout=5)
     assert "health check: no greeting" in p.log_text()

@@ -11,7 +11,7 @@ from tests.support.clients import LineClient
 from tests.support.common import REPO, track, wait_for
 from tests.support.mailbackends import TOKEN_ERROR, SieveBackend
 from tests.support.process import free_port, proxy_command, server_block
-from tests.test_metrics import scrape, value
+from tests.support.scrape import scrape, value
 
 
 def plain(user, password):

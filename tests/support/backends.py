@@ -3,7 +3,6 @@ handler(conn) per connection and records every byte (BackendConn), and `script(.
 handlers from steps. Exceptions in a handler land in `errors`; the fixture's teardown fails
 the test on them."""
 
-import errno
 import socket
 import struct
 import threading
@@ -46,16 +45,9 @@ class BackendConn:
         self.sock.settimeout(backend.io_timeout)
 
     def looked_only(self):
-        """Reset by the peer before it sent a byte: a look at the backend, not a session."""
-        return (self.peer_reset or self.eof and self._reset_seen()) and not self.raw \
-            and self.proxy_header is None
-
-    def _reset_seen(self):
-        try:
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError:
-            return False
-        return err == errno.ECONNRESET
+        """Reset by the peer, or closed by it, before it sent a byte: a look at the backend
+        (the proxy's start-up probes.unreachable), not a session a test made."""
+        return (self.peer_reset or self.eof) and not self.raw and self.proxy_header is None
 
     # receiving -----------------------------------------------------------------------------
     def _fill(self, timeout=None):
@@ -203,7 +195,8 @@ class ScriptedBackend:
     handler(conn: BackendConn) speaks the script (conn.sendline / conn.readline / ...). With
     `proxy_protocol=True` each connection first reads a PROXY v1/v2 header into
     conn.proxy_header before the handler runs (as a backend configured for it would).
-    `sessions` lists every BackendConn in accept order.
+    `sessions` lists every BackendConn in accept order, except the connections the proxy
+    closed without sending a byte (its start-up look and health checks: `accepted` counts them).
     """
 
     io_timeout = 10.0
@@ -213,6 +206,7 @@ class ScriptedBackend:
         self.host = host
         self.proxy_protocol = proxy_protocol
         self.sessions = []
+        self.accepted = 0                    # every connection, looks and checks included
         self.errors = []                     # unexpected: the fixture's teardown fails on them
         self.expect_errors = False
         self.stopping = threading.Event()
@@ -240,6 +234,7 @@ class ScriptedBackend:
                 continue
             except OSError:
                 return
+            self.accepted += 1
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = BackendConn(sock, self)
@@ -259,6 +254,7 @@ class ScriptedBackend:
                 conn.read_proxy_header()
             self.handle(conn)
         except (ConnectionResetError, BrokenPipeError) as exc:
+            conn.peer_reset = True
             if not conn.looked_only():
                 self.errors.append(exc)
         except Exception as exc:  # recorded; the fixture's teardown fails the test on it
