@@ -45,9 +45,9 @@ class BackendConn:
         self.sock.settimeout(backend.io_timeout)
 
     def looked_only(self):
-        """Reset by the peer, or closed by it, before it sent a byte: a look at the backend
-        (the proxy's start-up probes.unreachable), not a session a test made."""
-        return (self.peer_reset or self.eof) and not self.raw and self.proxy_header is None
+        """Reset by the peer before it sent a byte: a look at the backend (the proxy's start-up
+        probes.unreachable closes with a reset), not a session a test made."""
+        return self.peer_reset and not self.raw and self.proxy_header is None
 
     # receiving -----------------------------------------------------------------------------
     def _fill(self, timeout=None):
@@ -148,7 +148,10 @@ class BackendConn:
         data = to_bytes(data)
         try:
             self.sock.sendall(data)
-        except OSError:
+        except OSError as e:
+            # a reset consumed here makes the next recv() an EOF: keep what it was
+            self.peer_reset = self.peer_reset or isinstance(e, (ConnectionResetError,
+                                                                BrokenPipeError))
             return False
         self.sent += data
         return True
