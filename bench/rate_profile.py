@@ -1,7 +1,7 @@
 """One mailproxy worker under short-session load, with a profiler attached: the tool behind
 bench/README.md's profiles of the session rate.
 
-    python3 bench/profile.py [--ini FILE] [--main KEY=VALUE ...] [--proto imap] [--conc 16]
+    python3 bench/rate_profile.py [--ini FILE] [--main KEY=VALUE ...] [--proto imap] [--conc 16]
                              [--duration 6] [--profiler "perf stat -e context-switches -p PID"]
 
 Starts the bench backends and auth service, mailproxy with one worker on the INI (default
