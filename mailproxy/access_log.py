@@ -23,7 +23,7 @@ import json
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from .log import FileTarget, sanitize, word
+from .log import FileTarget, reopen_targets, sanitize, word
 
 FORMATS = ("text", "json")
 
@@ -197,12 +197,7 @@ class AccessLogs:
             self.errlog.log(level, message)
 
     def reopen(self) -> None:
-        for t in self.targets:
-            try:
-                t.reopen()
-            except OSError as e:
-                self.log("alert", 'open() "%s" failed (%d: %s)'
-                         % (t.path, e.errno or 0, e.strerror or e))
+        reopen_targets(self.targets, self.log)
 
     def close(self) -> None:
         for t in self.targets:
@@ -211,7 +206,7 @@ class AccessLogs:
 
 
 def open_all(cfg: Any, errlog: Any = None) -> AccessLogs:
-    """The access logs of `cfg`; raises OSError naming the file (as supervisor._build_logs)."""
+    """The access logs of `cfg`; raises OSError naming the file (as master_setup.build_logs)."""
     try:
         return AccessLogs(cfg.servers, errlog)
     except OSError as e:

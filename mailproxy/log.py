@@ -12,7 +12,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Optional, Tuple, Union
 
 LEVELS = ("emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
 # nginx's severity numbers (also the syslog severities): emerg 0 ... debug 7
@@ -282,12 +282,7 @@ class ErrorLog:
 
     def reopen(self) -> None:
         """Reopen file targets (USR1). A file that cannot be reopened keeps its old descriptor."""
-        for t in self.targets:
-            try:
-                t.reopen()
-            except OSError as e:
-                self.log("alert", 'open() "%s" failed (%d: %s)'
-                         % (t.path, e.errno or 0, e.strerror or e))
+        reopen_targets(self.targets, self.log)
 
     def close(self) -> None:
         for t in self.targets:
@@ -297,6 +292,16 @@ class ErrorLog:
                 pass
         self.targets = []
         self._min = -1
+
+
+def reopen_targets(targets: Iterable[Any], log: Callable[[str, str], Any]) -> None:
+    """USR1 for the error logs and the access logs: each file reopened, a failure logged at
+    alert (the target keeps its old descriptor)."""
+    for t in targets:
+        try:
+            t.reopen()
+        except OSError as e:
+            log("alert", 'open() "%s" failed (%d: %s)' % (t.path, e.errno or 0, e.strerror or e))
 
 
 def stderr_log(level: str = "notice") -> ErrorLog:
